@@ -1,0 +1,114 @@
+// nemofs::Filesystem: a checkpoint opened as the unified tree (DESIGN.md §2).
+//
+// This is the whole contract between the core and its front ends (the FUSE
+// adapter in mount/, and the `info`/`cat` commands): every FUSE operation is
+// one call here. Nothing in this header knows about FUSE.
+//
+// Inode scheme: inode numbers are 1 + the index of the node in the node
+// table built at Open; 1 is the root. A node reachable under two names
+// (config.yaml and archive/model_config.yaml, tokenizer/x and the archive
+// member it comes from) is one node with nlink 2, like a hard link. Numbers
+// are stable for the life of the Filesystem.
+//
+// Concurrency: after Open the node table is immutable, so every const
+// method may be called from any number of threads at once without locks.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "nemofs/read_plan.h"
+#include "nemofs/result.h"
+
+namespace nemofs {
+
+enum class NodeType { kDirectory, kFile, kSymlink };
+
+struct NodeAttr {
+  uint64_t ino = 0;
+  NodeType type = NodeType::kFile;
+  uint32_t perm = 0444;  // permission bits
+  uint64_t size = 0;
+  uint32_t nlink = 1;
+  int64_t mtime_sec = 0;
+  uint32_t mtime_nsec = 0;
+};
+
+struct DirEntry {
+  std::string_view name;
+  uint64_t ino = 0;
+  NodeType type = NodeType::kFile;
+};
+
+struct FilesystemOptions {
+  std::string source;     // path of the checkpoint (file or directory)
+  std::string cache_dir;  // extraction cache for compressed archives
+};
+
+struct TokenizerInfo {
+  std::string name;       // under tokenizer/
+  std::string member;     // path in the source
+  std::string reference;  // what named it (config key or layout rule)
+};
+
+// What Open recognised; printed by `nemofs info`.
+struct CheckpointInfo {
+  std::string source;
+  std::string source_kind;   // "tar (PAX)", "tar (gzip)", "directory", "file"
+  std::string format;        // stable id: nemo, nemo-folder, nemo2, ...
+  std::string description;   // human-readable
+  uint64_t source_bytes = 0; // sum of the source's file sizes as stored
+  uint64_t files = 0;        // files in archive/
+  uint64_t directories = 0;  // directories in archive/ (without its root)
+  std::string config;        // source path of the config ("" if none)
+  uint64_t config_bytes = 0;
+  std::vector<TokenizerInfo> tokenizer;
+  std::string weights;
+  std::vector<std::string> warnings;
+};
+
+class Filesystem {
+ public:
+  static constexpr uint64_t kRootIno = 1;
+
+  // Opens and indexes the source; reads headers and metadata only.
+  static Result<std::unique_ptr<Filesystem>> Open(const FilesystemOptions& options);
+  ~Filesystem();
+
+  Result<NodeAttr> GetAttr(uint64_t ino) const;
+  // ENOENT if `parent` has no child `name`; ENOTDIR if parent is no directory.
+  Result<NodeAttr> Lookup(uint64_t parent, std::string_view name) const;
+  // Calls `fn(entry, next_offset)` for the children of `ino` from `offset`
+  // on (0 = first child; "." and ".." are the caller's), until it returns false.
+  Status ReadDir(uint64_t ino, uint64_t offset,
+                 const std::function<bool(const DirEntry&, uint64_t)>& fn) const;
+  // Checks that `ino` may be opened with open(2) `flags`: EISDIR for
+  // directories, EROFS for any write access or O_TRUNC.
+  Status CheckOpen(uint64_t ino, int flags) const;
+  // Plans a read of [offset, offset+size), clamped to the file's size.
+  Result<ReadPlan> Read(uint64_t ino, uint64_t offset, uint64_t size) const;
+  Result<std::string> ReadLink(uint64_t ino) const;
+  // Extended attributes (user.nemofs.*): ENODATA when absent.
+  Result<std::string> GetXattr(uint64_t ino, std::string_view name) const;
+  Result<std::vector<std::string>> ListXattr(uint64_t ino) const;
+  // Resolves a path of the tree ("config.yaml", "archive/x/y"; no symlinks followed).
+  Result<uint64_t> Resolve(std::string_view path) const;
+
+  const CheckpointInfo& info() const;
+  uint64_t node_count() const;
+
+ private:
+  struct Impl;
+  explicit Filesystem(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// "nemofs 0.1.0 (libarchive 3.6.2 ..., yaml-cpp ..., spdlog ..., zstd ...)": the
+// versions of the core's linked libraries, for --version.
+std::string CoreLibraryVersions();
+
+}  // namespace nemofs

@@ -1,0 +1,24 @@
+// The FUSE low-level adapter: one core call and exactly one reply per op.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "nemofs/filesystem.h"
+
+namespace nemofs::mountcmd {
+
+struct FuseMountConfig {
+  std::string mountpoint;         // absolute
+  std::string source;             // absolute, shown as the fsname
+  std::vector<std::string> fuse_options;  // -o values passed to libfuse
+  bool foreground = false;
+  bool read_only = true;
+};
+
+// Mounts `fs`, daemonizes unless foreground (returning in the parent only
+// after the mount is ready), then serves requests until unmounted or
+// signalled. Returns the process exit code.
+int MountAndServe(Filesystem& fs, const FuseMountConfig& config);
+
+}  // namespace nemofs::mountcmd

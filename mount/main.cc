@@ -1,0 +1,399 @@
+// nemofs: mount NeMo / Megatron / PyTorch checkpoints as a filesystem.
+// Command line (DESIGN.md §3): mount, umount, info, cat. Exit codes: exit_codes.h.
+#define FUSE_USE_VERSION 314
+#include <fuse3/fuse_lowlevel.h>
+#include <signal.h>
+#include <spawn.h>
+#include <spdlog/sinks/basic_file_sink.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/sinks/syslog_sink.h>
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "exit_codes.h"
+#include "fuse_ops.h"
+#include "mountinfo.h"
+#include "nemofs/filesystem.h"
+
+extern char** environ;
+
+namespace nemofs::mountcmd {
+namespace {
+
+void PrintError(std::string_view message) { fmt::print(stderr, "nemofs: {}\n", message); }
+
+std::string DefaultCacheDir() {
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) {
+    return std::string(xdg) + "/nemofs";
+  }
+  if (const char* home = std::getenv("HOME"); home && *home) {
+    return std::string(home) + "/.cache/nemofs";
+  }
+  return "/tmp/nemofs-cache-" + std::to_string(::getuid());
+}
+
+std::optional<std::string> RealPath(const std::string& path) {
+  char* r = ::realpath(path.c_str(), nullptr);
+  if (!r) return std::nullopt;
+  std::string out(r);
+  std::free(r);
+  return out;
+}
+
+std::string Absolute(const std::string& path) {
+  if (!path.empty() && path[0] == '/') return path;
+  char cwd[4096];
+  if (!::getcwd(cwd, sizeof cwd)) return path;
+  return std::string(cwd) + "/" + path;
+}
+
+struct LogOptions {
+  std::string level = "info";
+  std::string file;
+};
+
+bool SetupLogging(const LogOptions& opts, bool to_stderr, bool to_syslog) {
+  auto level = spdlog::level::from_str(opts.level);
+  if (level == spdlog::level::off && opts.level != "off") {
+    PrintError(fmt::format("--log-level: unknown level '{}' (trace, debug, info, warn, error, off)",
+                           opts.level));
+    return false;
+  }
+  std::vector<spdlog::sink_ptr> sinks;
+  if (to_stderr) sinks.push_back(std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
+  if (!opts.file.empty()) {
+    try {
+      sinks.push_back(std::make_shared<spdlog::sinks::basic_file_sink_mt>(opts.file));
+    } catch (const spdlog::spdlog_ex& e) {
+      PrintError(fmt::format("--log-file {}: {}", opts.file, e.what()));
+      return false;
+    }
+  } else if (to_syslog) {
+    sinks.push_back(std::make_shared<spdlog::sinks::syslog_sink_mt>("nemofs", LOG_PID, LOG_USER, false));
+  }
+  auto logger = std::make_shared<spdlog::logger>("nemofs", sinks.begin(), sinks.end());
+  logger->set_level(level);
+  logger->flush_on(spdlog::level::debug);
+  logger->set_pattern("%Y-%m-%d %H:%M:%S.%e [%l] [%P] %v");
+  spdlog::set_default_logger(logger);
+  return true;
+}
+
+Result<std::unique_ptr<Filesystem>> OpenCheckpoint(const std::string& source,
+                                                   const std::string& cache_dir) {
+  auto real = RealPath(source);
+  if (!real) {
+    int e = errno;
+    return Err(e, "{}: {}", source, std::strerror(e));
+  }
+  FilesystemOptions options;
+  options.source = *real;
+  options.cache_dir = Absolute(cache_dir.empty() ? DefaultCacheDir() : cache_dir);
+  return Filesystem::Open(options);
+}
+
+// Lets one daemon serve thousands of shard files.
+void RaiseFileLimit() {
+  struct rlimit rl {};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
+// ---- mount -------------------------------------------------------------------
+struct MountArgs {
+  std::string source;
+  std::string mountpoint;
+  bool foreground = false;
+  std::vector<std::string> options;
+  std::string cache_dir;
+  LogOptions log;
+};
+
+int RunMount(const MountArgs& args) {
+  if (!SetupLogging(args.log, true, !args.foreground)) return kExitUsage;
+  FuseMountConfig config;
+  config.foreground = args.foreground;
+  for (const auto& group : args.options) {
+    size_t pos = 0;
+    while (pos <= group.size()) {
+      size_t comma = group.find(',', pos);
+      if (comma == std::string::npos) comma = group.size();
+      std::string opt = group.substr(pos, comma - pos);
+      pos = comma + 1;
+      if (opt.empty() || opt == "ro") continue;  // everything is read-only for now
+      if (opt == "rw") {
+        PrintError("-o rw: this version mounts checkpoints read-only");
+        return kExitUsage;
+      }
+      config.fuse_options.push_back(opt);
+    }
+  }
+  auto mnt = RealPath(args.mountpoint);
+  if (!mnt) {
+    int e = errno;
+    PrintError(fmt::format("{}: mount point {}", args.mountpoint,
+                           e == ENOENT ? "does not exist" : std::strerror(e)));
+    return kExitMount;
+  }
+  struct stat st {};
+  if (::stat(mnt->c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    PrintError(fmt::format("{}: mount point is not a directory", args.mountpoint));
+    return kExitMount;
+  }
+  if (auto existing = FindMount(*mnt)) {
+    PrintError(fmt::format("{}: mount point is already in use ({} is mounted there); unmount it "
+                           "first",
+                           args.mountpoint, existing->fstype));
+    return kExitMount;
+  }
+  RaiseFileLimit();
+  auto fs = OpenCheckpoint(args.source, args.cache_dir);
+  if (!fs) {
+    PrintError(fs.error().message());
+    return kExitSource;
+  }
+  for (const auto& w : (*fs)->info().warnings) spdlog::warn("{}: {}", (*fs)->info().source, w);
+  config.mountpoint = *mnt;
+  config.source = (*fs)->info().source;
+  return MountAndServe(**fs, config);
+}
+
+// ---- umount ------------------------------------------------------------------
+bool ProcessGone(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  if (!stat) return true;
+  std::string line;
+  std::getline(stat, line);
+  auto close = line.rfind(')');
+  return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'Z';
+}
+
+int RunCommand(const std::vector<std::string>& argv_in) {
+  std::vector<char*> argv;
+  std::vector<std::string> storage = argv_in;
+  for (auto& s : storage) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  pid_t pid;
+  if (posix_spawnp(&pid, argv[0], nullptr, nullptr, argv.data(), environ) != 0) return -1;
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+int RunUmount(const std::string& mountpoint, double timeout_s) {
+  std::string path = RealPath(mountpoint).value_or(Absolute(mountpoint));
+  auto m = FindMount(path);
+  if (!m) {
+    PrintError(fmt::format("{}: not mounted", mountpoint));
+    return kExitFailure;
+  }
+  if (m->fstype != "fuse.nemofs") {
+    PrintError(fmt::format("{}: not a nemofs mount ({})", mountpoint, m->fstype));
+    return kExitFailure;
+  }
+  pid_t pid = 0;
+  char buf[32] = {};
+  ssize_t n = ::getxattr(path.c_str(), "user.nemofs.pid", buf, sizeof buf - 1);
+  if (n > 0) pid = static_cast<pid_t>(std::atol(buf));
+  int rc = RunCommand({"fusermount3", "-u", path});
+  if (rc != 0) {
+    PrintError(fmt::format("{}: unmount failed{} (is a process still using it?)", mountpoint,
+                           rc < 0 ? ": cannot run fusermount3" : ""));
+    return kExitFailure;
+  }
+  if (pid > 0) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    while (!ProcessGone(pid)) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        PrintError(fmt::format("{}: unmounted, but daemon {} did not exit within {} s", mountpoint,
+                               pid, timeout_s));
+        return kExitFailure;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  return kExitOk;
+}
+
+// ---- info --------------------------------------------------------------------
+int RunInfo(const std::string& source, const std::string& cache_dir, bool json) {
+  auto fs = OpenCheckpoint(source, cache_dir);
+  if (!fs) {
+    PrintError(fs.error().message());
+    return kExitSource;
+  }
+  const CheckpointInfo& i = (*fs)->info();
+  if (json) {
+    nlohmann::ordered_json j;
+    j["source"] = i.source;
+    j["source_kind"] = i.source_kind;
+    j["format"] = i.format;
+    j["description"] = i.description;
+    j["source_bytes"] = i.source_bytes;
+    j["files"] = i.files;
+    j["directories"] = i.directories;
+    j["config"] = i.config.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(i.config);
+    j["config_bytes"] = i.config_bytes;
+    j["tokenizer"] = nlohmann::ordered_json::array();
+    for (const auto& t : i.tokenizer) {
+      j["tokenizer"].push_back({{"name", t.name}, {"member", t.member}, {"reference", t.reference}});
+    }
+    j["weights"] = i.weights;
+    j["warnings"] = i.warnings;
+    fmt::print("{}\n", j.dump(2));
+    return kExitOk;
+  }
+  fmt::print("source:      {}\n", i.source);
+  fmt::print("format:      {} ({})\n", i.description, i.format);
+  fmt::print("stored as:   {}, {} files, {} directories, {} bytes\n", i.source_kind, i.files,
+             i.directories, i.source_bytes);
+  if (i.config.empty()) {
+    fmt::print("config:      none\n");
+  } else {
+    fmt::print("config:      {} ({} bytes) -> config.yaml\n", i.config, i.config_bytes);
+  }
+  if (i.tokenizer.empty()) fmt::print("tokenizer:   none\n");
+  for (size_t k = 0; k < i.tokenizer.size(); ++k) {
+    fmt::print("{}tokenizer/{} <- {} ({})\n", k == 0 ? "tokenizer:   " : "             ",
+               i.tokenizer[k].name, i.tokenizer[k].member, i.tokenizer[k].reference);
+  }
+  fmt::print("weights:     {}\n", i.weights);
+  for (const auto& w : i.warnings) fmt::print("warning:     {}\n", w);
+  return kExitOk;
+}
+
+// ---- cat ---------------------------------------------------------------------
+int RunCat(const std::string& source, const std::string& path, const std::string& cache_dir) {
+  auto fs = OpenCheckpoint(source, cache_dir);
+  if (!fs) {
+    PrintError(fs.error().message());
+    return kExitSource;
+  }
+  auto ino = (*fs)->Resolve(path);
+  if (!ino) {
+    PrintError(ino.error().message());
+    return kExitFailure;
+  }
+  auto attr = (*fs)->GetAttr(*ino);
+  if (!attr) {
+    PrintError(attr.error().message());
+    return kExitFailure;
+  }
+  if (attr->type != NodeType::kFile) {
+    PrintError(fmt::format("'{}': is a {}", path,
+                           attr->type == NodeType::kDirectory ? "directory" : "symbolic link"));
+    return kExitFailure;
+  }
+  constexpr uint64_t kChunk = 1 << 20;
+  std::string buf(kChunk, '\0');
+  for (uint64_t off = 0; off < attr->size; off += kChunk) {
+    auto plan = (*fs)->Read(*ino, off, kChunk);
+    if (!plan) {
+      PrintError(plan.error().message());
+      return kExitFailure;
+    }
+    auto ok = ExecuteReadPlan(*plan, buf.data());
+    if (!ok) {
+      PrintError(ok.error().message());
+      return kExitFailure;
+    }
+    if (std::fwrite(buf.data(), 1, plan->size(), stdout) != plan->size()) {
+      if (errno != EPIPE) PrintError(fmt::format("write to stdout failed: {}", std::strerror(errno)));
+      return kExitFailure;
+    }
+  }
+  return std::fflush(stdout) == 0 ? kExitOk : kExitFailure;
+}
+
+std::string VersionText() {
+  return fmt::format("nemofs {}\nlibfuse {}\n{}\nCLI11 {}", NEMOFS_VERSION, fuse_pkgversion(),
+                     CoreLibraryVersions(), CLI11_VERSION);
+}
+
+}  // namespace
+
+int Main(int argc, char** argv) {
+  ::signal(SIGPIPE, SIG_IGN);
+  CLI::App app{
+      "nemofs: mount NeMo, Megatron and PyTorch checkpoints (.nemo, NeMo 2 folders, "
+      "distributed checkpoints, torch.save files) as a read-only filesystem.",
+      "nemofs"};
+  app.require_subcommand(1);
+  app.set_version_flag("-V,--version", VersionText);
+  app.footer(
+      "Exit codes: 0 ok, 1 command failed, 2 usage error, 3 bad or unreadable source, "
+      "4 mount point unusable or FUSE failure.\nRun 'nemofs COMMAND --help' for a command's options.");
+
+  MountArgs margs;
+  auto* mount = app.add_subcommand("mount", "Mount SOURCE at MOUNTPOINT; returns once the mount is ready");
+  mount->add_option("SOURCE", margs.source, ".nemo file, checkpoint folder or torch.save file")->required();
+  mount->add_option("MOUNTPOINT", margs.mountpoint, "existing empty directory")->required();
+  mount->add_flag("-f,--foreground", margs.foreground, "stay in the foreground (log to stderr)");
+  mount->add_option("-o", margs.options, "mount options, comma separated: ro, allow_other, ...")
+      ->allow_extra_args(false);
+  mount->add_option("--cache-dir", margs.cache_dir,
+                    "extraction cache for compressed archives "
+                    "(default $XDG_CACHE_HOME/nemofs or ~/.cache/nemofs)");
+  mount->add_option("--log-level", margs.log.level, "trace, debug, info, warn, error, off")
+      ->capture_default_str();
+  mount->add_option("--log-file", margs.log.file, "append the daemon's log to this file");
+
+  std::string umount_point;
+  double umount_timeout = 30;
+  auto* umount = app.add_subcommand("umount", "Unmount a nemofs mount and wait for its daemon to exit");
+  umount->add_option("MOUNTPOINT", umount_point)->required();
+  umount->add_option("--timeout", umount_timeout, "seconds to wait for the daemon")->capture_default_str();
+
+  std::string info_source, info_cache;
+  bool info_json = false;
+  auto* info = app.add_subcommand("info", "Print what SOURCE is: format, config, tokenizer, weights, warnings");
+  info->add_option("SOURCE", info_source)->required();
+  info->add_flag("--json", info_json, "machine-readable output");
+  info->add_option("--cache-dir", info_cache, "as for mount");
+
+  std::string cat_source, cat_path, cat_cache;
+  auto* cat = app.add_subcommand("cat", "Print one file of the mounted tree without mounting");
+  cat->add_option("SOURCE", cat_source)->required();
+  cat->add_option("PATH", cat_path, "path as in the mount, e.g. config.yaml or archive/model_weights.ckpt")
+      ->required();
+  cat->add_option("--cache-dir", cat_cache, "as for mount");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::Success& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return kExitUsage;
+  }
+  if (!mount->parsed()) {
+    LogOptions quiet;
+    quiet.level = "warn";
+    SetupLogging(quiet, true, false);
+  }
+  if (mount->parsed()) return RunMount(margs);
+  if (umount->parsed()) return RunUmount(umount_point, umount_timeout);
+  if (info->parsed()) return RunInfo(info_source, info_cache, info_json);
+  if (cat->parsed()) return RunCat(cat_source, cat_path, cat_cache);
+  return kExitUsage;
+}
+
+}  // namespace nemofs::mountcmd
+
+int main(int argc, char** argv) { return nemofs::mountcmd::Main(argc, argv); }

@@ -1,0 +1,345 @@
+#include "checkpoint/layout.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cstring>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <set>
+
+namespace nemofs::checkpoint {
+namespace {
+
+using source::Entry;
+using source::EntryType;
+using source::Source;
+
+constexpr uint64_t kMaxConfigBytes = 64 << 20;
+
+const char kLegacyTorchMagic[] = "\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19";
+
+bool IsDir(const Source& src, std::string_view path) {
+  const Entry* e = src.Find(path);
+  return e && e->type == EntryType::kDirectory;
+}
+bool IsFile(const Source& src, std::string_view path) {
+  const Entry* e = src.Find(path);
+  return e && e->type == EntryType::kFile;
+}
+
+std::string JoinPath(const std::string& a, const std::string& b) {
+  return a.empty() ? b : a + "/" + b;
+}
+
+// Direct children names of `dir`.
+std::vector<std::string> Children(const Source& src, const std::string& dir) {
+  std::vector<std::string> out;
+  std::string prefix = dir.empty() ? "" : dir + "/";
+  for (const auto& e : src.entries()) {
+    if (e.path.empty() || e.path.compare(0, prefix.size(), prefix) != 0) continue;
+    std::string rest = e.path.substr(prefix.size());
+    if (!rest.empty() && rest.find('/') == std::string::npos) out.push_back(rest);
+  }
+  return out;
+}
+
+// Every file under `dir` (recursively), as paths relative to `dir`.
+std::vector<std::string> FilesUnder(const Source& src, const std::string& dir) {
+  std::vector<std::string> out;
+  std::string prefix = dir + "/";
+  for (const auto& e : src.entries()) {
+    if (e.type == EntryType::kFile && e.path.compare(0, prefix.size(), prefix) == 0) {
+      out.push_back(e.path.substr(prefix.size()));
+    }
+  }
+  return out;
+}
+
+void AddTokenizerFile(Layout* layout, std::string name, std::string entry_path,
+                      std::string reference) {
+  for (const auto& t : layout->tokenizer) {
+    if (t.entry_path == entry_path) return;  // referenced twice
+  }
+  for (const auto& t : layout->tokenizer) {
+    if (t.name == name) {
+      name = entry_path;  // two artifacts with one basename: keep the stored name
+      break;
+    }
+  }
+  layout->tokenizer.push_back({std::move(name), std::move(entry_path), std::move(reference)});
+}
+
+// Adds the artifact stored at `member` (a file or a directory) under `name`.
+void AddArtifact(const Source& src, Layout* layout, const std::string& member,
+                 const std::string& name, const std::string& reference) {
+  if (IsFile(src, member)) {
+    AddTokenizerFile(layout, name, member, reference);
+  } else if (IsDir(src, member)) {
+    for (const auto& rel : FilesUnder(src, member)) {
+      AddTokenizerFile(layout, name + "/" + rel, member + "/" + rel, reference);
+    }
+  }
+}
+
+// NeMo 1: every string in the config's tokenizer section that names an
+// archive member, as NeMo's register_artifact resolves it.
+void ResolveNemoTokenizer(Source& src, Layout* layout, const std::string& base) {
+  const Entry* config = src.Find(layout->config_path);
+  auto text = src.ReadAll(*config, kMaxConfigBytes);
+  if (!text) {
+    layout->warnings.push_back(text.error().message());
+    return;
+  }
+  YAML::Node root;
+  try {
+    root = YAML::Load(*text);
+  } catch (const YAML::Exception& e) {
+    layout->warnings.push_back(fmt::format("{} does not parse as YAML (line {}, column {}): {}",
+                                           layout->config_path, e.mark.line + 1,
+                                           e.mark.column + 1, e.msg));
+    return;
+  }
+  if (!root.IsMap()) return;
+  if (root["model"] && root["model"].IsMap()) root = root["model"];
+  YAML::Node tokenizer = root["tokenizer"];
+  if (!tokenizer || !tokenizer.IsMap()) return;
+
+  std::vector<std::pair<std::string, std::string>> refs;  // (key path, value)
+  std::function<void(const YAML::Node&, const std::string&)> walk =
+      [&](const YAML::Node& node, const std::string& key) {
+        if (node.IsScalar()) {
+          refs.emplace_back(key, node.Scalar());
+        } else if (node.IsMap()) {
+          for (const auto& kv : node) walk(kv.second, key + "." + kv.first.as<std::string>(""));
+        } else if (node.IsSequence()) {
+          for (size_t i = 0; i < node.size(); ++i) walk(node[i], fmt::format("{}.{}", key, i));
+        }
+      };
+  walk(tokenizer, "tokenizer");
+  for (const auto& [key, value] : refs) {
+    std::string reference = fmt::format("{}: {}", key, value);
+    if (value.rfind("nemo:", 0) == 0) {
+      std::string member;
+      if (!source::NormalizePath(value.substr(5), &member) || member.empty()) continue;
+      member = JoinPath(base, member);
+      if (!src.Find(member)) {
+        layout->warnings.push_back(
+            fmt::format("config {} names a file that is not in the checkpoint", reference));
+        continue;
+      }
+      auto slash = member.rfind('/');
+      AddArtifact(src, layout, member,
+                  StripArtifactPrefix(slash == std::string::npos ? member : member.substr(slash + 1)),
+                  reference);
+    } else if (value.find('/') != std::string::npos || value.find('.') != std::string::npos) {
+      // NeMo's backward-compatibility branch: a plain path whose basename
+      // exists in the extraction directory.
+      auto slash = value.rfind('/');
+      std::string basename = slash == std::string::npos ? value : value.substr(slash + 1);
+      if (basename.empty()) continue;
+      std::string member = JoinPath(base, basename);
+      if (src.Find(member)) {
+        AddArtifact(src, layout, member, StripArtifactPrefix(basename), reference);
+      }
+    }
+  }
+}
+
+std::string PerRankWeights(const Source& src, const std::string& base) {
+  static const std::regex kMp(R"(mp_rank_(\d\d))");
+  static const std::regex kTpPp(R"(tp_rank_(\d\d)_pp_rank_(\d\d\d))");
+  std::set<int> tp;
+  std::set<int> pp;
+  for (const auto& name : Children(src, base)) {
+    std::smatch m;
+    if (!IsFile(src, JoinPath(base, name + "/model_weights.ckpt"))) continue;
+    if (std::regex_match(name, m, kMp)) {
+      tp.insert(std::stoi(m[1]));
+      pp.insert(0);
+    } else if (std::regex_match(name, m, kTpPp)) {
+      tp.insert(std::stoi(m[1]));
+      pp.insert(std::stoi(m[2]));
+    }
+  }
+  if (tp.empty()) return "";
+  return fmt::format("per-rank model_weights.ckpt (TP={}, PP={})", tp.size(), pp.size());
+}
+
+Result<std::string> DistBackend(Source& src, const std::string& metadata_json) {
+  const Entry* e = src.Find(metadata_json);
+  NEMOFS_ASSIGN_OR_RETURN(std::string text, src.ReadAll(*e, 1 << 20));
+  auto json = nlohmann::json::parse(text, nullptr, false);
+  if (json.is_discarded() || !json.is_object()) {
+    return Err(EINVAL, "{}/{}: not a JSON object", src.path(), metadata_json);
+  }
+  auto it = json.find("sharded_backend");
+  if (it == json.end() || !it->is_string()) {
+    return Err(EINVAL, "{}/{}: no \"sharded_backend\" string", src.path(), metadata_json);
+  }
+  std::string backend = it->get<std::string>();
+  if (backend != "torch_dist" && backend != "zarr") {
+    return Err(EINVAL, "{}/{}: unknown sharded_backend '{}' (nemofs reads torch_dist and zarr)",
+               src.path(), metadata_json, backend);
+  }
+  return backend;
+}
+
+// Weights of a folder holding a dist checkpoint, per-rank files or a DCP.
+Result<std::string> FolderWeights(Source& src, const std::string& dir) {
+  if (IsFile(src, JoinPath(dir, "metadata.json"))) {
+    NEMOFS_ASSIGN_OR_RETURN(std::string backend, DistBackend(src, JoinPath(dir, "metadata.json")));
+    return fmt::format("Megatron-Core dist checkpoint ({}) in {}/", backend, dir.empty() ? "." : dir);
+  }
+  if (IsFile(src, JoinPath(dir, ".metadata"))) {
+    return fmt::format("PyTorch DCP in {}/", dir.empty() ? "." : dir);
+  }
+  static const std::regex kMp(R"(mp_rank_\d\d(_\d\d\d)?(_\d\d\d)?)");
+  int ranks = 0;
+  for (const auto& name : Children(src, dir)) {
+    if (std::regex_match(name, kMp) && IsFile(src, JoinPath(dir, name + "/model_optim_rng.pt"))) {
+      ++ranks;
+    }
+  }
+  if (ranks > 0) return fmt::format("{} per-rank model_optim_rng.pt files", ranks);
+  return std::string();
+}
+
+Status RecognizeFile(Source& src, Layout* layout) {
+  const Entry& file = src.entries().back();
+  char head[16] = {};
+  uint64_t n = std::min<uint64_t>(sizeof head, file.size);
+  NEMOFS_ASSIGN_OR_RETURN(ReadPlan plan, src.Plan(file.blob, 0, n));
+  NEMOFS_RETURN_IF_ERROR(ExecuteReadPlan(plan, head));
+  if (n >= 4 && std::memcmp(head, "PK\x03\x04", 4) == 0) {
+    layout->format = Format::kTorchSave;
+    layout->description = "torch.save file (zip)";
+  } else if (n >= 14 && std::memcmp(head, kLegacyTorchMagic, 14) == 0) {
+    layout->format = Format::kTorchSaveLegacy;
+    layout->description = "torch.save file (legacy pre-1.6 pickle)";
+  } else {
+    std::string hex;
+    for (uint64_t i = 0; i < std::min<uint64_t>(n, 8); ++i) {
+      hex += fmt::format("{:02x} ", static_cast<unsigned char>(head[i]));
+    }
+    if (!hex.empty()) hex.pop_back();
+    return Err(EINVAL,
+               "{}: not a checkpoint: starts with bytes {}; expected a tar (.nemo), gzip, "
+               "torch.save zip or legacy torch pickle",
+               src.path(), hex);
+  }
+  layout->weights = file.path;
+  return Ok();
+}
+
+}  // namespace
+
+const char* FormatId(Format format) {
+  switch (format) {
+    case Format::kNemo: return "nemo";
+    case Format::kNemoFolder: return "nemo-folder";
+    case Format::kNemo2: return "nemo2";
+    case Format::kMcoreDist: return "mcore-dist";
+    case Format::kDcp: return "dcp";
+    case Format::kMegatronLmRoot: return "megatron-lm";
+    case Format::kMegatronLmIter: return "megatron-lm-iteration";
+    case Format::kTorchSave: return "torch-save";
+    case Format::kTorchSaveLegacy: return "torch-save-legacy";
+  }
+  return "unknown";
+}
+
+std::string StripArtifactPrefix(const std::string& name) {
+  if (name.size() > 33 && name[32] == '_' &&
+      std::all_of(name.begin(), name.begin() + 32,
+                  [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); })) {
+    return name.substr(33);
+  }
+  return name;
+}
+
+Result<Layout> Recognize(Source& src) {
+  Layout layout;
+  if (src.Kind() == "file") {
+    NEMOFS_RETURN_IF_ERROR(RecognizeFile(src, &layout));
+    return layout;
+  }
+  const bool is_dir = src.Kind() == "directory";
+
+  if (IsFile(src, "model_config.yaml")) {
+    layout.format = is_dir ? Format::kNemoFolder : Format::kNemo;
+    layout.description = is_dir ? "extracted NeMo 1 .nemo folder"
+                                : fmt::format("NeMo 1 .nemo, {}", src.Kind());
+    layout.config_path = "model_config.yaml";
+    if (IsFile(src, "model_weights.ckpt")) {
+      layout.weights = "model_weights.ckpt";
+    } else if (IsDir(src, "model_weights")) {
+      NEMOFS_ASSIGN_OR_RETURN(layout.weights, FolderWeights(src, "model_weights"));
+    } else {
+      layout.weights = PerRankWeights(src, "");
+    }
+    ResolveNemoTokenizer(src, &layout, "");
+  } else if (IsDir(src, "context") &&
+             (IsFile(src, "context/io.json") || IsFile(src, "context/model.yaml"))) {
+    layout.format = Format::kNemo2;
+    bool v21 = IsDir(src, "weights");
+    layout.description = fmt::format("NeMo 2 checkpoint ({} layout), {}",
+                                     v21 ? "2.1+ weights/" : "2.0 root", src.Kind());
+    if (IsFile(src, "context/model.yaml")) layout.config_path = "context/model.yaml";
+    NEMOFS_ASSIGN_OR_RETURN(layout.weights, FolderWeights(src, v21 ? "weights" : ""));
+    for (const auto& rel : FilesUnder(src, "context/nemo_tokenizer")) {
+      AddTokenizerFile(&layout, rel, "context/nemo_tokenizer/" + rel, "context/nemo_tokenizer/");
+    }
+    if (IsFile(src, "context/tokenizer.model")) {
+      AddTokenizerFile(&layout, "tokenizer.model", "context/tokenizer.model",
+                       "context/tokenizer.model");
+    }
+  } else if (IsFile(src, "latest_checkpointed_iteration.txt")) {
+    layout.format = Format::kMegatronLmRoot;
+    auto text = src.ReadAll(*src.Find("latest_checkpointed_iteration.txt"), 4096);
+    if (!text) return text.error();
+    std::string it = *text;
+    it.erase(std::remove_if(it.begin(), it.end(), ::isspace), it.end());
+    std::string dir;
+    if (it == "release") {
+      dir = "release";
+    } else if (!it.empty() && std::all_of(it.begin(), it.end(), ::isdigit) && it.size() < 10) {
+      dir = fmt::format("iter_{:07d}", std::stoul(it));
+    } else {
+      return Err(EINVAL, "{}/latest_checkpointed_iteration.txt: '{}' is not an iteration number",
+                 src.path(), it);
+    }
+    layout.description = fmt::format("Megatron-LM checkpoint root (latest: {})", dir);
+    if (!IsDir(src, dir)) {
+      layout.warnings.push_back(fmt::format(
+          "latest_checkpointed_iteration.txt names {}/, which is not in the checkpoint", dir));
+    } else {
+      NEMOFS_ASSIGN_OR_RETURN(layout.weights, FolderWeights(src, dir));
+    }
+  } else if (IsFile(src, "metadata.json")) {
+    layout.format = Format::kMcoreDist;
+    NEMOFS_ASSIGN_OR_RETURN(layout.weights, FolderWeights(src, ""));
+    layout.description = fmt::format("Megatron-Core dist checkpoint, {}", src.Kind());
+  } else if (IsFile(src, ".metadata")) {
+    layout.format = Format::kDcp;
+    layout.weights = "PyTorch DCP in ./";
+    layout.description = fmt::format("PyTorch DCP checkpoint, {}", src.Kind());
+  } else {
+    auto weights = FolderWeights(src, "");
+    if (weights && !weights->empty()) {
+      layout.format = Format::kMegatronLmIter;
+      layout.weights = *weights;
+      layout.description = fmt::format("Megatron-LM iteration folder, {}", src.Kind());
+    } else {
+      return Err(EINVAL,
+                 "{}: not a checkpoint: found none of model_config.yaml, context/, "
+                 "latest_checkpointed_iteration.txt, metadata.json, .metadata, "
+                 "mp_rank_*/model_optim_rng.pt",
+                 src.path());
+    }
+  }
+  if (layout.weights.empty()) layout.weights = "none found";
+  return layout;
+}
+
+}  // namespace nemofs::checkpoint

@@ -1,0 +1,94 @@
+// Sources: where checkpoint bytes live. A Source presents the checkpoint as
+// stored (a directory, the members of a tar, one file) as a flat list of
+// entries with normalised relative paths, and answers reads of its files as
+// read plans over file descriptors.
+//
+// Path rules (shared by every source, see NormalizeEntries): paths are
+// relative, '/'-separated, without "./" prefixes or trailing slashes; the
+// root is "". Entries NeMo's restore would refuse (absolute paths, ".."
+// components, links leaving the tree) are dropped with a warning; when a
+// name occurs twice the last one wins, as in Python's tarfile.
+//
+// Concurrency: entries() and warnings() are immutable after Open; Plan() is
+// thread-safe.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "nemofs/read_plan.h"
+#include "nemofs/result.h"
+
+namespace nemofs::source {
+
+inline constexpr uint32_t kNoBlob = UINT32_MAX;
+
+enum class EntryType { kFile, kDirectory, kSymlink };
+
+struct Entry {
+  std::string path;  // normalised, "" = root
+  EntryType type = EntryType::kFile;
+  uint64_t size = 0;
+  int64_t mtime_sec = 0;
+  uint32_t mtime_nsec = 0;
+  uint32_t mode = 0644;      // permission bits as stored
+  std::string link_target;   // kSymlink: the target as stored
+  uint32_t blob = kNoBlob;   // kFile: the source's handle for its bytes
+};
+
+class Source {
+ public:
+  virtual ~Source() = default;
+
+  // "directory", "tar", "tar (gzip)", "file", ...
+  virtual std::string Kind() const = 0;
+  // The path the source was opened from.
+  const std::string& path() const { return path_; }
+
+  // All entries, parents before children, root first.
+  const std::vector<Entry>& entries() const { return entries_; }
+  // Problems that did not stop the source from opening (hidden members...).
+  const std::vector<std::string>& warnings() const { return warnings_; }
+
+  // Plan a read of [offset, offset+length) of a file's blob; the range must
+  // lie inside the file (callers clamp). May block to extract a member of a
+  // compressed archive into the cache.
+  virtual Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) = 0;
+
+  // Finds an entry by normalised path; nullptr if absent.
+  const Entry* Find(std::string_view path) const;
+
+  // Reads a whole file entry into memory (configs, small metadata);
+  // refuses files larger than `max_bytes`.
+  Result<std::string> ReadAll(const Entry& entry, uint64_t max_bytes);
+
+ protected:
+  explicit Source(std::string path) : path_(std::move(path)) {}
+  // Normalises `raw` (see the path rules above) into entries_ and warnings_.
+  void SetEntries(std::vector<Entry> raw, std::vector<std::string> warnings);
+
+ private:
+  std::string path_;
+  std::vector<Entry> entries_;
+  std::vector<std::string> warnings_;
+  std::vector<uint32_t> sorted_;  // indices of entries_ sorted by path, for Find
+};
+
+struct OpenOptions {
+  std::string cache_dir;  // where members of compressed archives are extracted
+};
+
+// Opens `path`: a directory, a plain tar, a compressed tar, or any other
+// single file (presented as a one-entry source). Errors name the path.
+Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const OpenOptions& options);
+
+// Path normalisation used by every source: strips "./" and duplicate
+// slashes; returns false (and leaves out untouched) for paths NeMo refuses
+// (absolute, containing "..").
+bool NormalizePath(std::string_view raw, std::string* out);
+
+}  // namespace nemofs::source

@@ -1,0 +1,103 @@
+// Concrete sources; created by OpenSource (open_source.cc).
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "source/source.h"
+#include "source/tar_index.h"
+#include "util/fd.h"
+
+namespace nemofs::source {
+
+// A lazily opened descriptor per blob, shared by all readers without a lock.
+class LazyFds {
+ public:
+  explicit LazyFds(size_t n) : fds_(n) {
+    for (auto& fd : fds_) fd.store(-1);
+  }
+  ~LazyFds();
+  // Returns the descriptor of `path` for slot `i`, opening it on first use.
+  Result<int> Get(size_t i, const std::string& path);
+  // Installs an already open descriptor (takes ownership).
+  int Install(size_t i, UniqueFd fd);
+  int Peek(size_t i) const { return fds_[i].load(std::memory_order_acquire); }
+
+ private:
+  std::vector<std::atomic<int>> fds_;
+};
+
+// A directory tree (NeMo 2 folders, dist checkpoints, extracted .nemo).
+// Symbolic links to files are followed; links to directories are skipped
+// (with a warning) so the walk can never loop.
+class DirectorySource final : public Source {
+ public:
+  static Result<std::unique_ptr<Source>> Open(const std::string& path);
+  std::string Kind() const override { return "directory"; }
+  Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
+
+ private:
+  explicit DirectorySource(std::string path) : Source(std::move(path)) {}
+  std::vector<std::string> files_;  // absolute path per blob
+  std::unique_ptr<LazyFds> fds_;
+};
+
+// An uncompressed tar: members are byte ranges of the one archive descriptor.
+class TarSource final : public Source {
+ public:
+  static Result<std::unique_ptr<Source>> Open(const std::string& path, UniqueFd fd,
+                                              uint64_t size);
+  std::string Kind() const override;
+  Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
+  const TarIndex& index() const { return index_; }
+
+ private:
+  explicit TarSource(std::string path) : Source(std::move(path)) {}
+  UniqueFd fd_;
+  TarIndex index_;
+  std::vector<uint32_t> blob_member_;  // blob -> index_.members
+};
+
+// A compressed tar read through libarchive. Listing is one decompression
+// pass; small YAML/JSON members are kept in memory from that pass, every
+// other member is extracted into the cache directory when first read.
+class ArchiveSource final : public Source {
+ public:
+  static Result<std::unique_ptr<Source>> Open(const std::string& path, const std::string& filter,
+                                              const struct stat& st, const std::string& cache_dir);
+  std::string Kind() const override { return "tar (" + filter_ + ")"; }
+  Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
+
+ private:
+  struct Blob {
+    uint64_t ordinal = 0;  // position of the member's header in the archive
+    uint64_t size = 0;
+    std::shared_ptr<const std::string> data;  // kept from the listing pass
+  };
+  explicit ArchiveSource(std::string path) : Source(std::move(path)) {}
+  Result<int> Extract(uint32_t blob);
+
+  std::string filter_;
+  std::string cache_dir_;  // per-source directory under the user's cache dir
+  std::vector<Blob> blobs_;
+  std::unique_ptr<LazyFds> fds_;
+  std::mutex extract_mutex_;  // guards extraction; the only lock, taken only on a cache miss
+};
+
+// Any other single file (torch.save, legacy pickle): one entry, its basename.
+class FileSource final : public Source {
+ public:
+  static Result<std::unique_ptr<Source>> Open(const std::string& path, UniqueFd fd,
+                                              const struct stat& st);
+  std::string Kind() const override { return "file"; }
+  Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
+
+ private:
+  explicit FileSource(std::string path) : Source(std::move(path)) {}
+  UniqueFd fd_;
+};
+
+}  // namespace nemofs::source

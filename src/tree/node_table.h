@@ -1,0 +1,55 @@
+// The node table behind nemofs::Filesystem (see include/nemofs/filesystem.h
+// for the inode scheme): node i has inode i + 1. Built once by TreeBuilder,
+// immutable afterwards.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "nemofs/filesystem.h"
+#include "source/source.h"
+
+namespace nemofs::tree {
+
+struct Node {
+  NodeType type = NodeType::kFile;
+  uint32_t perm = 0444;
+  uint64_t size = 0;
+  uint32_t nlink = 1;
+  int64_t mtime_sec = 0;
+  uint32_t mtime_nsec = 0;
+  uint64_t parent = 0;  // inode of the first parent
+  // kFile: bytes come from the source blob, or from `data` when set.
+  uint32_t blob = source::kNoBlob;
+  std::shared_ptr<const std::string> data;
+  std::string link_target;  // kSymlink
+  std::vector<std::pair<std::string, uint64_t>> children;  // kDirectory: sorted by name
+};
+
+class NodeTable {
+ public:
+  uint64_t Add(Node node) {
+    nodes_.push_back(std::move(node));
+    return nodes_.size();
+  }
+  Node* Get(uint64_t ino) { return ino >= 1 && ino <= nodes_.size() ? &nodes_[ino - 1] : nullptr; }
+  const Node* Get(uint64_t ino) const {
+    return ino >= 1 && ino <= nodes_.size() ? &nodes_[ino - 1] : nullptr;
+  }
+  uint64_t size() const { return nodes_.size(); }
+
+  // Links `child` into directory `dir` as `name` (children are sorted later).
+  void Link(uint64_t dir, std::string name, uint64_t child) {
+    nodes_[dir - 1].children.emplace_back(std::move(name), child);
+  }
+  // Sorts every directory's children by name; call once after building.
+  void Finish();
+
+ private:
+  std::vector<Node> nodes_;
+};
+
+}  // namespace nemofs::tree
