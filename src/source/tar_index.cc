@@ -217,6 +217,7 @@ Result<TarIndex> IndexTar(int fd, uint64_t base, uint64_t length, const std::str
         (type == 'L' ? have_long_name : have_long_link) = true;
       }
       NEMOFS_ASSIGN_OR_RETURN(offset, next_after(size));
+      offset = std::min(offset, length);  // a cut in the padding ends the archive here
       pending_extended = true;
       continue;
     }

@@ -1,0 +1,163 @@
+// The unified tree without FUSE: node sharing, reads, read-only rules, and
+// lazy extraction of compressed archives.
+#include "nemofs/filesystem.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "test_util.h"
+
+namespace nemofs {
+namespace {
+
+using testing::ShellQuote;
+using testing::TempDir;
+using testing::TestData;
+
+std::unique_ptr<Filesystem> OpenFs(const std::string& path, const std::string& cache = "") {
+  auto fs = Filesystem::Open({path, cache});
+  EXPECT_TRUE(fs.ok()) << fs.error().message();
+  return fs.ok() ? std::move(fs).value() : nullptr;
+}
+
+std::string ReadAll(const Filesystem& fs, uint64_t ino) {
+  auto attr = fs.GetAttr(ino);
+  EXPECT_TRUE(attr.ok());
+  auto plan = fs.Read(ino, 0, attr->size + 100);
+  EXPECT_TRUE(plan.ok()) << plan.error().message();
+  std::string out(plan->size(), '\0');
+  EXPECT_TRUE(ExecuteReadPlan(*plan, out.data()).ok());
+  return out;
+}
+
+std::string TarMember(const std::string& tar, const std::string& member) {
+  auto r = testing::Sh("tar -xOf " + ShellQuote(tar) + " " + ShellQuote(member));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out;
+}
+
+TEST(Filesystem, ConfigIsTheSameNodeAsItsMember) {
+  auto fs = OpenFs(TestData("tiny_gpt.nemo"));
+  ASSERT_TRUE(fs);
+  auto a = fs->Resolve("config.yaml");
+  auto b = fs->Resolve("archive/model_config.yaml");
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(*a, *b);
+  EXPECT_EQ(fs->GetAttr(*a)->nlink, 2u);
+  EXPECT_EQ(ReadAll(*fs, *a), TarMember(TestData("tiny_gpt.nemo"), "./model_config.yaml"));
+  auto tok = fs->Resolve("tokenizer/tokenizer.model");
+  ASSERT_TRUE(tok.ok());
+  EXPECT_EQ(*tok, *fs->Resolve("archive/73a06e1aa17c45d28419c66d295163b8_tokenizer.model"));
+}
+
+TEST(Filesystem, RootListingAndDotDot) {
+  auto fs = OpenFs(TestData("tiny_gpt.nemo"));
+  ASSERT_TRUE(fs);
+  std::vector<std::string> names;
+  ASSERT_TRUE(fs->ReadDir(Filesystem::kRootIno, 0, [&](const DirEntry& e, uint64_t) {
+                  names.emplace_back(e.name);
+                  return true;
+                }).ok());
+  EXPECT_EQ(names, (std::vector<std::string>{"archive", "config.yaml", "tokenizer"}));
+  // Resuming from an offset continues after the entries already returned.
+  names.clear();
+  ASSERT_TRUE(fs->ReadDir(Filesystem::kRootIno, 2, [&](const DirEntry& e, uint64_t next) {
+                  names.emplace_back(e.name);
+                  EXPECT_EQ(next, 3u);
+                  return true;
+                }).ok());
+  EXPECT_EQ(names, (std::vector<std::string>{"tokenizer"}));
+  auto archive = fs->Lookup(Filesystem::kRootIno, "archive");
+  ASSERT_TRUE(archive.ok());
+  EXPECT_EQ(fs->Lookup(archive->ino, "..")->ino, Filesystem::kRootIno);
+  EXPECT_EQ(fs->Lookup(Filesystem::kRootIno, "nope").error().code(), ENOENT);
+  EXPECT_EQ(fs->Lookup(*fs->Resolve("config.yaml"), "x").error().code(), ENOTDIR);
+}
+
+TEST(Filesystem, ReadsAtOffsetsAndPastTheEnd) {
+  auto fs = OpenFs(TestData("tiny_gpt.nemo"));
+  ASSERT_TRUE(fs);
+  uint64_t ino = *fs->Resolve("archive/model_weights.ckpt");
+  std::string whole = TarMember(TestData("tiny_gpt.nemo"), "./model_weights.ckpt");
+  ASSERT_EQ(fs->GetAttr(ino)->size, whole.size());
+  for (uint64_t off : {0ull, 1ull, 511ull, 4097ull, static_cast<unsigned long long>(whole.size() - 3)}) {
+    auto plan = fs->Read(ino, off, 1000);
+    ASSERT_TRUE(plan.ok());
+    std::string got(plan->size(), '\0');
+    ASSERT_TRUE(ExecuteReadPlan(*plan, got.data()).ok());
+    EXPECT_EQ(got, whole.substr(off, 1000)) << off;
+  }
+  EXPECT_EQ(fs->Read(ino, whole.size(), 10)->size(), 0u);
+  EXPECT_EQ(fs->Read(ino, whole.size() + 100, 10)->size(), 0u);
+}
+
+TEST(Filesystem, EverythingIsReadOnly) {
+  auto fs = OpenFs(TestData("tiny_gpt.nemo"));
+  ASSERT_TRUE(fs);
+  uint64_t ino = *fs->Resolve("config.yaml");
+  EXPECT_TRUE(fs->CheckOpen(ino, O_RDONLY).ok());
+  EXPECT_EQ(fs->CheckOpen(ino, O_WRONLY).error().code(), EROFS);
+  EXPECT_EQ(fs->CheckOpen(ino, O_RDWR).error().code(), EROFS);
+  EXPECT_EQ(fs->CheckOpen(ino, O_RDONLY | O_TRUNC).error().code(), EROFS);
+  EXPECT_EQ(fs->CheckOpen(Filesystem::kRootIno, O_WRONLY).error().code(), EISDIR);
+}
+
+TEST(Filesystem, GzipMembersAreExtractedOnlyWhenRead) {
+  TempDir cache;
+  auto fs = OpenFs(TestData("tiny_gpt_gz.nemo"), cache.path());
+  ASSERT_TRUE(fs);
+  auto count_files = [&] {
+    int n = 0;
+    for (const auto& e : std::filesystem::recursive_directory_iterator(cache.path())) {
+      n += e.is_regular_file();
+    }
+    return n;
+  };
+  EXPECT_EQ(count_files(), 0) << "nothing may be extracted at open";
+  // The config was kept from the listing pass: still nothing extracted.
+  EXPECT_EQ(ReadAll(*fs, *fs->Resolve("config.yaml")),
+            TarMember(TestData("tiny_gpt.nemo"), "./model_config.yaml"));
+  EXPECT_EQ(count_files(), 0);
+  uint64_t weights = *fs->Resolve("archive/model_weights.ckpt");
+  EXPECT_EQ(ReadAll(*fs, weights), TarMember(TestData("tiny_gpt.nemo"), "./model_weights.ckpt"));
+  EXPECT_EQ(count_files(), 1);
+
+  // A second open of the same source reuses the extracted member.
+  std::string cached;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(cache.path())) {
+    if (e.is_regular_file()) cached = e.path();
+  }
+  auto before = std::filesystem::last_write_time(cached);
+  auto fs2 = OpenFs(TestData("tiny_gpt_gz.nemo"), cache.path());
+  ASSERT_TRUE(fs2);
+  EXPECT_EQ(ReadAll(*fs2, *fs2->Resolve("archive/model_weights.ckpt")),
+            ReadAll(*fs, weights));
+  EXPECT_EQ(std::filesystem::last_write_time(cached), before);
+  EXPECT_EQ(count_files(), 1);
+}
+
+TEST(Filesystem, InfoCounts) {
+  auto fs = OpenFs(TestData("tiny_gpt_tp2.nemo"));
+  ASSERT_TRUE(fs);
+  const CheckpointInfo& info = fs->info();
+  EXPECT_EQ(info.format, "nemo");
+  EXPECT_EQ(info.files, 7u);
+  EXPECT_EQ(info.directories, 2u);
+  EXPECT_EQ(info.config, "model_config.yaml");
+  EXPECT_EQ(info.tokenizer.size(), 4u);
+  EXPECT_EQ(*fs->GetXattr(Filesystem::kRootIno, "user.nemofs.format"), "nemo");
+  EXPECT_EQ(fs->GetXattr(Filesystem::kRootIno, "user.nope").error().code(), ENODATA);
+}
+
+TEST(Filesystem, ResolveRejectsEscapes) {
+  auto fs = OpenFs(TestData("tiny_gpt.nemo"));
+  ASSERT_TRUE(fs);
+  EXPECT_EQ(fs->Resolve("../x").error().code(), EINVAL);
+  EXPECT_EQ(fs->Resolve("archive/missing").error().code(), ENOENT);
+  EXPECT_EQ(*fs->Resolve(""), Filesystem::kRootIno);
+}
+
+}  // namespace
+}  // namespace nemofs
