@@ -353,6 +353,7 @@ int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {
 
   std::unique_ptr<fuse_session, SessionDeleter> se(
       fuse_session_new(&args, &kOps, sizeof kOps, &ctx));
+  fuse_opt_free_args(&args);  // libfuse may have copied them; the session keeps what it needs
   if (!se) {
     spdlog::error("{}: cannot create a FUSE session (bad -o option?)", config.mountpoint);
     return kExitUsage;

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cstring>
 #include <nlohmann/json.hpp>
-#include <regex>
 #include <set>
 
 namespace nemofs::checkpoint {
@@ -146,24 +145,48 @@ void ResolveNemoTokenizer(Source& src, Layout* layout, const std::string& base) 
   }
 }
 
+// "mp_rank_07" -> tp 7, pp 0; "tp_rank_01_pp_rank_002" -> tp 1, pp 2.
+bool ParseRankDir(std::string_view name, int* tp, int* pp) {
+  auto digits = [](std::string_view s, size_t n, int* out) {
+    if (s.size() != n || !std::all_of(s.begin(), s.end(), ::isdigit)) return false;
+    *out = std::stoi(std::string(s));
+    return true;
+  };
+  if (name.rfind("mp_rank_", 0) == 0) {
+    *pp = 0;
+    return digits(name.substr(8), 2, tp);
+  }
+  if (name.rfind("tp_rank_", 0) == 0 && name.size() == 22 && name.substr(10, 9) == "_pp_rank_") {
+    return digits(name.substr(8, 2), 2, tp) && digits(name.substr(19), 3, pp);
+  }
+  return false;
+}
+
+// Megatron-LM: mp_rank_XX, mp_rank_XX_YYY, mp_rank_XX_YYY_ZZZ (FORMATS.md §5).
+bool IsMegatronRankDir(std::string_view name) {
+  if (name.rfind("mp_rank_", 0) != 0) return false;
+  std::string_view rest = name.substr(8);
+  if (rest.size() != 2 && rest.size() != 6 && rest.size() != 10) return false;
+  for (size_t i = 0; i < rest.size(); ++i) {
+    bool sep = i == 2 || i == 6;
+    if (sep ? rest[i] != '_' : !::isdigit(static_cast<unsigned char>(rest[i]))) return false;
+  }
+  return true;
+}
+
 std::string PerRankWeights(const Source& src, const std::string& base) {
-  static const std::regex kMp(R"(mp_rank_(\d\d))");
-  static const std::regex kTpPp(R"(tp_rank_(\d\d)_pp_rank_(\d\d\d))");
-  std::set<int> tp;
-  std::set<int> pp;
+  std::set<int> tps;
+  std::set<int> pps;
   for (const auto& name : Children(src, base)) {
-    std::smatch m;
+    int tp = 0, pp = 0;
     if (!IsFile(src, JoinPath(base, name + "/model_weights.ckpt"))) continue;
-    if (std::regex_match(name, m, kMp)) {
-      tp.insert(std::stoi(m[1]));
-      pp.insert(0);
-    } else if (std::regex_match(name, m, kTpPp)) {
-      tp.insert(std::stoi(m[1]));
-      pp.insert(std::stoi(m[2]));
+    if (ParseRankDir(name, &tp, &pp)) {
+      tps.insert(tp);
+      pps.insert(pp);
     }
   }
-  if (tp.empty()) return "";
-  return fmt::format("per-rank model_weights.ckpt (TP={}, PP={})", tp.size(), pp.size());
+  if (tps.empty()) return "";
+  return fmt::format("per-rank model_weights.ckpt (TP={}, PP={})", tps.size(), pps.size());
 }
 
 Result<std::string> DistBackend(Source& src, const std::string& metadata_json) {
@@ -194,10 +217,9 @@ Result<std::string> FolderWeights(Source& src, const std::string& dir) {
   if (IsFile(src, JoinPath(dir, ".metadata"))) {
     return fmt::format("PyTorch DCP in {}/", dir.empty() ? "." : dir);
   }
-  static const std::regex kMp(R"(mp_rank_\d\d(_\d\d\d)?(_\d\d\d)?)");
   int ranks = 0;
   for (const auto& name : Children(src, dir)) {
-    if (std::regex_match(name, kMp) && IsFile(src, JoinPath(dir, name + "/model_optim_rng.pt"))) {
+    if (IsMegatronRankDir(name) && IsFile(src, JoinPath(dir, name + "/model_optim_rng.pt"))) {
       ++ranks;
     }
   }

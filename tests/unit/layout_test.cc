@@ -23,6 +23,8 @@ struct Expected {
   std::string weights_substring;
 };
 
+void PrintTo(const Expected& e, std::ostream* os) { *os << e.path; }
+
 std::string Name(const ::testing::TestParamInfo<Expected>& info) {
   std::string n = std::filesystem::path(info.param.path).filename().string();
   for (auto& c : n) {

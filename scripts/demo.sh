@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs dependencies, builds nemofs, mounts the bundled sample .nemo,
+# shows the tree, and unmounts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+scripts/setup.sh
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build build -j"$(nproc)" --target nemofs
+
+nemofs="$repo/build/nemofs"
+sample="$repo/tests/data/tiny_gpt.nemo"
+mnt=$(mktemp -d /tmp/nemofs-demo.XXXXXX)
+cleanup() {
+  if mountpoint -q "$mnt" 2>/dev/null; then "$nemofs" umount "$mnt" || fusermount3 -uz "$mnt"; fi
+  rmdir "$mnt" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+run() { echo; echo "\$ $*"; "$@"; }
+
+run "$nemofs" info "$sample"
+run "$nemofs" mount "$sample" "$mnt"
+run ls -lR "$mnt"
+echo; echo "\$ head -n 25 $mnt/config.yaml"; head -n 25 "$mnt/config.yaml"
+echo; echo "\$ cmp $mnt/archive/model_weights.ckpt <(tar -xOf $sample ./model_weights.ckpt)"
+cmp "$mnt/archive/model_weights.ckpt" <(tar -xOf "$sample" ./model_weights.ckpt) && echo "identical"
+run sha256sum "$mnt/tokenizer/tokenizer.model" "$mnt/archive/73a06e1aa17c45d28419c66d295163b8_tokenizer.model"
+run "$nemofs" umount "$mnt"
+echo; echo "demo finished: mounted, browsed and unmounted $sample"

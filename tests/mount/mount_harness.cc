@@ -1,0 +1,119 @@
+#include "mount_harness.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+extern char** environ;
+
+namespace nemofs::testing {
+
+std::string NemofsBinary() { return NEMOFS_BINARY; }
+
+bool IsMounted(const std::string& path) {
+  std::ifstream in("/proc/self/mountinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream f(line);
+    std::string a, b, c, d, mountpoint;
+    f >> a >> b >> c >> d >> mountpoint;
+    if (mountpoint == path) return true;
+  }
+  return false;
+}
+
+namespace {
+
+// Waits up to `timeout` for `pid` to exit; returns its wait status or -1.
+int WaitFor(pid_t pid, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    int status = 0;
+    pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) return status;
+    if (r < 0) return -1;
+    if (std::chrono::steady_clock::now() > deadline) return -2;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<Mount> Mount::Start(const std::string& source,
+                                    const std::vector<std::string>& extra_args) {
+  std::unique_ptr<Mount> m(new Mount());
+  m->mnt_ = m->dir_.Join("mnt");
+  ::mkdir(m->mnt_.c_str(), 0755);
+  std::vector<std::string> args = {NemofsBinary(), "mount", "-f", source, m->mnt_,
+                                   "--log-file", m->dir_.Join("daemon.log"), "--cache-dir",
+                                   m->dir_.Join("cache"), "--log-level", "debug"};
+  args.insert(args.end(), extra_args.begin(), extra_args.end());
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  std::string out = m->dir_.Join("stderr");
+  posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 2, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  int rc = posix_spawn(&m->pid_, argv[0], &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) {
+    ADD_FAILURE() << "cannot start " << argv[0];
+    m->pid_ = -1;
+    return nullptr;
+  }
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!IsMounted(m->mnt_)) {
+    int status = 0;
+    if (::waitpid(m->pid_, &status, WNOHANG) == m->pid_) {
+      ADD_FAILURE() << "nemofs mount exited before mounting (status " << status
+                    << "): " << ReadFile(out);
+      m->pid_ = -1;
+      return nullptr;
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      ADD_FAILURE() << "mount did not appear within 20 s: " << ReadFile(out);
+      return nullptr;  // the destructor kills the child
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return m;
+}
+
+void Mount::Unmount() {
+  if (pid_ < 0) return;
+  auto r = Sh("fusermount3 -u " + ShellQuote(mnt_), 20);
+  EXPECT_EQ(r.exit_code, 0) << "fusermount3 -u: " << r.err;
+  int status = WaitFor(pid_, std::chrono::seconds(20));
+  if (status >= 0) {
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        << "daemon exit status " << status << "; log:\n" << Log();
+    pid_ = -1;
+    return;
+  }
+  ADD_FAILURE() << "daemon " << pid_ << " did not exit after unmount; killing it";
+  ::kill(pid_, SIGKILL);
+  WaitFor(pid_, std::chrono::seconds(10));
+  Sh("fusermount3 -uz " + ShellQuote(mnt_), 20);
+  pid_ = -1;
+}
+
+Mount::~Mount() {
+  if (pid_ >= 0) Unmount();
+  if (IsMounted(mnt_)) {
+    ADD_FAILURE() << mnt_ << " still mounted after the test";
+    Sh("fusermount3 -uz " + ShellQuote(mnt_), 20);
+  }
+}
+
+}  // namespace nemofs::testing

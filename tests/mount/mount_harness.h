@@ -1,0 +1,40 @@
+// A real nemofs mount for tests: starts `nemofs mount -f` as a child, waits
+// until the kernel shows the mount, and on destruction always unmounts and
+// reaps that child (force-unmounting and killing only its own PID if it
+// does not exit cleanly, which fails the test).
+#pragma once
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "test_util.h"
+
+namespace nemofs::testing {
+
+std::string NemofsBinary();
+bool IsMounted(const std::string& path);
+
+class Mount {
+ public:
+  // nullptr (with a test failure recorded) if the mount did not come up.
+  static std::unique_ptr<Mount> Start(const std::string& source,
+                                      const std::vector<std::string>& extra_args = {});
+  ~Mount();
+
+  const std::string& path() const { return mnt_; }
+  std::string Log() const { return ReadFile(dir_.Join("daemon.log")); }
+  pid_t pid() const { return pid_; }
+  // Unmounts now and expects the daemon to exit with status 0.
+  void Unmount();
+
+ private:
+  Mount() = default;
+  TempDir dir_;
+  std::string mnt_;
+  pid_t pid_ = -1;
+};
+
+}  // namespace nemofs::testing
