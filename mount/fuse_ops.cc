@@ -35,9 +35,15 @@ void FillStat(const Context& ctx, const NodeAttr& a, struct stat* st) {
   std::memset(st, 0, sizeof *st);
   st->st_ino = a.ino;
   switch (a.type) {
-    case NodeType::kDirectory: st->st_mode = S_IFDIR; break;
-    case NodeType::kFile: st->st_mode = S_IFREG; break;
-    case NodeType::kSymlink: st->st_mode = S_IFLNK; break;
+    case NodeType::kDirectory:
+      st->st_mode = S_IFDIR;
+      break;
+    case NodeType::kFile:
+      st->st_mode = S_IFREG;
+      break;
+    case NodeType::kSymlink:
+      st->st_mode = S_IFLNK;
+      break;
   }
   st->st_mode |= a.perm;
   st->st_nlink = a.nlink;
@@ -162,7 +168,8 @@ void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_
       fuse_buf& b = vec->buf[i];
       b.size = pieces[i].length;
       if (pieces[i].fd >= 0) {
-        b.flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY);
+        b.flags =
+            static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY);
         b.fd = pieces[i].fd;
         b.pos = static_cast<off_t>(pieces[i].offset);
       } else {
@@ -241,8 +248,7 @@ void DoReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plus
 void OpReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info*) {
   DoReadDir(req, ino, size, off, false);
 }
-void OpReadDirPlus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-                   struct fuse_file_info*) {
+void OpReadDirPlus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info*) {
   DoReadDir(req, ino, size, off, true);
 }
 void OpReleaseDir(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_err(req, 0); }
@@ -342,7 +348,8 @@ int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {
   ctx.gid = ::getgid();
 
   std::vector<std::string> argv_storage = {"nemofs"};
-  std::string opts = fmt::format("fsname=nemofs:{},subtype=nemofs,default_permissions", config.source);
+  std::string opts =
+      fmt::format("fsname=nemofs:{},subtype=nemofs,default_permissions", config.source);
   if (config.read_only) opts += ",ro";
   for (const auto& o : config.fuse_options) opts += "," + o;
   argv_storage.push_back("-o");

@@ -9,8 +9,8 @@
 namespace nemofs::mountcmd {
 
 struct FuseMountConfig {
-  std::string mountpoint;         // absolute
-  std::string source;             // absolute, shown as the fsname
+  std::string mountpoint;                 // absolute
+  std::string source;                     // absolute, shown as the fsname
   std::vector<std::string> fuse_options;  // -o values passed to libfuse
   bool foreground = false;
   bool read_only = true;

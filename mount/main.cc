@@ -82,7 +82,8 @@ bool SetupLogging(const LogOptions& opts, bool to_stderr, bool to_syslog) {
       return false;
     }
   } else if (to_syslog) {
-    sinks.push_back(std::make_shared<spdlog::sinks::syslog_sink_mt>("nemofs", LOG_PID, LOG_USER, false));
+    sinks.push_back(
+        std::make_shared<spdlog::sinks::syslog_sink_mt>("nemofs", LOG_PID, LOG_USER, false));
   }
   auto logger = std::make_shared<spdlog::logger>("nemofs", sinks.begin(), sinks.end());
   logger->set_level(level);
@@ -156,9 +157,10 @@ int RunMount(const MountArgs& args) {
     return kExitMount;
   }
   if (auto existing = FindMount(*mnt)) {
-    PrintError(fmt::format("{}: mount point is already in use ({} is mounted there); unmount it "
-                           "first",
-                           args.mountpoint, existing->fstype));
+    PrintError(
+        fmt::format("{}: mount point is already in use ({} is mounted there); unmount it "
+                    "first",
+                    args.mountpoint, existing->fstype));
     return kExitMount;
   }
   RaiseFileLimit();
@@ -252,7 +254,8 @@ int RunInfo(const std::string& source, const std::string& cache_dir, bool json) 
     j["config_bytes"] = i.config_bytes;
     j["tokenizer"] = nlohmann::ordered_json::array();
     for (const auto& t : i.tokenizer) {
-      j["tokenizer"].push_back({{"name", t.name}, {"member", t.member}, {"reference", t.reference}});
+      j["tokenizer"].push_back(
+          {{"name", t.name}, {"member", t.member}, {"reference", t.reference}});
     }
     j["weights"] = i.weights;
     j["warnings"] = i.warnings;
@@ -314,7 +317,8 @@ int RunCat(const std::string& source, const std::string& path, const std::string
       return kExitFailure;
     }
     if (std::fwrite(buf.data(), 1, plan->size(), stdout) != plan->size()) {
-      if (errno != EPIPE) PrintError(fmt::format("write to stdout failed: {}", std::strerror(errno)));
+      if (errno != EPIPE)
+        PrintError(fmt::format("write to stdout failed: {}", std::strerror(errno)));
       return kExitFailure;
     }
   }
@@ -338,11 +342,14 @@ int Main(int argc, char** argv) {
   app.set_version_flag("-V,--version", VersionText);
   app.footer(
       "Exit codes: 0 ok, 1 command failed, 2 usage error, 3 bad or unreadable source, "
-      "4 mount point unusable or FUSE failure.\nRun 'nemofs COMMAND --help' for a command's options.");
+      "4 mount point unusable or FUSE failure.\nRun 'nemofs COMMAND --help' for a command's "
+      "options.");
 
   MountArgs margs;
-  auto* mount = app.add_subcommand("mount", "Mount SOURCE at MOUNTPOINT; returns once the mount is ready");
-  mount->add_option("SOURCE", margs.source, ".nemo file, checkpoint folder or torch.save file")->required();
+  auto* mount =
+      app.add_subcommand("mount", "Mount SOURCE at MOUNTPOINT; returns once the mount is ready");
+  mount->add_option("SOURCE", margs.source, ".nemo file, checkpoint folder or torch.save file")
+      ->required();
   mount->add_option("MOUNTPOINT", margs.mountpoint, "existing empty directory")->required();
   mount->add_flag("-f,--foreground", margs.foreground, "stay in the foreground (log to stderr)");
   mount->add_option("-o", margs.options, "mount options, comma separated: ro, allow_other, ...")
@@ -356,13 +363,16 @@ int Main(int argc, char** argv) {
 
   std::string umount_point;
   double umount_timeout = 30;
-  auto* umount = app.add_subcommand("umount", "Unmount a nemofs mount and wait for its daemon to exit");
+  auto* umount =
+      app.add_subcommand("umount", "Unmount a nemofs mount and wait for its daemon to exit");
   umount->add_option("MOUNTPOINT", umount_point)->required();
-  umount->add_option("--timeout", umount_timeout, "seconds to wait for the daemon")->capture_default_str();
+  umount->add_option("--timeout", umount_timeout, "seconds to wait for the daemon")
+      ->capture_default_str();
 
   std::string info_source, info_cache;
   bool info_json = false;
-  auto* info = app.add_subcommand("info", "Print what SOURCE is: format, config, tokenizer, weights, warnings");
+  auto* info = app.add_subcommand(
+      "info", "Print what SOURCE is: format, config, tokenizer, weights, warnings");
   info->add_option("SOURCE", info_source)->required();
   info->add_flag("--json", info_json, "machine-readable output");
   info->add_option("--cache-dir", info_cache, "as for mount");
@@ -370,7 +380,8 @@ int Main(int argc, char** argv) {
   std::string cat_source, cat_path, cat_cache;
   auto* cat = app.add_subcommand("cat", "Print one file of the mounted tree without mounting");
   cat->add_option("SOURCE", cat_source)->required();
-  cat->add_option("PATH", cat_path, "path as in the mount, e.g. config.yaml or archive/model_weights.ckpt")
+  cat->add_option("PATH", cat_path,
+                  "path as in the mount, e.g. config.yaml or archive/model_weights.ckpt")
       ->required();
   cat->add_option("--cache-dir", cat_cache, "as for mount");
 

@@ -57,8 +57,8 @@ CommandResult Sh(const std::string& script, int timeout_s) {
   TempDir dir;
   WriteFile(dir.Join("script.sh"), "set -o pipefail\n" + script + "\n");
   std::string cmd = "timeout -k 5 " + std::to_string(timeout_s) + " bash " +
-                    ShellQuote(dir.Join("script.sh")) + " >" + ShellQuote(dir.Join("out")) +
-                    " 2>" + ShellQuote(dir.Join("err")) + " </dev/null";
+                    ShellQuote(dir.Join("script.sh")) + " >" + ShellQuote(dir.Join("out")) + " 2>" +
+                    ShellQuote(dir.Join("err")) + " </dev/null";
   int status = std::system(cmd.c_str());
   CommandResult r;
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -100,7 +100,10 @@ TarBuilder& TarBuilder::AddHeader(const Header& h, bool corrupt_checksum) {
   PutOctal(block + 136, 12, static_cast<uint64_t>(h.mtime));
   block[156] = h.type;
   std::memcpy(block + 157, h.link.data(), std::min<size_t>(h.link.size(), 100));
-  std::memcpy(block + 257, "ustar\0" "00", 8);
+  std::memcpy(block + 257,
+              "ustar\0"
+              "00",
+              8);
   std::memcpy(block + 345, h.prefix.data(), std::min<size_t>(h.prefix.size(), 155));
   std::memset(block + 148, ' ', 8);
   unsigned sum = 0;
@@ -122,7 +125,9 @@ TarBuilder& TarBuilder::AddFile(const std::string& name, const std::string& data
   AddHeader({name, type, data.size()});
   return AddData(data);
 }
-TarBuilder& TarBuilder::AddDir(const std::string& name) { return AddHeader({name, '5', 0, "", 0755}); }
+TarBuilder& TarBuilder::AddDir(const std::string& name) {
+  return AddHeader({name, '5', 0, "", 0755});
+}
 TarBuilder& TarBuilder::AddSymlink(const std::string& name, const std::string& target) {
   return AddHeader({name, '2', 0, target, 0777});
 }

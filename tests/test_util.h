@@ -10,8 +10,8 @@
 
 namespace nemofs::testing {
 
-std::string TestData(const std::string& rel);      // tests/data/<rel>
-std::string RealFixture(const std::string& rel);   // ../shared/real-fixtures/<rel>
+std::string TestData(const std::string& rel);     // tests/data/<rel>
+std::string RealFixture(const std::string& rel);  // ../shared/real-fixtures/<rel>
 bool RealFixturesPresent();
 #define NEMOFS_REQUIRE_REAL_FIXTURES()                                                   \
   do {                                                                                   \

@@ -58,13 +58,13 @@ struct TokenizerInfo {
 // What Open recognised; printed by `nemofs info`.
 struct CheckpointInfo {
   std::string source;
-  std::string source_kind;   // "tar (PAX)", "tar (gzip)", "directory", "file"
-  std::string format;        // stable id: nemo, nemo-folder, nemo2, ...
-  std::string description;   // human-readable
-  uint64_t source_bytes = 0; // sum of the source's file sizes as stored
-  uint64_t files = 0;        // files in archive/
-  uint64_t directories = 0;  // directories in archive/ (without its root)
-  std::string config;        // source path of the config ("" if none)
+  std::string source_kind;    // "tar (PAX)", "tar (gzip)", "directory", "file"
+  std::string format;         // stable id: nemo, nemo-folder, nemo2, ...
+  std::string description;    // human-readable
+  uint64_t source_bytes = 0;  // sum of the source's file sizes as stored
+  uint64_t files = 0;         // files in archive/
+  uint64_t directories = 0;   // directories in archive/ (without its root)
+  std::string config;         // source path of the config ("" if none)
   uint64_t config_bytes = 0;
   std::vector<TokenizerInfo> tokenizer;
   std::string weights;

@@ -14,7 +14,7 @@
 namespace nemofs {
 
 struct ReadPiece {
-  int fd = -1;               // >= 0: `length` bytes at `offset` of this descriptor
+  int fd = -1;  // >= 0: `length` bytes at `offset` of this descriptor
   uint64_t offset = 0;
   uint64_t length = 0;
   const char* data = nullptr;  // fd < 0: `length` bytes here

@@ -7,14 +7,14 @@
 // boundary (FUSE op, CLI command) logs or prints each failure once.
 #pragma once
 
+#include <fmt/format.h>
+
 #include <cerrno>
 #include <string>
 #include <string_view>
 #include <type_traits>
 #include <utility>
 #include <variant>
-
-#include <fmt/format.h>
 
 namespace nemofs {
 
@@ -47,8 +47,8 @@ class [[nodiscard]] Result {
   Result(T&& value) : v_(std::move(value)) {}
   Result(Error error) : v_(std::move(error)) {}
   template <typename U, typename = std::enable_if_t<std::is_convertible_v<U&&, T> &&
-                                                   !std::is_same_v<std::decay_t<U>, Error> &&
-                                                   !std::is_same_v<std::decay_t<U>, T>>>
+                                                    !std::is_same_v<std::decay_t<U>, Error> &&
+                                                    !std::is_same_v<std::decay_t<U>, T>>>
   Result(U&& value) : v_(T(std::forward<U>(value))) {}
 
   bool ok() const { return v_.index() == 0; }

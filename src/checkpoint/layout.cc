@@ -95,8 +95,8 @@ void ResolveNemoTokenizer(Source& src, Layout* layout, const std::string& base) 
     root = YAML::Load(*text);
   } catch (const YAML::Exception& e) {
     layout->warnings.push_back(fmt::format("{} does not parse as YAML (line {}, column {}): {}",
-                                           layout->config_path, e.mark.line + 1,
-                                           e.mark.column + 1, e.msg));
+                                           layout->config_path, e.mark.line + 1, e.mark.column + 1,
+                                           e.msg));
     return;
   }
   if (!root.IsMap()) return;
@@ -105,16 +105,16 @@ void ResolveNemoTokenizer(Source& src, Layout* layout, const std::string& base) 
   if (!tokenizer || !tokenizer.IsMap()) return;
 
   std::vector<std::pair<std::string, std::string>> refs;  // (key path, value)
-  std::function<void(const YAML::Node&, const std::string&)> walk =
-      [&](const YAML::Node& node, const std::string& key) {
-        if (node.IsScalar()) {
-          refs.emplace_back(key, node.Scalar());
-        } else if (node.IsMap()) {
-          for (const auto& kv : node) walk(kv.second, key + "." + kv.first.as<std::string>(""));
-        } else if (node.IsSequence()) {
-          for (size_t i = 0; i < node.size(); ++i) walk(node[i], fmt::format("{}.{}", key, i));
-        }
-      };
+  std::function<void(const YAML::Node&, const std::string&)> walk = [&](const YAML::Node& node,
+                                                                        const std::string& key) {
+    if (node.IsScalar()) {
+      refs.emplace_back(key, node.Scalar());
+    } else if (node.IsMap()) {
+      for (const auto& kv : node) walk(kv.second, key + "." + kv.first.as<std::string>(""));
+    } else if (node.IsSequence()) {
+      for (size_t i = 0; i < node.size(); ++i) walk(node[i], fmt::format("{}.{}", key, i));
+    }
+  };
   walk(tokenizer, "tokenizer");
   for (const auto& [key, value] : refs) {
     std::string reference = fmt::format("{}: {}", key, value);
@@ -128,9 +128,10 @@ void ResolveNemoTokenizer(Source& src, Layout* layout, const std::string& base) 
         continue;
       }
       auto slash = member.rfind('/');
-      AddArtifact(src, layout, member,
-                  StripArtifactPrefix(slash == std::string::npos ? member : member.substr(slash + 1)),
-                  reference);
+      AddArtifact(
+          src, layout, member,
+          StripArtifactPrefix(slash == std::string::npos ? member : member.substr(slash + 1)),
+          reference);
     } else if (value.find('/') != std::string::npos || value.find('.') != std::string::npos) {
       // NeMo's backward-compatibility branch: a plain path whose basename
       // exists in the extraction directory.
@@ -212,7 +213,8 @@ Result<std::string> DistBackend(Source& src, const std::string& metadata_json) {
 Result<std::string> FolderWeights(Source& src, const std::string& dir) {
   if (IsFile(src, JoinPath(dir, "metadata.json"))) {
     NEMOFS_ASSIGN_OR_RETURN(std::string backend, DistBackend(src, JoinPath(dir, "metadata.json")));
-    return fmt::format("Megatron-Core dist checkpoint ({}) in {}/", backend, dir.empty() ? "." : dir);
+    return fmt::format("Megatron-Core dist checkpoint ({}) in {}/", backend,
+                       dir.empty() ? "." : dir);
   }
   if (IsFile(src, JoinPath(dir, ".metadata"))) {
     return fmt::format("PyTorch DCP in {}/", dir.empty() ? "." : dir);
@@ -258,15 +260,24 @@ Status RecognizeFile(Source& src, Layout* layout) {
 
 const char* FormatId(Format format) {
   switch (format) {
-    case Format::kNemo: return "nemo";
-    case Format::kNemoFolder: return "nemo-folder";
-    case Format::kNemo2: return "nemo2";
-    case Format::kMcoreDist: return "mcore-dist";
-    case Format::kDcp: return "dcp";
-    case Format::kMegatronLmRoot: return "megatron-lm";
-    case Format::kMegatronLmIter: return "megatron-lm-iteration";
-    case Format::kTorchSave: return "torch-save";
-    case Format::kTorchSaveLegacy: return "torch-save-legacy";
+    case Format::kNemo:
+      return "nemo";
+    case Format::kNemoFolder:
+      return "nemo-folder";
+    case Format::kNemo2:
+      return "nemo2";
+    case Format::kMcoreDist:
+      return "mcore-dist";
+    case Format::kDcp:
+      return "dcp";
+    case Format::kMegatronLmRoot:
+      return "megatron-lm";
+    case Format::kMegatronLmIter:
+      return "megatron-lm-iteration";
+    case Format::kTorchSave:
+      return "torch-save";
+    case Format::kTorchSaveLegacy:
+      return "torch-save-legacy";
   }
   return "unknown";
 }
@@ -290,8 +301,8 @@ Result<Layout> Recognize(Source& src) {
 
   if (IsFile(src, "model_config.yaml")) {
     layout.format = is_dir ? Format::kNemoFolder : Format::kNemo;
-    layout.description = is_dir ? "extracted NeMo 1 .nemo folder"
-                                : fmt::format("NeMo 1 .nemo, {}", src.Kind());
+    layout.description =
+        is_dir ? "extracted NeMo 1 .nemo folder" : fmt::format("NeMo 1 .nemo, {}", src.Kind());
     layout.config_path = "model_config.yaml";
     if (IsFile(src, "model_weights.ckpt")) {
       layout.weights = "model_weights.ckpt";

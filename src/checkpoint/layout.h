@@ -45,10 +45,10 @@ struct TokenizerFile {
 
 struct Layout {
   Format format = Format::kNemo;
-  std::string description;   // human-readable, e.g. "NeMo 1 .nemo, tar (PAX)"
-  std::string config_path;   // entry path of the model config, "" if none
+  std::string description;  // human-readable, e.g. "NeMo 1 .nemo, tar (PAX)"
+  std::string config_path;  // entry path of the model config, "" if none
   std::vector<TokenizerFile> tokenizer;
-  std::string weights;       // where weights live, human-readable
+  std::string weights;  // where weights live, human-readable
   std::vector<std::string> warnings;
 };
 

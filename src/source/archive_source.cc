@@ -114,7 +114,8 @@ Result<std::unique_ptr<Source>> ArchiveSource::Open(const std::string& path,
     } else if (type == AE_IFREG) {
       Blob blob;
       blob.ordinal = ordinal;
-      blob.size = archive_entry_size_is_set(ent) ? static_cast<uint64_t>(archive_entry_size(ent)) : 0;
+      blob.size =
+          archive_entry_size_is_set(ent) ? static_cast<uint64_t>(archive_entry_size(ent)) : 0;
       if (KeepInMemory(name, blob.size)) {
         auto data = std::make_shared<std::string>(blob.size, '\0');
         la_ssize_t n = archive_read_data(a.get(), data->data(), data->size());

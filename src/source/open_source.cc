@@ -12,7 +12,11 @@ namespace {
 const char* CompressionFilter(const unsigned char* b, size_t n) {
   if (n >= 2 && b[0] == 0x1f && b[1] == 0x8b) return "gzip";
   if (n >= 3 && std::memcmp(b, "BZh", 3) == 0) return "bzip2";
-  if (n >= 6 && std::memcmp(b, "\xfd" "7zXZ\0", 6) == 0) return "xz";
+  if (n >= 6 && std::memcmp(b,
+                            "\xfd"
+                            "7zXZ\0",
+                            6) == 0)
+    return "xz";
   if (n >= 4 && std::memcmp(b, "\x28\xb5\x2f\xfd", 4) == 0) return "zstd";
   if (n >= 4 && std::memcmp(b, "\x04\x22\x4d\x18", 4) == 0) return "lz4";
   return nullptr;

@@ -95,8 +95,8 @@ void Source::SetEntries(std::vector<Entry> raw, std::vector<std::string> warning
       parent = Parent(parent);
     }
     if (blocked) {
-      warnings.push_back(fmt::format("hidden '{}': its parent '{}' is not a directory", it->first,
-                                     parent));
+      warnings.push_back(
+          fmt::format("hidden '{}': its parent '{}' is not a directory", it->first, parent));
       it = by_path.erase(it);
     } else {
       ++it;

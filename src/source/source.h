@@ -35,9 +35,9 @@ struct Entry {
   uint64_t size = 0;
   int64_t mtime_sec = 0;
   uint32_t mtime_nsec = 0;
-  uint32_t mode = 0644;      // permission bits as stored
-  std::string link_target;   // kSymlink: the target as stored
-  uint32_t blob = kNoBlob;   // kFile: the source's handle for its bytes
+  uint32_t mode = 0644;     // permission bits as stored
+  std::string link_target;  // kSymlink: the target as stored
+  uint32_t blob = kNoBlob;  // kFile: the source's handle for its bytes
 };
 
 class Source {

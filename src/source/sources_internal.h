@@ -48,8 +48,7 @@ class DirectorySource final : public Source {
 // An uncompressed tar: members are byte ranges of the one archive descriptor.
 class TarSource final : public Source {
  public:
-  static Result<std::unique_ptr<Source>> Open(const std::string& path, UniqueFd fd,
-                                              uint64_t size);
+  static Result<std::unique_ptr<Source>> Open(const std::string& path, UniqueFd fd, uint64_t size);
   std::string Kind() const override;
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
   const TarIndex& index() const { return index_; }

@@ -208,7 +208,8 @@ Result<TarIndex> IndexTar(int fd, uint64_t base, uint64_t length, const std::str
       NEMOFS_RETURN_IF_ERROR(read_extended(&data));
       if (type == 'x' || type == 'g') {
         index.pax = true;
-        NEMOFS_RETURN_IF_ERROR(ParsePax(data, offset, name, type == 'x' ? &pax_local : &pax_global));
+        NEMOFS_RETURN_IF_ERROR(
+            ParsePax(data, offset, name, type == 'x' ? &pax_local : &pax_global));
       } else {
         index.gnu = true;
         auto nul = data.find('\0');
@@ -256,8 +257,8 @@ Result<TarIndex> IndexTar(int fd, uint64_t base, uint64_t length, const std::str
           }
         } else if (key == "mtime") {
           if (!ParsePaxTime(value, &m.mtime_sec, &m.mtime_nsec)) {
-            return Err(EINVAL, "{}: PAX mtime '{}' for the member at offset {} is not a time",
-                       name, value, offset);
+            return Err(EINVAL, "{}: PAX mtime '{}' for the member at offset {} is not a time", name,
+                       value, offset);
           }
         }
       }

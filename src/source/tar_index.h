@@ -26,8 +26,8 @@
 namespace nemofs::source {
 
 struct TarMember {
-  std::string name;       // as stored (PAX/GNU long name applied), not normalised
-  char type = '0';        // ustar typeflag of the member header
+  std::string name;            // as stored (PAX/GNU long name applied), not normalised
+  char type = '0';             // ustar typeflag of the member header
   uint64_t header_offset = 0;  // offset of the first header block (incl. extended headers)
   uint64_t data_offset = 0;
   uint64_t size = 0;
@@ -41,8 +41,8 @@ struct TarIndex {
   std::vector<TarMember> members;  // in archive order, duplicates kept
   uint64_t end_offset = 0;         // offset of the end-of-archive marker (or file end)
   bool has_end_marker = false;
-  bool pax = false;                // at least one PAX header seen
-  bool gnu = false;                // GNU magic or GNU long-name records seen
+  bool pax = false;  // at least one PAX header seen
+  bool gnu = false;  // GNU magic or GNU long-name records seen
 };
 
 // Indexes the tar at [base, base+length) of `fd`. `name` is used in errors.

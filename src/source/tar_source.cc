@@ -43,8 +43,10 @@ Result<std::unique_ptr<Source>> TarSource::Open(const std::string& path, UniqueF
         std::string target;
         auto it = NormalizePath(m.link_name, &target) ? file_blob.find(target) : file_blob.end();
         if (it == file_blob.end()) {
-          warnings.push_back(fmt::format("hidden '{}': hard link to '{}', which is not an earlier "
-                                         "file of the archive", m.name, m.link_name));
+          warnings.push_back(
+              fmt::format("hidden '{}': hard link to '{}', which is not an earlier "
+                          "file of the archive",
+                          m.name, m.link_name));
           continue;
         }
         e.type = EntryType::kFile;
@@ -58,7 +60,8 @@ Result<std::unique_ptr<Source>> TarSource::Open(const std::string& path, UniqueF
         warnings.push_back(fmt::format("hidden '{}': device or FIFO member", m.name));
         continue;
       case 'S':
-        warnings.push_back(fmt::format("hidden '{}': GNU sparse members are not supported", m.name));
+        warnings.push_back(
+            fmt::format("hidden '{}': GNU sparse members are not supported", m.name));
         continue;
       default:  // regular, contiguous, and unknown types (read as regular, as tarfile does)
         e.type = EntryType::kFile;

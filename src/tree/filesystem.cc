@@ -160,9 +160,8 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
     for (const auto& t : layout.tokenizer) {
       std::string dir, base;
       SplitPath(t.name, &dir, &base);
-      uint64_t parent = dir.empty() ? tok
-                                    : EnsureDir(nodes, tok, dir, src_root.mtime_sec,
-                                                src_root.mtime_nsec);
+      uint64_t parent =
+          dir.empty() ? tok : EnsureDir(nodes, tok, dir, src_root.mtime_sec, src_root.mtime_nsec);
       uint64_t ino = by_path.at(t.entry_path);
       nodes.Link(parent, base, ino);
       nodes.Get(ino)->nlink++;

@@ -25,7 +25,7 @@ struct Node {
   // kFile: bytes come from the source blob, or from `data` when set.
   uint32_t blob = source::kNoBlob;
   std::shared_ptr<const std::string> data;
-  std::string link_target;  // kSymlink
+  std::string link_target;                                 // kSymlink
   std::vector<std::pair<std::string, uint64_t>> children;  // kDirectory: sorted by name
 };
 

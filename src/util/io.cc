@@ -80,8 +80,7 @@ Result<std::string> ReadSmallFile(const std::string& path, uint64_t max_bytes) {
   NEMOFS_ASSIGN_OR_RETURN(UniqueFd fd, OpenReadOnly(path));
   NEMOFS_ASSIGN_OR_RETURN(struct stat st, FStat(fd.get(), path));
   if (static_cast<uint64_t>(st.st_size) > max_bytes) {
-    return Err(EFBIG, "{}: {} bytes is larger than the {} byte limit", path, st.st_size,
-               max_bytes);
+    return Err(EFBIG, "{}: {} bytes is larger than the {} byte limit", path, st.st_size, max_bytes);
   }
   std::string out(static_cast<size_t>(st.st_size), '\0');
   NEMOFS_ASSIGN_OR_RETURN(size_t got, PreadUpTo(fd.get(), out.data(), out.size(), 0, path));

@@ -2,9 +2,9 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
-#include <sys/stat.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -53,9 +53,17 @@ std::unique_ptr<Mount> Mount::Start(const std::string& source,
   std::unique_ptr<Mount> m(new Mount());
   m->mnt_ = m->dir_.Join("mnt");
   ::mkdir(m->mnt_.c_str(), 0755);
-  std::vector<std::string> args = {NemofsBinary(), "mount", "-f", source, m->mnt_,
-                                   "--log-file", m->dir_.Join("daemon.log"), "--cache-dir",
-                                   m->dir_.Join("cache"), "--log-level", "debug"};
+  std::vector<std::string> args = {NemofsBinary(),
+                                   "mount",
+                                   "-f",
+                                   source,
+                                   m->mnt_,
+                                   "--log-file",
+                                   m->dir_.Join("daemon.log"),
+                                   "--cache-dir",
+                                   m->dir_.Join("cache"),
+                                   "--log-level",
+                                   "debug"};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
@@ -97,7 +105,8 @@ void Mount::Unmount() {
   int status = WaitFor(pid_, std::chrono::seconds(20));
   if (status >= 0) {
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
-        << "daemon exit status " << status << "; log:\n" << Log();
+        << "daemon exit status " << status << "; log:\n"
+        << Log();
     pid_ = -1;
     return;
   }

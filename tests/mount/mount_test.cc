@@ -16,7 +16,8 @@ std::string Q(const std::string& s) { return ShellQuote(s); }
 std::string TreeDigest(const std::string& dir) {
   auto r = Sh("cd " + Q(dir) +
               " && find . -type f -printf '%P\\n' | LC_ALL=C sort | while IFS= read -r f; do "
-              "printf '%s %s %s\\n' \"$(sha256sum < \"$f\" | cut -c1-64)\" \"$(stat -c '%s %Y' \"$f\")\" \"$f\"; done");
+              "printf '%s %s %s\\n' \"$(sha256sum < \"$f\" | cut -c1-64)\" \"$(stat -c '%s %Y' "
+              "\"$f\")\" \"$f\"; done");
   EXPECT_EQ(r.exit_code, 0) << r.err;
   return r.out;
 }
@@ -46,12 +47,15 @@ TEST_P(TarMount, ArchiveTreeEqualsTarExtraction) {
   r = Sh("cd " + Q(m->path()) +
          " && test \"$(stat -c %i config.yaml)\" = \"$(stat -c %i archive/model_config.yaml)\""
          " && test \"$(stat -c %h config.yaml)\" = 2"
-         " && cmp config.yaml <(tar -xOf " + Q(src) + " ./model_config.yaml)");
+         " && cmp config.yaml <(tar -xOf " +
+         Q(src) + " ./model_config.yaml)");
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
 
   // cp out of the mount, and nemofs cat, give the same bytes.
-  r = Sh("cd " + Q(m->path()) + " && for f in config.yaml $(cd archive && find . -type f | sed 's|^|archive/|'); do "
-         "cmp \"$f\" <(" + Q(NemofsBinary()) + " cat " + Q(src) + " \"$f\" --cache-dir " +
+  r = Sh("cd " + Q(m->path()) +
+         " && for f in config.yaml $(cd archive && find . -type f | sed 's|^|archive/|'); do "
+         "cmp \"$f\" <(" +
+         Q(NemofsBinary()) + " cat " + Q(src) + " \"$f\" --cache-dir " +
          Q(extracted.Join(".cache")) + ") || exit 1; done");
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
   m->Unmount();
@@ -62,8 +66,9 @@ TEST_P(TarMount, WritesAreRefusedWithEROFS) {
   if (src.find("real-fixtures") != std::string::npos) NEMOFS_REQUIRE_REAL_FIXTURES();
   auto m = Mount::Start(src);
   ASSERT_TRUE(m);
-  for (const std::string cmd : {"echo x >> config.yaml", "touch new_file", "rm config.yaml",
-                                "mkdir d", "mv config.yaml c2", "truncate -s 0 archive/model_config.yaml"}) {
+  for (const std::string cmd :
+       {"echo x >> config.yaml", "touch new_file", "rm config.yaml", "mkdir d", "mv config.yaml c2",
+        "truncate -s 0 archive/model_config.yaml"}) {
     auto r = Sh("cd " + Q(m->path()) + " && " + cmd);
     EXPECT_NE(r.exit_code, 0) << cmd;
     EXPECT_NE(r.err.find("Read-only file system"), std::string::npos) << cmd << ": " << r.err;
@@ -90,8 +95,10 @@ TEST(TarMountTokenizer, NemoArtifactsAppearUnderTheirNames) {
             "to_force_pax_and_gnu_longlink.model\nmerges.txt\ntokenizer.model\nvocab.json\n");
   r = Sh("cd " + Q(m->path()) + " && cmp tokenizer/tokenizer.model <(tar -xOf " + Q(src) +
          " ./73a06e1aa17c45d28419c66d295163b8_tokenizer.model) && cp tokenizer/vocab.json " +
-         Q(m->path() + "/../vocab.json") + " && /usr/bin/python3 -c 'import json,sys; "
-         "print(len(json.load(open(sys.argv[1]))))' " + Q(m->path() + "/../vocab.json"));
+         Q(m->path() + "/../vocab.json") +
+         " && /usr/bin/python3 -c 'import json,sys; "
+         "print(len(json.load(open(sys.argv[1]))))' " +
+         Q(m->path() + "/../vocab.json"));
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "128\n");
   m->Unmount();
@@ -144,8 +151,12 @@ INSTANTIATE_TEST_SUITE_P(
         DirCase{TestData("nemo2_tiny"), "context/model.yaml"},
         DirCase{TestData("nemo2_0_tiny"), "context/model.yaml"},
         DirCase{RealFixture("nemo2-dcp-metadata-only/esm2_model_checkpoint"), "context/model.yaml"},
-        DirCase{RealFixture("megatron-torch_dist-metadata-only/deepseek_mtp_dummy_ckpt/checkpoints"), ""},
-        DirCase{RealFixture("megatron-zarr/megatron_gpt--val_loss=10.86-step=2-consumed_samples=16.0"), ""},
+        DirCase{
+            RealFixture("megatron-torch_dist-metadata-only/deepseek_mtp_dummy_ckpt/checkpoints"),
+            ""},
+        DirCase{
+            RealFixture("megatron-zarr/megatron_gpt--val_loss=10.86-step=2-consumed_samples=16.0"),
+            ""},
         DirCase{RealFixture("legacy-torch-save/JasperDecoderForCTC-STEP-243800.pt"), ""}),
     DirCaseName);
 
@@ -153,11 +164,13 @@ TEST(DirMountTokenizer, Nemo2TokenizerFiles) {
   std::string src = TestData("nemo2_tiny");
   auto m = Mount::Start(src);
   ASSERT_TRUE(m);
-  auto r = Sh("cd " + Q(m->path()) + " && ls tokenizer | LC_ALL=C sort && cmp tokenizer/tokenizer.json " +
-              Q(src + "/context/nemo_tokenizer/tokenizer.json") + " && cmp tokenizer/tokenizer.model " +
-              Q(src + "/context/tokenizer.model"));
+  auto r = Sh("cd " + Q(m->path()) +
+              " && ls tokenizer | LC_ALL=C sort && cmp tokenizer/tokenizer.json " +
+              Q(src + "/context/nemo_tokenizer/tokenizer.json") +
+              " && cmp tokenizer/tokenizer.model " + Q(src + "/context/tokenizer.model"));
   EXPECT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(r.out, "special_tokens_map.json\ntokenizer.json\ntokenizer.model\ntokenizer_config.json\n");
+  EXPECT_EQ(r.out,
+            "special_tokens_map.json\ntokenizer.json\ntokenizer.model\ntokenizer_config.json\n");
   m->Unmount();
 }
 
@@ -166,13 +179,18 @@ TEST(DirMountTokenizer, Nemo2TokenizerFiles) {
 TEST(MountSafety, UnsafeMembersAreHiddenAndLogged) {
   TempDir dir;
   TarBuilder t;
-  t.AddDir("./").AddFile("./model_config.yaml", "a: 1\n").AddFile("../evil", "x")
-      .AddFile("/abs", "x").AddSymlink("./escape", "../../etc/passwd")
-      .AddSymlink("./inside", "model_config.yaml").End();
+  t.AddDir("./")
+      .AddFile("./model_config.yaml", "a: 1\n")
+      .AddFile("../evil", "x")
+      .AddFile("/abs", "x")
+      .AddSymlink("./escape", "../../etc/passwd")
+      .AddSymlink("./inside", "model_config.yaml")
+      .End();
   WriteFile(dir.Join("x.nemo"), t.bytes());
   auto m = Mount::Start(dir.Join("x.nemo"));
   ASSERT_TRUE(m);
-  auto r = Sh("cd " + Q(m->path()) + "/archive && ls -A | LC_ALL=C sort && readlink inside && cat inside");
+  auto r = Sh("cd " + Q(m->path()) +
+              "/archive && ls -A | LC_ALL=C sort && readlink inside && cat inside");
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "inside\nmodel_config.yaml\nmodel_config.yaml\na: 1\n");
   std::string log = m->Log();
@@ -189,9 +207,13 @@ TEST(MountConcurrency, ParallelReadersSeeTheSameBytes) {
   auto m = Mount::Start(src);
   ASSERT_TRUE(m);
   std::string f = m->path() + "/archive/mp_rank_01/model_weights.ckpt";
-  auto r = Sh("want=$(tar -xOf " + Q(src) + " ./mp_rank_01/model_weights.ckpt | sha256sum); "
-              "for i in $(seq 16); do (sha256sum < " + Q(f) + ") & done | sort | uniq -c | "
-              "awk '{print $1}'; test \"$(sha256sum < " + Q(f) + ")\" = \"$want\"");
+  auto r = Sh("want=$(tar -xOf " + Q(src) +
+              " ./mp_rank_01/model_weights.ckpt | sha256sum); "
+              "for i in $(seq 16); do (sha256sum < " +
+              Q(f) +
+              ") & done | sort | uniq -c | "
+              "awk '{print $1}'; test \"$(sha256sum < " +
+              Q(f) + ")\" = \"$want\"");
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "16\n");
   m->Unmount();
@@ -217,8 +239,9 @@ TEST(Cli, MountDaemonizesAndUmountWaitsForTheDaemon) {
   EXPECT_FALSE(IsMounted(mnt));
   if (pid > 0) {
     // Gone, or a zombie waiting for init to reap it: either way it has exited.
-    bool running = ::kill(pid, 0) == 0 &&
-                   Sh("grep -q '^State:.*Z' /proc/" + std::to_string(pid) + "/status").exit_code != 0;
+    bool running =
+        ::kill(pid, 0) == 0 &&
+        Sh("grep -q '^State:.*Z' /proc/" + std::to_string(pid) + "/status").exit_code != 0;
     EXPECT_FALSE(running) << "daemon " << pid << " still running after umount";
   } else {
     ADD_FAILURE() << "no pid xattr: " << pid_r.err;
@@ -231,14 +254,17 @@ TEST(Cli, MountDaemonizesAndUmountWaitsForTheDaemon) {
 
 struct BadInput {
   std::string name;
-  std::string bytes;        // written to <tmp>/<name>; empty name -> a directory case
+  std::string bytes;  // written to <tmp>/<name>; empty name -> a directory case
   int exit_code;
-  std::string message;      // expected in the one-line error
+  std::string message;  // expected in the one-line error
 };
 
 std::vector<BadInput> BadInputs() {
   TarBuilder bad_sum;
-  bad_sum.AddFile("./model_config.yaml", "a: 1\n").AddHeader({"./x", '0', 1}, true).AddData("x").End();
+  bad_sum.AddFile("./model_config.yaml", "a: 1\n")
+      .AddHeader({"./x", '0', 1}, true)
+      .AddData("x")
+      .End();
   TarBuilder past_end;
   past_end.AddHeader({"./model_weights.ckpt", '0', 1 << 20}).AddData("short");
   TarBuilder pax;
@@ -292,7 +318,8 @@ TEST(Cli, MissingSourceAndMountPoint) {
   auto r = Sh(Q(NemofsBinary()) + " mount " + Q(dir.Join("nope.nemo")) + " " + Q(dir.Join("mnt")));
   EXPECT_EQ(r.exit_code, 3);
   EXPECT_NE(r.err.find("nope.nemo: No such file or directory"), std::string::npos) << r.err;
-  r = Sh(Q(NemofsBinary()) + " mount " + Q(TestData("tiny_gpt.nemo")) + " " + Q(dir.Join("absent")));
+  r = Sh(Q(NemofsBinary()) + " mount " + Q(TestData("tiny_gpt.nemo")) + " " +
+         Q(dir.Join("absent")));
   EXPECT_EQ(r.exit_code, 4);
   EXPECT_NE(r.err.find("absent: mount point does not exist"), std::string::npos) << r.err;
 }
@@ -300,7 +327,8 @@ TEST(Cli, MissingSourceAndMountPoint) {
 TEST(Cli, MountPointAlreadyInUse) {
   auto m = Mount::Start(TestData("tiny_gpt.nemo"));
   ASSERT_TRUE(m);
-  auto r = Sh(Q(NemofsBinary()) + " mount " + Q(TestData("tiny_gpt_tp2.nemo")) + " " + Q(m->path()), 30);
+  auto r =
+      Sh(Q(NemofsBinary()) + " mount " + Q(TestData("tiny_gpt_tp2.nemo")) + " " + Q(m->path()), 30);
   EXPECT_EQ(r.exit_code, 4);
   EXPECT_NE(r.err.find("mount point is already in use"), std::string::npos) << r.err;
   // The first mount is untouched.
@@ -330,7 +358,8 @@ TEST(Cli, UsageHelpVersionAndCat) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("is a directory"), std::string::npos);
   r = Sh(Q(NemofsBinary()) + " info --json " + Q(TestData("tiny_gpt_tp2.nemo")) +
-         " | /usr/bin/python3 -c 'import json,sys; j=json.load(sys.stdin); print(j[\"format\"], len(j[\"tokenizer\"]), j[\"weights\"])'");
+         " | /usr/bin/python3 -c 'import json,sys; j=json.load(sys.stdin); print(j[\"format\"], "
+         "len(j[\"tokenizer\"]), j[\"weights\"])'");
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "nemo 4 per-rank model_weights.ckpt (TP=2, PP=1)\n");
 }

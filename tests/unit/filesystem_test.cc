@@ -82,7 +82,8 @@ TEST(Filesystem, ReadsAtOffsetsAndPastTheEnd) {
   uint64_t ino = *fs->Resolve("archive/model_weights.ckpt");
   std::string whole = TarMember(TestData("tiny_gpt.nemo"), "./model_weights.ckpt");
   ASSERT_EQ(fs->GetAttr(ino)->size, whole.size());
-  for (uint64_t off : {0ull, 1ull, 511ull, 4097ull, static_cast<unsigned long long>(whole.size() - 3)}) {
+  for (uint64_t off :
+       {0ull, 1ull, 511ull, 4097ull, static_cast<unsigned long long>(whole.size() - 3)}) {
     auto plan = fs->Read(ino, off, 1000);
     ASSERT_TRUE(plan.ok());
     std::string got(plan->size(), '\0');
@@ -132,8 +133,7 @@ TEST(Filesystem, GzipMembersAreExtractedOnlyWhenRead) {
   auto before = std::filesystem::last_write_time(cached);
   auto fs2 = OpenFs(TestData("tiny_gpt_gz.nemo"), cache.path());
   ASSERT_TRUE(fs2);
-  EXPECT_EQ(ReadAll(*fs2, *fs2->Resolve("archive/model_weights.ckpt")),
-            ReadAll(*fs, weights));
+  EXPECT_EQ(ReadAll(*fs2, *fs2->Resolve("archive/model_weights.ckpt")), ReadAll(*fs, weights));
   EXPECT_EQ(std::filesystem::last_write_time(cached), before);
   EXPECT_EQ(count_files(), 1);
 }

@@ -68,28 +68,51 @@ INSTANTIATE_TEST_SUITE_P(
                  "model_weights.ckpt"},
         Expected{TestData("tiny_gpt_gz.nemo"), Format::kNemo, "model_config.yaml", kTinyTokenizer,
                  "model_weights.ckpt"},
-        Expected{TestData("tiny_gpt_gnu.nemo"), Format::kNemo, "model_config.yaml",
-                 kTinyTokenizer, "model_weights.ckpt"},
-        Expected{TestData("tiny_gpt_tp2.nemo"), Format::kNemo, "model_config.yaml",
-                 kTinyTokenizer, "TP=2, PP=1"},
+        Expected{TestData("tiny_gpt_gnu.nemo"), Format::kNemo, "model_config.yaml", kTinyTokenizer,
+                 "model_weights.ckpt"},
+        Expected{TestData("tiny_gpt_tp2.nemo"), Format::kNemo, "model_config.yaml", kTinyTokenizer,
+                 "TP=2, PP=1"},
         Expected{TestData("nemo2_tiny"), Format::kNemo2, "context/model.yaml", kNemo2Tokenizer,
                  "torch_dist) in weights/"},
         Expected{TestData("nemo2_0_tiny"), Format::kNemo2, "context/model.yaml", kNemo2Tokenizer,
                  "torch_dist) in ./"},
-        Expected{RealFixture("nemo-tar/vad_marblenet.nemo"), Format::kNemo, "model_config.yaml",
-                 {}, "model_weights.ckpt"},
-        Expected{RealFixture("nemo-tar/vad_telephony_marblenet.nemo"), Format::kNemo,
-                 "model_config.yaml", {}, "model_weights.ckpt"},
-        Expected{RealFixture("nemo-tar/vad_multilingual_marblenet.nemo"), Format::kNemo,
-                 "model_config.yaml", {}, "model_weights.ckpt"},
-        Expected{RealFixture("nemo2-dcp-metadata-only/esm2_model_checkpoint"), Format::kNemo2,
-                 "context/model.yaml", {}, "torch_dist) in weights/"},
-        Expected{RealFixture("megatron-torch_dist-metadata-only/deepseek_mtp_dummy_ckpt/checkpoints"),
-                 Format::kMegatronLmRoot, "", {}, "torch_dist) in iter_0000001/"},
-        Expected{RealFixture("megatron-zarr/megatron_gpt--val_loss=10.86-step=2-consumed_samples=16.0"),
-                 Format::kMcoreDist, "", {}, "(zarr)"},
+        Expected{RealFixture("nemo-tar/vad_marblenet.nemo"),
+                 Format::kNemo,
+                 "model_config.yaml",
+                 {},
+                 "model_weights.ckpt"},
+        Expected{RealFixture("nemo-tar/vad_telephony_marblenet.nemo"),
+                 Format::kNemo,
+                 "model_config.yaml",
+                 {},
+                 "model_weights.ckpt"},
+        Expected{RealFixture("nemo-tar/vad_multilingual_marblenet.nemo"),
+                 Format::kNemo,
+                 "model_config.yaml",
+                 {},
+                 "model_weights.ckpt"},
+        Expected{RealFixture("nemo2-dcp-metadata-only/esm2_model_checkpoint"),
+                 Format::kNemo2,
+                 "context/model.yaml",
+                 {},
+                 "torch_dist) in weights/"},
+        Expected{
+            RealFixture("megatron-torch_dist-metadata-only/deepseek_mtp_dummy_ckpt/checkpoints"),
+            Format::kMegatronLmRoot,
+            "",
+            {},
+            "torch_dist) in iter_0000001/"},
+        Expected{
+            RealFixture("megatron-zarr/megatron_gpt--val_loss=10.86-step=2-consumed_samples=16.0"),
+            Format::kMcoreDist,
+            "",
+            {},
+            "(zarr)"},
         Expected{RealFixture("legacy-torch-save/JasperDecoderForCTC-STEP-243800.pt"),
-                 Format::kTorchSaveLegacy, "", {}, "JasperDecoderForCTC-STEP-243800.pt"}),
+                 Format::kTorchSaveLegacy,
+                 "",
+                 {},
+                 "JasperDecoderForCTC-STEP-243800.pt"}),
     Name);
 
 TEST(Recognition, ExtractedNemoFolderIsRecognisedLikeTheArchive) {
@@ -168,8 +191,9 @@ TEST(RecognitionErrors, FileWithUnknownMagic) {
   ASSERT_TRUE(src.ok());
   auto layout = Recognize(**src);
   ASSERT_FALSE(layout.ok());
-  EXPECT_NE(layout.error().message().find("x.nemo: not a checkpoint: starts with bytes 74 68 69 73"),
-            std::string::npos)
+  EXPECT_NE(
+      layout.error().message().find("x.nemo: not a checkpoint: starts with bytes 74 68 69 73"),
+      std::string::npos)
       << layout.error().message();
 }
 

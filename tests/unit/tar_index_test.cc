@@ -34,10 +34,11 @@ Result<TarIndex> IndexBytes(const TempDir& dir, const std::string& bytes) {
 
 // Python's tarfile listing: name, data offset, size per member (its oracle).
 std::string PythonListing(const std::string& path) {
-  auto r = Sh("/usr/bin/python3 -c 'import sys,tarfile\n"
-              "for m in tarfile.open(sys.argv[1]).getmembers():\n"
-              "    print(m.name, m.offset_data, m.size if m.isreg() else 0)' " +
-              ShellQuote(path));
+  auto r =
+      Sh("/usr/bin/python3 -c 'import sys,tarfile\n"
+         "for m in tarfile.open(sys.argv[1]).getmembers():\n"
+         "    print(m.name, m.offset_data, m.size if m.isreg() else 0)' " +
+         ShellQuote(path));
   EXPECT_EQ(r.exit_code, 0) << r.err;
   return r.out;
 }
@@ -116,7 +117,8 @@ TEST(TarIndex, HandBuiltDialects) {
   TarBuilder t;
   t.AddDir("./")
       .AddFile("./a.txt", "hello")
-      .AddPax(TarBuilder::PaxRecord("path", "./" + long_name) + TarBuilder::PaxRecord("mtime", "12.25"))
+      .AddPax(TarBuilder::PaxRecord("path", "./" + long_name) +
+              TarBuilder::PaxRecord("mtime", "12.25"))
       .AddFile("./short", "pax-named")
       .AddGnuLongName("./gnu_" + long_name)
       .AddFile("./trunc", "gnu-named")
@@ -311,10 +313,11 @@ TEST(TarSource, HidesUnsafeMembersAndLastDuplicateWins) {
   EXPECT_EQ(*(*src)->ReadAll(*(*src)->Find("hard"), 100), "old: 1\n");
   std::string warnings;
   for (const auto& w : (*src)->warnings()) warnings += w + "\n";
-  for (const char* hidden : {"../evil", "/etc/abs", "./sub/../../up", "./escape", "./abs_link",
-                             "./bad_hard"}) {
+  for (const char* hidden :
+       {"../evil", "/etc/abs", "./sub/../../up", "./escape", "./abs_link", "./bad_hard"}) {
     EXPECT_NE(warnings.find(std::string("'") + hidden + "'"), std::string::npos)
-        << hidden << " not reported in:\n" << warnings;
+        << hidden << " not reported in:\n"
+        << warnings;
   }
 }
 
