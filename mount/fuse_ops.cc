@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <new>
 
 #include "exit_codes.h"
@@ -27,7 +28,26 @@ struct Context {
   Filesystem* fs = nullptr;
   uid_t uid = 0;
   gid_t gid = 0;
+  std::string bdi;  // "major:minor" of the mount, for the readahead setting
+  std::once_flag readahead_once;
 };
+
+// The kernel's FUSE readahead window is 128 KiB and INIT can only lower it,
+// so it is raised through sysfs once INIT has been processed: at the first
+// request after it. 512 KiB, not 1 MiB: a reply of 1 MiB plus its header
+// does not fit the largest pipe an unprivileged process may make
+// (fs.pipe-max-size), and libfuse would fall back from splice to copying.
+// Root only; best effort.
+constexpr int kReadaheadKiB = 512;
+
+void RaiseReadahead(Context& ctx) {
+  std::call_once(ctx.readahead_once, [&] {
+    if (ctx.bdi.empty()) return;
+    std::ofstream f("/sys/class/bdi/" + ctx.bdi + "/read_ahead_kb");
+    if (f) f << kReadaheadKiB << std::endl;
+    if (!f) spdlog::debug("could not raise read_ahead_kb of bdi {}", ctx.bdi);
+  });
+}
 
 Context* Ctx(fuse_req_t req) { return static_cast<Context*>(fuse_req_userdata(req)); }
 
@@ -98,6 +118,7 @@ void OpInit(void* userdata, struct fuse_conn_info* conn) {
 
 // Valid replies: fuse_reply_entry, fuse_reply_err.
 void OpLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  RaiseReadahead(*Ctx(req));
   Guard(req, "lookup", parent, [&] {
     auto attr = Ctx(req)->fs->Lookup(parent, name);
     if (!attr) return ReplyError(req, "lookup", parent, attr.error());
@@ -116,6 +137,7 @@ void OpForgetMulti(fuse_req_t req, size_t, struct fuse_forget_data*) { fuse_repl
 
 // Valid replies: fuse_reply_attr, fuse_reply_err.
 void OpGetAttr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info*) {
+  RaiseReadahead(*Ctx(req));
   Guard(req, "getattr", ino, [&] {
     auto attr = Ctx(req)->fs->GetAttr(ino);
     if (!attr) return ReplyError(req, "getattr", ino, attr.error());
@@ -141,6 +163,7 @@ void OpReadLink(fuse_req_t req, fuse_ino_t ino) {
 
 // Valid replies: fuse_reply_open, fuse_reply_err.
 void OpOpen(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
+  RaiseReadahead(*Ctx(req));
   Guard(req, "open", ino, [&] {
     auto ok = Ctx(req)->fs->CheckOpen(ino, fi->flags);
     if (!ok) return ReplyError(req, "open", ino, ok.error());
@@ -186,6 +209,7 @@ void OpRelease(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_
 
 // Valid replies: fuse_reply_open, fuse_reply_err.
 void OpOpenDir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
+  RaiseReadahead(*Ctx(req));
   Guard(req, "opendir", ino, [&] {
     auto attr = Ctx(req)->fs->GetAttr(ino);
     if (!attr) return ReplyError(req, "opendir", ino, attr.error());
@@ -329,15 +353,6 @@ struct LoopConfigDeleter {
   void operator()(fuse_loop_config* c) const { fuse_loop_cfg_destroy(c); }
 };
 
-// FUSE's default readahead window is 128 KiB; for multi-GB weights a larger
-// window lets the kernel ask for 1 MiB per request. Root only; best effort.
-void RaiseReadahead(const std::string& mountpoint) {
-  auto dev = MountDevice(mountpoint);
-  if (!dev) return;
-  std::ofstream f("/sys/class/bdi/" + *dev + "/read_ahead_kb");
-  if (f) f << 1024 << std::endl;
-  if (!f) spdlog::debug("could not raise read_ahead_kb for bdi {}", *dev);
-}
 
 }  // namespace
 
@@ -375,7 +390,7 @@ int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {
                   config.mountpoint);
     return kExitMount;
   }
-  RaiseReadahead(config.mountpoint);
+  ctx.bdi = MountDevice(config.mountpoint).value_or("");
   spdlog::info("mounted {} on {} ({} nodes)", config.source, config.mountpoint, fs.node_count());
   // Parent returns (exit 0) only now: the mount is ready.
   fuse_daemonize(config.foreground ? 1 : 0);
@@ -387,8 +402,15 @@ int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {
   int rc = fuse_session_loop_mt(se.get(), loop.get());
   fuse_session_unmount(se.get());
   fuse_remove_signal_handlers(se.get());
-  spdlog::info("unmounted {} ({})", config.mountpoint, rc == 0 ? "clean" : "loop error");
-  return rc == 0 ? kExitOk : kExitMount;
+  // The loop returns 0 after fusermount3 -u, the signal number after
+  // SIGTERM/SIGINT/SIGHUP (both clean ends), -errno on failure.
+  if (rc < 0) {
+    spdlog::error("unmounted {} after a FUSE error: {}", config.mountpoint, std::strerror(-rc));
+    return kExitMount;
+  }
+  spdlog::info("unmounted {}{}", config.mountpoint,
+               rc > 0 ? fmt::format(" on signal {}", rc) : std::string());
+  return kExitOk;
 }
 
 }  // namespace nemofs::mountcmd

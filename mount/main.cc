@@ -65,7 +65,7 @@ struct LogOptions {
   std::string file;
 };
 
-bool SetupLogging(const LogOptions& opts, bool to_stderr, bool to_syslog) {
+bool SetupLogging(const LogOptions& opts, bool to_stderr, bool to_syslog, bool quiet_stderr = false) {
   auto level = spdlog::level::from_str(opts.level);
   if (level == spdlog::level::off && opts.level != "off") {
     PrintError(fmt::format("--log-level: unknown level '{}' (trace, debug, info, warn, error, off)",
@@ -73,7 +73,12 @@ bool SetupLogging(const LogOptions& opts, bool to_stderr, bool to_syslog) {
     return false;
   }
   std::vector<spdlog::sink_ptr> sinks;
-  if (to_stderr) sinks.push_back(std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
+  if (to_stderr) {
+    auto sink = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
+    // Behind a daemonizing `mount` the terminal only hears about problems.
+    if (quiet_stderr) sink->set_level(std::max(level, spdlog::level::warn));
+    sinks.push_back(sink);
+  }
   if (!opts.file.empty()) {
     try {
       sinks.push_back(std::make_shared<spdlog::sinks::basic_file_sink_mt>(opts.file));
@@ -126,7 +131,7 @@ struct MountArgs {
 };
 
 int RunMount(const MountArgs& args) {
-  if (!SetupLogging(args.log, true, !args.foreground)) return kExitUsage;
+  if (!SetupLogging(args.log, true, !args.foreground, !args.foreground)) return kExitUsage;
   FuseMountConfig config;
   config.foreground = args.foreground;
   for (const auto& group : args.options) {

@@ -7,7 +7,8 @@ PACKAGES=(
   # build
   build-essential cmake pkg-config git
   libfuse3-dev fuse3
-  libarchive-dev libyaml-cpp-dev libspdlog-dev libfmt-dev libzstd-dev zlib1g-dev
+  libarchive-dev liblzma-dev liblz4-dev libbz2-dev libzstd-dev zlib1g-dev
+  libyaml-cpp-dev libspdlog-dev libfmt-dev
   nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev
   # tests: real tools driven against real mounts
@@ -15,7 +16,7 @@ PACKAGES=(
   # fixture generators and cross-checks (run with /usr/bin/python3)
   python3 python3-numpy python3-torch python3-zarr python3-omegaconf python3-yaml
   # benchmarks
-  fio time
+  fio time strace
 )
 
 SUDO=""

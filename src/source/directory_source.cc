@@ -43,13 +43,15 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
   raw.push_back(root);
 
   std::error_code ec;
+  const size_t prefix_len = path.size() + (path.back() == '/' ? 0 : 1);
   fs::recursive_directory_iterator it(path, fs::directory_options::none, ec);
   if (ec) return Err(ec.value(), "{}: cannot list directory: {}", path, ec.message());
   for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
     if (ec) return Err(ec.value(), "{}: cannot list directory: {}", path, ec.message());
     const fs::path& p = it->path();
-    std::string rel = fs::relative(p, path, ec).generic_string();
-    if (ec) return Err(ec.value(), "{}: {}", p.string(), ec.message());
+    // The iterator builds every path as `path` + "/" + rest: strip the prefix
+    // (fs::relative would canonicalise, costing stats per component).
+    std::string rel = p.generic_string().substr(prefix_len);
     struct stat lst {};
     if (::lstat(p.c_str(), &lst) != 0) {
       warnings.push_back(fmt::format("skipped '{}': {}", rel, std::strerror(errno)));

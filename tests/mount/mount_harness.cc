@@ -100,8 +100,10 @@ std::unique_ptr<Mount> Mount::Start(const std::string& source,
 
 void Mount::Unmount() {
   if (pid_ < 0) return;
-  auto r = Sh("fusermount3 -u " + ShellQuote(mnt_), 20);
-  EXPECT_EQ(r.exit_code, 0) << "fusermount3 -u: " << r.err;
+  if (IsMounted(mnt_)) {
+    auto r = Sh("fusermount3 -u " + ShellQuote(mnt_), 20);
+    EXPECT_EQ(r.exit_code, 0) << "fusermount3 -u: " << r.err;
+  }
   int status = WaitFor(pid_, std::chrono::seconds(20));
   if (status >= 0) {
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)

@@ -2,7 +2,11 @@
 // tar -xOf, sha256sum, and the CLI's documented exit codes.
 #include <gtest/gtest.h>
 
+#include <signal.h>
+
+#include <chrono>
 #include <filesystem>
+#include <thread>
 
 #include "mount_harness.h"
 #include "test_util.h"
@@ -362,6 +366,17 @@ TEST(Cli, UsageHelpVersionAndCat) {
          "len(j[\"tokenizer\"]), j[\"weights\"])'");
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "nemo 4 per-rank model_weights.ckpt (TP=2, PP=1)\n");
+}
+
+TEST(Cli, SigtermUnmountsCleanly) {
+  auto m = Mount::Start(TestData("tiny_gpt.nemo"));
+  ASSERT_TRUE(m);
+  ASSERT_EQ(::kill(m->pid(), SIGTERM), 0);
+  for (int i = 0; i < 500 && IsMounted(m->path()); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_FALSE(IsMounted(m->path())) << "SIGTERM did not unmount";
+  m->Unmount();  // reaps the daemon and checks it exited with status 0
 }
 
 TEST(Cli, UmountOfSomethingElseFails) {
