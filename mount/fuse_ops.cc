@@ -353,7 +353,6 @@ struct LoopConfigDeleter {
   void operator()(fuse_loop_config* c) const { fuse_loop_cfg_destroy(c); }
 };
 
-
 }  // namespace
 
 int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {

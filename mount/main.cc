@@ -27,6 +27,7 @@
 #include "fuse_ops.h"
 #include "mountinfo.h"
 #include "nemofs/filesystem.h"
+#include "nemofs/strings.h"
 
 extern char** environ;
 
@@ -65,7 +66,8 @@ struct LogOptions {
   std::string file;
 };
 
-bool SetupLogging(const LogOptions& opts, bool to_stderr, bool to_syslog, bool quiet_stderr = false) {
+bool SetupLogging(const LogOptions& opts, bool to_stderr, bool to_syslog,
+                  bool quiet_stderr = false) {
   auto level = spdlog::level::from_str(opts.level);
   if (level == spdlog::level::off && opts.level != "off") {
     PrintError(fmt::format("--log-level: unknown level '{}' (trace, debug, info, warn, error, off)",
@@ -135,12 +137,8 @@ int RunMount(const MountArgs& args) {
   FuseMountConfig config;
   config.foreground = args.foreground;
   for (const auto& group : args.options) {
-    size_t pos = 0;
-    while (pos <= group.size()) {
-      size_t comma = group.find(',', pos);
-      if (comma == std::string::npos) comma = group.size();
-      std::string opt = group.substr(pos, comma - pos);
-      pos = comma + 1;
+    for (std::string_view view : Split(group, ',')) {
+      std::string opt(view);
       if (opt.empty() || opt == "ro") continue;  // everything is read-only for now
       if (opt == "rw") {
         PrintError("-o rw: this version mounts checkpoints read-only");

@@ -4,17 +4,14 @@
 #include <map>
 #include <set>
 
+#include "nemofs/strings.h"
+
 namespace nemofs::source {
 
 bool NormalizePath(std::string_view raw, std::string* out) {
   if (!raw.empty() && raw.front() == '/') return false;
   std::string result;
-  size_t pos = 0;
-  while (pos <= raw.size()) {
-    size_t slash = raw.find('/', pos);
-    if (slash == std::string_view::npos) slash = raw.size();
-    std::string_view part = raw.substr(pos, slash - pos);
-    pos = slash + 1;
+  for (std::string_view part : Split(raw, '/')) {
     if (part.empty() || part == ".") continue;
     if (part == "..") return false;
     if (!result.empty()) result += '/';
@@ -37,12 +34,7 @@ bool LinkStaysInside(const std::string& path, const std::string& target) {
   int depth = 0;
   std::string parent = Parent(path);
   if (!parent.empty()) depth = static_cast<int>(std::count(parent.begin(), parent.end(), '/')) + 1;
-  size_t pos = 0;
-  while (pos <= target.size()) {
-    size_t slash = target.find('/', pos);
-    if (slash == std::string::npos) slash = target.size();
-    std::string_view part(target.data() + pos, slash - pos);
-    pos = slash + 1;
+  for (std::string_view part : Split(target, '/')) {
     if (part.empty() || part == ".") continue;
     depth += part == ".." ? -1 : 1;
     if (depth < 0) return false;

@@ -6,6 +6,7 @@
 #include <map>
 
 #include "checkpoint/layout.h"
+#include "nemofs/strings.h"
 #include "source/source.h"
 #include "tree/node_table.h"
 
@@ -60,12 +61,9 @@ tree::Node DirNode(int64_t sec, uint32_t nsec, uint64_t parent) {
 uint64_t EnsureDir(tree::NodeTable& nodes, uint64_t root, const std::string& path, int64_t sec,
                    uint32_t nsec) {
   uint64_t cur = root;
-  size_t pos = 0;
-  while (pos < path.size()) {
-    size_t slash = path.find('/', pos);
-    if (slash == std::string::npos) slash = path.size();
-    std::string part = path.substr(pos, slash - pos);
-    pos = slash + 1;
+  for (std::string_view view : Split(path, '/')) {
+    if (view.empty()) continue;
+    std::string part(view);
     uint64_t next = 0;
     for (const auto& [name, ino] : nodes.Get(cur)->children) {
       if (name == part) next = ino;
@@ -269,17 +267,14 @@ Result<uint64_t> Filesystem::Resolve(std::string_view path) const {
     return Err(EINVAL, "'{}': use a relative path inside the tree, without '..'", path);
   }
   uint64_t cur = kRootIno;
-  size_t pos = 0;
-  while (pos < norm.size()) {
-    size_t slash = norm.find('/', pos);
-    if (slash == std::string::npos) slash = norm.size();
-    auto attr = Lookup(cur, std::string_view(norm).substr(pos, slash - pos));
+  for (std::string_view part : Split(norm, '/')) {
+    if (part.empty()) continue;  // the root itself
+    auto attr = Lookup(cur, part);
     if (!attr) {
       return Err(attr.error().code(), "'{}': {}", path,
                  attr.error().code() == ENOENT ? "no such file in the tree" : "not a directory");
     }
     cur = attr->ino;
-    pos = slash + 1;
   }
   return cur;
 }
