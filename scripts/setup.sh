@@ -12,7 +12,7 @@ PACKAGES=(
   nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev
   # tests: real tools driven against real mounts
-  attr coreutils tar gzip xxd procps psmisc util-linux vim-tiny nano
+  attr coreutils tar gzip xz-utils zstd bzip2 xxd procps psmisc util-linux vim-tiny nano
   # fixture generators and cross-checks (run with /usr/bin/python3)
   python3 python3-numpy python3-torch python3-zarr python3-omegaconf python3-yaml
   # benchmarks

@@ -379,6 +379,31 @@ TEST(Cli, SigtermUnmountsCleanly) {
   m->Unmount();  // reaps the daemon and checks it exited with status 0
 }
 
+TEST(Cli, AllowOtherReachesTheKernel) {
+  auto m = Mount::Start(TestData("tiny_gpt.nemo"), {"-o", "allow_other"});
+  ASSERT_TRUE(m);
+  auto r = Sh("grep ' " + m->path() + " ' /proc/self/mountinfo");
+  EXPECT_NE(r.out.find("allow_other"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("fuse.nemofs"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(" ro"), std::string::npos) << r.out;
+  m->Unmount();
+}
+
+TEST(Cli, DefaultCacheDirFollowsXdgCacheHome) {
+  TempDir dir;
+  auto r = Sh("XDG_CACHE_HOME=" + Q(dir.path()) + " " + Q(NemofsBinary()) + " cat " +
+              Q(TestData("tiny_gpt_gz.nemo")) + " archive/model_weights.ckpt | cmp - <(tar -xOf " +
+              Q(TestData("tiny_gpt.nemo")) + " ./model_weights.ckpt) && find " +
+              Q(dir.Join("nemofs")) + " -type f | wc -l");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "1\n");
+  r = Sh("HOME=" + Q(dir.path()) + " XDG_CACHE_HOME= " + Q(NemofsBinary()) + " cat " +
+         Q(TestData("tiny_gpt_gz.nemo")) + " archive/model_weights.ckpt >/dev/null && find " +
+         Q(dir.Join(".cache/nemofs")) + " -type f | wc -l");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "1\n");
+}
+
 TEST(Cli, UmountOfSomethingElseFails) {
   TempDir dir;
   auto r = Sh(Q(NemofsBinary()) + " umount " + Q(dir.path()));

@@ -138,6 +138,23 @@ TEST(Filesystem, GzipMembersAreExtractedOnlyWhenRead) {
   EXPECT_EQ(count_files(), 1);
 }
 
+TEST(Filesystem, OtherCompressionsThroughLibarchive) {
+  for (const std::string tool : {"xz", "zstd", "bzip2"}) {
+    TempDir dir;
+    std::string path = dir.Join("m.nemo");
+    auto r = testing::Sh(tool + " -c < " + ShellQuote(TestData("tiny_gpt.nemo")) + " > " +
+                         ShellQuote(path));
+    ASSERT_EQ(r.exit_code, 0) << tool << ": " << r.err;
+    auto fs = OpenFs(path, dir.Join("cache"));
+    ASSERT_TRUE(fs) << tool;
+    EXPECT_EQ(fs->info().source_kind, "tar (" + (tool == "xz" ? std::string("xz") : tool) + ")");
+    EXPECT_EQ(ReadAll(*fs, *fs->Resolve("archive/model_weights.ckpt")),
+              TarMember(TestData("tiny_gpt.nemo"), "./model_weights.ckpt"))
+        << tool;
+    EXPECT_EQ(fs->info().tokenizer.size(), 4u) << tool;
+  }
+}
+
 TEST(Filesystem, InfoCounts) {
   auto fs = OpenFs(TestData("tiny_gpt_tp2.nemo"));
   ASSERT_TRUE(fs);
