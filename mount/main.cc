@@ -1,6 +1,7 @@
 // nemofs: mount NeMo / Megatron / PyTorch checkpoints as a filesystem.
 // Command line (DESIGN.md §3): mount, umount, info, cat. Exit codes: exit_codes.h.
 #define FUSE_USE_VERSION 314
+#include <fnmatch.h>
 #include <fuse3/fuse_lowlevel.h>
 #include <signal.h>
 #include <spawn.h>
@@ -261,6 +262,10 @@ int RunInfo(const std::string& source, const std::string& cache_dir, bool json) 
           {{"name", t.name}, {"member", t.member}, {"reference", t.reference}});
     }
     j["weights"] = i.weights;
+    j["tensors"] = {{"count", i.tensors}, {"bytes", i.tensor_bytes}};
+    j["optimizer"] = {{"count", i.optimizer_tensors}, {"bytes", i.optimizer_bytes}};
+    j["ranks"] = {{"count", i.ranks}, {"tensors", i.rank_tensors}};
+    j["unmerged"] = i.unmerged;
     j["warnings"] = i.warnings;
     fmt::print("{}\n", j.dump(2));
     return kExitOk;
@@ -280,7 +285,68 @@ int RunInfo(const std::string& source, const std::string& cache_dir, bool json) 
                i.tokenizer[k].name, i.tokenizer[k].member, i.tokenizer[k].reference);
   }
   fmt::print("weights:     {}\n", i.weights);
+  fmt::print("tensors:     {} in tensors/, {} bytes\n", i.tensors, i.tensor_bytes);
+  if (i.optimizer_tensors) {
+    fmt::print("optimizer:   {} in optimizer/, {} bytes\n", i.optimizer_tensors, i.optimizer_bytes);
+  }
+  if (i.ranks)
+    fmt::print("ranks:       {} rank folders, {} tensors as stored\n", i.ranks, i.rank_tensors);
+  for (const auto& [key, why] : i.unmerged) fmt::print("unmerged:    {}: {}\n", key, why);
   for (const auto& w : i.warnings) fmt::print("warning:     {}\n", w);
+  return kExitOk;
+}
+
+// ---- ls ----------------------------------------------------------------------
+std::string Shape(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+int RunLs(const std::string& source, const std::string& glob, bool all, bool json,
+          const std::string& cache_dir) {
+  auto fs = OpenCheckpoint(source, cache_dir);
+  if (!fs) {
+    PrintError(fs.error().message());
+    return kExitSource;
+  }
+  for (const auto& e : (*fs)->info().weight_errors) PrintError(e);
+  if (!(*fs)->info().weight_errors.empty() && (*fs)->info().tensors == 0) return kExitSource;
+  std::vector<TensorEntry> rows;
+  for (auto& t : (*fs)->ListTensors()) {
+    bool model = t.path.rfind("tensors/", 0) == 0;
+    if (!all && !model) continue;
+    const std::string& name = model ? t.key : t.path;
+    if (!glob.empty() && ::fnmatch(glob.c_str(), name.c_str(), 0) != 0) continue;
+    rows.push_back(std::move(t));
+  }
+  if (json) {
+    auto j = nlohmann::ordered_json::array();
+    for (const auto& t : rows) {
+      j.push_back({{"key", t.key},
+                   {"path", t.path},
+                   {"dtype", t.dtype},
+                   {"shape", t.shape},
+                   {"nbytes", t.nbytes}});
+    }
+    fmt::print("{}\n", j.dump(2));
+    return kExitOk;
+  }
+  size_t wk = 3, wd = 5, ws = 5;
+  for (const auto& t : rows) {
+    wk = std::max(wk, (t.path.rfind("tensors/", 0) == 0 ? t.key : t.path).size());
+    wd = std::max(wd, t.dtype.size());
+    ws = std::max(ws, Shape(t.shape).size());
+  }
+  fmt::print("{:<{}}  {:<{}}  {:<{}}  {:>14}\n", "KEY", wk, "DTYPE", wd, "SHAPE", ws, "BYTES");
+  uint64_t total = 0;
+  for (const auto& t : rows) {
+    fmt::print("{:<{}}  {:<{}}  {:<{}}  {:>14}\n",
+               t.path.rfind("tensors/", 0) == 0 ? t.key : t.path, wk, t.dtype, wd, Shape(t.shape),
+               ws, t.nbytes);
+    total += t.nbytes;
+  }
+  fmt::print("{} tensors, {} bytes\n", rows.size(), total);
   return kExitOk;
 }
 
@@ -380,6 +446,16 @@ int Main(int argc, char** argv) {
   info->add_flag("--json", info_json, "machine-readable output");
   info->add_option("--cache-dir", info_cache, "as for mount");
 
+  std::string ls_source, ls_glob, ls_cache;
+  bool ls_all = false, ls_json = false;
+  auto* ls =
+      app.add_subcommand("ls", "List tensors of SOURCE: key, dtype, shape, bytes (no mount)");
+  ls->add_option("SOURCE", ls_source)->required();
+  ls->add_option("GLOB", ls_glob, "shell pattern on keys, e.g. 'model.decoder.layers.0.*'");
+  ls->add_flag("-a,--all", ls_all, "also optimizer/ and ranks/ (matched on their tree paths)");
+  ls->add_flag("--json", ls_json, "machine-readable output");
+  ls->add_option("--cache-dir", ls_cache, "as for mount");
+
   std::string cat_source, cat_path, cat_cache;
   auto* cat = app.add_subcommand("cat", "Print one file of the mounted tree without mounting");
   cat->add_option("SOURCE", cat_source)->required();
@@ -405,6 +481,7 @@ int Main(int argc, char** argv) {
   if (umount->parsed()) return RunUmount(umount_point, umount_timeout);
   if (info->parsed()) return RunInfo(info_source, info_cache, info_json);
   if (cat->parsed()) return RunCat(cat_source, cat_path, cat_cache);
+  if (ls->parsed()) return RunLs(ls_source, ls_glob, ls_all, ls_json, ls_cache);
   return kExitUsage;
 }
 

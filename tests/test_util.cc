@@ -28,6 +28,13 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
+std::string TestName(std::string text) {
+  for (auto& c : text) {
+    if (!isalnum(static_cast<unsigned char>(c))) c = '_';
+  }
+  return text;
+}
+
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   std::ostringstream ss;

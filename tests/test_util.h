@@ -43,6 +43,8 @@ struct CommandResult {
 CommandResult Sh(const std::string& script, int timeout_s = 120);
 
 std::string ReadFile(const std::string& path);
+// A GoogleTest parameter name from any text: every non-alphanumeric -> '_'.
+std::string TestName(std::string text);
 void WriteFile(const std::string& path, const std::string& data);
 std::string ShellQuote(const std::string& s);
 

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -68,7 +69,24 @@ struct CheckpointInfo {
   uint64_t config_bytes = 0;
   std::vector<TokenizerInfo> tokenizer;
   std::string weights;
+  uint64_t tensors = 0;  // files in tensors/
+  uint64_t tensor_bytes = 0;
+  uint64_t optimizer_tensors = 0;  // files in optimizer/
+  uint64_t optimizer_bytes = 0;
+  uint64_t ranks = 0;  // directories in ranks/
+  uint64_t rank_tensors = 0;
+  std::map<std::string, std::string> unmerged;  // key -> why it is only in ranks/
+  std::vector<std::string> weight_errors;       // weight files that could not be read
   std::vector<std::string> warnings;
+};
+
+// One tensor file of the tree, for `nemofs ls`.
+struct TensorEntry {
+  std::string path;  // "tensors/<escaped key>", "optimizer/...", "ranks/tp0_pp0/..."
+  std::string key;
+  std::string dtype;  // "bfloat16"
+  std::vector<int64_t> shape;
+  uint64_t nbytes = 0;
 };
 
 class Filesystem {
@@ -99,11 +117,17 @@ class Filesystem {
   Result<uint64_t> Resolve(std::string_view path) const;
 
   const CheckpointInfo& info() const;
+  // Every tensor file of the tree: tensors/, then optimizer/, then ranks/.
+  std::vector<TensorEntry> ListTensors() const;
   uint64_t node_count() const;
 
  private:
   struct Impl;
   explicit Filesystem(std::unique_ptr<Impl> impl);
+  // Builds tensors/, optimizer/, ranks/, index.json, checkpoint.json and
+  // model.safetensors from the catalog (filesystem.cc).
+  static void AddTensorViews(Impl& impl, uint64_t root, int64_t mtime_sec, uint32_t mtime_nsec,
+                             const std::string& source, const std::string& format);
   std::unique_ptr<Impl> impl_;
 };
 

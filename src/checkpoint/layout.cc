@@ -175,18 +175,21 @@ bool IsMegatronRankDir(std::string_view name) {
   return true;
 }
 
-std::string PerRankWeights(const Source& src, const std::string& base) {
+std::string PerRankWeights(const Source& src, const std::string& base, Layout* layout) {
   std::set<int> tps;
   std::set<int> pps;
   for (const auto& name : Children(src, base)) {
     int tp = 0, pp = 0;
-    if (!IsFile(src, JoinPath(base, name + "/model_weights.ckpt"))) continue;
+    std::string file = JoinPath(base, name + "/model_weights.ckpt");
+    if (!IsFile(src, file)) continue;
     if (ParseRankDir(name, &tp, &pp)) {
       tps.insert(tp);
       pps.insert(pp);
+      layout->weight_files.push_back({file, tp, pp});
     }
   }
   if (tps.empty()) return "";
+  layout->per_rank = true;
   return fmt::format("per-rank model_weights.ckpt (TP={}, PP={})", tps.size(), pps.size());
 }
 
@@ -210,7 +213,7 @@ Result<std::string> DistBackend(Source& src, const std::string& metadata_json) {
 }
 
 // Weights of a folder holding a dist checkpoint, per-rank files or a DCP.
-Result<std::string> FolderWeights(Source& src, const std::string& dir) {
+Result<std::string> FolderWeights(Source& src, const std::string& dir, Layout* layout) {
   if (IsFile(src, JoinPath(dir, "metadata.json"))) {
     NEMOFS_ASSIGN_OR_RETURN(std::string backend, DistBackend(src, JoinPath(dir, "metadata.json")));
     return fmt::format("Megatron-Core dist checkpoint ({}) in {}/", backend,
@@ -221,7 +224,14 @@ Result<std::string> FolderWeights(Source& src, const std::string& dir) {
   }
   int ranks = 0;
   for (const auto& name : Children(src, dir)) {
-    if (IsMegatronRankDir(name) && IsFile(src, JoinPath(dir, name + "/model_optim_rng.pt"))) {
+    std::string file = JoinPath(dir, name + "/model_optim_rng.pt");
+    if (IsMegatronRankDir(name) && IsFile(src, file)) {
+      // mp_rank_TT[_PPP[_EEE]]: the second number is the PP rank (or, without
+      // PP, the EP rank: the merge step checks args before trusting it).
+      int tp = std::stoi(name.substr(8, 2));
+      int pp = name.size() >= 14 ? std::stoi(name.substr(11, 3)) : 0;
+      layout->weight_files.push_back({file, tp, pp});
+      layout->per_rank = true;
       ++ranks;
     }
   }
@@ -253,6 +263,7 @@ Status RecognizeFile(Source& src, Layout* layout) {
                src.path(), hex);
   }
   layout->weights = file.path;
+  layout->weight_files.push_back({file.path});
   return Ok();
 }
 
@@ -306,10 +317,11 @@ Result<Layout> Recognize(Source& src) {
     layout.config_path = "model_config.yaml";
     if (IsFile(src, "model_weights.ckpt")) {
       layout.weights = "model_weights.ckpt";
+      layout.weight_files.push_back({"model_weights.ckpt"});
     } else if (IsDir(src, "model_weights")) {
-      NEMOFS_ASSIGN_OR_RETURN(layout.weights, FolderWeights(src, "model_weights"));
+      NEMOFS_ASSIGN_OR_RETURN(layout.weights, FolderWeights(src, "model_weights", &layout));
     } else {
-      layout.weights = PerRankWeights(src, "");
+      layout.weights = PerRankWeights(src, "", &layout);
     }
     ResolveNemoTokenizer(src, &layout, "");
   } else if (IsDir(src, "context") &&
@@ -319,7 +331,7 @@ Result<Layout> Recognize(Source& src) {
     layout.description = fmt::format("NeMo 2 checkpoint ({} layout), {}",
                                      v21 ? "2.1+ weights/" : "2.0 root", src.Kind());
     if (IsFile(src, "context/model.yaml")) layout.config_path = "context/model.yaml";
-    NEMOFS_ASSIGN_OR_RETURN(layout.weights, FolderWeights(src, v21 ? "weights" : ""));
+    NEMOFS_ASSIGN_OR_RETURN(layout.weights, FolderWeights(src, v21 ? "weights" : "", &layout));
     for (const auto& rel : FilesUnder(src, "context/nemo_tokenizer")) {
       AddTokenizerFile(&layout, rel, "context/nemo_tokenizer/" + rel, "context/nemo_tokenizer/");
     }
@@ -347,18 +359,18 @@ Result<Layout> Recognize(Source& src) {
       layout.warnings.push_back(fmt::format(
           "latest_checkpointed_iteration.txt names {}/, which is not in the checkpoint", dir));
     } else {
-      NEMOFS_ASSIGN_OR_RETURN(layout.weights, FolderWeights(src, dir));
+      NEMOFS_ASSIGN_OR_RETURN(layout.weights, FolderWeights(src, dir, &layout));
     }
   } else if (IsFile(src, "metadata.json")) {
     layout.format = Format::kMcoreDist;
-    NEMOFS_ASSIGN_OR_RETURN(layout.weights, FolderWeights(src, ""));
+    NEMOFS_ASSIGN_OR_RETURN(layout.weights, FolderWeights(src, "", &layout));
     layout.description = fmt::format("Megatron-Core dist checkpoint, {}", src.Kind());
   } else if (IsFile(src, ".metadata")) {
     layout.format = Format::kDcp;
     layout.weights = "PyTorch DCP in ./";
     layout.description = fmt::format("PyTorch DCP checkpoint, {}", src.Kind());
   } else {
-    auto weights = FolderWeights(src, "");
+    auto weights = FolderWeights(src, "", &layout);
     if (weights && !weights->empty()) {
       layout.format = Format::kMegatronLmIter;
       layout.weights = *weights;

@@ -43,12 +43,21 @@ struct TokenizerFile {
   std::string reference;   // the config value or layout rule that named it
 };
 
+// A torch.save file holding weights; per-rank files carry their ranks.
+struct WeightFile {
+  std::string path;  // entry path in the source
+  int tp = 0;
+  int pp = 0;
+};
+
 struct Layout {
   Format format = Format::kNemo;
   std::string description;  // human-readable, e.g. "NeMo 1 .nemo, tar (PAX)"
   std::string config_path;  // entry path of the model config, "" if none
   std::vector<TokenizerFile> tokenizer;
-  std::string weights;  // where weights live, human-readable
+  std::string weights;                   // where weights live, human-readable
+  std::vector<WeightFile> weight_files;  // torch.save weight files (not dist checkpoints)
+  bool per_rank = false;                 // weight_files are TP/PP shards to merge
   std::vector<std::string> warnings;
 };
 

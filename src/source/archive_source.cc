@@ -56,7 +56,108 @@ uint64_t Fnv1a(std::string_view s) {
   return h;
 }
 
+// What of a streamed member a torch.save zip parser needs: the head (the
+// first record is data.pkl), the tail (central directory, end records) and
+// every local header. Returns null when the member is not a zip, or its
+// directory or data.pkl do not fit the budget (reads then extract it).
+constexpr uint64_t kCaptureHead = 16 << 20;
+constexpr uint64_t kCaptureTail = 16 << 20;
+constexpr size_t kMaxLocalHeaders = 1 << 20;
+
+std::shared_ptr<const SparseReader> CaptureZipMetadata(archive* a, uint64_t size) {
+  std::string head;
+  std::string tail;  // the last bytes streamed (kept between kCaptureTail and 2x)
+  uint64_t tail_start = 0;
+  std::vector<SparseReader::Region> headers;
+  std::string carry;  // last bytes of the previous block, for headers crossing blocks
+  uint64_t carry_start = 0;
+  uint64_t pos = 0;
+  bool zip = false;
+  bool overflow = false;
+  for (;;) {
+    const void* buf = nullptr;
+    size_t n = 0;
+    la_int64_t off = 0;
+    int r = archive_read_data_block(a, &buf, &n, &off);
+    if (r == ARCHIVE_EOF) break;
+    if (r != ARCHIVE_OK && r != ARCHIVE_WARN) return nullptr;  // the listing reports it
+    if (static_cast<uint64_t>(off) != pos) return nullptr;     // sparse entry: not a torch file
+    std::string_view block(static_cast<const char*>(buf), n);
+    if (pos == 0) {
+      zip = block.size() >= 4 && block.substr(0, 4) == "PK\x03\x04";
+      if (!zip) {
+        archive_read_data_skip(a);
+        return nullptr;
+      }
+    }
+    if (head.size() < kCaptureHead) head.append(block.substr(0, kCaptureHead - head.size()));
+    tail.append(block);
+    if (tail.size() > 2 * kCaptureTail) {
+      uint64_t drop = tail.size() - kCaptureTail;
+      tail.erase(0, drop);
+      tail_start += drop;
+    }
+    // Local headers: "PK\3\4" + 26 bytes + name + extra.
+    std::string window = carry + std::string(block);
+    for (size_t at = window.find("PK\x03\x04"); at != std::string::npos && !overflow;
+         at = window.find("PK\x03\x04", at + 1)) {
+      if (window.size() - at < 30) break;  // completed with the next block
+      auto u16 = [&](size_t i) {
+        return static_cast<size_t>(static_cast<unsigned char>(window[i]) |
+                                   (static_cast<unsigned char>(window[i + 1]) << 8));
+      };
+      size_t len = 30 + u16(at + 26) + u16(at + 28);
+      if (window.size() - at < len) break;
+      uint64_t abs = carry_start + at;
+      if (headers.empty() || headers.back().offset != abs) {
+        headers.push_back({abs, window.substr(at, len)});
+        overflow = headers.size() > kMaxLocalHeaders;
+      }
+    }
+    // Keep enough to complete a header that straddles the boundary.
+    size_t keep = std::min<size_t>(window.size(), 30 + 65535 * 2);
+    carry = window.substr(window.size() - keep);
+    carry_start = pos + n - keep;
+    pos += n;
+  }
+  if (!zip || overflow || pos != size) return nullptr;
+  // Keep only what a zip reader needs, so a mount does not hold megabytes per
+  // member: the head up to the second record (data.pkl is the first), and the
+  // tail from the central directory on (found through the end records).
+  if (headers.size() > 1 && headers[1].offset < head.size()) head.resize(headers[1].offset);
+  auto u32 = [](const char* p) {
+    const auto* u = reinterpret_cast<const unsigned char*>(p);
+    return uint64_t{u[0]} | (uint64_t{u[1]} << 8) | (uint64_t{u[2]} << 16) | (uint64_t{u[3]} << 24);
+  };
+  size_t eocd = tail.rfind("PK\x05\x06");
+  if (eocd != std::string::npos && tail.size() - eocd >= 22) {
+    uint64_t cd_offset = u32(tail.data() + eocd + 16);
+    if (eocd >= 20 && tail.compare(eocd - 20, 4, "PK\x06\x07") == 0) {
+      uint64_t z64 = u32(tail.data() + eocd - 12) | (u32(tail.data() + eocd - 8) << 32);
+      if (z64 >= tail_start && z64 - tail_start + 56 <= tail.size()) {
+        const char* rec = tail.data() + (z64 - tail_start);
+        cd_offset = u32(rec + 48) | (u32(rec + 52) << 32);
+      }
+    }
+    if (cd_offset >= tail_start && cd_offset - tail_start < tail.size()) {
+      tail.erase(0, cd_offset - tail_start);
+      tail_start = cd_offset;
+    }
+  }
+  std::vector<SparseReader::Region> regions = std::move(headers);
+  regions.push_back({0, std::move(head)});
+  regions.push_back({tail_start, std::move(tail)});
+  return std::make_shared<SparseReader>(size, std::move(regions));
+}
+
 }  // namespace
+
+Result<std::shared_ptr<const ByteReader>> ArchiveSource::MetadataReader(uint32_t blob_index) {
+  if (blob_index < blobs_.size() && blobs_[blob_index].captured && fds_->Peek(blob_index) < 0) {
+    return std::shared_ptr<const ByteReader>(blobs_[blob_index].captured);
+  }
+  return Source::MetadataReader(blob_index);
+}
 
 Result<std::unique_ptr<Source>> ArchiveSource::Open(const std::string& path,
                                                     const std::string& filter,
@@ -116,7 +217,9 @@ Result<std::unique_ptr<Source>> ArchiveSource::Open(const std::string& path,
       blob.ordinal = ordinal;
       blob.size =
           archive_entry_size_is_set(ent) ? static_cast<uint64_t>(archive_entry_size(ent)) : 0;
-      if (KeepInMemory(name, blob.size)) {
+      if (!KeepInMemory(name, blob.size)) {
+        blob.captured = CaptureZipMetadata(a.get(), blob.size);
+      } else {
         auto data = std::make_shared<std::string>(blob.size, '\0');
         la_ssize_t n = archive_read_data(a.get(), data->data(), data->size());
         if (n < 0 || static_cast<uint64_t>(n) != blob.size) {
@@ -232,6 +335,19 @@ Result<ReadPlan> ArchiveSource::Plan(uint32_t blob_index, uint64_t offset, uint6
   }
   plan.AddFd(fd, offset, length);
   return plan;
+}
+
+}  // namespace nemofs::source
+
+namespace nemofs::source {
+
+Result<FileRange> ArchiveSource::Locate(uint32_t blob_index) {
+  if (blob_index >= blobs_.size()) return Err(EINVAL, "{}: no blob {}", path(), blob_index);
+  int fd = fds_->Peek(blob_index);
+  if (fd < 0) {
+    NEMOFS_ASSIGN_OR_RETURN(fd, Extract(blob_index));
+  }
+  return FileRange{fd, 0, blobs_[blob_index].size};
 }
 
 }  // namespace nemofs::source

@@ -80,6 +80,7 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
       e.size = static_cast<uint64_t>(st.st_size);
       e.blob = static_cast<uint32_t>(src->files_.size());
       src->files_.push_back(p.string());
+      src->sizes_.push_back(e.size);
     } else {
       warnings.push_back(fmt::format("skipped '{}': not a regular file or directory", rel));
       continue;
@@ -99,10 +100,17 @@ Result<ReadPlan> DirectorySource::Plan(uint32_t blob, uint64_t offset, uint64_t 
   return plan;
 }
 
+Result<FileRange> DirectorySource::Locate(uint32_t blob) {
+  if (blob >= files_.size()) return Err(EINVAL, "{}: no blob {}", path(), blob);
+  NEMOFS_ASSIGN_OR_RETURN(int fd, fds_->Get(blob, files_[blob]));
+  return FileRange{fd, 0, sizes_[blob]};
+}
+
 Result<std::unique_ptr<Source>> FileSource::Open(const std::string& path, UniqueFd fd,
                                                  const struct stat& st) {
   std::unique_ptr<FileSource> src(new FileSource(path));
   src->fd_ = std::move(fd);
+  src->size_ = static_cast<uint64_t>(st.st_size);
   Entry e;
   e.path = fs::path(path).filename().string();
   e.type = EntryType::kFile;
@@ -125,6 +133,15 @@ Result<ReadPlan> FileSource::Plan(uint32_t blob, uint64_t offset, uint64_t lengt
   ReadPlan plan;
   plan.AddFd(fd_.get(), offset, length);
   return plan;
+}
+
+}  // namespace nemofs::source
+
+namespace nemofs::source {
+
+Result<FileRange> FileSource::Locate(uint32_t blob) {
+  if (blob != 0) return Err(EINVAL, "{}: no blob {}", path(), blob);
+  return FileRange{fd_.get(), 0, size_};
 }
 
 }  // namespace nemofs::source

@@ -111,6 +111,11 @@ void Source::SetEntries(std::vector<Entry> raw, std::vector<std::string> warning
   warnings_ = std::move(warnings);
 }
 
+Result<std::shared_ptr<const ByteReader>> Source::MetadataReader(uint32_t blob) {
+  NEMOFS_ASSIGN_OR_RETURN(FileRange r, Locate(blob));
+  return std::shared_ptr<const ByteReader>(std::make_shared<FdReader>(r.fd, r.offset, r.length));
+}
+
 const Entry* Source::Find(std::string_view path) const {
   // entries_[0] is the root; the rest are sorted by path.
   if (path.empty()) return &entries_[0];

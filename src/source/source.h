@@ -22,10 +22,17 @@
 
 #include "nemofs/read_plan.h"
 #include "nemofs/result.h"
+#include "util/byte_reader.h"
 
 namespace nemofs::source {
 
 inline constexpr uint32_t kNoBlob = UINT32_MAX;
+
+struct FileRange {
+  int fd = -1;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+};
 
 enum class EntryType { kFile, kDirectory, kSymlink };
 
@@ -58,6 +65,17 @@ class Source {
   // lie inside the file (callers clamp). May block to extract a member of a
   // compressed archive into the cache.
   virtual Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) = 0;
+
+  // Where a blob's bytes lie: `length` bytes at `offset` of descriptor `fd`
+  // (the archive, the folder's file, or the extraction cache file). Parsers
+  // of nested formats (a torch.save zip inside a .nemo) read through this.
+  virtual Result<FileRange> Locate(uint32_t blob) = 0;
+
+  // A reader for parsing a blob's metadata (a torch.save zip's directory and
+  // data.pkl). Defaults to the bytes Locate gives; ArchiveSource answers from
+  // what it captured in its listing pass, without extracting the member, and
+  // that reader fails with ENODATA for bytes it did not capture.
+  virtual Result<std::shared_ptr<const ByteReader>> MetadataReader(uint32_t blob);
 
   // Finds an entry by normalised path; nullptr if absent.
   const Entry* Find(std::string_view path) const;

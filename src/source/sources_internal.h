@@ -38,10 +38,12 @@ class DirectorySource final : public Source {
   static Result<std::unique_ptr<Source>> Open(const std::string& path);
   std::string Kind() const override { return "directory"; }
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
+  Result<FileRange> Locate(uint32_t blob) override;
 
  private:
   explicit DirectorySource(std::string path) : Source(std::move(path)) {}
   std::vector<std::string> files_;  // absolute path per blob
+  std::vector<uint64_t> sizes_;     // size per blob at open
   std::unique_ptr<LazyFds> fds_;
 };
 
@@ -51,6 +53,7 @@ class TarSource final : public Source {
   static Result<std::unique_ptr<Source>> Open(const std::string& path, UniqueFd fd, uint64_t size);
   std::string Kind() const override;
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
+  Result<FileRange> Locate(uint32_t blob) override;
   const TarIndex& index() const { return index_; }
 
  private:
@@ -69,12 +72,18 @@ class ArchiveSource final : public Source {
                                               const struct stat& st, const std::string& cache_dir);
   std::string Kind() const override { return "tar (" + filter_ + ")"; }
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
+  Result<FileRange> Locate(uint32_t blob) override;
+  Result<std::shared_ptr<const ByteReader>> MetadataReader(uint32_t blob) override;
 
  private:
   struct Blob {
     uint64_t ordinal = 0;  // position of the member's header in the archive
     uint64_t size = 0;
     std::shared_ptr<const std::string> data;  // kept from the listing pass
+    // For zip members (torch.save files): the head, the tail and every local
+    // header seen in the listing pass, enough to read the zip's directory
+    // and data.pkl without extracting the member.
+    std::shared_ptr<const SparseReader> captured;
   };
   explicit ArchiveSource(std::string path) : Source(std::move(path)) {}
   Result<int> Extract(uint32_t blob);
@@ -93,10 +102,12 @@ class FileSource final : public Source {
                                               const struct stat& st);
   std::string Kind() const override { return "file"; }
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
+  Result<FileRange> Locate(uint32_t blob) override;
 
  private:
   explicit FileSource(std::string path) : Source(std::move(path)) {}
   UniqueFd fd_;
+  uint64_t size_ = 0;
 };
 
 }  // namespace nemofs::source

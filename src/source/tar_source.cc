@@ -86,3 +86,13 @@ Result<ReadPlan> TarSource::Plan(uint32_t blob, uint64_t offset, uint64_t length
 }
 
 }  // namespace nemofs::source
+
+namespace nemofs::source {
+
+Result<FileRange> TarSource::Locate(uint32_t blob) {
+  if (blob >= blob_member_.size()) return Err(EINVAL, "{}: no blob {}", path(), blob);
+  const TarMember& m = index_.members[blob_member_[blob]];
+  return FileRange{fd_.get(), m.data_offset, m.size};
+}
+
+}  // namespace nemofs::source

@@ -1,14 +1,18 @@
 #include "nemofs/filesystem.h"
 
 #include <fcntl.h>
+#include <malloc.h>
 
 #include <algorithm>
 #include <map>
+#include <nlohmann/json.hpp>
 
+#include "checkpoint/catalog.h"
 #include "checkpoint/layout.h"
 #include "nemofs/strings.h"
 #include "source/source.h"
 #include "tree/node_table.h"
+#include "util/json_util.h"
 
 namespace nemofs {
 
@@ -21,10 +25,56 @@ void tree::NodeTable::Finish() {
   }
 }
 
+// model.safetensors, synthesized: an 8-byte little-endian header length,
+// the JSON header (padded with spaces to a multiple of 8), then the C-order
+// bytes of every tensor in header order.
+struct Safetensors {
+  std::shared_ptr<const std::string> head;  // length prefix + header
+  struct Segment {
+    uint64_t start;
+    const checkpoint::Tensor* tensor;
+  };
+  std::vector<Segment> segments;
+  uint64_t size = 0;
+};
+
 struct Filesystem::Impl {
   std::unique_ptr<source::Source> src;
+  checkpoint::Catalog catalog;  // tensors the nodes point into; never resized after build
+  Safetensors safetensors;
   tree::NodeTable nodes;
   CheckpointInfo info;
+
+  Result<ReadPlan> ReadSafetensors(uint64_t offset, uint64_t size) const {
+    ReadPlan plan;
+    const uint64_t end = std::min(safetensors.size, offset + size);
+    const std::string& head = *safetensors.head;
+    if (offset < head.size()) {
+      plan.AddMemory(head.data() + offset, std::min<uint64_t>(head.size(), end) - offset);
+      plan.keepalive.push_back(safetensors.head);
+    }
+    auto it =
+        std::upper_bound(safetensors.segments.begin(), safetensors.segments.end(), offset,
+                         [](uint64_t off, const Safetensors::Segment& s) { return off < s.start; });
+    if (it != safetensors.segments.begin()) --it;
+    for (; it != safetensors.segments.end() && it->start < end; ++it) {
+      uint64_t seg_end = it->start + it->tensor->nbytes();
+      if (seg_end <= offset) continue;
+      uint64_t from = std::max(offset, it->start);
+      uint64_t to = std::min(end, seg_end);
+      NEMOFS_ASSIGN_OR_RETURN(ReadPlan part, checkpoint::PlanTensorRead(
+                                                 *it->tensor, *src, from - it->start, to - from));
+      for (const auto& piece : part.pieces) {
+        if (piece.fd >= 0) {
+          plan.AddFd(piece.fd, piece.offset, piece.length);
+        } else {
+          plan.AddMemory(piece.data, piece.length);
+        }
+      }
+      plan.keepalive.insert(plan.keepalive.end(), part.keepalive.begin(), part.keepalive.end());
+    }
+    return plan;
+  }
 
   Result<const tree::Node*> Node(uint64_t ino) const {
     const tree::Node* n = nodes.Get(ino);
@@ -89,7 +139,121 @@ void SplitPath(const std::string& path, std::string* dir, std::string* base) {
   }
 }
 
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? "," : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+Json TensorIndex(const std::vector<checkpoint::Tensor>& tensors, const std::string& dir) {
+  ObjectBuilder j;
+  for (const auto& t : tensors) {
+    j.Set(t.key, {{"dtype", torch::Info(t.dtype).name},
+                  {"shape", t.shape},
+                  {"nbytes", t.nbytes()},
+                  {"path", dir + "/" + checkpoint::EscapeKey(t.key)}});
+  }
+  return std::move(j).Build();
+}
+
+std::shared_ptr<const std::string> Text(std::string s) {
+  return std::make_shared<const std::string>(std::move(s));
+}
+
+uint64_t AddFile(tree::NodeTable& nodes, uint64_t dir, const std::string& name, int64_t sec,
+                 uint32_t nsec) {
+  tree::Node n;
+  n.type = NodeType::kFile;
+  n.perm = 0444;
+  n.mtime_sec = sec;
+  n.mtime_nsec = nsec;
+  n.parent = dir;
+  uint64_t ino = nodes.Add(std::move(n));
+  nodes.Link(dir, name, ino);
+  return ino;
+}
+
 }  // namespace
+
+// tensors/, optimizer/, ranks/, index.json, checkpoint.json, model.safetensors.
+void Filesystem::AddTensorViews(Impl& impl, uint64_t root, int64_t sec, uint32_t nsec,
+                                const std::string& source, const std::string& format) {
+  tree::NodeTable& nodes = impl.nodes;
+  const checkpoint::Catalog& cat = impl.catalog;
+  auto add_tensors = [&](uint64_t dir, const std::vector<checkpoint::Tensor>& tensors) {
+    for (const auto& t : tensors) {
+      uint64_t ino = AddFile(nodes, dir, checkpoint::EscapeKey(t.key), sec, nsec);
+      nodes.Get(ino)->size = t.nbytes();
+      nodes.Get(ino)->tensor = &t;
+    }
+  };
+  auto add_dir = [&](uint64_t parent, const std::string& name) {
+    return EnsureDir(nodes, parent, name, sec, nsec);
+  };
+  if (!cat.tensors.empty()) add_tensors(add_dir(root, "tensors"), cat.tensors);
+  if (!cat.optimizer.empty()) add_tensors(add_dir(root, "optimizer"), cat.optimizer);
+  if (!cat.ranks.empty()) {
+    uint64_t ranks = add_dir(root, "ranks");
+    for (const auto& r : cat.ranks) add_tensors(add_dir(ranks, r.name), r.tensors);
+  }
+  if (cat.tensors.empty() && cat.optimizer.empty() && cat.ranks.empty() &&
+      cat.checkpoint_json.empty()) {
+    return;
+  }
+
+  nlohmann::ordered_json index;
+  index["format"] = format;
+  index["source"] = source;
+  index["tensors"] = TensorIndex(cat.tensors, "tensors");
+  if (!cat.optimizer.empty()) index["optimizer"] = TensorIndex(cat.optimizer, "optimizer");
+  if (!cat.ranks.empty()) {
+    ObjectBuilder ranks;
+    for (const auto& r : cat.ranks) ranks.Set(r.name, TensorIndex(r.tensors, "ranks/" + r.name));
+    index["ranks"] = std::move(ranks).Build();
+  }
+  if (!cat.unmerged.empty()) index["unmerged"] = cat.unmerged;
+  if (!cat.bad.empty()) index["unreadable"] = cat.bad;
+  auto add_text = [&](const std::string& name, std::string text) {
+    uint64_t ino = AddFile(nodes, root, name, sec, nsec);
+    nodes.Get(ino)->data = Text(std::move(text));
+    nodes.Get(ino)->size = nodes.Get(ino)->data->size();
+  };
+  add_text("index.json", index.dump(2) + "\n");
+  if (!cat.checkpoint_json.empty()) add_text("checkpoint.json", cat.checkpoint_json);
+
+  // model.safetensors over tensors/ (dtypes safetensors cannot name are left out).
+  if (cat.tensors.empty()) return;
+  Safetensors& st = impl.safetensors;
+  ObjectBuilder header;
+  header.Set("__metadata__", {{"format", "pt"}, {"source", source}});
+  uint64_t data = 0;
+  std::vector<const checkpoint::Tensor*> included;
+  for (const auto& t : cat.tensors) {
+    const auto& info = torch::Info(t.dtype);
+    if (info.safetensors.empty()) {
+      impl.info.warnings.push_back(fmt::format(
+          "model.safetensors leaves out {}: safetensors has no {} type", t.key, info.name));
+      continue;
+    }
+    header.Set(t.key, {{"dtype", info.safetensors},
+                       {"shape", t.shape},
+                       {"data_offsets", {data, data + t.nbytes()}}});
+    st.segments.push_back({data, &t});
+    data += t.nbytes();
+  }
+  std::string json = std::move(header).Build().dump();
+  json.append((8 - json.size() % 8) % 8, ' ');
+  std::string head(8, '\0');
+  uint64_t n = json.size();
+  for (int i = 0; i < 8; ++i) head[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  head += json;
+  for (auto& seg : st.segments) seg.start += head.size();
+  st.size = head.size() + data;
+  st.head = Text(std::move(head));
+  uint64_t ino = AddFile(nodes, root, "model.safetensors", sec, nsec);
+  nodes.Get(ino)->size = st.size;
+  nodes.Get(ino)->safetensors = true;
+}
 
 Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& options) {
   auto impl = std::make_unique<Impl>();
@@ -166,6 +330,9 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
       info.tokenizer.push_back({t.name, t.entry_path, t.reference});
     }
   }
+  impl->catalog = checkpoint::BuildCatalog(src, layout);
+  AddTensorViews(*impl, root, src_root.mtime_sec, src_root.mtime_nsec, options.source,
+                 checkpoint::FormatId(layout.format));
   nodes.Finish();
 
   info.source = options.source;
@@ -175,6 +342,19 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   info.weights = layout.weights;
   info.warnings = src.warnings();
   info.warnings.insert(info.warnings.end(), layout.warnings.begin(), layout.warnings.end());
+  const checkpoint::Catalog& cat = impl->catalog;
+  info.warnings.insert(info.warnings.end(), cat.warnings.begin(), cat.warnings.end());
+  for (const auto& t : cat.tensors) info.tensor_bytes += t.nbytes();
+  for (const auto& t : cat.optimizer) info.optimizer_bytes += t.nbytes();
+  info.tensors = cat.tensors.size();
+  info.optimizer_tensors = cat.optimizer.size();
+  for (const auto& r : cat.ranks) info.rank_tensors += r.tensors.size();
+  info.ranks = cat.ranks.size();
+  info.unmerged = cat.unmerged;
+  info.weight_errors = cat.errors;
+  // Building the catalog allocated every pickle value of every weight file;
+  // hand those pages back instead of keeping them for the mount's life.
+  ::malloc_trim(0);
   return std::unique_ptr<Filesystem>(new Filesystem(std::move(impl)));
 }
 
@@ -235,6 +415,8 @@ Result<ReadPlan> Filesystem::Read(uint64_t ino, uint64_t offset, uint64_t size) 
     plan.keepalive.push_back(n->data);
     return plan;
   }
+  if (n->tensor) return checkpoint::PlanTensorRead(*n->tensor, *impl_->src, offset, size);
+  if (n->safetensors) return impl_->ReadSafetensors(offset, size);
   return impl_->src->Plan(n->blob, offset, size);
 }
 
@@ -246,18 +428,24 @@ Result<std::string> Filesystem::ReadLink(uint64_t ino) const {
 
 Result<std::string> Filesystem::GetXattr(uint64_t ino, std::string_view name) const {
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
-  (void)n;
   if (ino == kRootIno) {
     if (name == "user.nemofs.format") return impl_->info.format;
     if (name == "user.nemofs.source") return impl_->info.source;
+  }
+  if (n->tensor) {
+    if (name == "user.nemofs.dtype") return std::string(torch::Info(n->tensor->dtype).name);
+    if (name == "user.nemofs.shape") return ShapeText(n->tensor->shape);
+    if (name == "user.nemofs.key") return n->tensor->key;
   }
   return Err(ENODATA, "inode {} has no attribute {}", ino, name);
 }
 
 Result<std::vector<std::string>> Filesystem::ListXattr(uint64_t ino) const {
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
-  (void)n;
   if (ino == kRootIno) return std::vector<std::string>{"user.nemofs.format", "user.nemofs.source"};
+  if (n->tensor) {
+    return std::vector<std::string>{"user.nemofs.dtype", "user.nemofs.shape", "user.nemofs.key"};
+  }
   return std::vector<std::string>{};
 }
 
@@ -280,6 +468,20 @@ Result<uint64_t> Filesystem::Resolve(std::string_view path) const {
 }
 
 const CheckpointInfo& Filesystem::info() const { return impl_->info; }
+
+std::vector<TensorEntry> Filesystem::ListTensors() const {
+  std::vector<TensorEntry> out;
+  auto add = [&](const std::vector<checkpoint::Tensor>& tensors, const std::string& dir) {
+    for (const auto& t : tensors) {
+      out.push_back({dir + "/" + checkpoint::EscapeKey(t.key), t.key,
+                     std::string(torch::Info(t.dtype).name), t.shape, t.nbytes()});
+    }
+  };
+  add(impl_->catalog.tensors, "tensors");
+  add(impl_->catalog.optimizer, "optimizer");
+  for (const auto& r : impl_->catalog.ranks) add(r.tensors, "ranks/" + r.name);
+  return out;
+}
 uint64_t Filesystem::node_count() const { return impl_->nodes.size(); }
 
 }  // namespace nemofs

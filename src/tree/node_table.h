@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "checkpoint/tensor.h"
 #include "nemofs/filesystem.h"
 #include "source/source.h"
 
@@ -22,9 +23,13 @@ struct Node {
   int64_t mtime_sec = 0;
   uint32_t mtime_nsec = 0;
   uint64_t parent = 0;  // inode of the first parent
-  // kFile: bytes come from the source blob, or from `data` when set.
+  // kFile: bytes come from the source blob, or from `data` when set, or
+  // from a tensor of the catalog (`tensor`), or from the synthesized
+  // safetensors file (`safetensors`).
   uint32_t blob = source::kNoBlob;
   std::shared_ptr<const std::string> data;
+  const checkpoint::Tensor* tensor = nullptr;
+  bool safetensors = false;
   std::string link_target;                                 // kSymlink
   std::vector<std::pair<std::string, uint64_t>> children;  // kDirectory: sorted by name
 };

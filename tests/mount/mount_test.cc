@@ -1,7 +1,6 @@
 // Real mounts driven by real tools: ls -R, find, stat, cat, cmp against
 // tar -xOf, sha256sum, and the CLI's documented exit codes.
 #include <gtest/gtest.h>
-
 #include <signal.h>
 
 #include <chrono>
@@ -120,11 +119,7 @@ void PrintTo(const DirCase& c, std::ostream* os) { *os << c.path; }
 class DirMount : public ::testing::TestWithParam<DirCase> {};
 
 std::string DirCaseName(const ::testing::TestParamInfo<DirCase>& info) {
-  std::string n = std::filesystem::path(info.param.path).filename().string();
-  for (auto& c : n) {
-    if (!isalnum(static_cast<unsigned char>(c))) c = '_';
-  }
-  return n;
+  return TestName(std::filesystem::path(info.param.path).filename().string());
 }
 
 TEST_P(DirMount, ArchiveTreeEqualsTheFolder) {
@@ -237,7 +232,9 @@ TEST(Cli, MountDaemonizesAndUmountWaitsForTheDaemon) {
   auto pid_r = Sh("getfattr --only-values -n user.nemofs.pid " + Q(mnt));
   pid_t pid = std::atoi(pid_r.out.c_str());
   auto ls = Sh("ls " + Q(mnt));
-  EXPECT_EQ(ls.out, "archive\nconfig.yaml\ntokenizer\n");
+  EXPECT_EQ(
+      ls.out,
+      "archive\ncheckpoint.json\nconfig.yaml\nindex.json\nmodel.safetensors\ntensors\ntokenizer\n");
   auto um = Sh(Q(NemofsBinary()) + " umount " + Q(mnt));
   EXPECT_EQ(um.exit_code, 0) << um.err;
   EXPECT_FALSE(IsMounted(mnt));

@@ -60,15 +60,18 @@ TEST(Filesystem, RootListingAndDotDot) {
                   names.emplace_back(e.name);
                   return true;
                 }).ok());
-  EXPECT_EQ(names, (std::vector<std::string>{"archive", "config.yaml", "tokenizer"}));
+  EXPECT_EQ(names,
+            (std::vector<std::string>{"archive", "checkpoint.json", "config.yaml", "index.json",
+                                      "model.safetensors", "tensors", "tokenizer"}));
   // Resuming from an offset continues after the entries already returned.
   names.clear();
-  ASSERT_TRUE(fs->ReadDir(Filesystem::kRootIno, 2, [&](const DirEntry& e, uint64_t next) {
+  uint64_t expected_next = 6;
+  ASSERT_TRUE(fs->ReadDir(Filesystem::kRootIno, 5, [&](const DirEntry& e, uint64_t next) {
                   names.emplace_back(e.name);
-                  EXPECT_EQ(next, 3u);
+                  EXPECT_EQ(next, expected_next++);
                   return true;
                 }).ok());
-  EXPECT_EQ(names, (std::vector<std::string>{"tokenizer"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"tensors", "tokenizer"}));
   auto archive = fs->Lookup(Filesystem::kRootIno, "archive");
   ASSERT_TRUE(archive.ok());
   EXPECT_EQ(fs->Lookup(archive->ino, "..")->ino, Filesystem::kRootIno);
@@ -117,6 +120,9 @@ TEST(Filesystem, GzipMembersAreExtractedOnlyWhenRead) {
     return n;
   };
   EXPECT_EQ(count_files(), 0) << "nothing may be extracted at open";
+  // The tensors were catalogued from what the listing pass captured.
+  EXPECT_EQ(fs->info().tensors, 20u);
+  EXPECT_TRUE(fs->Resolve("tensors/model.output_layer.weight").ok());
   // The config was kept from the listing pass: still nothing extracted.
   EXPECT_EQ(ReadAll(*fs, *fs->Resolve("config.yaml")),
             TarMember(TestData("tiny_gpt.nemo"), "./model_config.yaml"));

@@ -26,11 +26,7 @@ struct Expected {
 void PrintTo(const Expected& e, std::ostream* os) { *os << e.path; }
 
 std::string Name(const ::testing::TestParamInfo<Expected>& info) {
-  std::string n = std::filesystem::path(info.param.path).filename().string();
-  for (auto& c : n) {
-    if (!isalnum(static_cast<unsigned char>(c))) c = '_';
-  }
-  return n;
+  return testing::TestName(std::filesystem::path(info.param.path).filename().string());
 }
 
 class Recognition : public ::testing::TestWithParam<Expected> {};

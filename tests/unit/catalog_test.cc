@@ -1,0 +1,232 @@
+// The tensor catalog and per-rank merge rules, on generated fixtures and
+// hostile torch files: bad tensors are named and skipped, the rest stays.
+#include "checkpoint/catalog.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "checkpoint/merge.h"
+#include "source/source.h"
+#include "test_util.h"
+
+namespace nemofs::checkpoint {
+namespace {
+
+using testing::TempDir;
+using testing::TestData;
+
+struct Opened {
+  std::unique_ptr<source::Source> src;
+  Layout layout;
+  Catalog cat;
+};
+
+Opened Open(const std::string& path) {
+  Opened o;
+  auto src = source::OpenSource(path, {});
+  EXPECT_TRUE(src.ok()) << src.error().message();
+  o.src = std::move(src).value();
+  auto layout = Recognize(*o.src);
+  EXPECT_TRUE(layout.ok()) << layout.error().message();
+  o.layout = *layout;
+  o.cat = BuildCatalog(*o.src, o.layout);
+  return o;
+}
+
+const Tensor* FindTensor(const std::vector<Tensor>& ts, const std::string& key) {
+  for (const auto& t : ts) {
+    if (t.key == key) return &t;
+  }
+  return nullptr;
+}
+
+std::string AllWarnings(const Catalog& c) {
+  std::string s;
+  for (const auto& w : c.warnings) s += w + "\n";
+  return s;
+}
+
+TEST(Catalog, LightningRoles) {
+  Opened o = Open(TestData("torch/lightning.ckpt"));
+  EXPECT_NE(FindTensor(o.cat.tensors, "layer.0.weight"), nullptr);
+  EXPECT_NE(FindTensor(o.cat.optimizer, "0.state.0.exp_avg"), nullptr);
+  EXPECT_EQ(FindTensor(o.cat.tensors, "state_dict.layer.0.weight"), nullptr);
+  EXPECT_NE(o.cat.checkpoint_json.find("\"global_step\""), std::string::npos);
+  EXPECT_TRUE(o.cat.ranks.empty());
+}
+
+TEST(Catalog, ViewsKeepTheirStrides) {
+  Opened o = Open(TestData("torch/dtypes.pt"));
+  const Tensor* t = FindTensor(o.cat.tensors, "view.transpose");
+  ASSERT_NE(t, nullptr);
+  ASSERT_EQ(t->chunks.size(), 1u);
+  EXPECT_EQ(t->chunks[0].strides, (std::vector<int64_t>{1, 6}));
+  const Tensor* e = FindTensor(o.cat.tensors, "view.expand");
+  ASSERT_NE(e, nullptr);
+  EXPECT_EQ(e->chunks[0].strides, (std::vector<int64_t>{0, 1}));
+  const Tensor* s = FindTensor(o.cat.tensors, "scalar.f32");
+  ASSERT_NE(s, nullptr);
+  EXPECT_TRUE(s->shape.empty());
+  EXPECT_EQ(s->nbytes(), 4u);
+  const Tensor* empty = FindTensor(o.cat.tensors, "empty.3d");
+  ASSERT_NE(empty, nullptr);
+  EXPECT_EQ(empty->nbytes(), 0u);
+}
+
+TEST(Catalog, PerRankMergeTp2Pp2) {
+  Opened o = Open(TestData("torch/tiny_gpt_tp2pp2.nemo"));
+  ASSERT_EQ(o.cat.ranks.size(), 4u);
+  const Tensor* fc2 = FindTensor(o.cat.tensors, "model.decoder.layers.3.mlp.linear_fc2.weight");
+  ASSERT_NE(fc2, nullptr);
+  EXPECT_EQ(fc2->shape, (std::vector<int64_t>{64, 256}));  // row-parallel: dim 1 doubled
+  ASSERT_EQ(fc2->chunks.size(), 2u);
+  EXPECT_EQ(fc2->chunks[1].offsets, (std::vector<int64_t>{0, 128}));
+  EXPECT_EQ(FindTensor(o.cat.tensors, "model.decoder.layers.4.mlp.linear_fc2.weight"), nullptr);
+  EXPECT_TRUE(
+      o.cat.unmerged.count("model.decoder.layers.0.self_attention.linear_proj._extra_state"));
+}
+
+TEST(Catalog, SwigluFc1IsDeinterleaved) {
+  Opened o = Open(TestData("torch/tiny_gpt_swiglu_tp2.nemo"));
+  const Tensor* fc1 = FindTensor(o.cat.tensors, "model.decoder.layers.0.mlp.linear_fc1.weight");
+  ASSERT_NE(fc1, nullptr);
+  ASSERT_EQ(fc1->chunks.size(), 4u);  // gate_0, up_0, gate_1, up_1
+  int64_t rows = fc1->shape[0];
+  EXPECT_EQ(fc1->chunks[0].offsets[0], 0);
+  EXPECT_EQ(fc1->chunks[1].offsets[0], rows / 2);
+  EXPECT_EQ(fc1->chunks[2].offsets[0], rows / 4);
+  EXPECT_EQ(fc1->chunks[3].offsets[0], rows / 2 + rows / 4);
+}
+
+// ---- hostile torch files ----------------------------------------------------
+
+TEST(CatalogHostile, EvilReduceStaysInertAndIsReported) {
+  std::filesystem::remove("/tmp/nemofs-pwned-marker");
+  Opened o = Open(TestData("torch/hostile/evil_reduce.pt"));
+  EXPECT_FALSE(std::filesystem::exists("/tmp/nemofs-pwned-marker"));
+  EXPECT_NE(AllWarnings(o.cat).find("calls posix.system"), std::string::npos) << AllWarnings(o.cat);
+  EXPECT_EQ(o.cat.tensors.size(), 1u);
+  EXPECT_NE(o.cat.checkpoint_json.find("posix.system"), std::string::npos);
+}
+
+struct Hostile {
+  std::string file;
+  std::string message;  // expected in an error or warning
+  bool whole_file;      // the file cannot be read at all
+};
+
+class CatalogHostileFiles : public ::testing::TestWithParam<Hostile> {};
+
+void PrintTo(const Hostile& h, std::ostream* os) { *os << h.file; }
+
+TEST_P(CatalogHostileFiles, ClearErrorNamingFileAndKey) {
+  const Hostile& h = GetParam();
+  std::string path = TestData("torch/hostile/" + h.file);
+  Opened o = Open(path);
+  std::string all = AllWarnings(o.cat);
+  EXPECT_NE(all.find(path), std::string::npos) << all;
+  EXPECT_NE(all.find(h.message), std::string::npos) << all;
+  EXPECT_EQ(o.cat.errors.empty(), !h.whole_file) << all;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Files, CatalogHostileFiles,
+    ::testing::Values(
+        Hostile{"zero_datapkl.pt", "data.pkl is empty", true},
+        Hostile{"truncated_datapkl.pt", "unexpected end", true},
+        Hostile{"cd_outside.pt", "central directory", true},
+        Hostile{"missing_storage.pt", "tensor weight is not shown: storage record", false},
+        Hostile{"short_storage.pt",
+                "tensor weight is not shown: storage record data/0 has 40 bytes", false},
+        Hostile{"negative_stride.pt", "tensor w is not shown: negative size or stride", false},
+        Hostile{"overflow_size.pt", "tensor w is not shown: element count overflows", false}),
+    [](const ::testing::TestParamInfo<Hostile>& info) {
+      return testing::TestName(info.param.file);
+    });
+
+TEST(CatalogHostile, DeepNestingAndHugeMemoDoNotCrash) {
+  for (const char* f : {"deep_nesting.pt", "huge_memo.pt", "sparse_memo.pt"}) {
+    Opened o = Open(TestData(std::string("torch/hostile/") + f));
+    EXPECT_GE(o.cat.tensors.size() + o.cat.errors.size(), 1u) << f;
+  }
+}
+
+// ---- merge rules without files ------------------------------------------------
+
+Tensor Shard(const std::string& key, std::vector<int64_t> shape, uint64_t at) {
+  Tensor t;
+  t.key = key;
+  t.dtype = torch::DType::kFloat32;
+  t.shape = shape;
+  Chunk c;
+  c.offsets.assign(shape.size(), 0);
+  c.sizes = shape;
+  c.blob = 0;
+  c.byte_offset = at;
+  t.chunks.push_back(c);
+  return t;
+}
+
+TEST(Merge, UnevenPipelineIsRefused) {
+  MergeConfig cfg{1, 2, 3, false};  // 3 layers over 2 stages
+  auto r = MergeRanks({{0, 0, Shard("decoder.layers.0.x.weight", {4}, 0)},
+                       {0, 1, Shard("decoder.layers.0.x.weight", {4}, 64)}},
+                      cfg);
+  EXPECT_TRUE(r.merged.empty());
+  EXPECT_EQ(r.unmerged.size(), 2u);
+}
+
+TEST(Merge, UnknownNameWithTpIsRefusedButReplicatedAndSplitMerge) {
+  MergeConfig cfg{2, 1, 2, false};
+  auto r = MergeRanks({{0, 0, Shard("mystery.weight", {4}, 0)},
+                       {1, 0, Shard("mystery.weight", {4}, 64)},
+                       {0, 0, Shard("decoder.final_layernorm.weight", {8}, 128)},
+                       {1, 0, Shard("decoder.final_layernorm.weight", {8}, 256)},
+                       {0, 0, Shard("embedding.word_embeddings.weight", {3, 8}, 512)},
+                       {1, 0, Shard("embedding.word_embeddings.weight", {3, 8}, 1024)}},
+                      cfg);
+  EXPECT_TRUE(r.unmerged.count("mystery.weight"));
+  ASSERT_EQ(r.merged.size(), 2u);
+  const Tensor* emb = FindTensor(r.merged, "embedding.word_embeddings.weight");
+  ASSERT_NE(emb, nullptr);
+  EXPECT_EQ(emb->shape, (std::vector<int64_t>{6, 8}));
+}
+
+TEST(Merge, MissingTpRankIsRefused) {
+  MergeConfig cfg{2, 1, 2, false};
+  auto r = MergeRanks({{0, 0, Shard("embedding.word_embeddings.weight", {3, 8}, 0)}}, cfg);
+  EXPECT_TRUE(r.merged.empty());
+  EXPECT_NE(r.unmerged["embedding.word_embeddings.weight"].find("TP rank 1"), std::string::npos);
+}
+
+TEST(Tensor, ChunkValidation) {
+  Tensor t = Shard("x", {4, 4}, 0);
+  t.chunks[0].sizes = {2, 4};
+  EXPECT_NE(ValidateChunks(t).error().message().find("holes"), std::string::npos);
+  Chunk c = t.chunks[0];
+  c.offsets = {1, 0};
+  t.chunks.push_back(c);
+  EXPECT_NE(ValidateChunks(t).error().message().find("overlap"), std::string::npos);
+  t.chunks[1].offsets = {3, 0};
+  EXPECT_NE(ValidateChunks(t).error().message().find("exceeds"), std::string::npos);
+  t.chunks[1].offsets = {2, 0};
+  EXPECT_TRUE(ValidateChunks(t).ok());
+}
+
+}  // namespace
+}  // namespace nemofs::checkpoint
+
+namespace nemofs::checkpoint {
+namespace {
+
+TEST(Catalog, KeyEscaping) {
+  EXPECT_EQ(EscapeKey("a/b%c"), "a%2Fb%25c");
+  EXPECT_EQ(EscapeKey("model.layers.0.weight"), "model.layers.0.weight");
+  EXPECT_EQ(EscapeKey("."), "%2E");
+  EXPECT_EQ(EscapeKey(".."), "%2E%2E");
+  EXPECT_EQ(EscapeKey(""), "%00");
+}
+
+}  // namespace
+}  // namespace nemofs::checkpoint
