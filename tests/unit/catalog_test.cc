@@ -230,3 +230,54 @@ TEST(Catalog, KeyEscaping) {
 
 }  // namespace
 }  // namespace nemofs::checkpoint
+
+#include "nemofs/filesystem.h"
+
+namespace nemofs::checkpoint {
+namespace {
+
+// Every tensor of the real NGC .nemo files, read through the core (no FUSE),
+// equals what torch.load gives for the same key.
+class RealNemoCatalog : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(RealNemoCatalog, EveryTensorByteIdenticalToTorchLoad) {
+  NEMOFS_REQUIRE_REAL_FIXTURES();
+  std::string src = testing::RealFixture(GetParam());
+  TempDir dir;
+  auto fs = Filesystem::Open({src, dir.Join("cache")});
+  ASSERT_TRUE(fs.ok()) << fs.error().message();
+  std::filesystem::create_directory(dir.Join("out"));
+  int n = 0;
+  for (const auto& t : (*fs)->ListTensors()) {
+    auto ino = (*fs)->Resolve(t.path);
+    ASSERT_TRUE(ino.ok()) << t.path;
+    auto plan = (*fs)->Read(*ino, 0, t.nbytes);
+    ASSERT_TRUE(plan.ok()) << plan.error().message();
+    std::string bytes(plan->size(), '\0');
+    ASSERT_TRUE(ExecuteReadPlan(*plan, bytes.data()).ok());
+    ASSERT_EQ(bytes.size(), t.nbytes);
+    testing::WriteFile(dir.Join("out/" + t.key), bytes);
+    ++n;
+  }
+  EXPECT_GE(n, 84);
+  auto r = testing::Sh(
+      "tar -xOf " + testing::ShellQuote(src) + " ./model_weights.ckpt > " +
+      testing::ShellQuote(dir.Join("w.ckpt")) +
+      " && /usr/bin/python3 -c 'import sys, torch, numpy as np\n"
+      "sd = torch.load(sys.argv[1], map_location=\"cpu\")\n"
+      "bad = [k for k, t in sd.items() if open(sys.argv[2] + \"/\" + k, \"rb\").read() != "
+      "t.contiguous().numpy().tobytes()]\n"
+      "print(len(sd), \"tensors,\", len(bad), \"differ\", bad[:3])' " +
+      testing::ShellQuote(dir.Join("w.ckpt")) + " " + testing::ShellQuote(dir.Join("out")));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find(" 0 differ"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.rfind(std::to_string(n) + " tensors", 0), 0u) << r.out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Real, RealNemoCatalog,
+                         ::testing::Values("nemo-tar/vad_marblenet.nemo",
+                                           "nemo-tar/vad_telephony_marblenet.nemo",
+                                           "nemo-tar/vad_multilingual_marblenet.nemo"));
+
+}  // namespace
+}  // namespace nemofs::checkpoint
