@@ -6,17 +6,11 @@
 #                                  [--reps N] [--trace-requests]
 set -euo pipefail
 
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$SCRIPT_DIR/../.." && pwd)
-PY=/usr/bin/python3
-T=300  # seconds: timeout for every command that touches a mount
-
-NEMOFS="$REPO/build/nemofs"
+BENCH_NAME=bench_archive
 WORKDIR=/tmp/nemofs-bench
 SIZE_GIB=4
-KEEP=0
-REPS=3
-TRACE=0
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
 usage() {
   cat <<EOF
@@ -33,166 +27,28 @@ usage: $0 [--nemofs PATH] [--workdir DIR] [--size-gib N] [--keep] [--reps N] [--
 EOF
 }
 
-die() { echo "bench_archive: $*" >&2; exit 1; }
-
 while (($#)); do
   case $1 in
-    --nemofs) NEMOFS=${2:?--nemofs needs a path}; shift 2 ;;
-    --workdir) WORKDIR=${2:?--workdir needs a directory}; shift 2 ;;
     --size-gib) SIZE_GIB=${2:?--size-gib needs a number}; shift 2 ;;
-    --keep) KEEP=1; shift ;;
-    --reps) REPS=${2:?--reps needs a number}; shift 2 ;;
-    --trace-requests) TRACE=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) usage >&2; exit 2 ;;
+    *) common_arg "$@"; shift "$ARG_SHIFT" ;;
   esac
 done
 
-[[ -x $NEMOFS ]] || die "$NEMOFS: not an executable (build it, or pass --nemofs)"
 [[ $SIZE_GIB =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--size-gib: not a number: $SIZE_GIB"
-[[ $REPS =~ ^[1-9][0-9]*$ ]] || die "--reps: not a positive integer: $REPS"
-for tool in fusermount3 getfattr dd tar awk; do
-  command -v "$tool" >/dev/null || die "$tool not found (run scripts/setup.sh)"
-done
-((TRACE == 0)) || command -v strace >/dev/null || die "--trace-requests needs strace"
-
-mkdir -p "$WORKDIR"
-WORKDIR=$(cd "$WORKDIR" && pwd)
-[[ $WORKDIR != *[[:space:]]* ]] || die "--workdir must not contain whitespace"
-exec 9>"$WORKDIR/.lock"
-flock -n 9 || die "another bench_archive.sh is running with workdir $WORKDIR"
+check_common fusermount3 getfattr dd tar awk
+setup_workdir
 
 SIZE_BYTES=$(awk -v g="$SIZE_GIB" 'BEGIN { printf "%.0f", int(g * 1024 + 0.5) * 1048576 }')  # %.0f: mawk clamps %d to 2^31-1
 ((SIZE_BYTES > 0)) || die "--size-gib too small"
 TAR="$WORKDIR/bench_${SIZE_GIB}gib.nemo"
-LOGDIR="$WORKDIR/logs"
-rm -rf "$LOGDIR"
-mkdir -p "$LOGDIR"
-RUN_DIR=$(mktemp -d "$WORKDIR/run.XXXXXX")
-MNT="$RUN_DIR/mnt"
-mkdir "$MNT"
-BIN="$RUN_DIR/nemofs"
-cp "$NEMOFS" "$BIN"
-BIN_INFO="$(date -u -r "$NEMOFS" '+built %Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$BIN" | cut -c1-12)"
-"$BIN" --version >/dev/null 2>&1 || die "$NEMOFS --version failed (being rebuilt right now?)"
-DAEMON_LOG="$LOGDIR/daemon.log"  # nemofs --log-file (debug level)
-CLI_LOG="$LOGDIR/cli.log"        # stderr of nemofs mount/umount
-
-# ---- mount bookkeeping and cleanup ---------------------------------------------
-CUR_PID=""       # daemon of the mount currently up (started by this script)
-RSS_ALL=()       # VmHWM (KiB) of every daemon, read just before its unmount
-
-is_mounted() { awk -v m="$MNT" '$5 == m { f = 1 } END { exit !f }' /proc/self/mountinfo; }
-
-# True if PID is still a live (non-zombie) nemofs daemon serving our mount point.
-our_daemon_alive() {
-  local pid=$1 cmd state
-  [[ -n $pid && -r /proc/$pid/cmdline ]] || return 1
-  state=$(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null) || return 1
-  [[ $state != Z ]] || return 1
-  cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
-  [[ $cmd == "$BIN "*" $MNT"* ]]
-}
-
-wait_gone() {  # PID SECONDS
-  local pid=$1 deadline=$((SECONDS + $2))
-  while our_daemon_alive "$pid"; do
-    ((SECONDS < deadline)) || return 1
-    sleep 0.1
-  done
-}
-
-# Unmounts MNT whatever state it is in; kills only the daemon this script started.
-force_unmount() {
-  local pid=$CUR_PID
-  if [[ -z $pid ]] && is_mounted; then
-    pid=$(timeout 10 getfattr --only-values -n user.nemofs.pid "$MNT" 2>/dev/null) || pid=""
-  fi
-  if is_mounted; then
-    timeout 30 fusermount3 -u "$MNT" 2>>"$CLI_LOG" || echo "bench_archive: fusermount3 -u $MNT failed" >&2
-  fi
-  if [[ -n $pid ]] && ! wait_gone "$pid" 30; then
-    echo "bench_archive: daemon $pid still running 30 s after unmount; killing it" >&2
-    kill "$pid" 2>/dev/null || true
-    wait_gone "$pid" 5 || kill -9 "$pid" 2>/dev/null || true
-  fi
-  if is_mounted; then
-    timeout 30 fusermount3 -u "$MNT" 2>>"$CLI_LOG" || timeout 30 fusermount3 -uz "$MNT" 2>>"$CLI_LOG" || true
-  fi
-  if is_mounted; then echo "bench_archive: WARNING: $MNT is still mounted" >&2; fi
-  CUR_PID=""
-}
-
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  force_unmount || true
-  if ! is_mounted; then rm -rf "$RUN_DIR"; fi
-  rm -rf "$TAR.stage" "$TAR.tmp"
-  if [[ -n ${SHM_FILE:-} ]]; then rm -f "$SHM_FILE"; fi
-  if ((KEEP == 0)); then
-    rm -f "$TAR"
-  elif [[ -e $TAR ]]; then
-    echo "bench_archive: kept $TAR"
-  fi
-  ((rc == 0)) || echo "bench_archive: failed (rc=$rc); logs in $LOGDIR" >&2
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-now_ns() { date +%s%N; }
-
-# Starts a mount (the mount point must be free). Leaves CUR_PID set.
-mount_start() {
-  is_mounted && die "$MNT is already mounted"
-  timeout "$T" "$BIN" mount "$TAR" "$MNT" --log-level debug --log-file "$DAEMON_LOG" 2>>"$CLI_LOG" ||
-    die "nemofs mount failed (see $CLI_LOG, $DAEMON_LOG)"
-}
-record_pid() {
-  CUR_PID=$(timeout "$T" getfattr --only-values -n user.nemofs.pid "$MNT" 2>>"$CLI_LOG") ||
-    die "cannot read user.nemofs.pid on $MNT"
-  [[ $CUR_PID =~ ^[0-9]+$ ]] || die "bad daemon pid '$CUR_PID'"
-}
-mount_fresh() { mount_start; record_pid; }
-
-# Records the daemon's VmHWM, then unmounts with nemofs umount (waits for the daemon).
-umount_now() {
-  local hwm
-  hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$CUR_PID/status" 2>/dev/null) || hwm=""
-  if [[ -n $hwm ]]; then RSS_ALL+=("$hwm"); fi
-  if ! timeout "$T" "$BIN" umount "$MNT" 2>>"$CLI_LOG"; then
-    echo "bench_archive: nemofs umount failed; forcing" >&2
-    force_unmount
-  fi
-  CUR_PID=""
-}
-
-median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print ((NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
-maxof() { printf '%s\n' "$@" | sort -g | tail -1; }
-fmt() { awk -v x="$1" -v f="${2:-%.2f}" 'BEGIN { printf f, x }'; }
-ms_since() { awk -v d="$(($(now_ns) - $1))" 'BEGIN { printf "%.2f", d / 1e6 }'; }
-kib_to_mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
-
-# dd ARGS... -> prints "GB/s" (decimal, as dd does) from dd's own byte count and
-# seconds. Output goes to /dev/null unless DD_OUT names a file.
-dd_rate() {
-  local out line bytes secs
-  out=$(LC_ALL=C timeout "$T" dd bs=1M of="${DD_OUT:-/dev/null}" "$@" 2>&1) || die "dd $* failed: $out"
-  line=$(grep ' copied, ' <<<"$out" | tail -1)
-  bytes=${line%% bytes*}
-  secs=$(sed -n 's/.* copied, \([0-9.e+-]*\) s,.*/\1/p' <<<"$line")
-  [[ $bytes == "$SIZE_BYTES" ]] || die "dd $*: read $bytes bytes, expected $SIZE_BYTES"
-  awk -v b="$bytes" -v s="$secs" 'BEGIN { printf "%.3f", b / s / 1e9 }'
-}
-
-json_get() { "$PY" -c 'import json, sys; d = json.loads(sys.argv[1]); print(*(d[k] for k in sys.argv[2:]))' "$@"; }
+BENCH_TARS=("$TAR")
+EXPECT=$SIZE_BYTES  # for dd_rate: every dd reads the whole member
+setup_run
+install_cleanup
 
 # ---- 1. the test .nemo ----------------------------------------------------------
 need_kib=$(((SIZE_BYTES / 1024) * 2 + 1048576))  # staged weights + tar + 1 GiB
-avail_kib=$(df -Pk "$WORKDIR" | awk 'NR == 2 { print $4 }')
+avail_kib=$(free_kib "$WORKDIR")
 if [[ ! -e $TAR ]] && ((avail_kib < need_kib)); then
   die "$WORKDIR: $((avail_kib / 1048576)) GiB free, need about $((need_kib / 1048576)) GiB; use a smaller --size-gib"
 fi
@@ -220,7 +76,7 @@ for ((i = 1; i <= REPS; i++)); do
   TARTF_MS+=("$(ms_since "$t0")")
 
   t0=$(now_ns)
-  mount_start
+  mount_start "$TAR"
   timeout "$T" ls "$MNT" >/dev/null
   MOUNT_MS+=("$(ms_since "$t0")")
   record_pid
@@ -231,36 +87,23 @@ done
 # ---- 2b. sequential read -----------------------------------------------------------
 echo "== b. sequential read of archive/model_weights.ckpt (dd bs=1M), vs dd of the tar byte range (x$REPS)"
 SEQ_BASE=() SEQ_FIRST=() SEQ_AGAIN=() SEQ_RSS=() SEQ_SHM=()
-BDI_RA="?" FUSE_INIT=""
 # Reference for the fresh-mount pass: a first read through the mount has to fill
 # N GiB of new page cache (the mounted file's, separate from the tar's). Copying the
 # same range into a new tmpfs file costs that allocation + copy without FUSE.
-SHM_DIR=/dev/shm
-SHM_FILE=""
-shm_avail_kib=$(df -Pk "$SHM_DIR" 2>/dev/null | awk 'NR == 2 { print $4 }') || shm_avail_kib=0
-if ((${shm_avail_kib:-0} > SIZE_BYTES / 1024 + 524288)); then
+if shm_has_room $((SIZE_BYTES / 1024 + 524288)); then
   SHM_FILE="$SHM_DIR/nemofs-bench.$$"
 fi
 for ((i = 1; i <= REPS; i++)); do
-  SEQ_BASE+=("$(dd_rate if="$TAR" iflag=skip_bytes,count_bytes skip="$OFFSET" count="$SIZE_BYTES")")
-  if [[ -n $SHM_FILE ]]; then
-    SEQ_SHM+=("$(DD_OUT=$SHM_FILE dd_rate if="$TAR" iflag=skip_bytes,count_bytes skip="$OFFSET" count="$SIZE_BYTES")")
-    rm -f "$SHM_FILE"
-  fi
-  mount_fresh
-  if ((i == 1)); then
-    dev=$(timeout "$T" mountpoint -d "$MNT" 2>/dev/null) || dev=""
-    [[ -n $dev && -r /sys/class/bdi/$dev/read_ahead_kb ]] && BDI_RA=$(cat "/sys/class/bdi/$dev/read_ahead_kb")
-  fi
+  seq_baselines "$TAR" "$OFFSET" "$SIZE_BYTES"
+  mount_fresh "$TAR"
+  if ((i == 1)); then read_bdi_ra; fi
   SEQ_FIRST+=("$(dd_rate if="$MNT/archive/model_weights.ckpt")")
   SEQ_AGAIN+=("$(dd_rate if="$MNT/archive/model_weights.ckpt")")
   umount_now
   if ((${#RSS_ALL[@]})); then SEQ_RSS+=("${RSS_ALL[-1]}"); fi
-  shm_msg=n/a
-  if ((${#SEQ_SHM[@]})); then shm_msg=${SEQ_SHM[-1]}; fi
   echo "   rep $i: baseline ${SEQ_BASE[-1]} GB/s, into tmpfs $shm_msg GB/s, fresh mount ${SEQ_FIRST[-1]} GB/s, repeated ${SEQ_AGAIN[-1]} GB/s"
 done
-FUSE_INIT=$(grep -o 'init: .*' "$DAEMON_LOG" 2>/dev/null | tail -1) || FUSE_INIT=""
+read_fuse_init
 
 # ---- 2c. random 4 KiB reads --------------------------------------------------------
 NRAND=1000
@@ -268,7 +111,7 @@ echo "== c. $NRAND random 4 KiB preads (fixed seed), fresh mount vs the tar at o
 RND_BASE=() RND_FUSE=() RND_BASE_US=() RND_FUSE_US=()
 for ((i = 1; i <= REPS; i++)); do
   b=$("$PY" "$SCRIPT_DIR/rand_read.py" "$TAR" "$OFFSET" "$SIZE_BYTES" --count "$NRAND")
-  mount_fresh
+  mount_fresh "$TAR"
   f=$(timeout "$T" "$PY" "$SCRIPT_DIR/rand_read.py" "$MNT/archive/model_weights.ckpt" 0 "$SIZE_BYTES" --count "$NRAND")
   umount_now
   read -r bms bus bcrc < <(json_get "$b" total_ms us_per_read crc32)
@@ -279,24 +122,15 @@ for ((i = 1; i <= REPS; i++)); do
 done
 
 # ---- optional: request sizes seen by the daemon -----------------------------------
-# strace_pass NAME CMD...: fresh mount, strace every daemon thread (one file per
-# thread, so no interleaved lines) while CMD runs, unmount; writes to $LOGDIR/hist_NAME.txt a
-# histogram of the lengths the daemon read from the tar (splice or pread64 on its fd):
-# one per FUSE read request, so these are the kernel's read request sizes.
+# strace_pass NAME CMD...: fresh mount, strace every daemon thread while CMD runs, unmount
+# (strace_daemon); writes to $LOGDIR/hist_NAME.txt a histogram of the lengths the daemon
+# read from the tar (splice or pread64 on its fd): one per FUSE read request, so these are
+# the kernel's read request sizes.
 strace_pass() {
-  local name=$1 spid
+  local name=$1
   shift
-  mount_fresh
-  rm -f "$LOGDIR/strace_$name".*
-  strace -ff -qq -y -e trace=splice,pread64 -o "$LOGDIR/strace_$name" -p "$CUR_PID" 2>>"$CLI_LOG" &
-  spid=$!
-  sleep 1
-  timeout "$T" "$@" >/dev/null 2>&1 || echo "bench_archive: trace command failed: $*" >&2
-  sleep 0.5
-  kill -INT "$spid" 2>/dev/null || true
-  wait "$spid" 2>/dev/null || true
-  umount_now
-  { cat "$LOGDIR/strace_$name".* 2>/dev/null | grep -E "^(splice|pread64)\([0-9]+<$TAR>" |
+  strace_daemon "$name" "$TAR" splice,pread64 "$@"
+  { strace_reads "$name" "$TAR" splice,pread64 |
     awk '$(NF - 1) == "=" { c[$NF]++; n++ } END { for (k in c) printf "    %8d bytes x %d\n", k, c[k]; if (!n) print "    (none seen)" }' |
     sort -k4,4 -nr | head -6; } >"$LOGDIR/hist_$name.txt" || true
 }
@@ -315,20 +149,12 @@ m_rb=$(median "${RND_BASE[@]}") m_rf=$(median "${RND_FUSE[@]}")
 m_rbu=$(median "${RND_BASE_US[@]}") m_rfu=$(median "${RND_FUSE_US[@]}")
 rss_max_mib=$(kib_to_mib "$(maxof "${RSS_ALL[@]}")")
 rss_seq_mib=$(kib_to_mib "$(maxof "${SEQ_RSS[@]}")")
-version=$("$BIN" --version 2>/dev/null | head -1) || version="?"
 
-row() { printf '%-46s %14s %14s %9s\n' "$@"; }
-echo
-echo "================================ nemofs archive benchmark ================================"
-echo "machine:   $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) RAM, kernel $(uname -r)"
-echo "date:      $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-echo "nemofs:    $NEMOFS ($version, $BIN_INFO; copied at start of run)"
+ROW_FMT='%-46s %14s %14s %9s\n'
+summary_head "================================ nemofs archive benchmark ================================"
+summary_nemofs
 echo "archive:   $TAR ($TAR_BYTES bytes); model_weights.ckpt = $MEMBER_SIZE bytes at offset $OFFSET"
-echo "fuse:      ${FUSE_INIT:-init line not logged}; bdi read_ahead_kb $BDI_RA"
-echo "medians of $REPS; GB/s = 1e9 bytes/s; ratio = nemofs / baseline (time: >1 slower, GB/s: <1 slower)"
-echo
-row "figure" "nemofs" "baseline" "ratio"
-row "------" "------" "--------" "-----"
+summary_table_start
 row "a. mount -> first ls (ms) [base: tar -tf]" "$(fmt "$m_mount")" "$(fmt "$m_tartf")" "$(ratio "$m_mount" "$m_tartf")"
 row "b. seq read, fresh mount (GB/s) [base: dd]" "$(fmt "$m_first")" "$(fmt "$m_base")" "$(ratio "$m_first" "$m_base")"
 if ((${#SEQ_SHM[@]})); then
