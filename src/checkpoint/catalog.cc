@@ -7,6 +7,7 @@
 #include <set>
 #include <unordered_set>
 
+#include "checkpoint/dist_catalog.h"
 #include "checkpoint/merge.h"
 #include "torch/torch_file.h"
 #include "util/json_util.h"
@@ -282,8 +283,18 @@ std::string EscapeKey(std::string_view key) {
   return out;
 }
 
+Json RenderPickle(const TorchFile& file) {
+  static const std::map<std::string, std::string> kNone;
+  JsonRenderer r(file, kNone, kNone);
+  return r.Render(file.pickle.root, "");
+}
+
 Catalog BuildCatalog(source::Source& src, const Layout& layout) {
   Catalog cat;
+  if (!layout.dist_backend.empty()) {
+    AddDistCatalog(src, layout, &cat);
+    return cat;
+  }
   if (layout.weight_files.empty()) return cat;
 
   std::vector<Loaded> files;

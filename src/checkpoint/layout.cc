@@ -216,10 +216,14 @@ Result<std::string> DistBackend(Source& src, const std::string& metadata_json) {
 Result<std::string> FolderWeights(Source& src, const std::string& dir, Layout* layout) {
   if (IsFile(src, JoinPath(dir, "metadata.json"))) {
     NEMOFS_ASSIGN_OR_RETURN(std::string backend, DistBackend(src, JoinPath(dir, "metadata.json")));
+    layout->dist_dir = dir;
+    layout->dist_backend = backend;
     return fmt::format("Megatron-Core dist checkpoint ({}) in {}/", backend,
                        dir.empty() ? "." : dir);
   }
   if (IsFile(src, JoinPath(dir, ".metadata"))) {
+    layout->dist_dir = dir;
+    layout->dist_backend = "dcp";
     return fmt::format("PyTorch DCP in {}/", dir.empty() ? "." : dir);
   }
   int ranks = 0;
@@ -368,6 +372,8 @@ Result<Layout> Recognize(Source& src) {
   } else if (IsFile(src, ".metadata")) {
     layout.format = Format::kDcp;
     layout.weights = "PyTorch DCP in ./";
+    layout.dist_dir = "";
+    layout.dist_backend = "dcp";
     layout.description = fmt::format("PyTorch DCP checkpoint, {}", src.Kind());
   } else {
     auto weights = FolderWeights(src, "", &layout);

@@ -58,6 +58,11 @@ struct Layout {
   std::string weights;                   // where weights live, human-readable
   std::vector<WeightFile> weight_files;  // torch.save weight files (not dist checkpoints)
   bool per_rank = false;                 // weight_files are TP/PP shards to merge
+  // A distributed checkpoint: its folder in the source ("" = root) and
+  // backend ("torch_dist", "zarr", or "dcp" for a plain PyTorch DCP folder).
+  std::string dist_dir;
+  std::string dist_backend;
+  std::string cache_dir;  // where decoded chunks go (set by the caller, not by Recognize)
   std::vector<std::string> warnings;
 };
 

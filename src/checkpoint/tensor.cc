@@ -121,9 +121,16 @@ Result<ReadPlan> PlanTensorRead(const Tensor& t, source::Source& src, uint64_t o
     }
     hint = ci;
     const Chunk& c = t.chunks[ci];
-    if (c.blob == source::kNoBlob) return Err(EIO, "tensor {}: {}", t.key, c.missing);
-    if (located[ci].fd == -2) {
-      NEMOFS_ASSIGN_OR_RETURN(located[ci], src.Locate(c.blob));
+    const bool fill = !c.fill.empty();
+    if (!fill && !c.lazy && c.blob == source::kNoBlob) {
+      return Err(EIO, "tensor {}: {}", t.key, c.missing);
+    }
+    if (!fill && located[ci].fd == -2) {
+      if (c.lazy) {
+        NEMOFS_ASSIGN_OR_RETURN(located[ci], c.lazy->Get(src));
+      } else {
+        NEMOFS_ASSIGN_OR_RETURN(located[ci], src.Locate(c.blob));
+      }
     }
 
     // Run of elements contiguous both in the global order and in the chunk.
@@ -154,6 +161,15 @@ Result<ReadPlan> PlanTensorRead(const Tensor& t, source::Source& src, uint64_t o
       }
     }
     uint64_t run = std::min(run_elems * item - within, end - p);
+    if (fill) {  // a chunk that was never written: fill_value repeated
+      auto bytes = std::make_shared<std::string>();
+      bytes->reserve(run);
+      for (uint64_t b = within; bytes->size() < run; ++b) bytes->push_back(c.fill[b % item]);
+      plan.AddMemory(bytes->data(), bytes->size());
+      plan.keepalive.push_back(bytes);
+      p += run;
+      continue;
+    }
     uint64_t src_off = c.byte_offset + src_elem * item + within;
     if (src_off + run > located[ci].length) {
       return Err(EIO, "tensor {}: chunk {} needs bytes up to {} but its file has {}", t.key, ci,

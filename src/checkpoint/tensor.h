@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,15 @@
 
 namespace nemofs::checkpoint {
 
+// Bytes that need work before they can be read: a compressed zarr chunk,
+// decompressed into the cache on first read (see zarr_catalog.cc).
+class LazyChunk {
+ public:
+  virtual ~LazyChunk() = default;
+  // The decoded chunk as (fd, offset, length); thread-safe, decodes once.
+  virtual Result<source::FileRange> Get(source::Source& src) = 0;
+};
+
 struct Chunk {
   std::vector<int64_t> offsets;  // position in the global tensor
   std::vector<int64_t> sizes;
@@ -28,6 +38,8 @@ struct Chunk {
   uint64_t byte_offset = 0;         // of the chunk's element [0,...,0] within the blob
   std::vector<int64_t> strides;     // element strides in the blob; empty = C-contiguous
   std::string missing;              // why the bytes are unavailable, for kNoBlob
+  std::shared_ptr<LazyChunk> lazy;  // set: bytes come from lazy->Get, not from `blob`
+  std::string fill;                 // non-empty: every element is these bytes (zarr fill_value)
 };
 
 struct Tensor {

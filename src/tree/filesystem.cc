@@ -330,6 +330,7 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
       info.tokenizer.push_back({t.name, t.entry_path, t.reference});
     }
   }
+  layout.cache_dir = options.cache_dir;
   impl->catalog = checkpoint::BuildCatalog(src, layout);
   AddTensorViews(*impl, root, src_root.mtime_sec, src_root.mtime_nsec, options.source,
                  checkpoint::FormatId(layout.format));

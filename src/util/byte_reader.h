@@ -37,6 +37,26 @@ class FdReader final : public ByteReader {
   uint64_t length_;
 };
 
+// A window [offset, offset+length) of another reader (an item inside a .distcp).
+class SubReader final : public ByteReader {
+ public:
+  SubReader(const ByteReader& base, uint64_t offset, uint64_t length)
+      : base_(base), offset_(offset), length_(length) {}
+  uint64_t size() const override { return length_; }
+  Status Read(uint64_t offset, void* buf, size_t len, std::string_view what) const override {
+    if (offset > length_ || len > length_ - offset) {
+      return Err(EIO, "{}: read of {} bytes at offset {} is beyond its {} bytes", what, len, offset,
+                 length_);
+    }
+    return base_.Read(offset_ + offset, buf, len, what);
+  }
+
+ private:
+  const ByteReader& base_;
+  uint64_t offset_;
+  uint64_t length_;
+};
+
 // Some regions of a blob held in memory; reads outside them are ENODATA.
 class SparseReader final : public ByteReader {
  public:
