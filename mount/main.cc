@@ -296,6 +296,30 @@ int RunInfo(const std::string& source, const std::string& cache_dir, bool json) 
   return kExitOk;
 }
 
+// ---- verify ------------------------------------------------------------------
+int RunVerify(const std::string& source, const std::string& cache_dir, bool quiet) {
+  auto fs = OpenCheckpoint(source, cache_dir);
+  if (!fs) {
+    PrintError(fs.error().message());
+    return kExitSource;
+  }
+  const bool tty = ::isatty(2) && !quiet;
+  int last_pct = -1;
+  auto problems = (*fs)->Verify([&](uint64_t done, uint64_t total) {
+    int pct = total ? static_cast<int>(done * 100 / total) : 100;
+    if (tty && pct != last_pct) {
+      fmt::print(stderr, "\rnemofs verify: {}% of {} bytes", pct, total);
+      last_pct = pct;
+    }
+  });
+  if (tty) fmt::print(stderr, "\n");
+  for (const auto& p : problems) fmt::print("problem: {}\n", p);
+  const auto& i = (*fs)->info();
+  fmt::print("{}: {} ({} tensors, {} bytes): {}\n", i.source, i.description, i.tensors,
+             i.tensor_bytes, problems.empty() ? "OK" : fmt::format("{} problems", problems.size()));
+  return problems.empty() ? kExitOk : kExitFailure;
+}
+
 // ---- ls ----------------------------------------------------------------------
 std::string Shape(const std::vector<int64_t>& shape) {
   std::string out = "[";
@@ -410,7 +434,8 @@ int Main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("-V,--version", VersionText);
   app.footer(
-      "Exit codes: 0 ok, 1 command failed, 2 usage error, 3 bad or unreadable source, "
+      "Exit codes: 0 ok, 1 command failed (verify: problems found), 2 usage error, 3 bad or "
+      "unreadable source, "
       "4 mount point unusable or FUSE failure.\nRun 'nemofs COMMAND --help' for a command's "
       "options.");
 
@@ -445,6 +470,15 @@ int Main(int argc, char** argv) {
   info->add_option("SOURCE", info_source)->required();
   info->add_flag("--json", info_json, "machine-readable output");
   info->add_option("--cache-dir", info_cache, "as for mount");
+
+  std::string verify_source, verify_cache;
+  bool verify_quiet = false;
+  auto* verify = app.add_subcommand(
+      "verify",
+      "Check SOURCE completely: structure, every tensor's bytes, zip CRCs; exit 1 on any problem");
+  verify->add_option("SOURCE", verify_source)->required();
+  verify->add_flag("-q,--quiet", verify_quiet, "no progress on stderr");
+  verify->add_option("--cache-dir", verify_cache, "as for mount");
 
   std::string ls_source, ls_glob, ls_cache;
   bool ls_all = false, ls_json = false;
@@ -482,6 +516,7 @@ int Main(int argc, char** argv) {
   if (info->parsed()) return RunInfo(info_source, info_cache, info_json);
   if (cat->parsed()) return RunCat(cat_source, cat_path, cat_cache);
   if (ls->parsed()) return RunLs(ls_source, ls_glob, ls_all, ls_json, ls_cache);
+  if (verify->parsed()) return RunVerify(verify_source, verify_cache, verify_quiet);
   return kExitUsage;
 }
 

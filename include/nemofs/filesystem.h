@@ -117,6 +117,13 @@ class Filesystem {
   Result<uint64_t> Resolve(std::string_view path) const;
 
   const CheckpointInfo& info() const;
+  // Checks everything that can be checked (O(size)): every warning of Open,
+  // every byte of every tensor file readable, and the CRC-32 of every record
+  // of every torch.save zip stored as a file or archive member. Returns the
+  // problems found, one line each naming the file (empty = clean).
+  // `progress(done_bytes, total_bytes)` is called as it goes.
+  std::vector<std::string> Verify(
+      const std::function<void(uint64_t, uint64_t)>& progress = nullptr) const;
   // Every tensor file of the tree: tensors/, then optimizer/, then ranks/.
   std::vector<TensorEntry> ListTensors() const;
   uint64_t node_count() const;

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <malloc.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <map>
@@ -11,6 +12,7 @@
 #include "checkpoint/layout.h"
 #include "nemofs/strings.h"
 #include "source/source.h"
+#include "torch/zip_reader.h"
 #include "tree/node_table.h"
 #include "util/json_util.h"
 
@@ -469,6 +471,75 @@ Result<uint64_t> Filesystem::Resolve(std::string_view path) const {
 }
 
 const CheckpointInfo& Filesystem::info() const { return impl_->info; }
+
+std::vector<std::string> Filesystem::Verify(
+    const std::function<void(uint64_t, uint64_t)>& progress) const {
+  std::vector<std::string> problems = impl_->info.warnings;
+  for (const auto& e : impl_->info.weight_errors) problems.push_back(e);
+  source::Source& src = *impl_->src;
+  // Totals for progress: tensor bytes + zip bytes.
+  std::vector<const source::Entry*> zips;
+  uint64_t total = 0, done = 0;
+  for (const auto& e : src.entries()) {
+    if (e.type != source::EntryType::kFile || e.size < 22) continue;
+    char head[4] = {};
+    auto plan = src.Plan(e.blob, 0, 4);
+    if (plan && ExecuteReadPlan(*plan, head).ok() && std::string_view(head, 4) == "PK\x03\x04" &&
+        e.path.find(".distcp") == std::string::npos) {
+      zips.push_back(&e);
+      total += e.size;
+    }
+  }
+  std::vector<TensorEntry> tensors = ListTensors();
+  for (const auto& t : tensors) total += t.nbytes;
+  std::string buf(1 << 20, '\0');
+  for (const auto& t : tensors) {
+    auto ino = Resolve(t.path);
+    if (!ino) continue;
+    for (uint64_t off = 0; off < t.nbytes; off += buf.size()) {
+      auto plan = Read(*ino, off, buf.size());
+      Status st = plan ? ExecuteReadPlan(*plan, buf.data()) : Status(plan.error());
+      if (!st.ok()) {
+        problems.push_back(fmt::format("{}: {}", t.path, st.error().message()));
+        break;
+      }
+      done += plan->size();
+      if (progress) progress(done, total);
+    }
+  }
+  for (const source::Entry* e : zips) {
+    std::string what = src.path() + (src.Kind() == "file" ? "" : ":" + e->path);
+    auto range = src.Locate(e->blob);
+    if (!range) {
+      problems.push_back(range.error().message());
+      continue;
+    }
+    FdReader reader(range->fd, range->offset, range->length);
+    auto zip = torch::ZipArchive::Open(reader, what);
+    if (!zip) {
+      problems.push_back(zip.error().message());
+      continue;
+    }
+    for (const auto& entry : zip->entries()) {
+      if (entry.method != 0) continue;
+      uLong crc = crc32(0L, Z_NULL, 0);
+      for (uint64_t off = 0; off < entry.size; off += buf.size()) {
+        size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), entry.size - off));
+        if (!reader.Read(entry.data_offset + off, buf.data(), n, what).ok()) break;
+        crc = crc32(crc, reinterpret_cast<const Bytef*>(buf.data()), static_cast<uInt>(n));
+      }
+      if (entry.crc32 != 0 && crc != entry.crc32) {
+        problems.push_back(
+            fmt::format("{}: record {} has CRC-32 {:08x}, its central directory says "
+                        "{:08x}",
+                        what, entry.name, crc, entry.crc32));
+      }
+    }
+    done += e->size;
+    if (progress) progress(done, total);
+  }
+  return problems;
+}
 
 std::vector<TensorEntry> Filesystem::ListTensors() const {
   std::vector<TensorEntry> out;

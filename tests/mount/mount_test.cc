@@ -401,6 +401,39 @@ TEST(Cli, DefaultCacheDirFollowsXdgCacheHome) {
   EXPECT_EQ(r.out, "1\n");
 }
 
+TEST(Cli, VerifyFindsEveryProblemAndExitsOne) {
+  auto r = Sh(Q(NemofsBinary()) + " verify -q " + Q(TestData("tiny_gpt.nemo")));
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find(": OK"), std::string::npos) << r.out;
+  // One flipped byte inside a tensor record: the zip CRC catches it.
+  TempDir dir;
+  std::string bad = dir.Join("bad.nemo");
+  r = Sh(
+      "cp " + Q(TestData("tiny_gpt.nemo")) + " " + Q(bad) +
+      " && off=$(/usr/bin/python3 -c 'import tarfile,sys; "
+      "print(tarfile.open(sys.argv[1]).getmember(\"./model_weights.ckpt\").offset_data + 20000)' " +
+      Q(bad) + ") && printf '\\377' | dd of=" + Q(bad) +
+      " bs=1 seek=$off conv=notrunc 2>/dev/null");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Sh(Q(NemofsBinary()) + " verify -q " + Q(bad));
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find("has CRC-32"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("1 problems"), std::string::npos) << r.out;
+  // A malformed tensor is a problem too.
+  r = Sh(Q(NemofsBinary()) + " verify -q " + Q(TestData("torch/hostile/negative_stride.pt")));
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find("negative size or stride"), std::string::npos) << r.out;
+}
+
+TEST(Cli, VerifyListsAbsentShards) {
+  NEMOFS_REQUIRE_REAL_FIXTURES();
+  auto r = Sh(Q(NemofsBinary()) + " verify -q " +
+              Q(RealFixture("nemo2-dcp-metadata-only/esm2_model_checkpoint")));
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find("__0_0.distcp is missing"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("__0_1.distcp is missing"), std::string::npos) << r.out;
+}
+
 TEST(Cli, UmountOfSomethingElseFails) {
   TempDir dir;
   auto r = Sh(Q(NemofsBinary()) + " umount " + Q(dir.path()));
