@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 
 #include "util/io.h"
 
@@ -20,21 +21,35 @@ bool ContainsIndex(const Chunk& c, const std::vector<int64_t>& idx) {
   return true;
 }
 
+// Many small pieces (inner-dimension chunk splits, transposed views): read
+// each descriptor's span once and copy the pieces out in memory, instead of
+// thousands of tiny splices. Only when the spans are small.
 Result<ReadPlan> Gather(ReadPlan plan) {
   if (plan.pieces.size() <= kGatherPieces) return plan;
-  int fd = plan.pieces[0].fd;
-  uint64_t lo = UINT64_MAX, hi = 0;
+  struct Span {
+    uint64_t lo = UINT64_MAX, hi = 0;
+    std::string bytes;
+  };
+  std::map<int, Span> spans;
   for (const auto& p : plan.pieces) {
-    if (p.fd != fd || fd < 0) return plan;
-    lo = std::min(lo, p.offset);
-    hi = std::max(hi, p.offset + p.length);
+    if (p.fd < 0) return plan;  // memory pieces (fill values) stay as they are
+    Span& s = spans[p.fd];
+    s.lo = std::min(s.lo, p.offset);
+    s.hi = std::max(s.hi, p.offset + p.length);
   }
-  if (hi - lo > kGatherSpanMax) return plan;
-  std::string span(hi - lo, '\0');
-  NEMOFS_RETURN_IF_ERROR(PreadFull(fd, span.data(), span.size(), lo, "tensor gather"));
+  uint64_t total = 0;
+  for (auto& [fd, s] : spans) total += s.hi - s.lo;
+  if (total > kGatherSpanMax || total > 8 * plan.size() + (1 << 20)) return plan;
+  for (auto& [fd, s] : spans) {
+    s.bytes.resize(s.hi - s.lo);
+    NEMOFS_RETURN_IF_ERROR(PreadFull(fd, s.bytes.data(), s.bytes.size(), s.lo, "tensor gather"));
+  }
   auto out = std::make_shared<std::string>();
   out->reserve(plan.size());
-  for (const auto& p : plan.pieces) out->append(span, p.offset - lo, p.length);
+  for (const auto& p : plan.pieces) {
+    const Span& s = spans[p.fd];
+    out->append(s.bytes, p.offset - s.lo, p.length);
+  }
   ReadPlan gathered;
   gathered.AddMemory(out->data(), out->size());
   gathered.keepalive.push_back(out);
