@@ -310,6 +310,7 @@ class DistCatalogBuilder {
       }
     }
     ObjectBuilder objects;
+    int zarr_objects = 0;
     for (const auto& b : bytes_) {
       Json j = Json::object();
       if (!b.storage) {
@@ -331,7 +332,37 @@ class DistCatalogBuilder {
       }
       objects.Set(b.key, std::move(j));
     }
-    if (!bytes_.empty()) json.Set("sharded_objects", std::move(objects).Build());
+    // zarr backend: ShardedObjects are torch.save files <dir>/<key>/shard_*.pt.
+    if (layout_.dist_backend == "zarr") {
+      const std::string prefix = layout_.dist_dir.empty() ? "" : layout_.dist_dir + "/";
+      for (const auto& e : src_.entries()) {
+        if (e.type != source::EntryType::kFile || e.path.compare(0, prefix.size(), prefix) != 0) {
+          continue;
+        }
+        std::string rest = e.path.substr(prefix.size());
+        auto slash = rest.find('/');
+        if (slash == std::string::npos || rest.compare(slash + 1, 6, "shard_") != 0 ||
+            rest.size() < 3 || rest.compare(rest.size() - 3, 3, ".pt") != 0) {
+          continue;
+        }
+        Json j = Json::object();
+        j["file"] = rest;
+        auto range = src_.Locate(e.blob);
+        if (range) {
+          auto tf = torch::LoadTorchFile(range->fd, range->offset, range->length, Where(rest));
+          if (tf) {
+            j["value"] = RenderPickle(*tf);
+          } else {
+            j["error"] = tf.error().message();
+          }
+        }
+        objects.Set(rest.substr(0, rest.size() - 3), std::move(j));
+        ++zarr_objects;
+      }
+    }
+    if (!bytes_.empty() || zarr_objects > 0) {
+      json.Set("sharded_objects", std::move(objects).Build());
+    }
     Json built = std::move(json).Build();
     if (!built.empty()) cat_->checkpoint_json = built.dump(2) + "\n";
     for (const auto& [cause, m] : missing_) {

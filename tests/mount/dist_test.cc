@@ -62,5 +62,19 @@ TEST(DistMountErrors, MissingShardAndUnsupportedCodecAreNamed) {
   EXPECT_NE(r.out.find("__1_1.distcp is missing"), std::string::npos) << r.out;
 }
 
+TEST(DistMountJson, CommonStateAndShardedObjectsInCheckpointJson) {
+  for (const std::string fixture : {"dist/torch_dist_v23", "dist/zarr"}) {
+    auto m = Mount::Start(TestData(fixture));
+    ASSERT_TRUE(m);
+    auto r =
+        Sh("/usr/bin/python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); "
+           "print(c[\"common\"][\"global_step\"], sorted(c[\"sharded_objects\"])[0])' " +
+           Q(m->path() + "/checkpoint.json"));
+    EXPECT_EQ(r.exit_code, 0) << fixture << r.err;
+    EXPECT_NE(r.out.find("_extra_state/shard_0_1"), std::string::npos) << fixture << r.out;
+    m->Unmount();
+  }
+}
+
 }  // namespace
 }  // namespace nemofs::testing
