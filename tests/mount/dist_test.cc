@@ -62,6 +62,56 @@ TEST(DistMountErrors, MissingShardAndUnsupportedCodecAreNamed) {
   EXPECT_NE(r.out.find("__1_1.distcp is missing"), std::string::npos) << r.out;
 }
 
+struct HostileDist {
+  std::string name;
+  std::string key;      // the tensor the defect affects ("" = the whole checkpoint)
+  std::string message;  // expected in the problem line
+};
+
+void PrintTo(const HostileDist& h, std::ostream* os) { *os << h.name; }
+
+class DistHostile : public ::testing::TestWithParam<HostileDist> {};
+
+// Each defect is named (file and key) by verify, which exits 1; nothing crashes;
+// the other tensors still read through a mount.
+TEST_P(DistHostile, VerifyNamesTheKeyAndTheRestStillReads) {
+  const HostileDist& h = GetParam();
+  std::string src = TestData("dist/hostile/" + h.name);
+  if (h.key.empty()) {
+    auto r = Sh(Q(NemofsBinary()) + " info " + Q(src));
+    EXPECT_EQ(r.exit_code, 3) << r.out << r.err;
+    EXPECT_NE(r.err.find(h.message), std::string::npos) << r.err;
+    return;
+  }
+  auto r = Sh(Q(NemofsBinary()) + " verify -q " + Q(src));
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_NE(r.out.find(h.key), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(h.message), std::string::npos) << r.out;
+  auto m = Mount::Start(src);
+  ASSERT_TRUE(m);
+  r = Sh("cd " + Q(m->path()) + "/tensors && n=0 && for f in *; do [ \"$f\" = " + Q(h.key) +
+         " ] && continue; cat \"$f\" > /dev/null || exit 1; n=$((n+1)); done; echo $n");
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_GE(std::atoi(r.out.c_str()), 3) << r.out;
+  m->Unmount();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Defects, DistHostile,
+    ::testing::Values(
+        HostileDist{"overlap", "model.decoder.layers.0.self_attention.linear_proj.weight",
+                    "overlap"},
+        HostileDist{"hole", "model.decoder.layers.0.self_attention.linear_qkv.bias", "holes"},
+        HostileDist{"exceed", "model.embedding.word_embeddings.weight", "exceeds shape"},
+        HostileDist{"item_outside", "model.output_layer.weight", "lies outside"},
+        HostileDist{"unknown_backend", "", "unknown sharded_backend 'tensorstore9'"},
+        HostileDist{"zarr_bad_shape", "model.embedding.position_ids", "shape and chunks disagree"},
+        HostileDist{"zarr_bad_dtype", "model.decoder.layers.self_attention.linear_qkv.weight",
+                    "dtype '<q9' is not supported"},
+        HostileDist{"zarr_truncated_chunk", "model.decoder.layers.mlp.linear_fc2.weight",
+                    "has 512 bytes, expected 1024"}),
+    [](const ::testing::TestParamInfo<HostileDist>& info) { return TestName(info.param.name); });
+
 TEST(DistMountJson, CommonStateAndShardedObjectsInCheckpointJson) {
   for (const std::string fixture : {"dist/torch_dist_v23", "dist/zarr"}) {
     auto m = Mount::Start(TestData(fixture));
