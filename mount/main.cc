@@ -114,6 +114,16 @@ Result<std::unique_ptr<Filesystem>> OpenCheckpoint(const std::string& source,
   return Filesystem::Open(options);
 }
 
+// Opens SOURCE, or prints the one-line error and returns null (exit code 3).
+std::unique_ptr<Filesystem> OpenOrPrint(const std::string& source, const std::string& cache_dir) {
+  auto fs = OpenCheckpoint(source, cache_dir);
+  if (!fs) {
+    PrintError(fs.error().message());
+    return nullptr;
+  }
+  return std::move(fs).value();
+}
+
 // Lets one daemon serve thousands of shard files.
 void RaiseFileLimit() {
   struct rlimit rl {};
@@ -168,15 +178,12 @@ int RunMount(const MountArgs& args) {
     return kExitMount;
   }
   RaiseFileLimit();
-  auto fs = OpenCheckpoint(args.source, args.cache_dir);
-  if (!fs) {
-    PrintError(fs.error().message());
-    return kExitSource;
-  }
-  for (const auto& w : (*fs)->info().warnings) spdlog::warn("{}: {}", (*fs)->info().source, w);
+  auto fs = OpenOrPrint(args.source, args.cache_dir);
+  if (!fs) return kExitSource;
+  for (const auto& w : fs->info().warnings) spdlog::warn("{}: {}", fs->info().source, w);
   config.mountpoint = *mnt;
-  config.source = (*fs)->info().source;
-  return MountAndServe(**fs, config);
+  config.source = fs->info().source;
+  return MountAndServe(*fs, config);
 }
 
 // ---- umount ------------------------------------------------------------------
@@ -239,12 +246,9 @@ int RunUmount(const std::string& mountpoint, double timeout_s) {
 
 // ---- info --------------------------------------------------------------------
 int RunInfo(const std::string& source, const std::string& cache_dir, bool json) {
-  auto fs = OpenCheckpoint(source, cache_dir);
-  if (!fs) {
-    PrintError(fs.error().message());
-    return kExitSource;
-  }
-  const CheckpointInfo& i = (*fs)->info();
+  auto fs = OpenOrPrint(source, cache_dir);
+  if (!fs) return kExitSource;
+  const CheckpointInfo& i = fs->info();
   if (json) {
     nlohmann::ordered_json j;
     j["source"] = i.source;
@@ -298,14 +302,11 @@ int RunInfo(const std::string& source, const std::string& cache_dir, bool json) 
 
 // ---- verify ------------------------------------------------------------------
 int RunVerify(const std::string& source, const std::string& cache_dir, bool quiet) {
-  auto fs = OpenCheckpoint(source, cache_dir);
-  if (!fs) {
-    PrintError(fs.error().message());
-    return kExitSource;
-  }
+  auto fs = OpenOrPrint(source, cache_dir);
+  if (!fs) return kExitSource;
   const bool tty = ::isatty(2) && !quiet;
   int last_pct = -1;
-  auto problems = (*fs)->Verify([&](uint64_t done, uint64_t total) {
+  auto problems = fs->Verify([&](uint64_t done, uint64_t total) {
     int pct = total ? static_cast<int>(done * 100 / total) : 100;
     if (tty && pct != last_pct) {
       fmt::print(stderr, "\rnemofs verify: {}% of {} bytes", pct, total);
@@ -314,7 +315,7 @@ int RunVerify(const std::string& source, const std::string& cache_dir, bool quie
   });
   if (tty) fmt::print(stderr, "\n");
   for (const auto& p : problems) fmt::print("problem: {}\n", p);
-  const auto& i = (*fs)->info();
+  const auto& i = fs->info();
   fmt::print("{}: {} ({} tensors, {} bytes): {}\n", i.source, i.description, i.tensors,
              i.tensor_bytes, problems.empty() ? "OK" : fmt::format("{} problems", problems.size()));
   return problems.empty() ? kExitOk : kExitFailure;
@@ -329,15 +330,12 @@ std::string Shape(const std::vector<int64_t>& shape) {
 
 int RunLs(const std::string& source, const std::string& glob, bool all, bool json,
           const std::string& cache_dir) {
-  auto fs = OpenCheckpoint(source, cache_dir);
-  if (!fs) {
-    PrintError(fs.error().message());
-    return kExitSource;
-  }
-  for (const auto& e : (*fs)->info().weight_errors) PrintError(e);
-  if (!(*fs)->info().weight_errors.empty() && (*fs)->info().tensors == 0) return kExitSource;
+  auto fs = OpenOrPrint(source, cache_dir);
+  if (!fs) return kExitSource;
+  for (const auto& e : fs->info().weight_errors) PrintError(e);
+  if (!fs->info().weight_errors.empty() && fs->info().tensors == 0) return kExitSource;
   std::vector<TensorEntry> rows;
-  for (auto& t : (*fs)->ListTensors()) {
+  for (auto& t : fs->ListTensors()) {
     bool model = t.path.rfind("tensors/", 0) == 0;
     if (!all && !model) continue;
     const std::string& name = model ? t.key : t.path;
@@ -376,17 +374,14 @@ int RunLs(const std::string& source, const std::string& glob, bool all, bool jso
 
 // ---- cat ---------------------------------------------------------------------
 int RunCat(const std::string& source, const std::string& path, const std::string& cache_dir) {
-  auto fs = OpenCheckpoint(source, cache_dir);
-  if (!fs) {
-    PrintError(fs.error().message());
-    return kExitSource;
-  }
-  auto ino = (*fs)->Resolve(path);
+  auto fs = OpenOrPrint(source, cache_dir);
+  if (!fs) return kExitSource;
+  auto ino = fs->Resolve(path);
   if (!ino) {
     PrintError(ino.error().message());
     return kExitFailure;
   }
-  auto attr = (*fs)->GetAttr(*ino);
+  auto attr = fs->GetAttr(*ino);
   if (!attr) {
     PrintError(attr.error().message());
     return kExitFailure;
@@ -399,7 +394,7 @@ int RunCat(const std::string& source, const std::string& path, const std::string
   constexpr uint64_t kChunk = 1 << 20;
   std::string buf(kChunk, '\0');
   for (uint64_t off = 0; off < attr->size; off += kChunk) {
-    auto plan = (*fs)->Read(*ino, off, kChunk);
+    auto plan = fs->Read(*ino, off, kChunk);
     if (!plan) {
       PrintError(plan.error().message());
       return kExitFailure;

@@ -51,6 +51,9 @@ import time
 import types
 import zipfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchio import Window  # noqa: E402
+
 VERSION = 1
 KEY = "model.w"
 SHAPE = (16384, 32768)
@@ -257,33 +260,6 @@ def read_metadata(d):
     return chunks
 
 
-class _Window(io.RawIOBase):
-    """Read-only seekable view of [base, base + size) of an open binary file."""
-
-    def __init__(self, f, base, size):
-        self.f, self.base, self.size, self.pos = f, base, size, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self.pos
-
-    def seek(self, off, whence=0):
-        self.pos = {0: off, 1: self.pos + off, 2: self.size + off}[whence]
-        return self.pos
-
-    def readinto(self, b):
-        n = max(0, min(len(b), self.size - self.pos))
-        self.f.seek(self.base + self.pos)
-        got = self.f.readinto(memoryview(b)[:n])
-        self.pos += got
-        return got
-
-
 class _PklUnpickler(pickle.Unpickler):
     """data.pkl of a torch.save(tensor) item, without torch: (storage, offset, size, stride)."""
 
@@ -305,7 +281,7 @@ def inspect(d):
     chunks = read_metadata(d)
     for c in chunks:
         with open(os.path.join(d, c["file"]), "rb") as raw:
-            zf = zipfile.ZipFile(_Window(raw, c["item_offset"], c["item_length"]))
+            zf = zipfile.ZipFile(Window(raw, c["item_offset"], c["item_length"]))
             pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
             storage, off, size, stride = _PklUnpickler(io.BytesIO(zf.read(pkl))).load()
             rows, cols = c["sizes"]

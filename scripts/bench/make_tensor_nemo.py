@@ -37,6 +37,9 @@ import tarfile
 import time
 import zipfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchio import Window  # noqa: E402
+
 VERSION = 1
 MEMBER = "./model_weights.ckpt"
 BIG_KEY = "model.embedding.word_embeddings.weight"
@@ -146,7 +149,7 @@ def inspect(out):
     with open(out, "rb") as raw:
         raw.seek(ckpt_off)
         # zipfile needs a seekable file that starts at the member: wrap a window.
-        win = _Window(raw, ckpt_off, ckpt_size)
+        win = Window(raw, ckpt_off, ckpt_size)
         zf = zipfile.ZipFile(win)
         names = zf.namelist()
         pkl = next(n for n in names if n.endswith("/data.pkl"))
@@ -180,33 +183,6 @@ def inspect(out):
     if big is not None:
         info["big"] = big
     return info
-
-
-class _Window(io.RawIOBase):
-    """Read-only seekable view of [base, base + size) of an open binary file."""
-
-    def __init__(self, f, base, size):
-        self.f, self.base, self.size, self.pos = f, base, size, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self.pos
-
-    def seek(self, off, whence=0):
-        self.pos = {0: off, 1: self.pos + off, 2: self.size + off}[whence]
-        return self.pos
-
-    def readinto(self, b):
-        n = max(0, min(len(b), self.size - self.pos))
-        self.f.seek(self.base + self.pos)
-        got = self.f.readinto(memoryview(b)[:n])
-        self.pos += got
-        return got
 
 
 def main():

@@ -21,19 +21,9 @@ import sys
 
 import numpy as np
 
-NP = {"float32": np.float32, "bfloat16": np.int16, "int64": np.int64, "float16": np.float16,
-      "float64": np.float64, "int32": np.int32}
-
-failures = []
+from checklib import NP_DTYPES, esc, fail, failures
 
 
-def fail(msg):
-    failures.append(msg)
-    print("FAIL:", msg)
-
-
-def esc(key):
-    return key.replace("%", "%25").replace("/", "%2F")
 
 
 def main():
@@ -69,7 +59,7 @@ def main():
             fail(f"{key}: dtype xattr")
         if json.loads(os.getxattr(path, "user.nemofs.shape").decode()) != want["shape"]:
             fail(f"{key}: shape xattr")
-        npd = NP.get(want["dtype"])
+        npd = NP_DTYPES.get(want["dtype"])
         if npd is not None and np.fromfile(path, dtype=npd).tobytes() != data:
             fail(f"{key}: numpy bytes differ")
         fd = os.open(path, os.O_RDONLY)

@@ -26,25 +26,12 @@ import sys
 
 import numpy as np
 
-NP_DTYPES = {
-    "float64": np.float64, "float32": np.float32, "float16": np.float16, "int64": np.int64,
-    "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
-    "complex64": np.complex64, "complex128": np.complex128, "bfloat16": np.int16,
-}
+from checklib import NP_DTYPES, esc, fail, failures
+
 ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
              "U8": 1, "BOOL": 1, "C64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4,
              "U64": 8, "F8_E8M0": 1}
 
-failures = []
-
-
-def fail(msg):
-    failures.append(msg)
-    print("FAIL:", msg)
-
-
-def esc(key):
-    return key.replace("%", "%25").replace("/", "%2F")
 
 
 def sha(path):
