@@ -21,8 +21,12 @@ trap cleanup EXIT
 run() { echo; echo "\$ $*"; "$@"; }
 
 run "$nemofs" info "$sample"
+run "$nemofs" ls "$sample" 'model.decoder.layers.0.*'
 run "$nemofs" mount "$sample" "$mnt"
 run ls -lR "$mnt"
+run getfattr -d "$mnt/tensors/model.output_layer.weight"
+echo; echo "\$ /usr/bin/python3 -c 'numpy.fromfile(\"$mnt/tensors/model.decoder.final_layernorm.weight\", numpy.int16)'  # bfloat16 bits"
+/usr/bin/python3 -c "import numpy; print(numpy.fromfile('$mnt/tensors/model.decoder.final_layernorm.weight', numpy.int16)[:8])"
 echo; echo "\$ head -n 25 $mnt/config.yaml"; head -n 25 "$mnt/config.yaml"
 echo; echo "\$ cmp $mnt/archive/model_weights.ckpt <(tar -xOf $sample ./model_weights.ckpt)"
 cmp "$mnt/archive/model_weights.ckpt" <(tar -xOf "$sample" ./model_weights.ckpt) && echo "identical"
