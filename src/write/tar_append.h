@@ -1,0 +1,39 @@
+// Crash-safe append of a member to an uncompressed tar (DESIGN.md §4: a
+// config edit in a plain .nemo costs O(config), never O(archive)).
+//
+// Layout before:  ... last member | Z Z (end marker at `end`) | padding
+// Step 1: write   [PAX path header if the name needs one] [ustar header]
+//                 [data, padded] [Z Z] [padding to 10240]  at end + 1024, fsync.
+//                 Readers still stop at the end marker at `end`: the
+//                 archive is the old one (Python tarfile and GNU tar agree).
+// Step 2: write one 512-byte block at `end`: a PAX 'x' header of size 512
+//                 whose data is the (all-zero, so record-less) block at
+//                 end + 512. One sector write; fsync. Now the new member
+//                 follows, and as the last member of its name it wins (as
+//                 in tarfile, tar -x and NeMo's restore).
+// A crash before step 2 completes leaves the old archive; after, the new one.
+// Superseded copies stay until `nemofs repack`.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "nemofs/result.h"
+
+namespace nemofs::write {
+
+struct AppendResult {
+  uint64_t data_offset = 0;  // of the new member's data
+  uint64_t new_end = 0;      // offset of the new end-of-archive marker
+};
+
+// `fd` is the tar opened read-write; `end` its end-of-archive marker offset
+// (TarIndex::end_offset, with has_end_marker). The 1024 bytes at `end` must
+// be zero (else EINVAL: the archive changed since it was indexed). Crash
+// points for tests: "tar-append:before", "tar-append:data-written",
+// "tar-append:committed".
+Result<AppendResult> AppendTarMember(int fd, uint64_t end, const std::string& name,
+                                     const std::string& data, int64_t mtime, uint32_t mode,
+                                     const std::string& what);
+
+}  // namespace nemofs::write
