@@ -28,6 +28,7 @@
 #include "fuse_ops.h"
 #include "mountinfo.h"
 #include "nemofs/filesystem.h"
+#include "nemofs/repack.h"
 #include "nemofs/strings.h"
 
 extern char** environ;
@@ -300,6 +301,36 @@ int RunInfo(const std::string& source, const std::string& cache_dir, bool json) 
   return kExitOk;
 }
 
+// ---- repack ------------------------------------------------------------------
+int RunRepack(const std::string& source, const std::string& out_arg, const std::string& cache_dir,
+              bool quiet) {
+  auto real = RealPath(source);
+  if (!real) {
+    PrintError(fmt::format("{}: {}", source, std::strerror(errno)));
+    return kExitSource;
+  }
+  std::string out = out_arg.empty() ? *real : Absolute(out_arg);
+  const bool tty = ::isatty(2) && !quiet;
+  int last_pct = -1;
+  auto stats =
+      write::Repack(*real, out, Absolute(cache_dir.empty() ? DefaultCacheDir() : cache_dir),
+                    [&](uint64_t done, uint64_t total) {
+                      int pct = total ? static_cast<int>(done * 100 / total) : 100;
+                      if (tty && pct != last_pct) {
+                        fmt::print(stderr, "\rnemofs repack: {}% of {} bytes", pct, total);
+                        last_pct = pct;
+                      }
+                    });
+  if (tty) fmt::print(stderr, "\n");
+  if (!stats) {
+    PrintError(stats.error().message());
+    return stats.error().code() == EINVAL ? kExitSource : kExitFailure;
+  }
+  fmt::print("repacked {} -> {}: {} members, {} -> {} bytes\n", *real, out, stats->members,
+             stats->bytes_in, stats->bytes_out);
+  return kExitOk;
+}
+
 // ---- verify ------------------------------------------------------------------
 int RunVerify(const std::string& source, const std::string& cache_dir, bool quiet) {
   auto fs = OpenOrPrint(source, cache_dir);
@@ -466,6 +497,15 @@ int Main(int argc, char** argv) {
   info->add_flag("--json", info_json, "machine-readable output");
   info->add_option("--cache-dir", info_cache, "as for mount");
 
+  std::string repack_source, repack_out, repack_cache;
+  bool repack_quiet = false;
+  auto* repack = app.add_subcommand(
+      "repack", "Rewrite a .nemo compactly and atomically: drop superseded members, gzip -> plain");
+  repack->add_option("SOURCE", repack_source)->required();
+  repack->add_option("-o,--output", repack_out, "write here instead of replacing SOURCE");
+  repack->add_flag("-q,--quiet", repack_quiet, "no progress on stderr");
+  repack->add_option("--cache-dir", repack_cache, "as for mount");
+
   std::string verify_source, verify_cache;
   bool verify_quiet = false;
   auto* verify = app.add_subcommand(
@@ -512,6 +552,7 @@ int Main(int argc, char** argv) {
   if (cat->parsed()) return RunCat(cat_source, cat_path, cat_cache);
   if (ls->parsed()) return RunLs(ls_source, ls_glob, ls_all, ls_json, ls_cache);
   if (verify->parsed()) return RunVerify(verify_source, verify_cache, verify_quiet);
+  if (repack->parsed()) return RunRepack(repack_source, repack_out, repack_cache, repack_quiet);
   return kExitUsage;
 }
 

@@ -1,0 +1,128 @@
+#include "nemofs/repack.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "source/source.h"
+#include "source/tar_index.h"
+#include "util/fd.h"
+#include "util/io.h"
+#include "write/fault.h"
+#include "write/tar_writer.h"
+
+namespace nemofs::write {
+namespace {
+
+// Headers (with PAX records when ustar cannot hold a field) for one entry.
+std::string EntryHeaders(const std::string& name, char type, uint64_t size, int64_t sec,
+                         uint32_t nsec, uint32_t mode, const std::string& link) {
+  std::string records;
+  if (name.size() > 100) records += PaxRecord("path", name);
+  if (link.size() > 100) records += PaxRecord("linkpath", link);
+  if (size >= (uint64_t{1} << 33)) records += PaxRecord("size", std::to_string(size));
+  if (nsec != 0) records += PaxRecord("mtime", fmt::format("{}.{:09}", sec, nsec));
+  std::string out;
+  if (!records.empty()) {
+    out += Header("././@PaxHeader", 'x', records.size(), sec, 0644);
+    out += records;
+    Pad(&out, kBlock);
+  }
+  out += Header(name, type, size >= (uint64_t{1} << 33) ? 0 : size, sec, mode, link);
+  return out;
+}
+
+}  // namespace
+
+Result<RepackStats> Repack(const std::string& source, const std::string& out,
+                           const std::string& cache_dir,
+                           const std::function<void(uint64_t, uint64_t)>& progress) {
+  source::OpenOptions so;
+  so.cache_dir = cache_dir;
+  NEMOFS_ASSIGN_OR_RETURN(auto src, source::OpenSource(source, so));
+  if (src->Kind() == "directory" || src->Kind() == "file") {
+    return Err(EINVAL, "{}: repack rewrites tar archives (.nemo); this is a {}", source,
+               src->Kind());
+  }
+  RepackStats stats;
+  uint64_t total = 0;
+  for (const auto& e : src->entries()) {
+    if (e.type == source::EntryType::kFile) total += e.size;
+  }
+  NEMOFS_ASSIGN_OR_RETURN(struct stat in_st, Stat(source));
+  stats.bytes_in = static_cast<uint64_t>(in_st.st_size);
+
+  std::string dir = out.substr(0, out.rfind('/') == std::string::npos ? 0 : out.rfind('/'));
+  std::string tmp = fmt::format("{}.nemofs-repack.{}", out, ::getpid());
+  UniqueFd fd(::open(tmp.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+  if (!fd.valid()) {
+    int e = errno;
+    return Err(e, "{}: cannot create: {}", tmp, std::strerror(e));
+  }
+  auto fail = [&](Error e) -> Result<RepackStats> {
+    ::unlink(tmp.c_str());
+    return e;
+  };
+  uint64_t at = 0, done = 0;
+  auto emit = [&](const std::string& bytes) -> Status {
+    NEMOFS_RETURN_IF_ERROR(PwriteFull(fd.get(), bytes, at, tmp));
+    at += bytes.size();
+    return Ok();
+  };
+  for (const auto& e : src->entries()) {
+    std::string name = e.path.empty() ? "./" : "./" + e.path;
+    Status st;
+    if (e.type == source::EntryType::kDirectory) {
+      st = emit(EntryHeaders(name, '5', 0, e.mtime_sec, e.mtime_nsec, e.mode, ""));
+    } else if (e.type == source::EntryType::kSymlink) {
+      st = emit(EntryHeaders(name, '2', 0, e.mtime_sec, e.mtime_nsec, e.mode, e.link_target));
+    } else {
+      st = emit(EntryHeaders(name, '0', e.size, e.mtime_sec, e.mtime_nsec, e.mode, ""));
+      // The data: copied in the kernel from the source's descriptor.
+      auto range = src->Locate(e.blob);
+      if (!range) return fail(range.error());
+      uint64_t copied = 0;
+      while (st.ok() && copied < e.size) {
+        loff_t in_off = static_cast<loff_t>(range->offset + copied);
+        loff_t out_off = static_cast<loff_t>(at + copied);
+        ssize_t n = ::copy_file_range(range->fd, &in_off, fd.get(), &out_off,
+                                      std::min<uint64_t>(e.size - copied, 1 << 30), 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+          int err = n < 0 ? errno : EIO;
+          st = Err(err, "{}: copying '{}' failed: {}", tmp, e.path, std::strerror(err));
+          break;
+        }
+        copied += static_cast<uint64_t>(n);
+        done += static_cast<uint64_t>(n);
+        if (progress) progress(done, total);
+      }
+      if (st.ok()) {
+        at += e.size;
+        std::string pad;
+        pad.append((kBlock - e.size % kBlock) % kBlock, '\0');
+        st = emit(pad);
+      }
+    }
+    if (!st.ok()) return fail(st.error());
+    ++stats.members;
+  }
+  std::string end(2 * kBlock, '\0');
+  end.append((kRecord - (at + end.size()) % kRecord) % kRecord, '\0');
+  if (auto st = emit(end); !st.ok()) return fail(st.error());
+  if (auto st = Sync(fd.get(), tmp); !st.ok()) return fail(st.error());
+  stats.bytes_out = at;
+  MaybeCrash("repack:written");
+  if (::rename(tmp.c_str(), out.c_str()) != 0) {
+    int e = errno;
+    return fail(Err(e, "{}: cannot replace with {}: {}", out, tmp, std::strerror(e)));
+  }
+  // Make the rename durable.
+  UniqueFd dfd(::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dfd.valid()) ::fsync(dfd.get());
+  return stats;
+}
+
+}  // namespace nemofs::write

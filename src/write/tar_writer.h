@@ -1,0 +1,26 @@
+// Writing tar blocks: ustar headers, PAX records, padding; full writes and
+// fsync with errors naming the file. Shared by the crash-safe append and
+// repack.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "nemofs/result.h"
+
+namespace nemofs::write {
+
+inline constexpr uint64_t kBlock = 512;
+inline constexpr uint64_t kRecord = 10240;
+
+// A ustar header block (checksum computed). Sizes must fit 11 octal digits.
+std::string Header(const std::string& name, char type, uint64_t size, int64_t mtime, uint32_t mode,
+                   const std::string& link = "");
+// "<len> key=value\n".
+std::string PaxRecord(const std::string& key, const std::string& value);
+// Zero-pads `s` to a multiple of `to`.
+void Pad(std::string* s, uint64_t to);
+Status PwriteFull(int fd, const std::string& bytes, uint64_t offset, const std::string& what);
+Status Sync(int fd, const std::string& what);
+
+}  // namespace nemofs::write

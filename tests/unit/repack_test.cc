@@ -1,0 +1,120 @@
+// nemofs repack: superseded copies dropped, everything else byte-identical,
+// gzip -> plain, and a crash before the rename leaves the archive untouched.
+#include "nemofs/repack.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "source/tar_index.h"
+#include "test_util.h"
+#include "util/fd.h"
+#include "util/io.h"
+#include "write/fault.h"
+#include "write/tar_append.h"
+
+namespace nemofs::write {
+namespace {
+
+using testing::Sh;
+using testing::ShellQuote;
+using testing::TempDir;
+using testing::TestData;
+
+uint64_t EndOf(const std::string& path) {
+  auto fd = OpenReadOnly(path);
+  auto st = FStat(fd->get(), path);
+  return source::IndexTar(fd->get(), 0, static_cast<uint64_t>(st->st_size), path)->end_offset;
+}
+
+std::string Members(const std::string& path) {
+  auto r =
+      Sh("/usr/bin/python3 -c 'import sys,tarfile,hashlib; t=tarfile.open(sys.argv[1])\n"
+         "for m in t.getmembers():\n"
+         "    d = t.extractfile(m).read() if m.isreg() else b\"\"\n"
+         "    print(m.name, m.type, hashlib.sha256(d).hexdigest()[:16])' " +
+         ShellQuote(path));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out;
+}
+
+TEST(Repack, DropsSupersededCopiesAndKeepsEverythingElse) {
+  TempDir dir;
+  std::string path = dir.Join("m.nemo");
+  ASSERT_EQ(Sh("cp " + ShellQuote(TestData("tiny_gpt.nemo")) + " " + ShellQuote(path)).exit_code,
+            0);
+  std::string before = Members(path);
+  {
+    UniqueFd fd(::open(path.c_str(), O_RDWR));
+    auto r1 =
+        AppendTarMember(fd.get(), EndOf(path), "./model_config.yaml", "v: 1\n", 1, 0644, path);
+    ASSERT_TRUE(r1.ok());
+    ASSERT_TRUE(
+        AppendTarMember(fd.get(), r1->new_end, "./model_config.yaml", "v: 2\n", 2, 0644, path)
+            .ok());
+  }
+  auto stats = Repack(path, path, dir.Join("cache"), nullptr);
+  ASSERT_TRUE(stats.ok()) << stats.error().message();
+  EXPECT_EQ(stats->members, 7u);
+  std::string after = Members(path);
+  // Same members in the same order; only the config's bytes changed.
+  auto r = Sh("tar -xOf " + ShellQuote(path) + " ./model_config.yaml");
+  EXPECT_EQ(r.out, "v: 2\n");
+  EXPECT_EQ(std::count(after.begin(), after.end(), '\n'), 7);
+  for (const char* name :
+       {"./model_weights.ckpt", "./0c79b648c99d47c28a5d98eba838b355_merges.txt"}) {
+    auto line = [&](const std::string& listing) {
+      auto at = listing.find(std::string(name) + " ");
+      return at == std::string::npos ? std::string()
+                                     : listing.substr(at, listing.find('\n', at) - at);
+    };
+    EXPECT_EQ(line(after), line(before)) << name;
+  }
+  EXPECT_EQ(Sh("tar -tf " + ShellQuote(path) + " >/dev/null").exit_code, 0);
+}
+
+TEST(Repack, GzipBecomesPlainWithTheSameMembers) {
+  TempDir dir;
+  auto plain = Repack(TestData("tiny_gpt.nemo"), dir.Join("a.nemo"), dir.Join("c"), nullptr);
+  ASSERT_TRUE(plain.ok()) << plain.error().message();
+  uint64_t last = 0;
+  auto gz = Repack(TestData("tiny_gpt_gz.nemo"), dir.Join("b.nemo"), dir.Join("c"),
+                   [&](uint64_t done, uint64_t total) {
+                     EXPECT_GE(done, last);
+                     EXPECT_LE(done, total);
+                     last = done;
+                   });
+  ASSERT_TRUE(gz.ok()) << gz.error().message();
+  EXPECT_GT(last, 0u) << "progress was reported";
+  EXPECT_EQ(testing::ReadFile(dir.Join("a.nemo")), testing::ReadFile(dir.Join("b.nemo")));
+  EXPECT_EQ(Members(dir.Join("b.nemo")), Members(TestData("tiny_gpt.nemo")));
+}
+
+TEST(Repack, CrashBeforeTheRenameLeavesTheArchiveUntouched) {
+  TempDir dir;
+  std::string path = dir.Join("m.nemo");
+  ASSERT_EQ(
+      Sh("cp " + ShellQuote(TestData("tiny_gpt_tp2.nemo")) + " " + ShellQuote(path)).exit_code, 0);
+  std::string before = testing::ReadFile(path);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::setenv("NEMOFS_FAULT", "repack:written", 1);
+    auto r = Repack(path, path, dir.Join("c"), nullptr);
+    ::_exit(r.ok() ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_EQ(WEXITSTATUS(status), kFaultExitCode);
+  EXPECT_EQ(testing::ReadFile(path), before);
+}
+
+TEST(Repack, RefusesFolders) {
+  auto r = Repack(TestData("nemo2_tiny"), "/tmp/never", "/tmp", nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().message().find("repack rewrites tar archives"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace nemofs::write
