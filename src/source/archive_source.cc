@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <map>
+#include <nlohmann/json.hpp>
 
 #include "source/sources_internal.h"
 #include "util/io.h"
@@ -171,9 +172,15 @@ Result<std::unique_ptr<Source>> ArchiveSource::Open(const std::string& path,
   std::free(real);
   src->cache_dir_ = fmt::format("{}/{:016x}", cache_dir, Fnv1a(identity));
 
-  NEMOFS_ASSIGN_OR_RETURN(ArchivePtr a, OpenReader(path));
   std::vector<Entry> raw;
   std::vector<std::string> warnings;
+  if (src->LoadIndex(&raw, &warnings)) {
+    src->index_from_cache_ = true;
+    src->fds_ = std::make_unique<LazyFds>(src->blobs_.size());
+    src->SetEntries(std::move(raw), std::move(warnings));
+    return std::unique_ptr<Source>(std::move(src));
+  }
+  NEMOFS_ASSIGN_OR_RETURN(ArchivePtr a, OpenReader(path));
   std::map<std::string, uint32_t> file_blob;
   archive_entry* ent = nullptr;
   uint64_t ordinal = 0;
@@ -242,6 +249,7 @@ Result<std::unique_ptr<Source>> ArchiveSource::Open(const std::string& path,
     return Err(EINVAL, "{}", ArchiveError(a.get(), path, "not a readable compressed tar"));
   }
   if (ordinal == 0) return Err(EINVAL, "{}: compressed archive holds no tar members", path);
+  src->SaveIndex(raw, warnings);
   src->fds_ = std::make_unique<LazyFds>(src->blobs_.size());
   src->SetEntries(std::move(raw), std::move(warnings));
   return std::unique_ptr<Source>(std::move(src));
@@ -281,6 +289,12 @@ Result<int> ArchiveSource::Extract(uint32_t blob_index) {
       return fail(Err(EIO, "{}", ArchiveError(a, path(), "member vanished on re-read")));
     }
     if (i == blob.ordinal) break;
+  }
+  if (!archive_entry_size_is_set(ent) ||
+      static_cast<uint64_t>(archive_entry_size(ent)) != blob.size) {
+    return fail(Err(EIO,
+                    "{}: member {} is not the {} bytes the listing recorded (stale index in {}?)",
+                    path(), blob.ordinal, blob.size, cache_dir_));
   }
   uint64_t written = 0;
   for (;;) {
@@ -348,6 +362,107 @@ Result<FileRange> ArchiveSource::Locate(uint32_t blob_index) {
     NEMOFS_ASSIGN_OR_RETURN(fd, Extract(blob_index));
   }
   return FileRange{fd, 0, blobs_[blob_index].size};
+}
+
+}  // namespace nemofs::source
+
+namespace nemofs::source {
+namespace {
+
+constexpr int kIndexVersion = 1;
+
+nlohmann::json::binary_t Binary(const std::string& s) {
+  return nlohmann::json::binary_t(std::vector<uint8_t>(s.begin(), s.end()));
+}
+std::string FromBinary(const nlohmann::json& j) {
+  const auto& b = j.get_binary();
+  return std::string(b.begin(), b.end());
+}
+
+}  // namespace
+
+void ArchiveSource::SaveIndex(const std::vector<Entry>& raw,
+                              const std::vector<std::string>& warnings) const {
+  nlohmann::json j;
+  j["version"] = kIndexVersion;
+  j["source"] = path();
+  auto& entries = j["entries"] = nlohmann::json::array();
+  for (const auto& e : raw) {
+    entries.push_back({e.path, static_cast<int>(e.type), e.size, e.mtime_sec, e.mtime_nsec, e.mode,
+                       e.link_target, e.blob});
+  }
+  j["warnings"] = warnings;
+  auto& blobs = j["blobs"] = nlohmann::json::array();
+  for (const auto& b : blobs_) {
+    nlohmann::json o = {{"o", b.ordinal}, {"s", b.size}};
+    if (b.data) o["d"] = Binary(*b.data);
+    if (b.captured) {
+      auto& regions = o["r"] = nlohmann::json::array();
+      for (const auto& r : b.captured->regions()) regions.push_back({r.offset, Binary(r.bytes)});
+    }
+    blobs.push_back(std::move(o));
+  }
+  std::vector<uint8_t> bytes = nlohmann::json::to_cbor(j);
+  // Best effort: a cache that cannot be written only costs the next mount time.
+  if (!MakeDirs(cache_dir_).ok()) return;
+  std::string final_path = cache_dir_ + "/index.cbor";
+  std::string tmp = fmt::format("{}.tmp.{}", final_path, ::getpid());
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!fd.valid()) return;
+  if (!WriteFull(fd.get(), bytes.data(), bytes.size(), tmp).ok()) {
+    ::unlink(tmp.c_str());
+    return;
+  }
+  fd.Reset();
+  if (::rename(tmp.c_str(), final_path.c_str()) != 0) ::unlink(tmp.c_str());
+}
+
+bool ArchiveSource::LoadIndex(std::vector<Entry>* raw, std::vector<std::string>* warnings) {
+  auto bytes = ReadSmallFile(cache_dir_ + "/index.cbor", 1ull << 30);
+  if (!bytes) return false;
+  auto j = nlohmann::json::from_cbor(*bytes, true, false);
+  if (j.is_discarded() || !j.is_object() || j.value("version", 0) != kIndexVersion ||
+      j.value("source", "") != path()) {
+    return false;  // stale or damaged: list again (and rewrite it)
+  }
+  try {
+    std::vector<Blob> blobs;
+    for (const auto& o : j.at("blobs")) {
+      Blob b;
+      b.ordinal = o.at("o").get<uint64_t>();
+      b.size = o.at("s").get<uint64_t>();
+      if (o.contains("d")) b.data = std::make_shared<const std::string>(FromBinary(o["d"]));
+      if (o.contains("r")) {
+        std::vector<SparseReader::Region> regions;
+        for (const auto& r : o["r"])
+          regions.push_back({r.at(0).get<uint64_t>(), FromBinary(r.at(1))});
+        b.captured = std::make_shared<const SparseReader>(b.size, std::move(regions));
+      }
+      blobs.push_back(std::move(b));
+    }
+    std::vector<Entry> entries;
+    for (const auto& a : j.at("entries")) {
+      Entry e;
+      e.path = a.at(0).get<std::string>();
+      int type = a.at(1).get<int>();
+      if (type < 0 || type > 2) return false;
+      e.type = static_cast<EntryType>(type);
+      e.size = a.at(2).get<uint64_t>();
+      e.mtime_sec = a.at(3).get<int64_t>();
+      e.mtime_nsec = a.at(4).get<uint32_t>();
+      e.mode = a.at(5).get<uint32_t>();
+      e.link_target = a.at(6).get<std::string>();
+      e.blob = a.at(7).get<uint32_t>();
+      if (e.type == EntryType::kFile && e.blob >= blobs.size()) return false;
+      entries.push_back(std::move(e));
+    }
+    *warnings = j.at("warnings").get<std::vector<std::string>>();
+    *raw = std::move(entries);
+    blobs_ = std::move(blobs);
+    return true;
+  } catch (const nlohmann::json::exception&) {
+    return false;
+  }
 }
 
 }  // namespace nemofs::source

@@ -74,6 +74,8 @@ class ArchiveSource final : public Source {
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
   Result<FileRange> Locate(uint32_t blob) override;
   Result<std::shared_ptr<const ByteReader>> MetadataReader(uint32_t blob) override;
+  // True when the listing came from the index cached by an earlier open.
+  bool index_from_cache() const { return index_from_cache_; }
 
  private:
   struct Blob {
@@ -87,6 +89,11 @@ class ArchiveSource final : public Source {
   };
   explicit ArchiveSource(std::string path) : Source(std::move(path)) {}
   Result<int> Extract(uint32_t blob);
+  // The listing (entries, blobs, captured metadata) saved in the cache
+  // directory, so that a remount skips the decompression pass.
+  bool LoadIndex(std::vector<Entry>* raw, std::vector<std::string>* warnings);
+  void SaveIndex(const std::vector<Entry>& raw, const std::vector<std::string>& warnings) const;
+  bool index_from_cache_ = false;
 
   std::string filter_;
   std::string cache_dir_;  // per-source directory under the user's cache dir

@@ -66,6 +66,7 @@ class SparseReader final : public ByteReader {
   };
   SparseReader(uint64_t size, std::vector<Region> regions);
   uint64_t size() const override { return size_; }
+  const std::vector<Region>& regions() const { return regions_; }
   Status Read(uint64_t offset, void* buf, size_t len, std::string_view what) const override;
 
  private:

@@ -7,6 +7,7 @@
 
 #include <filesystem>
 
+#include "source/sources_internal.h"
 #include "test_util.h"
 
 namespace nemofs {
@@ -112,10 +113,10 @@ TEST(Filesystem, GzipMembersAreExtractedOnlyWhenRead) {
   TempDir cache;
   auto fs = OpenFs(TestData("tiny_gpt_gz.nemo"), cache.path());
   ASSERT_TRUE(fs);
-  auto count_files = [&] {
+  auto count_files = [&] {  // extracted members (the listing index is not one)
     int n = 0;
     for (const auto& e : std::filesystem::recursive_directory_iterator(cache.path())) {
-      n += e.is_regular_file();
+      n += e.is_regular_file() && e.path().filename() != "index.cbor";
     }
     return n;
   };
@@ -134,7 +135,7 @@ TEST(Filesystem, GzipMembersAreExtractedOnlyWhenRead) {
   // A second open of the same source reuses the extracted member.
   std::string cached;
   for (const auto& e : std::filesystem::recursive_directory_iterator(cache.path())) {
-    if (e.is_regular_file()) cached = e.path();
+    if (e.is_regular_file() && e.path().filename() != "index.cbor") cached = e.path();
   }
   auto before = std::filesystem::last_write_time(cached);
   auto fs2 = OpenFs(TestData("tiny_gpt_gz.nemo"), cache.path());
@@ -142,6 +143,35 @@ TEST(Filesystem, GzipMembersAreExtractedOnlyWhenRead) {
   EXPECT_EQ(ReadAll(*fs2, *fs2->Resolve("archive/model_weights.ckpt")), ReadAll(*fs, weights));
   EXPECT_EQ(std::filesystem::last_write_time(cached), before);
   EXPECT_EQ(count_files(), 1);
+}
+
+TEST(Filesystem, RemountOfACompressedArchiveReusesTheListing) {
+  TempDir cache;
+  auto first = source::OpenSource(TestData("tiny_gpt_gz.nemo"), {cache.path()});
+  ASSERT_TRUE(first.ok()) << first.error().message();
+  EXPECT_FALSE(dynamic_cast<source::ArchiveSource&>(**first).index_from_cache());
+  auto second = source::OpenSource(TestData("tiny_gpt_gz.nemo"), {cache.path()});
+  ASSERT_TRUE(second.ok()) << second.error().message();
+  EXPECT_TRUE(dynamic_cast<source::ArchiveSource&>(**second).index_from_cache())
+      << "the second open must not decompress the archive again";
+  ASSERT_EQ((*first)->entries().size(), (*second)->entries().size());
+  for (size_t i = 0; i < (*first)->entries().size(); ++i) {
+    EXPECT_EQ((*first)->entries()[i].path, (*second)->entries()[i].path);
+    EXPECT_EQ((*first)->entries()[i].size, (*second)->entries()[i].size);
+  }
+  // The whole tree (tensors catalogued from the cached zip metadata) is the same.
+  auto a = OpenFs(TestData("tiny_gpt_gz.nemo"), cache.path());
+  ASSERT_TRUE(a);
+  EXPECT_EQ(a->info().tensors, 20u);
+  EXPECT_EQ(ReadAll(*a, *a->Resolve("tensors/model.output_layer.weight")).size(), 16384u);
+  // A damaged index is ignored and rewritten.
+  for (const auto& e : std::filesystem::recursive_directory_iterator(cache.path())) {
+    if (e.path().filename() == "index.cbor") testing::WriteFile(e.path(), "garbage");
+  }
+  auto third = source::OpenSource(TestData("tiny_gpt_gz.nemo"), {cache.path()});
+  ASSERT_TRUE(third.ok()) << third.error().message();
+  EXPECT_FALSE(dynamic_cast<source::ArchiveSource&>(**third).index_from_cache());
+  EXPECT_EQ((*third)->entries().size(), (*first)->entries().size());
 }
 
 TEST(Filesystem, OtherCompressionsThroughLibarchive) {
