@@ -1,6 +1,7 @@
 // Small string helpers shared by the core and the command line.
 #pragma once
 
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -20,6 +21,11 @@ inline std::vector<std::string_view> Split(std::string_view s, char sep) {
     parts.push_back(s.substr(pos, next - pos));
     pos = next + 1;
   }
+}
+
+// "dir/name", or "name" when dir is "" (the root of a source).
+inline std::string JoinPath(const std::string& dir, const std::string& name) {
+  return dir.empty() ? name : dir + "/" + name;
 }
 
 }  // namespace nemofs

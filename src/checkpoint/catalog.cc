@@ -216,15 +216,7 @@ Result<Loaded> LoadWeightFile(source::Source& src, const WeightFile& wf) {
   l.blob = e->blob;
   l.name = src.Kind() == "file" ? src.path() : src.path() + ":" + wf.path;
   NEMOFS_ASSIGN_OR_RETURN(auto reader, src.MetadataReader(e->blob));
-  auto file = torch::LoadTorchFile(*reader, l.name);
-  if (!file && file.error().code() == ENODATA) {
-    // Metadata captured from a compressed stream did not cover it: read the
-    // member itself (this extracts it into the cache).
-    NEMOFS_ASSIGN_OR_RETURN(source::FileRange range, src.Locate(e->blob));
-    file = torch::LoadTorchFile(range.fd, range.offset, range.length, l.name);
-  }
-  if (!file) return file.error();
-  l.file = std::move(file).value();
+  NEMOFS_ASSIGN_OR_RETURN(l.file, torch::LoadTorchFile(*reader, l.name));
   return l;
 }
 

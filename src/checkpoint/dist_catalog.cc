@@ -8,15 +8,12 @@
 #include <tuple>
 
 #include "dist/dcp.h"
+#include "nemofs/strings.h"
 #include "torch/torch_file.h"
 #include "util/json_util.h"
 
 namespace nemofs::checkpoint {
 namespace {
-
-std::string JoinPath(const std::string& dir, const std::string& name) {
-  return dir.empty() ? name : dir + "/" + name;
-}
 
 std::string Dims(const std::vector<int64_t>& v) {
   std::string s = "(";
@@ -71,10 +68,6 @@ void FlatRangeToBoxes(
   if (full_to > full_from) box(full_from, full_to - full_from);
   if (end % inner != 0) recurse(last, 0, end - last * inner);
 }
-
-struct ItemParse {
-  torch::StoredTensor tensor;
-};
 
 class DistCatalogBuilder {
  public:
@@ -187,15 +180,6 @@ class DistCatalogBuilder {
           std::string name =
               fmt::format("{}@{}", Where(dc.storage->relative_path), dc.storage->offset);
           auto tf = torch::LoadTorchFile(sub, name);
-          if (!tf && tf.error().code() == ENODATA) {  // captured metadata too small: read the file
-            auto range = src_.Locate(f.blob);
-            if (range) {
-              FdReader full(range->fd, range->offset, range->length);
-              f.reader = std::make_shared<FdReader>(full);
-              SubReader sub2(*f.reader, dc.storage->offset, dc.storage->length);
-              tf = torch::LoadTorchFile(sub2, name);
-            }
-          }
           if (!tf) {
             why = tf.error().message();
           } else if (tf->tensors.size() != 1) {
@@ -297,11 +281,6 @@ class DistCatalogBuilder {
       auto reader = src_.MetadataReader(e->blob);
       if (reader) {
         auto tf = torch::LoadTorchFile(**reader, Where("common.pt"));
-        if (!tf && tf.error().code() == ENODATA) {
-          if (auto range = src_.Locate(e->blob)) {
-            tf = torch::LoadTorchFile(range->fd, range->offset, range->length, Where("common.pt"));
-          }
-        }
         if (tf) {
           json.Set("common", RenderPickle(*tf));
         } else {

@@ -7,6 +7,8 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "nemofs/strings.h"
+
 namespace nemofs::checkpoint {
 namespace {
 
@@ -25,10 +27,6 @@ bool IsDir(const Source& src, std::string_view path) {
 bool IsFile(const Source& src, std::string_view path) {
   const Entry* e = src.Find(path);
   return e && e->type == EntryType::kFile;
-}
-
-std::string JoinPath(const std::string& a, const std::string& b) {
-  return a.empty() ? b : a + "/" + b;
 }
 
 // Direct children names of `dir`.

@@ -17,15 +17,12 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/dist_catalog.h"
+#include "nemofs/strings.h"
 #include "util/fd.h"
 #include "util/io.h"
 
 namespace nemofs::checkpoint {
 namespace {
-
-std::string JoinPath(const std::string& dir, const std::string& name) {
-  return dir.empty() ? name : dir + "/" + name;
-}
 
 std::optional<torch::DType> ZarrDType(const std::string& s) {
   static const std::pair<const char*, torch::DType> kMap[] = {

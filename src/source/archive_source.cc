@@ -153,9 +153,30 @@ std::shared_ptr<const SparseReader> CaptureZipMetadata(archive* a, uint64_t size
 
 }  // namespace
 
+// Reads what the listing pass captured; anything else extracts the member
+// (once) and reads it from the cache, so callers never see ENODATA.
+class CapturedOrExtracted final : public ByteReader {
+ public:
+  CapturedOrExtracted(std::shared_ptr<const SparseReader> captured, Source* src, uint32_t blob)
+      : captured_(std::move(captured)), src_(src), blob_(blob) {}
+  uint64_t size() const override { return captured_->size(); }
+  Status Read(uint64_t offset, void* buf, size_t len, std::string_view what) const override {
+    Status st = captured_->Read(offset, buf, len, what);
+    if (st.ok() || st.error().code() != ENODATA) return st;
+    NEMOFS_ASSIGN_OR_RETURN(FileRange r, src_->Locate(blob_));
+    return FdReader(r.fd, r.offset, r.length).Read(offset, buf, len, what);
+  }
+
+ private:
+  std::shared_ptr<const SparseReader> captured_;
+  Source* src_;
+  uint32_t blob_;
+};
+
 Result<std::shared_ptr<const ByteReader>> ArchiveSource::MetadataReader(uint32_t blob_index) {
   if (blob_index < blobs_.size() && blobs_[blob_index].captured && fds_->Peek(blob_index) < 0) {
-    return std::shared_ptr<const ByteReader>(blobs_[blob_index].captured);
+    return std::shared_ptr<const ByteReader>(
+        std::make_shared<CapturedOrExtracted>(blobs_[blob_index].captured, this, blob_index));
   }
   return Source::MetadataReader(blob_index);
 }

@@ -73,8 +73,8 @@ class Source {
 
   // A reader for parsing a blob's metadata (a torch.save zip's directory and
   // data.pkl). Defaults to the bytes Locate gives; ArchiveSource answers from
-  // what it captured in its listing pass, without extracting the member, and
-  // that reader fails with ENODATA for bytes it did not capture.
+  // what it captured in its listing pass and extracts the member only for
+  // bytes it did not capture.
   virtual Result<std::shared_ptr<const ByteReader>> MetadataReader(uint32_t blob);
 
   // Finds an entry by normalised path; nullptr if absent.
@@ -93,7 +93,6 @@ class Source {
   std::string path_;
   std::vector<Entry> entries_;
   std::vector<std::string> warnings_;
-  std::vector<uint32_t> sorted_;  // indices of entries_ sorted by path, for Find
 };
 
 struct OpenOptions {

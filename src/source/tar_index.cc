@@ -37,17 +37,14 @@ bool ParseNumber(const unsigned char* block, size_t off, size_t len, int64_t* ou
   }
   size_t i = 0;
   while (i < len && p[i] == ' ') ++i;
-  uint64_t v = 0;
-  bool any = false;
+  uint64_t v = 0;  // an empty field reads as 0, as tarfile does
   for (; i < len && p[i] >= '0' && p[i] <= '7'; ++i) {
     if (v > (static_cast<uint64_t>(INT64_MAX) >> 3)) return false;
     v = (v << 3) | static_cast<uint64_t>(p[i] - '0');
-    any = true;
   }
   for (; i < len; ++i) {  // only NUL or space may follow the digits
     if (p[i] != ' ' && p[i] != '\0') return false;
   }
-  (void)any;  // an empty field reads as 0, as tarfile does
   *out = static_cast<int64_t>(v);
   return true;
 }
