@@ -1,6 +1,8 @@
 """I/O helpers shared by the benchmark generators (make_tensor_nemo.py, make_dist_bench.py)."""
 
+import collections
 import io
+import pickle
 
 
 class Window(io.RawIOBase):
@@ -28,3 +30,26 @@ class Window(io.RawIOBase):
         got = self.f.readinto(memoryview(b)[:n])
         self.pos += got
         return got
+
+
+class StubUnpickler(pickle.Unpickler):
+    """Reads a torch.save data.pkl without torch: every _rebuild_tensor* call
+    becomes rebuild(storage, storage_offset, size, stride), a storage its
+    persistent id as {"type", "key", "numel"}. Other globals are refused."""
+
+    def __init__(self, file, rebuild):
+        super().__init__(file)
+        self._rebuild = rebuild
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name.startswith("_rebuild_tensor"):
+            return lambda storage, off, size, stride, *rest: self._rebuild(storage, off, size, stride)
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch" and name.endswith("Storage"):
+            return name
+        raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
+
+    def persistent_load(self, pid):
+        # ('storage', storage_type, key, location, numel)
+        return {"type": pid[1], "key": pid[2], "numel": pid[4]}

@@ -52,7 +52,7 @@ import types
 import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchio import Window  # noqa: E402
+from benchio import StubUnpickler, Window  # noqa: E402
 
 VERSION = 1
 KEY = "model.w"
@@ -260,21 +260,6 @@ def read_metadata(d):
     return chunks
 
 
-class _PklUnpickler(pickle.Unpickler):
-    """data.pkl of a torch.save(tensor) item, without torch: (storage, offset, size, stride)."""
-
-    def find_class(self, module, name):
-        if module == "torch._utils" and name.startswith("_rebuild_tensor"):
-            return lambda storage, off, size, stride, *rest: (storage, off, tuple(size), tuple(stride))
-        if module == "collections" and name == "OrderedDict":
-            import collections
-            return collections.OrderedDict
-        if module == "torch" and name.endswith("Storage"):
-            return name
-        raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
-
-    def persistent_load(self, pid):
-        return {"type": pid[1], "key": pid[2], "numel": pid[4]}
 
 
 def inspect(d):
@@ -283,7 +268,9 @@ def inspect(d):
         with open(os.path.join(d, c["file"]), "rb") as raw:
             zf = zipfile.ZipFile(Window(raw, c["item_offset"], c["item_length"]))
             pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
-            storage, off, size, stride = _PklUnpickler(io.BytesIO(zf.read(pkl))).load()
+            storage, off, size, stride = StubUnpickler(
+                io.BytesIO(zf.read(pkl)),
+                lambda storage, off, size, stride: (storage, off, tuple(size), tuple(stride))).load()
             rows, cols = c["sizes"]
             if (storage["type"], off, size, stride) != ("FloatStorage", 0, (rows, cols), (cols, 1)):
                 raise ValueError(f"{c['file']}: unexpected item tensor {storage} {off} {size} {stride}")

@@ -38,7 +38,7 @@ import time
 import zipfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchio import Window  # noqa: E402
+from benchio import StubUnpickler, Window  # noqa: E402
 
 VERSION = 1
 MEMBER = "./model_weights.ckpt"
@@ -119,22 +119,6 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
     return _Tensor(storage, storage_offset, size)
 
 
-class _StubUnpickler(pickle.Unpickler):
-    """Reads torch.save's data.pkl without torch: tensors become _Tensor."""
-
-    def find_class(self, module, name):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
-        if module == "collections" and name == "OrderedDict":
-            import collections
-            return collections.OrderedDict
-        if module == "torch" and name.endswith("Storage"):
-            return name
-        raise pickle.UnpicklingError(f"unexpected global {module}.{name}")
-
-    def persistent_load(self, pid):
-        # ('storage', storage_type, key, location, numel)
-        return {"type": pid[1], "key": pid[2], "numel": pid[4]}
 
 
 def inspect(out):
@@ -154,7 +138,7 @@ def inspect(out):
         names = zf.namelist()
         pkl = next(n for n in names if n.endswith("/data.pkl"))
         prefix = pkl[: -len("data.pkl")]
-        sd = _StubUnpickler(io.BytesIO(zf.read(pkl))).load()
+        sd = StubUnpickler(io.BytesIO(zf.read(pkl)), _rebuild_tensor).load()
         total = 0
         big = None
         for key, t in sd.items():
