@@ -365,16 +365,24 @@ TEST(Cli, UsageHelpVersionAndCat) {
   EXPECT_EQ(r.out, "nemo 4 per-rank model_weights.ckpt (TP=2, PP=1)\n");
 }
 
-TEST(Cli, SigtermUnmountsCleanly) {
+// README: SIGTERM and SIGINT unmount cleanly.
+class CliSignal : public ::testing::TestWithParam<int> {};
+
+TEST_P(CliSignal, UnmountsCleanly) {
   auto m = Mount::Start(TestData("tiny_gpt.nemo"));
   ASSERT_TRUE(m);
-  ASSERT_EQ(::kill(m->pid(), SIGTERM), 0);
+  ASSERT_EQ(::kill(m->pid(), GetParam()), 0);
   for (int i = 0; i < 500 && IsMounted(m->path()); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  EXPECT_FALSE(IsMounted(m->path())) << "SIGTERM did not unmount";
+  EXPECT_FALSE(IsMounted(m->path())) << "signal " << GetParam() << " did not unmount";
   m->Unmount();  // reaps the daemon and checks it exited with status 0
 }
+
+INSTANTIATE_TEST_SUITE_P(Signals, CliSignal, ::testing::Values(SIGTERM, SIGINT),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return std::string(info.param == SIGTERM ? "SIGTERM" : "SIGINT");
+                         });
 
 TEST(Cli, AllowOtherReachesTheKernel) {
   auto m = Mount::Start(TestData("tiny_gpt.nemo"), {"-o", "allow_other"});

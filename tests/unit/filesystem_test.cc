@@ -214,3 +214,48 @@ TEST(Filesystem, ResolveRejectsEscapes) {
 
 }  // namespace
 }  // namespace nemofs
+
+namespace nemofs {
+namespace {
+
+// README: symbolic links in a folder source are followed to files; links to
+// directories and dangling links are skipped with a warning.
+TEST(FolderSource, SymlinksToFilesAreFollowedOthersSkipped) {
+  TempDir dir;
+  testing::WriteFile(dir.Join("model_config.yaml"), "a: 1\n");
+  testing::WriteFile(dir.Join("real.bin"), "payload");
+  std::filesystem::create_directory(dir.Join("sub"));
+  std::filesystem::create_symlink("real.bin", dir.Join("link.bin"));
+  std::filesystem::create_symlink("sub", dir.Join("dirlink"));
+  std::filesystem::create_symlink("missing", dir.Join("dangling"));
+  auto fs = OpenFs(dir.path());
+  ASSERT_TRUE(fs);
+  auto link = fs->Resolve("archive/link.bin");
+  ASSERT_TRUE(link.ok());
+  EXPECT_EQ(fs->GetAttr(*link)->type, NodeType::kFile);
+  EXPECT_EQ(ReadAll(*fs, *link), "payload");
+  EXPECT_EQ(fs->Resolve("archive/dirlink").error().code(), ENOENT);
+  EXPECT_EQ(fs->Resolve("archive/dangling").error().code(), ENOENT);
+  std::string warnings;
+  for (const auto& w : fs->info().warnings) warnings += w + "\n";
+  EXPECT_NE(warnings.find("'dirlink': symbolic link to a directory"), std::string::npos)
+      << warnings;
+  EXPECT_NE(warnings.find("'dangling': dangling symbolic link"), std::string::npos) << warnings;
+}
+
+// README: modes are 0444, 0555 when the stored member is executable; directories 0555.
+TEST(Filesystem, ModesFollowTheExecutableBit) {
+  TempDir dir;
+  testing::TarBuilder t;
+  t.AddDir("./").AddFile("./model_config.yaml", "a: 1\n");
+  t.AddHeader({"./run.sh", '0', 3, "", 0755}).AddData("ls\n").End();
+  testing::WriteFile(dir.Join("x.nemo"), t.bytes());
+  auto fs = OpenFs(dir.Join("x.nemo"));
+  ASSERT_TRUE(fs);
+  EXPECT_EQ(fs->GetAttr(*fs->Resolve("archive/run.sh"))->perm, 0555u);
+  EXPECT_EQ(fs->GetAttr(*fs->Resolve("config.yaml"))->perm, 0444u);
+  EXPECT_EQ(fs->GetAttr(*fs->Resolve("archive"))->perm, 0555u);
+}
+
+}  // namespace
+}  // namespace nemofs
