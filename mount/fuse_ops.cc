@@ -19,8 +19,9 @@
 namespace nemofs::mountcmd {
 namespace {
 
-// Everything in a read-only mount is immutable: cache names and attributes
-// for a day, keep file pages in the kernel page cache across opens.
+// Everything but the config and scratch files is immutable: cache names and
+// attributes for a day, keep file pages in the kernel page cache across
+// opens. What can change (Filesystem::Volatile) is never cached.
 constexpr double kImmutableTimeout = 86400.0;
 constexpr uint32_t kBlockSize = 1 << 20;
 // Reads up to this size are copied instead of spliced (see OpRead).
@@ -80,10 +81,23 @@ void FillStat(const Context& ctx, const NodeAttr& a, struct stat* st) {
   st->st_ctim = st->st_mtim;
 }
 
+double Timeout(const Context& ctx, uint64_t ino) {
+  return ctx.fs->Volatile(ino) ? 0.0 : kImmutableTimeout;
+}
+
+void FillEntry(const Context& ctx, const NodeAttr& attr, fuse_entry_param* e) {
+  *e = fuse_entry_param{};
+  e->ino = attr.ino;
+  e->attr_timeout = Timeout(ctx, attr.ino);
+  e->entry_timeout = e->attr_timeout;
+  FillStat(ctx, attr, &e->attr);
+}
+
 // Logs a failed op once, here at the boundary, then replies with its errno.
+// Misses tools probe for (ENOENT, ENODATA, ENOTSUP of xattrs) are debug-level.
 void ReplyError(fuse_req_t req, const char* op, uint64_t ino, const Error& error) {
   int code = error.code() > 0 ? error.code() : EIO;
-  if (code == ENOENT || code == ENODATA) {
+  if (code == ENOENT || code == ENODATA || code == ENOTSUP) {
     spdlog::debug("{} ino={}: {} ({})", op, ino, error.message(), std::strerror(code));
   } else if (code == EIO || code == ENOMEM) {
     spdlog::error("{} ino={}: {} ({})", op, ino, error.message(), std::strerror(code));
@@ -112,8 +126,13 @@ void OpInit(void* userdata, struct fuse_conn_info* conn) {
   if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
   if (conn->capable & FUSE_CAP_SPLICE_MOVE) conn->want |= FUSE_CAP_SPLICE_MOVE;
   if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
-  // Content never changes under a mount: no invalidation on attr changes.
+  // Content never changes under a mount (the config is read with direct
+  // I/O): no invalidation on attribute changes.
   conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+  // open(O_TRUNC) arrives as one open, not as a truncate then an open: an
+  // empty config in between would be refused as invalid YAML.
+  if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC) conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
+  conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
   spdlog::debug("init: protocol {}.{}, max_readahead {}, max_write {}", conn->proto_major,
                 conn->proto_minor, conn->max_readahead, conn->max_write);
 }
@@ -124,11 +143,8 @@ void OpLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   Guard(req, "lookup", parent, [&] {
     auto attr = Ctx(req)->fs->Lookup(parent, name);
     if (!attr) return ReplyError(req, "lookup", parent, attr.error());
-    fuse_entry_param e{};
-    e.ino = attr->ino;
-    e.attr_timeout = kImmutableTimeout;
-    e.entry_timeout = kImmutableTimeout;
-    FillStat(*Ctx(req), *attr, &e.attr);
+    fuse_entry_param e;
+    FillEntry(*Ctx(req), *attr, &e);
     fuse_reply_entry(req, &e);
   });
 }
@@ -145,13 +161,44 @@ void OpGetAttr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info*) {
     if (!attr) return ReplyError(req, "getattr", ino, attr.error());
     struct stat st;
     FillStat(*Ctx(req), *attr, &st);
-    fuse_reply_attr(req, &st, kImmutableTimeout);
+    fuse_reply_attr(req, &st, Timeout(*Ctx(req), ino));
   });
 }
 
-// Valid replies: fuse_reply_attr, fuse_reply_err. Everything is read-only.
-void OpSetAttr(fuse_req_t req, fuse_ino_t ino, struct stat*, int, struct fuse_file_info*) {
-  ReplyError(req, "setattr", ino, Error(EROFS, "the tree is read-only"));
+// Valid replies: fuse_reply_attr, fuse_reply_err. Owner changes are
+// accepted only as no-ops (every file belongs to the mounting user);
+// atime/ctime are not kept.
+void OpSetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set,
+               struct fuse_file_info* fi) {
+  Guard(req, "setattr", ino, [&] {
+    Context& ctx = *Ctx(req);
+    if (((to_set & FUSE_SET_ATTR_UID) && attr->st_uid != ctx.uid) ||
+        ((to_set & FUSE_SET_ATTR_GID) && attr->st_gid != ctx.gid)) {
+      return ReplyError(req, "setattr", ino,
+                        Error(EPERM, "files of the mount belong to the mounting user"));
+    }
+    AttrChange change;
+    change.set_size = to_set & FUSE_SET_ATTR_SIZE;
+    change.size = static_cast<uint64_t>(attr->st_size);
+    change.set_mode = to_set & FUSE_SET_ATTR_MODE;
+    change.mode = attr->st_mode & 07777;
+    if (to_set & FUSE_SET_ATTR_MTIME_NOW) {
+      struct timespec now {};
+      ::clock_gettime(CLOCK_REALTIME, &now);
+      change.set_mtime = true;
+      change.mtime_sec = now.tv_sec;
+      change.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+    } else if (to_set & FUSE_SET_ATTR_MTIME) {
+      change.set_mtime = true;
+      change.mtime_sec = attr->st_mtim.tv_sec;
+      change.mtime_nsec = static_cast<uint32_t>(attr->st_mtim.tv_nsec);
+    }
+    auto result = ctx.fs->SetAttr(ino, fi ? fi->fh : 0, change);
+    if (!result) return ReplyError(req, "setattr", ino, result.error());
+    struct stat st;
+    FillStat(ctx, *result, &st);
+    fuse_reply_attr(req, &st, Timeout(ctx, ino));
+  });
 }
 
 // Valid replies: fuse_reply_readlink, fuse_reply_err.
@@ -167,17 +214,19 @@ void OpReadLink(fuse_req_t req, fuse_ino_t ino) {
 void OpOpen(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
   RaiseReadahead(*Ctx(req));
   Guard(req, "open", ino, [&] {
-    auto ok = Ctx(req)->fs->CheckOpen(ino, fi->flags);
-    if (!ok) return ReplyError(req, "open", ino, ok.error());
-    fi->keep_cache = 1;
-    fuse_reply_open(req, fi);
+    auto opened = Ctx(req)->fs->OpenFile(ino, fi->flags);
+    if (!opened) return ReplyError(req, "open", ino, opened.error());
+    fi->fh = opened->fh;
+    fi->direct_io = opened->direct_io;
+    fi->keep_cache = !opened->direct_io;
+    if (fuse_reply_open(req, fi) != 0) Ctx(req)->fs->Release(ino, fi->fh);  // interrupted
   });
 }
 
 // Valid replies: fuse_reply_data, fuse_reply_buf, fuse_reply_err.
-void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info*) {
+void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info* fi) {
   Guard(req, "read", ino, [&] {
-    auto plan = Ctx(req)->fs->Read(ino, static_cast<uint64_t>(off), size);
+    auto plan = Ctx(req)->fs->Read(ino, static_cast<uint64_t>(off), size, fi->fh);
     if (!plan) return ReplyError(req, "read", ino, plan.error());
     const auto& pieces = plan->pieces;
     if (pieces.empty()) {
@@ -215,8 +264,106 @@ void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_
   });
 }
 
+// Valid replies: fuse_reply_write, fuse_reply_err.
+void OpWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off,
+             struct fuse_file_info* fi) {
+  Guard(req, "write", ino, [&] {
+    auto n = Ctx(req)->fs->Write(ino, fi->fh, static_cast<uint64_t>(off),
+                                 std::string_view(buf, size));
+    if (!n) return ReplyError(req, "write", ino, n.error());
+    fuse_reply_write(req, *n);
+  });
+}
+
+// close(2) of a descriptor: commits the config edit it made (the error,
+// EINVAL for invalid YAML, is what close returns). Valid reply: fuse_reply_err.
+void OpFlush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
+  Guard(req, "flush", ino, [&] {
+    auto st = Ctx(req)->fs->Flush(ino, fi->fh);
+    if (!st) return ReplyError(req, "flush", ino, st.error());
+    fuse_reply_err(req, 0);
+  });
+}
+
+void OpFsync(fuse_req_t req, fuse_ino_t ino, int, struct fuse_file_info* fi) {
+  Guard(req, "fsync", ino, [&] {
+    auto st = Ctx(req)->fs->Flush(ino, fi->fh);
+    if (!st) return ReplyError(req, "fsync", ino, st.error());
+    fuse_reply_err(req, 0);
+  });
+}
+
 // Valid replies: fuse_reply_err (success is 0).
-void OpRelease(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_err(req, 0); }
+void OpRelease(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
+  Guard(req, "release", ino, [&] {
+    Ctx(req)->fs->Release(ino, fi->fh);
+    fuse_reply_err(req, 0);
+  });
+}
+
+// Valid replies: fuse_reply_create, fuse_reply_err.
+void OpCreate(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+              struct fuse_file_info* fi) {
+  Guard(req, "create", parent, [&] {
+    Context& ctx = *Ctx(req);
+    auto created = ctx.fs->Create(parent, name, mode, fi->flags);
+    if (!created) return ReplyError(req, "create", parent, created.error());
+    fuse_entry_param e;
+    FillEntry(ctx, created->first, &e);
+    fi->fh = created->second.fh;
+    fi->direct_io = created->second.direct_io;
+    if (fuse_reply_create(req, &e, fi) != 0) ctx.fs->Release(e.ino, fi->fh);
+  });
+}
+
+void OpUnlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  Guard(req, "unlink", parent, [&] {
+    auto st = Ctx(req)->fs->Unlink(parent, name);
+    if (!st) return ReplyError(req, "unlink", parent, st.error());
+    fuse_reply_err(req, 0);
+  });
+}
+
+void OpRename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t new_parent,
+              const char* new_name, unsigned int flags) {
+  Guard(req, "rename", parent, [&] {
+    auto st = Ctx(req)->fs->Rename(parent, name, new_parent, new_name, flags);
+    if (!st) return ReplyError(req, "rename", parent, st.error());
+    fuse_reply_err(req, 0);
+  });
+}
+
+// Directories, links and device nodes are never created. Reply: fuse_reply_err.
+void RefuseCreate(fuse_req_t req, const char* op, fuse_ino_t parent) {
+  int code = Ctx(req)->fs->writable() ? EPERM : EROFS;
+  ReplyError(req, op, parent,
+             Error(code, fmt::format("{}: only plain scratch files next to config.yaml can be "
+                                     "created in the tree",
+                                     op)));
+}
+void OpMknod(fuse_req_t req, fuse_ino_t parent, const char*, mode_t, dev_t) {
+  RefuseCreate(req, "mknod", parent);
+}
+void OpMkdir(fuse_req_t req, fuse_ino_t parent, const char*, mode_t) {
+  RefuseCreate(req, "mkdir", parent);
+}
+void OpSymlink(fuse_req_t req, const char*, fuse_ino_t parent, const char*) {
+  RefuseCreate(req, "symlink", parent);
+}
+void OpLink(fuse_req_t req, fuse_ino_t, fuse_ino_t parent, const char*) {
+  RefuseCreate(req, "link", parent);
+}
+void OpRmdir(fuse_req_t req, fuse_ino_t parent, const char*) {
+  int code = Ctx(req)->fs->writable() ? EPERM : EROFS;
+  ReplyError(req, "rmdir", parent, Error(code, "directories of the tree cannot be removed"));
+}
+// Extended attributes are the tree's own (user.nemofs.*): not settable.
+void OpSetXattr(fuse_req_t req, fuse_ino_t ino, const char*, const char*, size_t, int) {
+  ReplyError(req, "setxattr", ino, Error(ENOTSUP, "extended attributes cannot be set"));
+}
+void OpRemoveXattr(fuse_req_t req, fuse_ino_t ino, const char*) {
+  ReplyError(req, "removexattr", ino, Error(ENOTSUP, "extended attributes cannot be removed"));
+}
 
 // Valid replies: fuse_reply_open, fuse_reply_err.
 void OpOpenDir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
@@ -227,8 +374,9 @@ void OpOpenDir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
     if (attr->type != NodeType::kDirectory) {
       return ReplyError(req, "opendir", ino, Error(ENOTDIR, "not a directory"));
     }
-    fi->cache_readdir = 1;
-    fi->keep_cache = 1;
+    // Directories holding scratch files change: never cache their listing.
+    fi->cache_readdir = !Ctx(req)->fs->Volatile(ino);
+    fi->keep_cache = fi->cache_readdir;
     fuse_reply_open(req, fi);
   });
 }
@@ -246,11 +394,8 @@ void DoReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plus
     auto add = [&](const char* name, const NodeAttr& attr, off_t next) -> bool {
       size_t need;
       if (plus) {
-        fuse_entry_param e{};
-        e.ino = attr.ino;
-        e.attr_timeout = kImmutableTimeout;
-        e.entry_timeout = kImmutableTimeout;
-        FillStat(ctx, attr, &e.attr);
+        fuse_entry_param e;
+        FillEntry(ctx, attr, &e);
         need = fuse_add_direntry_plus(req, buf.data() + used, size - used, name, &e, next);
       } else {
         struct stat st;
@@ -346,7 +491,20 @@ const fuse_lowlevel_ops kOps = [] {
   ops.readlink = OpReadLink;
   ops.open = OpOpen;
   ops.read = OpRead;
+  ops.write = OpWrite;
+  ops.flush = OpFlush;
+  ops.fsync = OpFsync;
   ops.release = OpRelease;
+  ops.create = OpCreate;
+  ops.unlink = OpUnlink;
+  ops.rename = OpRename;
+  ops.mknod = OpMknod;
+  ops.mkdir = OpMkdir;
+  ops.symlink = OpSymlink;
+  ops.link = OpLink;
+  ops.rmdir = OpRmdir;
+  ops.setxattr = OpSetXattr;
+  ops.removexattr = OpRemoveXattr;
   ops.opendir = OpOpenDir;
   ops.readdir = OpReadDir;
   ops.readdirplus = OpReadDirPlus;

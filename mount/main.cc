@@ -103,7 +103,8 @@ bool SetupLogging(const LogOptions& opts, bool to_stderr, bool to_syslog,
 }
 
 Result<std::unique_ptr<Filesystem>> OpenCheckpoint(const std::string& source,
-                                                   const std::string& cache_dir) {
+                                                   const std::string& cache_dir,
+                                                   bool writable = false) {
   auto real = RealPath(source);
   if (!real) {
     int e = errno;
@@ -112,12 +113,14 @@ Result<std::unique_ptr<Filesystem>> OpenCheckpoint(const std::string& source,
   FilesystemOptions options;
   options.source = *real;
   options.cache_dir = Absolute(cache_dir.empty() ? DefaultCacheDir() : cache_dir);
+  options.writable = writable;
   return Filesystem::Open(options);
 }
 
 // Opens SOURCE, or prints the one-line error and returns null (exit code 3).
-std::unique_ptr<Filesystem> OpenOrPrint(const std::string& source, const std::string& cache_dir) {
-  auto fs = OpenCheckpoint(source, cache_dir);
+std::unique_ptr<Filesystem> OpenOrPrint(const std::string& source, const std::string& cache_dir,
+                                        bool writable = false) {
+  auto fs = OpenCheckpoint(source, cache_dir, writable);
   if (!fs) {
     PrintError(fs.error().message());
     return nullptr;
@@ -148,13 +151,14 @@ int RunMount(const MountArgs& args) {
   if (!SetupLogging(args.log, true, !args.foreground, !args.foreground)) return kExitUsage;
   FuseMountConfig config;
   config.foreground = args.foreground;
+  bool read_only = false;
   for (const auto& group : args.options) {
     for (std::string_view view : Split(group, ',')) {
       std::string opt(view);
-      if (opt.empty() || opt == "ro") continue;  // everything is read-only for now
-      if (opt == "rw") {
-        PrintError("-o rw: this version mounts checkpoints read-only");
-        return kExitUsage;
+      if (opt.empty()) continue;
+      if (opt == "ro" || opt == "rw") {
+        read_only = opt == "ro";  // the last one wins, as in mount(8)
+        continue;
       }
       config.fuse_options.push_back(opt);
     }
@@ -179,9 +183,12 @@ int RunMount(const MountArgs& args) {
     return kExitMount;
   }
   RaiseFileLimit();
-  auto fs = OpenOrPrint(args.source, args.cache_dir);
+  auto fs = OpenOrPrint(args.source, args.cache_dir, !read_only);
   if (!fs) return kExitSource;
   for (const auto& w : fs->info().warnings) spdlog::warn("{}: {}", fs->info().source, w);
+  // A source that cannot be written (or one without a config) mounts
+  // read-only: the kernel then answers every write with EROFS.
+  config.read_only = !fs->writable();
   config.mountpoint = *mnt;
   config.source = fs->info().source;
   return MountAndServe(*fs, config);
@@ -472,7 +479,8 @@ int Main(int argc, char** argv) {
       ->required();
   mount->add_option("MOUNTPOINT", margs.mountpoint, "existing empty directory")->required();
   mount->add_flag("-f,--foreground", margs.foreground, "stay in the foreground (log to stderr)");
-  mount->add_option("-o", margs.options, "mount options, comma separated: ro, allow_other, ...")
+  mount->add_option("-o", margs.options, "mount options, comma separated: ro (no writes at all; the default "
+                    "is rw: config.yaml can be edited), allow_other, any FUSE option")
       ->allow_extra_args(false);
   mount->add_option("--cache-dir", margs.cache_dir,
                     "extraction cache for compressed archives "

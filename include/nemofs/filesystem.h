@@ -48,6 +48,27 @@ struct DirEntry {
 struct FilesystemOptions {
   std::string source;     // path of the checkpoint (file or directory)
   std::string cache_dir;  // extraction cache for compressed archives
+  // Allow writes (config.yaml and scratch files beside it). Even when set,
+  // a source that cannot be written (no write permission, read-only file
+  // system) opens read-only; writable() tells.
+  bool writable = false;
+};
+
+// What an open(2) of a node needs from the front end.
+struct OpenedFile {
+  uint64_t fh = 0;         // handle for Read/Write/Flush/Release; 0 = stateless
+  bool direct_io = false;  // content can change: bypass the page cache
+};
+
+// Changes of SetAttr; unset fields are left alone.
+struct AttrChange {
+  bool set_size = false;
+  uint64_t size = 0;
+  bool set_mode = false;
+  uint32_t mode = 0;
+  bool set_mtime = false;
+  int64_t mtime_sec = 0;
+  uint32_t mtime_nsec = 0;
 };
 
 struct TokenizerInfo {
@@ -105,10 +126,46 @@ class Filesystem {
   Status ReadDir(uint64_t ino, uint64_t offset,
                  const std::function<bool(const DirEntry&, uint64_t)>& fn) const;
   // Checks that `ino` may be opened with open(2) `flags`: EISDIR for
-  // directories, EROFS for any write access or O_TRUNC.
+  // directories, EROFS for write access (or O_TRUNC) to anything but the
+  // config and scratch files of a writable Filesystem.
   Status CheckOpen(uint64_t ino, int flags) const;
   // Plans a read of [offset, offset+size), clamped to the file's size.
-  Result<ReadPlan> Read(uint64_t ino, uint64_t offset, uint64_t size) const;
+  // `fh` (from OpenFile) matters for the config: a handle opened for
+  // reading reads the text committed when it was opened, one opened for
+  // writing reads its uncommitted edit.
+  Result<ReadPlan> Read(uint64_t ino, uint64_t offset, uint64_t size, uint64_t fh = 0) const;
+
+  // ---- Writes (DESIGN.md §4). The only writable checkpoint file is the
+  // config (config.yaml and its archive/ name, one node). Editors' temp,
+  // swap and backup files may be created next to either name: they live in
+  // memory for the Filesystem's life ("scratch files") and are never
+  // written into the checkpoint. A config edit is committed, after YAML
+  // validation (EINVAL when invalid, nothing written), when a writing
+  // handle is flushed (close) or fsynced, when a scratch file is renamed
+  // over the config, or on truncate(2) by path. Every method is thread-safe.
+  bool writable() const;
+  // Opens `ino` with open(2) `flags` (CheckOpen's rules). O_TRUNC on the
+  // config starts an empty edit; nothing is committed before close/fsync.
+  Result<OpenedFile> OpenFile(uint64_t ino, int flags);
+  // Creates (or opens, without O_EXCL) a scratch file `name` in `parent`.
+  Result<std::pair<NodeAttr, OpenedFile>> Create(uint64_t parent, std::string_view name,
+                                                 uint32_t mode, int flags);
+  // Writes into the config's edit or a scratch file; EBADF for a handle
+  // not opened for writing, EFBIG past the size limit.
+  Result<uint64_t> Write(uint64_t ino, uint64_t fh, uint64_t offset, std::string_view data);
+  // Commits the config edit of a writing handle, if it changed anything.
+  Status Flush(uint64_t ino, uint64_t fh);
+  // Forgets a handle; an edit that was never committed is dropped.
+  void Release(uint64_t ino, uint64_t fh);
+  Result<NodeAttr> SetAttr(uint64_t ino, uint64_t fh, const AttrChange& change);
+  Status Unlink(uint64_t parent, std::string_view name);
+  // RENAME_NOREPLACE is honoured; RENAME_EXCHANGE is EINVAL.
+  Status Rename(uint64_t parent, std::string_view name, uint64_t new_parent,
+                std::string_view new_name, unsigned int flags);
+  // True when the node's attributes or content can change (the config,
+  // scratch files, directories holding scratch files): front ends must not
+  // cache them. Everything else is immutable for the Filesystem's life.
+  bool Volatile(uint64_t ino) const;
   Result<std::string> ReadLink(uint64_t ino) const;
   // Extended attributes (user.nemofs.*): ENODATA when absent.
   Result<std::string> GetXattr(uint64_t ino, std::string_view name) const;

@@ -52,6 +52,9 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
     // The iterator builds every path as `path` + "/" + rest: strip the prefix
     // (fs::relative would canonicalise, costing stats per component).
     std::string rel = p.generic_string().substr(prefix_len);
+    // A config commit's temp file that a crash left behind (see
+    // write/config_commit.h): never part of the checkpoint.
+    if (IsCommitTempName(p.filename().native())) continue;
     struct stat lst {};
     if (::lstat(p.c_str(), &lst) != 0) {
       warnings.push_back(fmt::format("skipped '{}': {}", rel, std::strerror(errno)));

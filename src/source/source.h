@@ -108,4 +108,12 @@ Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const OpenOp
 // (absolute, containing "..").
 bool NormalizePath(std::string_view raw, std::string* out);
 
+// ".<name>.nemofs-tmp.<pid>": the temp file a folder commit writes beside
+// the config before renaming it over (write/config_commit.h). One left by a
+// crash is not part of the checkpoint: folder sources skip it.
+inline constexpr std::string_view kCommitTempMarker = ".nemofs-tmp.";
+inline bool IsCommitTempName(std::string_view base) {
+  return !base.empty() && base[0] == '.' && base.find(kCommitTempMarker) != std::string_view::npos;
+}
+
 }  // namespace nemofs::source

@@ -13,6 +13,7 @@
 #include "nemofs/strings.h"
 #include "source/source.h"
 #include "torch/zip_reader.h"
+#include "tree/filesystem_impl.h"
 #include "tree/node_table.h"
 #include "util/json_util.h"
 
@@ -26,75 +27,6 @@ void tree::NodeTable::Finish() {
     std::sort(n.children.begin(), n.children.end());
   }
 }
-
-// model.safetensors, synthesized: an 8-byte little-endian header length,
-// the JSON header (padded with spaces to a multiple of 8), then the C-order
-// bytes of every tensor in header order.
-struct Safetensors {
-  std::shared_ptr<const std::string> head;  // length prefix + header
-  struct Segment {
-    uint64_t start;
-    const checkpoint::Tensor* tensor;
-  };
-  std::vector<Segment> segments;
-  uint64_t size = 0;
-};
-
-struct Filesystem::Impl {
-  std::unique_ptr<source::Source> src;
-  checkpoint::Catalog catalog;  // tensors the nodes point into; never resized after build
-  Safetensors safetensors;
-  tree::NodeTable nodes;
-  CheckpointInfo info;
-
-  Result<ReadPlan> ReadSafetensors(uint64_t offset, uint64_t size) const {
-    ReadPlan plan;
-    const uint64_t end = std::min(safetensors.size, offset + size);
-    const std::string& head = *safetensors.head;
-    if (offset < head.size()) {
-      plan.AddMemory(head.data() + offset, std::min<uint64_t>(head.size(), end) - offset);
-      plan.keepalive.push_back(safetensors.head);
-    }
-    auto it =
-        std::upper_bound(safetensors.segments.begin(), safetensors.segments.end(), offset,
-                         [](uint64_t off, const Safetensors::Segment& s) { return off < s.start; });
-    if (it != safetensors.segments.begin()) --it;
-    for (; it != safetensors.segments.end() && it->start < end; ++it) {
-      uint64_t seg_end = it->start + it->tensor->nbytes();
-      if (seg_end <= offset) continue;
-      uint64_t from = std::max(offset, it->start);
-      uint64_t to = std::min(end, seg_end);
-      NEMOFS_ASSIGN_OR_RETURN(ReadPlan part, checkpoint::PlanTensorRead(
-                                                 *it->tensor, *src, from - it->start, to - from));
-      for (const auto& piece : part.pieces) {
-        if (piece.fd >= 0) {
-          plan.AddFd(piece.fd, piece.offset, piece.length);
-        } else {
-          plan.AddMemory(piece.data, piece.length);
-        }
-      }
-      plan.keepalive.insert(plan.keepalive.end(), part.keepalive.begin(), part.keepalive.end());
-    }
-    return plan;
-  }
-
-  Result<const tree::Node*> Node(uint64_t ino) const {
-    const tree::Node* n = nodes.Get(ino);
-    if (!n) return Err(ENOENT, "no inode {}", ino);
-    return n;
-  }
-  NodeAttr Attr(uint64_t ino, const tree::Node& n) const {
-    NodeAttr a;
-    a.ino = ino;
-    a.type = n.type;
-    a.perm = n.perm;
-    a.size = n.size;
-    a.nlink = n.nlink;
-    a.mtime_sec = n.mtime_sec;
-    a.mtime_nsec = n.mtime_nsec;
-    return a;
-  }
-};
 
 namespace {
 
@@ -259,6 +191,12 @@ void Filesystem::AddTensorViews(Impl& impl, uint64_t root, int64_t sec, uint32_t
 
 Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& options) {
   auto impl = std::make_unique<Impl>();
+  // The source's identity before reading it: a commit refuses to write if
+  // anything else changed it since (ESTALE).
+  write::FileIdentity identity;
+  if (options.writable) {
+    NEMOFS_ASSIGN_OR_RETURN(identity, write::IdentityOf(options.source));
+  }
   source::OpenOptions so;
   so.cache_dir = options.cache_dir;
   NEMOFS_ASSIGN_OR_RETURN(impl->src, source::OpenSource(options.source, so));
@@ -311,12 +249,13 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   }
 
   // config.yaml: the config member's own node.
+  uint64_t config_ino = 0;
   if (!layout.config_path.empty()) {
-    uint64_t ino = by_path.at(layout.config_path);
-    nodes.Link(root, "config.yaml", ino);
-    nodes.Get(ino)->nlink++;
+    config_ino = by_path.at(layout.config_path);
+    nodes.Link(root, "config.yaml", config_ino);
+    nodes.Get(config_ino)->nlink++;
     info.config = layout.config_path;
-    info.config_bytes = nodes.Get(ino)->size;
+    info.config_bytes = nodes.Get(config_ino)->size;
   }
   // tokenizer/: the artifact members' own nodes.
   if (!layout.tokenizer.empty()) {
@@ -357,6 +296,11 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   info.weight_errors = cat.errors;
   // Building the catalog allocated every pickle value of every weight file;
   // hand those pages back instead of keeping them for the mount's life.
+  if (options.writable) {
+    NEMOFS_RETURN_IF_ERROR(impl->EnableWrites(identity, layout.config_path, root,
+                                              config_ino ? nodes.Get(config_ino)->parent : 0,
+                                              config_ino));
+  }
   ::malloc_trim(0);
   return std::unique_ptr<Filesystem>(new Filesystem(std::move(impl)));
 }
@@ -365,6 +309,7 @@ Filesystem::Filesystem(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Filesystem::~Filesystem() = default;
 
 Result<NodeAttr> Filesystem::GetAttr(uint64_t ino) const {
+  if (impl_->IsOverlayIno(ino)) return impl_->OverlayAttr(ino);
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
   return impl_->Attr(ino, *n);
 }
@@ -378,6 +323,7 @@ Result<NodeAttr> Filesystem::Lookup(uint64_t parent, std::string_view name) cons
       dir->children.begin(), dir->children.end(), name,
       [](const std::pair<std::string, uint64_t>& c, std::string_view n) { return c.first < n; });
   if (it == dir->children.end() || it->first != name) {
+    if (impl_->overlay.scratch_dirs.count(parent)) return impl_->LookupScratch(parent, name);
     return Err(ENOENT, "no '{}' in inode {}", name, parent);
   }
   return GetAttr(it->second);
@@ -390,7 +336,15 @@ Status Filesystem::ReadDir(uint64_t ino, uint64_t offset,
   for (uint64_t i = offset; i < dir->children.size(); ++i) {
     const auto& [name, child] = dir->children[i];
     DirEntry e{name, child, impl_->nodes.Get(child)->type};
-    if (!fn(e, i + 1)) break;
+    if (!fn(e, i + 1)) return Ok();
+  }
+  if (!impl_->overlay.scratch_dirs.count(ino)) return Ok();
+  // Scratch files follow the checkpoint's own entries.
+  auto scratch = impl_->ScratchChildren(ino);
+  const uint64_t base = dir->children.size();
+  for (uint64_t i = offset > base ? offset - base : 0; i < scratch.size(); ++i) {
+    DirEntry e{scratch[i].first, scratch[i].second, NodeType::kFile};
+    if (!fn(e, base + i + 1)) break;
   }
   return Ok();
 }
@@ -400,13 +354,16 @@ Status Filesystem::CheckOpen(uint64_t ino, int flags) const {
   if (n->type == NodeType::kDirectory && (flags & O_ACCMODE) != O_RDONLY) {
     return Err(EISDIR, "inode {} is a directory", ino);
   }
-  if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC)) {
-    return Err(EROFS, "inode {} is read-only", ino);
+  if (((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC)) && !impl_->IsOverlayIno(ino)) {
+    return Err(EROFS, "inode {} is read-only{}", ino,
+               impl_->overlay.writable ? " (only config.yaml can be written)" : "");
   }
   return Ok();
 }
 
-Result<ReadPlan> Filesystem::Read(uint64_t ino, uint64_t offset, uint64_t size) const {
+Result<ReadPlan> Filesystem::Read(uint64_t ino, uint64_t offset, uint64_t size,
+                                  uint64_t fh) const {
+  if (impl_->IsOverlayIno(ino)) return impl_->ReadOverlay(ino, offset, size, fh);
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
   if (n->type == NodeType::kDirectory) return Err(EISDIR, "inode {} is a directory", ino);
   if (n->type != NodeType::kFile) return Err(EINVAL, "inode {} is not a regular file", ino);

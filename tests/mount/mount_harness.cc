@@ -49,7 +49,8 @@ int WaitFor(pid_t pid, std::chrono::milliseconds timeout) {
 }  // namespace
 
 std::unique_ptr<Mount> Mount::Start(const std::string& source,
-                                    const std::vector<std::string>& extra_args) {
+                                    const std::vector<std::string>& extra_args,
+                                    const MountOptions& options) {
   std::unique_ptr<Mount> m(new Mount());
   m->mnt_ = m->dir_.Join("mnt");
   ::mkdir(m->mnt_.c_str(), 0755);
@@ -64,7 +65,16 @@ std::unique_ptr<Mount> Mount::Start(const std::string& source,
                                    m->dir_.Join("cache"),
                                    "--log-level",
                                    "debug"};
+  if (!options.writable) {
+    args.push_back("-o");
+    args.push_back("ro");
+  }
   args.insert(args.end(), extra_args.begin(), extra_args.end());
+  std::vector<std::string> env_storage = options.env;
+  std::vector<char*> envp;
+  for (auto& e : env_storage) envp.push_back(e.data());
+  for (char** e = environ; *e; ++e) envp.push_back(*e);
+  envp.push_back(nullptr);
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -73,7 +83,7 @@ std::unique_ptr<Mount> Mount::Start(const std::string& source,
   std::string out = m->dir_.Join("stderr");
   posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
   posix_spawn_file_actions_addopen(&actions, 2, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  int rc = posix_spawn(&m->pid_, argv[0], &actions, nullptr, argv.data(), environ);
+  int rc = posix_spawn(&m->pid_, argv[0], &actions, nullptr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&actions);
   if (rc != 0) {
     ADD_FAILURE() << "cannot start " << argv[0];
@@ -117,6 +127,20 @@ void Mount::Unmount() {
   WaitFor(pid_, std::chrono::seconds(10));
   Sh("fusermount3 -uz " + ShellQuote(mnt_), 20);
   pid_ = -1;
+}
+
+int Mount::ExpectDeath(int sig) {
+  if (pid_ < 0) return -1;
+  if (sig > 0) ::kill(pid_, sig);
+  int status = WaitFor(pid_, std::chrono::seconds(20));
+  if (status < 0) {
+    ADD_FAILURE() << "daemon " << pid_ << " did not die; killing it";
+    ::kill(pid_, SIGKILL);
+    WaitFor(pid_, std::chrono::seconds(10));
+  }
+  pid_ = -1;
+  Sh("fusermount3 -uz " + ShellQuote(mnt_), 20);
+  return status;
 }
 
 Mount::~Mount() {

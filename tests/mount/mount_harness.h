@@ -17,11 +17,23 @@ namespace nemofs::testing {
 std::string NemofsBinary();
 bool IsMounted(const std::string& path);
 
+struct MountOptions {
+  // Off by default: tests mount committed fixtures, so the mount gets
+  // `-o ro` unless a test asks for writes (on a copy).
+  bool writable = false;
+  std::vector<std::string> env;  // extra "NAME=value" for the daemon
+};
+
 class Mount {
  public:
   // nullptr (with a test failure recorded) if the mount did not come up.
   static std::unique_ptr<Mount> Start(const std::string& source,
-                                      const std::vector<std::string>& extra_args = {});
+                                      const std::vector<std::string>& extra_args = {},
+                                      const MountOptions& options = {});
+  static std::unique_ptr<Mount> StartWritable(const std::string& source,
+                                              const std::vector<std::string>& env = {}) {
+    return Start(source, {}, MountOptions{true, env});
+  }
   ~Mount();
 
   const std::string& path() const { return mnt_; }
@@ -29,6 +41,10 @@ class Mount {
   pid_t pid() const { return pid_; }
   // Unmounts now and expects the daemon to exit with status 0.
   void Unmount();
+  // For crash tests: sends `sig` to the daemon (only if > 0), waits up to
+  // 20 s for it to die, detaches the dead mount, and returns its wait
+  // status (-1 if it did not exit: then it is SIGKILLed and the test fails).
+  int ExpectDeath(int sig = 0);
 
  private:
   Mount() = default;

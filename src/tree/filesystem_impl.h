@@ -1,0 +1,169 @@
+// Filesystem::Impl: what filesystem.cc (the immutable tree) and writes.cc
+// (the config edit and scratch files) share.
+#pragma once
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <utility>
+
+#include "checkpoint/catalog.h"
+#include "nemofs/filesystem.h"
+#include "source/source.h"
+#include "tree/node_table.h"
+#include "write/config_commit.h"
+
+namespace nemofs {
+
+// model.safetensors, synthesized: an 8-byte little-endian header length,
+// the JSON header (padded with spaces to a multiple of 8), then the C-order
+// bytes of every tensor in header order.
+struct Safetensors {
+  std::shared_ptr<const std::string> head;  // length prefix + header
+  struct Segment {
+    uint64_t start;
+    const checkpoint::Tensor* tensor;
+  };
+  std::vector<Segment> segments;
+  uint64_t size = 0;
+};
+
+// A file created next to the config (an editor's temp, swap or backup
+// file): in memory only.
+struct ScratchFile {
+  uint64_t ino = 0;
+  uint64_t parent = 0;
+  std::string name;
+  std::string data;
+  uint32_t mode = 0644;
+  int64_t mtime_sec = 0;
+  uint32_t mtime_nsec = 0;
+  bool linked = true;  // false once unlinked or renamed over the config
+  int handles = 0;
+};
+
+struct OpenHandle {
+  uint64_t ino = 0;
+  bool writer = false;
+  std::shared_ptr<const std::string> snapshot;  // config, opened for reading
+  std::shared_ptr<ScratchFile> scratch;
+};
+
+// Mutable state of a writable Filesystem (writes.cc). `mu` guards all of it
+// except `committer`, which `commit_mu` serialises.
+struct Overlay {
+  bool writable = false;
+  uint64_t config_ino = 0;
+  std::string config_name;  // for messages: "config.yaml (model_config.yaml in X)"
+  std::set<uint64_t> scratch_dirs;
+  std::set<std::pair<uint64_t, std::string>> config_names;  // (directory, name)
+  std::unique_ptr<write::ConfigCommitter> committer;
+  std::mutex commit_mu;
+
+  mutable std::mutex mu;
+  std::shared_ptr<const std::string> committed;  // the config text as committed
+  bool editing = false;                          // a writing handle holds `working`
+  bool dirty = false;                            // `working` differs from `committed`
+  uint64_t generation = 0;                       // bumped by every change of `working`
+  std::string working;
+  int writers = 0;
+  // mtime of config.yaml: of the edit while one is open, else of the last
+  // commit (unset: the source's).
+  bool mtime_set = false;
+  int64_t mtime_sec = 0;
+  uint32_t mtime_nsec = 0;
+  bool commit_mtime_set = false;
+  int64_t commit_mtime_sec = 0;
+  uint32_t commit_mtime_nsec = 0;
+  std::map<uint64_t, std::shared_ptr<ScratchFile>> scratch;        // by inode
+  std::map<std::pair<uint64_t, std::string>, uint64_t, std::less<>> scratch_names;
+  uint64_t next_ino = 0;
+  uint64_t scratch_bytes = 0;
+  std::map<uint64_t, OpenHandle> handles;
+  uint64_t next_fh = 1;
+};
+
+struct Filesystem::Impl {
+  std::unique_ptr<source::Source> src;
+  checkpoint::Catalog catalog;  // tensors the nodes point into; never resized after build
+  Safetensors safetensors;
+  tree::NodeTable nodes;
+  CheckpointInfo info;
+  Overlay overlay;
+
+  Result<ReadPlan> ReadSafetensors(uint64_t offset, uint64_t size) const {
+    ReadPlan plan;
+    const uint64_t end = std::min(safetensors.size, offset + size);
+    const std::string& head = *safetensors.head;
+    if (offset < head.size()) {
+      plan.AddMemory(head.data() + offset, std::min<uint64_t>(head.size(), end) - offset);
+      plan.keepalive.push_back(safetensors.head);
+    }
+    auto it =
+        std::upper_bound(safetensors.segments.begin(), safetensors.segments.end(), offset,
+                         [](uint64_t off, const Safetensors::Segment& s) { return off < s.start; });
+    if (it != safetensors.segments.begin()) --it;
+    for (; it != safetensors.segments.end() && it->start < end; ++it) {
+      uint64_t seg_end = it->start + it->tensor->nbytes();
+      if (seg_end <= offset) continue;
+      uint64_t from = std::max(offset, it->start);
+      uint64_t to = std::min(end, seg_end);
+      NEMOFS_ASSIGN_OR_RETURN(ReadPlan part, checkpoint::PlanTensorRead(
+                                                 *it->tensor, *src, from - it->start, to - from));
+      for (const auto& piece : part.pieces) {
+        if (piece.fd >= 0) {
+          plan.AddFd(piece.fd, piece.offset, piece.length);
+        } else {
+          plan.AddMemory(piece.data, piece.length);
+        }
+      }
+      plan.keepalive.insert(plan.keepalive.end(), part.keepalive.begin(), part.keepalive.end());
+    }
+    return plan;
+  }
+
+  // ---- writes.cc
+  // For a writable Filesystem: sets up writes when the source can take
+  // them, else logs why not and stays read-only.
+  Status EnableWrites(const write::FileIdentity& identity, const std::string& config_path,
+                      uint64_t root, uint64_t config_dir, uint64_t config_ino);
+  // Enables writes: config node `config_ino` (current text `text`), linked
+  // as config.yaml in `root` and as `config_base` in `config_dir`.
+  void SetUpWrites(std::unique_ptr<write::ConfigCommitter> committer, std::string text,
+                   uint64_t root, uint64_t config_dir, const std::string& config_base,
+                   uint64_t config_ino);
+  // True for the nodes writes.cc answers for (the config, scratch files).
+  bool IsOverlayIno(uint64_t ino) const {
+    return overlay.writable && (ino == overlay.config_ino || ino > nodes.size());
+  }
+  Result<NodeAttr> OverlayAttr(uint64_t ino) const;
+  Result<NodeAttr> LookupScratch(uint64_t parent, std::string_view name) const;
+  std::vector<std::pair<std::string, uint64_t>> ScratchChildren(uint64_t dir) const;
+  Result<ReadPlan> ReadOverlay(uint64_t ino, uint64_t offset, uint64_t size, uint64_t fh) const;
+  // Validates and commits `text`; `generation` is the edit generation it
+  // came from (clears `dirty` if no write came in meanwhile), or 0.
+  Status CommitConfig(const std::string& text, uint64_t generation, std::string_view why);
+
+  Result<const tree::Node*> Node(uint64_t ino) const {
+    const tree::Node* n = nodes.Get(ino);
+    if (!n) return Err(ENOENT, "no inode {}", ino);
+    return n;
+  }
+  NodeAttr Attr(uint64_t ino, const tree::Node& n) const {
+    NodeAttr a;
+    a.ino = ino;
+    a.type = n.type;
+    a.perm = n.perm;
+    a.size = n.size;
+    a.nlink = n.nlink;
+    a.mtime_sec = n.mtime_sec;
+    a.mtime_nsec = n.mtime_nsec;
+    return a;
+  }
+};
+
+
+}  // namespace nemofs

@@ -1,0 +1,577 @@
+// Writes through the tree (DESIGN.md §4): the config edit and the scratch
+// files editors create next to it. See include/nemofs/filesystem.h for the
+// contract and write/config_commit.h for how a commit reaches the source.
+#include <fcntl.h>
+#include <linux/fs.h>  // RENAME_NOREPLACE, RENAME_EXCHANGE
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <ctime>
+
+#include "tree/filesystem_impl.h"
+#include "write/yaml_check.h"
+
+namespace nemofs {
+namespace {
+
+// Limits: a config (or one scratch file) up to 64 MiB, scratch files 256 MiB
+// and 10,000 files in total; beyond, EFBIG / ENOSPC.
+constexpr uint64_t kMaxFileBytes = 64ull << 20;
+constexpr uint64_t kMaxScratchBytes = 256ull << 20;
+constexpr size_t kMaxScratchFiles = 10000;
+constexpr size_t kMaxName = 255;
+
+struct timespec Now() {
+  struct timespec ts {};
+  ::clock_gettime(CLOCK_REALTIME, &ts);
+  return ts;
+}
+
+bool WantsWrite(int flags) { return (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC); }
+
+// Writes `data` at `offset` into `buf`, zero-filling a gap.
+Status WriteInto(std::string* buf, uint64_t offset, std::string_view data) {
+  uint64_t end = offset + data.size();
+  if (end > kMaxFileBytes || end < offset) {
+    return Err(EFBIG, "a file here may hold at most {} MiB", kMaxFileBytes >> 20);
+  }
+  if (end > buf->size()) buf->resize(end, '\0');
+  std::copy(data.begin(), data.end(), buf->begin() + static_cast<ptrdiff_t>(offset));
+  return Ok();
+}
+
+// Takes scratch file `f` out of the namespace; its bytes go once no handle
+// holds it. `o.mu` held.
+void UnlinkScratchLocked(Overlay& o, const std::shared_ptr<ScratchFile>& f) {
+  if (f->linked) o.scratch_names.erase(std::make_pair(f->parent, f->name));
+  f->linked = false;
+  if (f->handles == 0) {
+    o.scratch_bytes -= f->data.size();
+    o.scratch.erase(f->ino);
+  }
+}
+
+}  // namespace
+
+Status Filesystem::Impl::EnableWrites(const write::FileIdentity& identity,
+                                      const std::string& config_path, uint64_t root,
+                                      uint64_t config_dir, uint64_t config_ino) {
+  if (!config_ino) {
+    spdlog::info("{}: no config to edit: the tree is read-only", info.source);
+    return Ok();
+  }
+  auto committer = write::ConfigCommitter::Create(*src, config_path, identity);
+  if (!committer) {
+    if (committer.error().code() != EROFS) return committer.error();
+    spdlog::info("read-only: {}", committer.error().message());
+    return Ok();
+  }
+  const source::Entry* entry = src->Find(config_path);
+  if (!entry) return Err(EIO, "{}: config '{}' vanished", info.source, config_path);
+  NEMOFS_ASSIGN_OR_RETURN(std::string text, src->ReadAll(*entry, kMaxFileBytes));
+  SetUpWrites(std::move(*committer), std::move(text), root, config_dir,
+              config_path.substr(config_path.rfind('/') + 1), config_ino);
+  spdlog::debug("config.yaml is writable: a save is an {}", overlay.committer->Describe());
+  return Ok();
+}
+
+void Filesystem::Impl::SetUpWrites(std::unique_ptr<write::ConfigCommitter> committer,
+                                   std::string text, uint64_t root, uint64_t config_dir,
+                                   const std::string& config_base, uint64_t config_ino) {
+  Overlay& o = overlay;
+  o.writable = true;
+  o.committer = std::move(committer);
+  o.config_ino = config_ino;
+  o.config_name = info.config;
+  o.committed = std::make_shared<const std::string>(std::move(text));
+  o.scratch_dirs = {root, config_dir};
+  o.config_names = {{root, "config.yaml"}, {config_dir, config_base}};
+  o.next_ino = nodes.size() + 1;
+  nodes.Get(config_ino)->perm = 0644;
+  for (uint64_t dir : o.scratch_dirs) nodes.Get(dir)->perm = 0755;
+}
+
+Result<NodeAttr> Filesystem::Impl::OverlayAttr(uint64_t ino) const {
+  const Overlay& o = overlay;
+  std::lock_guard<std::mutex> lock(o.mu);
+  if (ino == o.config_ino) {
+    NodeAttr a = Attr(ino, *nodes.Get(ino));
+    a.size = o.editing ? o.working.size() : o.committed->size();
+    if (o.mtime_set) {
+      a.mtime_sec = o.mtime_sec;
+      a.mtime_nsec = o.mtime_nsec;
+    }
+    return a;
+  }
+  auto it = o.scratch.find(ino);
+  if (it == o.scratch.end()) return Err(ENOENT, "no inode {}", ino);
+  const ScratchFile& f = *it->second;
+  NodeAttr a;
+  a.ino = ino;
+  a.type = NodeType::kFile;
+  a.perm = f.mode & 07777;
+  a.size = f.data.size();
+  a.nlink = f.linked ? 1 : 0;
+  a.mtime_sec = f.mtime_sec;
+  a.mtime_nsec = f.mtime_nsec;
+  return a;
+}
+
+Result<NodeAttr> Filesystem::Impl::LookupScratch(uint64_t parent, std::string_view name) const {
+  uint64_t ino = 0;
+  {
+    std::lock_guard<std::mutex> lock(overlay.mu);
+    auto it = overlay.scratch_names.find(std::make_pair(parent, std::string(name)));
+    if (it == overlay.scratch_names.end()) {
+      return Err(ENOENT, "no '{}' in inode {}", name, parent);
+    }
+    ino = it->second;
+  }
+  return OverlayAttr(ino);
+}
+
+std::vector<std::pair<std::string, uint64_t>> Filesystem::Impl::ScratchChildren(
+    uint64_t dir) const {
+  std::vector<std::pair<std::string, uint64_t>> out;
+  std::lock_guard<std::mutex> lock(overlay.mu);
+  for (auto it = overlay.scratch_names.lower_bound(std::make_pair(dir, std::string()));
+       it != overlay.scratch_names.end() && it->first.first == dir; ++it) {
+    out.emplace_back(it->first.second, it->second);
+  }
+  return out;
+}
+
+Result<ReadPlan> Filesystem::Impl::ReadOverlay(uint64_t ino, uint64_t offset, uint64_t size,
+                                               uint64_t fh) const {
+  const Overlay& o = overlay;
+  std::shared_ptr<const std::string> text;
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    auto h = o.handles.find(fh);
+    if (ino == o.config_ino) {
+      if (h != o.handles.end() && h->second.snapshot) {
+        text = h->second.snapshot;
+      } else if (h != o.handles.end() && h->second.writer && o.editing) {
+        // Copy what is asked: the edit may change while the reply is sent.
+        uint64_t from = std::min<uint64_t>(offset, o.working.size());
+        text = std::make_shared<const std::string>(
+            o.working.substr(from, std::min<uint64_t>(size, o.working.size() - from)));
+        offset = 0;
+      } else {
+        text = o.committed;
+      }
+    } else {
+      auto it = o.scratch.find(ino);
+      if (it == o.scratch.end()) return Err(ENOENT, "no inode {}", ino);
+      const std::string& data = it->second->data;
+      uint64_t from = std::min<uint64_t>(offset, data.size());
+      text = std::make_shared<const std::string>(
+          data.substr(from, std::min<uint64_t>(size, data.size() - from)));
+      offset = 0;
+    }
+  }
+  ReadPlan plan;
+  if (offset >= text->size()) return plan;
+  plan.AddMemory(text->data() + offset, std::min<uint64_t>(size, text->size() - offset));
+  plan.keepalive.push_back(std::move(text));
+  return plan;
+}
+
+Status Filesystem::Impl::CommitConfig(const std::string& text, uint64_t generation,
+                                      std::string_view why) {
+  Overlay& o = overlay;
+  std::string what = "config.yaml (" + o.config_name + ")";
+  NEMOFS_RETURN_IF_ERROR(write::ValidateConfigYaml(text, what + " is not valid YAML, not saved"));
+  std::lock_guard<std::mutex> commit_lock(o.commit_mu);
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    if (*o.committed == text) {
+      if (generation != 0 && generation == o.generation) o.dirty = false;
+      return Ok();  // nothing to write
+    }
+  }
+  auto start = std::chrono::steady_clock::now();
+  struct timespec now = Now();
+  int last_percent = -1;
+  auto progress = [&](uint64_t done, uint64_t total) {
+    int percent = total ? static_cast<int>(done * 100 / total) : 100;
+    if (percent / 10 == last_percent / 10) return;
+    last_percent = percent;
+    spdlog::info("saving {}: {} {}% ({:.1f} of {:.1f} MiB)", what, o.committer->Describe(),
+                 percent, static_cast<double>(done) / (1 << 20),
+                 static_cast<double>(total) / (1 << 20));
+  };
+  Status st = o.committer->Commit(text, now.tv_sec, progress);
+  if (!st.ok()) return st;
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    o.committed = std::make_shared<const std::string>(text);
+    if (o.editing && generation != 0 && generation == o.generation) o.dirty = false;
+    if (o.editing && generation == 0) {  // a rename over the config: it wins
+      o.working = text;
+      o.dirty = false;
+    }
+    o.mtime_set = o.commit_mtime_set = true;
+    o.mtime_sec = o.commit_mtime_sec = now.tv_sec;
+    o.mtime_nsec = o.commit_mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+  }
+  double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+                  .count();
+  spdlog::info("saved {} ({} bytes, {}, {}) in {:.1f} ms", what, text.size(),
+               o.committer->Describe(), why, ms);
+  return Ok();
+}
+
+bool Filesystem::writable() const { return impl_->overlay.writable; }
+
+bool Filesystem::Volatile(uint64_t ino) const {
+  const Overlay& o = impl_->overlay;
+  return o.writable &&
+         (ino == o.config_ino || ino > impl_->nodes.size() || o.scratch_dirs.count(ino) > 0);
+}
+
+Result<OpenedFile> Filesystem::OpenFile(uint64_t ino, int flags) {
+  if (!impl_->IsOverlayIno(ino)) {
+    NEMOFS_RETURN_IF_ERROR(CheckOpen(ino, flags));
+    return OpenedFile{};
+  }
+  Overlay& o = impl_->overlay;
+  std::lock_guard<std::mutex> lock(o.mu);
+  OpenHandle h;
+  h.ino = ino;
+  h.writer = WantsWrite(flags);
+  if (ino == o.config_ino) {
+    if (h.writer) {
+      if (!o.editing) {
+        o.working = *o.committed;
+        o.editing = true;
+        o.dirty = false;
+      }
+      if (flags & O_TRUNC) {
+        o.working.clear();
+        o.dirty = true;
+        ++o.generation;
+      }
+      ++o.writers;
+    } else {
+      h.snapshot = o.committed;
+    }
+  } else {
+    auto it = o.scratch.find(ino);
+    if (it == o.scratch.end()) return Err(ENOENT, "no inode {}", ino);
+    h.scratch = it->second;
+    if (h.writer && (flags & O_TRUNC)) {
+      o.scratch_bytes -= h.scratch->data.size();
+      h.scratch->data.clear();
+    }
+    ++h.scratch->handles;
+  }
+  uint64_t fh = o.next_fh++;
+  o.handles.emplace(fh, std::move(h));
+  return OpenedFile{fh, true};
+}
+
+Result<std::pair<NodeAttr, OpenedFile>> Filesystem::Create(uint64_t parent, std::string_view name,
+                                                           uint32_t mode, int flags) {
+  Overlay& o = impl_->overlay;
+  if (!o.writable) return Err(EROFS, "the tree is read-only");
+  if (!o.scratch_dirs.count(parent)) {
+    return Err(EPERM,
+               "cannot create '{}': only editors' scratch files next to config.yaml may be "
+               "created, and nothing is created in this directory",
+               name);
+  }
+  if (name.size() > kMaxName) return Err(ENAMETOOLONG, "name too long");
+  if (auto existing = Lookup(parent, name); existing.ok()) {
+    if ((flags & O_EXCL) || !impl_->IsOverlayIno(existing->ino)) {
+      return Err(EEXIST, "'{}' exists", name);
+    }
+    NEMOFS_ASSIGN_OR_RETURN(OpenedFile f, OpenFile(existing->ino, flags));
+    NEMOFS_ASSIGN_OR_RETURN(NodeAttr a, GetAttr(existing->ino));
+    return std::make_pair(a, f);
+  }
+  uint64_t ino;
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    if (o.scratch.size() >= kMaxScratchFiles) {
+      return Err(ENOSPC, "{} scratch files exist already (the limit)", o.scratch.size());
+    }
+    auto f = std::make_shared<ScratchFile>();
+    f->ino = ino = o.next_ino++;
+    f->parent = parent;
+    f->name = std::string(name);
+    f->mode = mode & 07777;
+    struct timespec now = Now();
+    f->mtime_sec = now.tv_sec;
+    f->mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+    o.scratch.emplace(ino, f);
+    o.scratch_names.emplace(std::make_pair(parent, f->name), ino);
+  }
+  spdlog::debug("scratch file '{}' created (in memory only)", name);
+  NEMOFS_ASSIGN_OR_RETURN(OpenedFile f, OpenFile(ino, flags));
+  NEMOFS_ASSIGN_OR_RETURN(NodeAttr a, GetAttr(ino));
+  return std::make_pair(a, f);
+}
+
+// Is inode `ino` one of a writable handle's? Called with `mu` held.
+static Result<OpenHandle*> WriterHandle(Overlay& o, uint64_t ino, uint64_t fh) {
+  auto h = o.handles.find(fh);
+  if (h == o.handles.end() || h->second.ino != ino) {
+    return Err(EBADF, "handle {} is not open on inode {}", fh, ino);
+  }
+  if (!h->second.writer) return Err(EBADF, "handle {} was not opened for writing", fh);
+  return &h->second;
+}
+
+Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
+                                   std::string_view data) {
+  Overlay& o = impl_->overlay;
+  if (!impl_->IsOverlayIno(ino)) return Err(EROFS, "inode {} is read-only", ino);
+  std::lock_guard<std::mutex> lock(o.mu);
+  NEMOFS_ASSIGN_OR_RETURN(OpenHandle * h, WriterHandle(o, ino, fh));
+  struct timespec now = Now();
+  if (h->scratch) {
+    ScratchFile& f = *h->scratch;
+    uint64_t before = f.data.size();
+    uint64_t grow = offset + data.size() > before ? offset + data.size() - before : 0;
+    if (o.scratch_bytes + grow > kMaxScratchBytes) {
+      return Err(ENOSPC, "scratch files hold {} MiB in memory already (the limit)",
+                 o.scratch_bytes >> 20);
+    }
+    NEMOFS_RETURN_IF_ERROR(WriteInto(&f.data, offset, data));
+    o.scratch_bytes += f.data.size() - before;
+    f.mtime_sec = now.tv_sec;
+    f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+  } else {
+    NEMOFS_RETURN_IF_ERROR(WriteInto(&o.working, offset, data));
+    o.dirty = true;
+    ++o.generation;
+    o.mtime_set = true;
+    o.mtime_sec = now.tv_sec;
+    o.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+  }
+  return data.size();
+}
+
+Status Filesystem::Flush(uint64_t ino, uint64_t fh) {
+  Overlay& o = impl_->overlay;
+  if (!impl_->IsOverlayIno(ino) || ino != o.config_ino) return Ok();
+  std::string text;
+  uint64_t generation;
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    auto h = o.handles.find(fh);
+    if (h == o.handles.end() || !h->second.writer || !o.editing || !o.dirty) return Ok();
+    text = o.working;
+    generation = o.generation;
+  }
+  return impl_->CommitConfig(text, generation, "on close/fsync");
+}
+
+void Filesystem::Release(uint64_t ino, uint64_t fh) {
+  Overlay& o = impl_->overlay;
+  if (!impl_->IsOverlayIno(ino)) return;
+  std::lock_guard<std::mutex> lock(o.mu);
+  auto h = o.handles.find(fh);
+  if (h == o.handles.end()) return;
+  if (h->second.scratch) {
+    ScratchFile& f = *h->second.scratch;
+    if (--f.handles == 0 && !f.linked) {
+      o.scratch_bytes -= f.data.size();
+      o.scratch.erase(f.ino);
+    }
+  } else if (h->second.writer && --o.writers == 0) {
+    if (o.dirty) {
+      spdlog::warn("config.yaml ({}): the last writer closed it with an edit that was not saved; "
+                   "the edit is dropped, the checkpoint keeps the saved text",
+                   o.config_name);
+    }
+    o.editing = false;
+    o.dirty = false;
+    o.mtime_set = o.commit_mtime_set;
+    o.mtime_sec = o.commit_mtime_sec;
+    o.mtime_nsec = o.commit_mtime_nsec;
+    o.working.clear();
+    o.working.shrink_to_fit();
+  }
+  o.handles.erase(h);
+}
+
+Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange& change) {
+  Overlay& o = impl_->overlay;
+  if (!impl_->IsOverlayIno(ino)) {
+    NEMOFS_ASSIGN_OR_RETURN(NodeAttr a, GetAttr(ino));
+    if (a.type == NodeType::kDirectory && !change.set_size && !change.set_mode) {
+      return Err(EROFS, "the tree's directories are read-only");
+    }
+    return Err(EROFS, "inode {} is read-only{}", ino,
+               o.writable ? " (only config.yaml can be written)" : "");
+  }
+  std::string commit_text;
+  bool commit_now = false;
+  uint64_t generation = 0;
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    struct timespec now = Now();
+    if (ino == o.config_ino) {
+      if (change.set_mode && (change.mode & 07777) != impl_->nodes.Get(ino)->perm) {
+        return Err(EPERM, "the mode of config.yaml cannot be changed");
+      }
+      if (change.set_size) {
+        if (change.size > kMaxFileBytes) {
+          return Err(EFBIG, "a config may hold at most {} MiB", kMaxFileBytes >> 20);
+        }
+        auto h = fh ? WriterHandle(o, ino, fh) : Result<OpenHandle*>(nullptr);
+        if (h.ok() && *h) {  // ftruncate on a writing handle: part of its edit
+          o.working.resize(change.size, '\0');
+          o.dirty = true;
+          ++o.generation;
+          o.mtime_set = true;
+          o.mtime_sec = now.tv_sec;
+          o.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+        } else {  // truncate(2) by path: a complete edit of its own
+          commit_text = o.editing ? o.working : *o.committed;
+          commit_text.resize(change.size, '\0');
+          commit_now = true;
+        }
+      }
+      generation = 0;
+    } else {
+      auto it = o.scratch.find(ino);
+      if (it == o.scratch.end()) return Err(ENOENT, "no inode {}", ino);
+      ScratchFile& f = *it->second;
+      if (change.set_size) {
+        if (change.size > kMaxFileBytes) {
+          return Err(EFBIG, "a file here may hold at most {} MiB", kMaxFileBytes >> 20);
+        }
+        if (change.size > f.data.size() &&
+            o.scratch_bytes + (change.size - f.data.size()) > kMaxScratchBytes) {
+          return Err(ENOSPC, "scratch files hold {} MiB in memory already (the limit)",
+                     o.scratch_bytes >> 20);
+        }
+        o.scratch_bytes += change.size;
+        o.scratch_bytes -= f.data.size();
+        f.data.resize(change.size, '\0');
+        f.mtime_sec = now.tv_sec;
+        f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+      }
+      if (change.set_mode) f.mode = change.mode & 07777;
+      if (change.set_mtime) {
+        f.mtime_sec = change.mtime_sec;
+        f.mtime_nsec = change.mtime_nsec;
+      }
+    }
+  }
+  if (commit_now) {
+    NEMOFS_RETURN_IF_ERROR(impl_->CommitConfig(commit_text, generation, "truncate"));
+  }
+  return GetAttr(ino);
+}
+
+Status Filesystem::Unlink(uint64_t parent, std::string_view name) {
+  Overlay& o = impl_->overlay;
+  if (!o.writable) return Err(EROFS, "the tree is read-only");
+  std::lock_guard<std::mutex> lock(o.mu);
+  auto it = o.scratch_names.find(std::make_pair(parent, std::string(name)));
+  if (it == o.scratch_names.end()) {
+    return Err(EPERM, "'{}' is part of the checkpoint and cannot be deleted", name);
+  }
+  UnlinkScratchLocked(o, o.scratch.at(it->second));
+  return Ok();
+}
+
+Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_parent,
+                          std::string_view new_name, unsigned int flags) {
+  Overlay& o = impl_->overlay;
+  if (!o.writable) return Err(EROFS, "the tree is read-only");
+  if (flags & RENAME_EXCHANGE) return Err(EINVAL, "RENAME_EXCHANGE is not supported");
+  if (flags & ~static_cast<unsigned>(RENAME_NOREPLACE)) return Err(EINVAL, "unknown rename flags");
+  if (new_name.size() > kMaxName) return Err(ENAMETOOLONG, "name too long");
+  auto is_config = [&](uint64_t dir, std::string_view n) {
+    return o.config_names.count(std::make_pair(dir, std::string(n))) > 0;
+  };
+  const bool to_config = is_config(new_parent, new_name);
+  const bool from_config = is_config(parent, name);
+  if (!o.scratch_dirs.count(new_parent)) {
+    return Err(EPERM, "cannot rename into this directory: it is part of the checkpoint");
+  }
+  if (from_config) {
+    if (to_config) return Ok();  // two names of one file: nothing to do (rename(2))
+    // Renaming the config away (`sed -i.bak`, some editors' backup step):
+    // the config cannot leave the checkpoint, so the new name gets a scratch
+    // copy of the committed text and config.yaml stays.
+    auto target = Lookup(new_parent, new_name);
+    if (target.ok() && !impl_->IsOverlayIno(target->ino)) {
+      return Err(EPERM, "'{}' is part of the checkpoint", new_name);
+    }
+    std::lock_guard<std::mutex> lock(o.mu);
+    auto key = std::make_pair(new_parent, std::string(new_name));
+    auto existing = o.scratch_names.find(key);
+    if (existing != o.scratch_names.end() && (flags & RENAME_NOREPLACE)) {
+      return Err(EEXIST, "'{}' exists", new_name);
+    }
+    if (o.scratch_bytes + o.committed->size() > kMaxScratchBytes) {
+      return Err(ENOSPC, "scratch files hold {} MiB in memory already (the limit)",
+                 o.scratch_bytes >> 20);
+    }
+    if (existing != o.scratch_names.end()) UnlinkScratchLocked(o, o.scratch.at(existing->second));
+    auto f = std::make_shared<ScratchFile>();
+    f->ino = o.next_ino++;
+    f->parent = new_parent;
+    f->name = std::string(new_name);
+    f->data = *o.committed;
+    f->mode = impl_->nodes.Get(o.config_ino)->perm;
+    struct timespec now = Now();
+    f->mtime_sec = now.tv_sec;
+    f->mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+    o.scratch_bytes += f->data.size();
+    o.scratch.emplace(f->ino, f);
+    o.scratch_names.emplace(key, f->ino);
+    return Ok();
+  }
+
+  std::shared_ptr<ScratchFile> src;
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    auto it = o.scratch_names.find(std::make_pair(parent, std::string(name)));
+    if (it != o.scratch_names.end()) src = o.scratch.at(it->second);
+  }
+  if (!src) {
+    if (Lookup(parent, name).ok()) {
+      return Err(EPERM, "'{}' is part of the checkpoint and cannot be renamed", name);
+    }
+    return Err(ENOENT, "no '{}'", name);
+  }
+  if (to_config) {
+    // The commit: the scratch file's content becomes the config.
+    if (flags & RENAME_NOREPLACE) return Err(EEXIST, "'{}' exists", new_name);
+    std::string text;
+    {
+      std::lock_guard<std::mutex> lock(o.mu);
+      text = src->data;
+    }
+    NEMOFS_RETURN_IF_ERROR(impl_->CommitConfig(text, 0, "renamed over it"));
+    std::lock_guard<std::mutex> lock(o.mu);
+    UnlinkScratchLocked(o, src);
+    return Ok();
+  }
+  auto target = Lookup(new_parent, new_name);
+  if (target.ok() && !impl_->IsOverlayIno(target->ino)) {
+    return Err(EPERM, "'{}' is part of the checkpoint and cannot be replaced", new_name);
+  }
+  std::lock_guard<std::mutex> lock(o.mu);
+  auto key = std::make_pair(new_parent, std::string(new_name));
+  auto existing = o.scratch_names.find(key);
+  if (existing != o.scratch_names.end()) {
+    if (existing->second == src->ino) return Ok();
+    if (flags & RENAME_NOREPLACE) return Err(EEXIST, "'{}' exists", new_name);
+    UnlinkScratchLocked(o, o.scratch.at(existing->second));
+  }
+  o.scratch_names.erase(std::make_pair(src->parent, src->name));
+  src->parent = new_parent;
+  src->name = std::string(new_name);
+  o.scratch_names.emplace(key, src->ino);
+  return Ok();
+}
+
+}  // namespace nemofs

@@ -1,0 +1,211 @@
+#include "write/config_commit.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "source/sources_internal.h"
+#include "util/fd.h"
+#include "util/io.h"
+#include "write/fault.h"
+#include "write/rewrite.h"
+#include "write/tar_append.h"
+#include "write/tar_writer.h"
+
+namespace nemofs::write {
+namespace {
+
+FileIdentity FromStat(const struct stat& st) {
+  return {st.st_dev, st.st_ino, st.st_size, st.st_mtim.tv_sec, st.st_mtim.tv_nsec};
+}
+
+std::string DirOf(const std::string& path) {
+  auto slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+// Why `path` cannot be written ("" if it can): no write permission bits
+// (even for root: a 0444 checkpoint is read-only by intent), a read-only
+// file system, or access(2) says no. `dir` too when the commit creates
+// files beside it.
+std::string WhyReadOnly(const std::string& path, bool need_dir) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return fmt::format("{}: {}", path, std::strerror(errno));
+  if ((st.st_mode & 0222) == 0) return fmt::format("{} has no write permission", path);
+  struct statvfs vfs {};
+  if (::statvfs(path.c_str(), &vfs) == 0 && (vfs.f_flag & ST_RDONLY)) {
+    return fmt::format("{} is on a read-only file system", path);
+  }
+  if (::access(path.c_str(), W_OK) != 0) {
+    return fmt::format("{} is not writable: {}", path, std::strerror(errno));
+  }
+  std::string dir = DirOf(path);
+  if (need_dir && ::access(dir.c_str(), W_OK) != 0) {
+    return fmt::format("directory {} is not writable: {}", dir, std::strerror(errno));
+  }
+  return "";
+}
+
+}  // namespace
+
+Result<FileIdentity> IdentityOf(const std::string& path) {
+  NEMOFS_ASSIGN_OR_RETURN(struct stat st, Stat(path));
+  return FromStat(st);
+}
+
+ConfigCommitter::~ConfigCommitter() = default;
+
+Result<std::unique_ptr<ConfigCommitter>> ConfigCommitter::Create(const source::Source& src,
+                                                                 const std::string& config,
+                                                                 const FileIdentity& identity) {
+  std::unique_ptr<ConfigCommitter> c(new ConfigCommitter());
+  c->config_ = config;
+  c->identity_ = identity;
+  // Write the file itself, never replace a symbolic link leading to it.
+  auto real_path = [](const std::string& path) -> Result<std::string> {
+    char* real = ::realpath(path.c_str(), nullptr);
+    if (!real) return Err(EROFS, "{}: {}", path, std::strerror(errno));
+    std::string out = real;
+    std::free(real);
+    return out;
+  };
+  if (const auto* tar = dynamic_cast<const source::TarSource*>(&src)) {
+    c->kind_ = Kind::kPlainTar;
+    NEMOFS_ASSIGN_OR_RETURN(c->target_, real_path(src.path()));
+    const source::TarIndex& index = tar->index();
+    const source::TarMember* member = nullptr;
+    for (const auto& m : index.members) {
+      std::string norm;
+      if ((m.type == '0' || m.type == '\0' || m.type == '7') &&
+          source::NormalizePath(m.name, &norm) && norm == config) {
+        member = &m;
+      }
+    }
+    if (!member) return Err(EROFS, "{}: no regular member '{}' to replace", src.path(), config);
+    if (!index.has_end_marker) {
+      return Err(EROFS,
+                 "{}: the archive has no end-of-archive marker, so nothing can be appended "
+                 "safely (`nemofs repack` writes a complete copy)",
+                 src.path());
+    }
+    c->member_name_ = member->name;
+    c->mode_ = member->mode ? member->mode & 07777 : 0644;
+    c->end_ = index.end_offset;
+  } else if (dynamic_cast<const source::ArchiveSource*>(&src)) {
+    c->kind_ = Kind::kCompressedTar;
+    NEMOFS_ASSIGN_OR_RETURN(c->target_, real_path(src.path()));
+    c->filter_ = src.Kind();
+  } else if (dynamic_cast<const source::DirectorySource*>(&src)) {
+    c->kind_ = Kind::kFolder;
+    NEMOFS_ASSIGN_OR_RETURN(c->target_, real_path(src.path() + "/" + config));
+    NEMOFS_ASSIGN_OR_RETURN(c->identity_, IdentityOf(c->target_));
+    NEMOFS_ASSIGN_OR_RETURN(struct stat st, Stat(c->target_));
+    c->mode_ = st.st_mode & 07777;
+  } else {
+    return Err(EROFS, "{}: a {} source has no config to write", src.path(), src.Kind());
+  }
+  std::string why = WhyReadOnly(c->target_, c->kind_ != Kind::kPlainTar);
+  if (!why.empty()) return Err(EROFS, "{}", why);
+  return c;
+}
+
+std::string ConfigCommitter::Describe() const {
+  switch (kind_) {
+    case Kind::kPlainTar:
+      return "append to the plain tar";
+    case Kind::kCompressedTar:
+      return "rewrite of the " + filter_;
+    case Kind::kFolder:
+      return "file replace in the folder";
+  }
+  return "";
+}
+
+Status ConfigCommitter::CheckIdentity(const FileIdentity& now) const {
+  if (now == identity_) return Ok();
+  return Err(ESTALE,
+             "{} was changed or replaced by something else since it was mounted (size {} -> {}, "
+             "inode {} -> {}); refusing to write into it. Unmount and mount again.",
+             target_, identity_.size, now.size, identity_.ino, now.ino);
+}
+
+Status ConfigCommitter::Commit(const std::string& text, int64_t mtime,
+                               const std::function<void(uint64_t, uint64_t)>& progress) {
+  switch (kind_) {
+    case Kind::kPlainTar:
+      return CommitPlainTar(text, mtime);
+    case Kind::kFolder:
+      return CommitFolder(text);
+    case Kind::kCompressedTar: {
+      NEMOFS_ASSIGN_OR_RETURN(FileIdentity now, IdentityOf(target_));
+      NEMOFS_RETURN_IF_ERROR(CheckIdentity(now));
+      NEMOFS_RETURN_IF_ERROR(RewriteCompressedTar(target_, config_, text, mtime, progress));
+      NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
+      return Ok();
+    }
+  }
+  return Err(EINVAL, "unknown commit kind");
+}
+
+Status ConfigCommitter::CommitPlainTar(const std::string& text, int64_t mtime) {
+  UniqueFd fd(::open(target_.c_str(), O_RDWR | O_CLOEXEC));
+  if (!fd.valid()) {
+    int e = errno;
+    return Err(e, "{}: cannot open for writing: {}", target_, std::strerror(e));
+  }
+  NEMOFS_ASSIGN_OR_RETURN(struct stat st, FStat(fd.get(), target_));
+  NEMOFS_RETURN_IF_ERROR(CheckIdentity(FromStat(st)));
+  auto appended = AppendTarMember(fd.get(), end_, member_name_, text, mtime, mode_, target_);
+  if (!appended) {
+    // Nothing visible changed (the old end marker is intact); drop what was
+    // written past it so the file is byte for byte what it was.
+    if (::ftruncate(fd.get(), st.st_size) == 0) ::fsync(fd.get());
+    return appended.error();
+  }
+  end_ = appended->new_end;
+  NEMOFS_ASSIGN_OR_RETURN(struct stat after, FStat(fd.get(), target_));
+  identity_ = FromStat(after);
+  return Ok();
+}
+
+Status ConfigCommitter::CommitFolder(const std::string& text) {
+  NEMOFS_ASSIGN_OR_RETURN(FileIdentity now, IdentityOf(target_));
+  NEMOFS_RETURN_IF_ERROR(CheckIdentity(now));
+  std::string dir = DirOf(target_);
+  std::string base = target_.substr(target_.rfind('/') + 1);
+  std::string tmp = fmt::format("{}/.{}{}{}", dir, base, source::kCommitTempMarker, ::getpid());
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode_));
+  if (!fd.valid()) {
+    int e = errno;
+    return Err(e, "{}: cannot create: {}", tmp, std::strerror(e));
+  }
+  auto fail = [&](Error e) -> Status {
+    ::unlink(tmp.c_str());
+    return e;
+  };
+  if (::fchmod(fd.get(), mode_) != 0) return fail(Err(errno, "{}: chmod failed", tmp));
+  NEMOFS_ASSIGN_OR_RETURN(struct stat orig, Stat(target_));
+  (void)!::fchown(fd.get(), orig.st_uid, orig.st_gid);  // best effort (root only)
+  if (auto st = PwriteFull(fd.get(), text, 0, tmp); !st.ok()) return fail(st.error());
+  if (auto st = Sync(fd.get(), tmp); !st.ok()) return fail(st.error());
+  fd.Reset();
+  MaybeCrash("folder:written");
+  if (::rename(tmp.c_str(), target_.c_str()) != 0) {
+    int e = errno;
+    return fail(Err(e, "{}: cannot replace with {}: {}", target_, tmp, std::strerror(e)));
+  }
+  UniqueFd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dfd.valid() && ::fsync(dfd.get()) != 0) {
+    int e = errno;
+    return Err(e, "{}: fsync of the directory failed: {}", dir, std::strerror(e));
+  }
+  MaybeCrash("folder:renamed");
+  NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
+  return Ok();
+}
+
+}  // namespace nemofs::write

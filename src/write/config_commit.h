@@ -1,0 +1,81 @@
+// Committing a new config text into the checkpoint (DESIGN.md §4), one way
+// per kind of source:
+//   plain tar        append the member (write/tar_append.h): O(config),
+//                    crash-safe, superseded copies stay until `nemofs repack`;
+//   compressed tar   rewrite the archive beside itself and rename it over
+//                    (write/rewrite.h): O(archive), progress reported;
+//   folder           write a temp file beside the config, fsync, rename
+//                    over, fsync the directory: O(config).
+// Before writing, the target's identity (device, inode, size, mtime) must
+// still be what it was when the source was opened (or after our last
+// commit); if anything else changed it, the commit is refused with ESTALE.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "nemofs/result.h"
+
+namespace nemofs::source {
+class Source;
+}
+
+namespace nemofs::write {
+
+struct FileIdentity {
+  dev_t dev = 0;
+  ino_t ino = 0;
+  off_t size = 0;
+  int64_t mtime_sec = 0;
+  int64_t mtime_nsec = 0;
+  bool operator==(const FileIdentity&) const = default;
+};
+
+class ConfigCommitter {
+ public:
+  enum class Kind { kPlainTar, kCompressedTar, kFolder };
+
+  // For the config at normalised path `config` of `src`. `identity` is the
+  // identity of the source path taken before `src` was opened (for folders
+  // it is ignored: the config file's own identity is taken here). Fails
+  // with EROFS when the source cannot be written (the reason in the message).
+  static Result<std::unique_ptr<ConfigCommitter>> Create(const source::Source& src,
+                                                         const std::string& config,
+                                                         const FileIdentity& identity);
+  ~ConfigCommitter();
+
+  // Writes `text` as the config. Progress (done, total bytes) is reported
+  // for the O(archive) rewrite only. On failure the source is unchanged.
+  Status Commit(const std::string& text, int64_t mtime,
+                const std::function<void(uint64_t, uint64_t)>& progress);
+
+  Kind kind() const { return kind_; }
+  // "append to plain tar", "rewrite of the gzip tar", "file replace in folder".
+  std::string Describe() const;
+  // The file that is written (the archive, or the folder's config file).
+  const std::string& target() const { return target_; }
+
+ private:
+  ConfigCommitter() = default;
+  Status CommitPlainTar(const std::string& text, int64_t mtime);
+  Status CommitFolder(const std::string& text);
+  Status CheckIdentity(const FileIdentity& now) const;
+
+  Kind kind_ = Kind::kPlainTar;
+  std::string target_;
+  std::string config_;       // normalised member path
+  std::string member_name_;  // plain tar: the name as stored ("./model_config.yaml")
+  uint32_t mode_ = 0644;
+  uint64_t end_ = 0;  // plain tar: offset of the end-of-archive marker
+  std::string filter_;
+  FileIdentity identity_;
+};
+
+// Identity of `path` (following symlinks).
+Result<FileIdentity> IdentityOf(const std::string& path);
+
+}  // namespace nemofs::write

@@ -1,0 +1,518 @@
+// Editing config.yaml through a real mount (DESIGN.md §4, README "Write
+// semantics"): the editors people use (sed -i, vim, nano, shell
+// redirection, cp, Python), on every kind of source that has a config;
+// invalid YAML refused with EINVAL; scratch files; what is refused; readers
+// during commits. Crash, full-disk and replaced-source cases are in
+// write_safety_test.cc.
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <regex>
+
+#include "mount_harness.h"
+#include "test_util.h"
+
+namespace nemofs::testing {
+namespace {
+
+std::string Q(const std::string& s) { return ShellQuote(s); }
+
+// For texts too big for gtest's diff (it is quadratic): equal, else sizes
+// and the first difference.
+::testing::AssertionResult SameText(const std::string& actual, const std::string& expected) {
+  if (actual == expected) return ::testing::AssertionSuccess();
+  size_t i = 0;
+  while (i < actual.size() && i < expected.size() && actual[i] == expected[i]) ++i;
+  return ::testing::AssertionFailure() << "texts differ: " << actual.size() << " vs expected "
+                                       << expected.size() << " bytes, first difference at byte "
+                                       << i;
+}
+
+struct SourceKind {
+  std::string name;
+  // Makes a private copy of the source in `dir`; returns its path.
+  std::function<std::string(const TempDir& dir)> make;
+  std::string member;  // the config as stored: tar member name or folder-relative path
+  bool tar = false;
+};
+
+std::string CopyFile(const TempDir& dir, const std::string& data) {
+  std::string path = dir.Join("src.nemo");
+  EXPECT_EQ(Sh("cp " + Q(TestData(data)) + " " + Q(path)).exit_code, 0);
+  return path;
+}
+
+const std::vector<SourceKind>& Kinds() {
+  static const std::vector<SourceKind> kinds = {
+      {"plain_tar", [](const TempDir& d) { return CopyFile(d, "tiny_gpt.nemo"); },
+       "./model_config.yaml", true},
+      {"gnu_tar", [](const TempDir& d) { return CopyFile(d, "tiny_gpt_gnu.nemo"); },
+       "./model_config.yaml", true},
+      {"gzip_tar", [](const TempDir& d) { return CopyFile(d, "tiny_gpt_gz.nemo"); },
+       "./model_config.yaml", true},
+      {"nemo2_folder",
+       [](const TempDir& d) {
+         std::string path = d.Join("nemo2");
+         EXPECT_EQ(Sh("cp -r " + Q(TestData("nemo2_tiny")) + " " + Q(path)).exit_code, 0);
+         return path;
+       },
+       "context/model.yaml", false},
+      {"extracted_nemo_folder",
+       [](const TempDir& d) {
+         std::string path = d.Join("extracted");
+         EXPECT_EQ(Sh("mkdir " + Q(path) + " && tar -xf " + Q(TestData("tiny_gpt.nemo")) +
+                      " -C " + Q(path))
+                       .exit_code,
+                   0);
+         return path;
+       },
+       "model_config.yaml", false},
+  };
+  return kinds;
+}
+
+const SourceKind& Kind(const std::string& name) {
+  for (const auto& k : Kinds()) {
+    if (k.name == name) return k;
+  }
+  throw std::runtime_error("no source kind " + name);
+}
+
+std::vector<std::string> KindNames() {
+  std::vector<std::string> names;
+  for (const auto& k : Kinds()) names.push_back(k.name);
+  return names;
+}
+
+// The config as a fresh `nemofs cat` sees it.
+std::string CatConfig(const std::string& source) {
+  auto r = Sh(Q(NemofsBinary()) + " cat " + Q(source) + " config.yaml");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out;
+}
+
+// The config as the format's own readers see it: Python tarfile and GNU tar
+// for archives (both must agree), the file itself for folders.
+std::string StoredConfig(const SourceKind& kind, const std::string& source) {
+  if (!kind.tar) return ReadFile(source + "/" + kind.member);
+  auto py = Sh("/usr/bin/python3 -c 'import sys,tarfile; "
+               "sys.stdout.buffer.write(tarfile.open(sys.argv[1]).extractfile(sys.argv[2]).read())' " +
+               Q(source) + " " + Q(kind.member));
+  EXPECT_EQ(py.exit_code, 0) << py.err;
+  // GNU tar extracts every copy of a name in turn: the last one stays.
+  // (`tar -xOf` would print them all, superseded ones included.)
+  TempDir out;
+  auto gnu = Sh("tar -xf " + Q(source) + " -C " + Q(out.path()) + " " + Q(kind.member));
+  EXPECT_EQ(gnu.exit_code, 0) << gnu.err;
+  EXPECT_TRUE(SameText(ReadFile(out.Join(kind.member)), py.out))
+      << "tarfile and GNU tar disagree";
+  return py.out;
+}
+
+// sha256 of the source file, or of every file of a source folder.
+std::string SourceDigest(const std::string& source) {
+  auto r = Sh("if [ -d " + Q(source) + " ]; then cd " + Q(source) +
+              " && find . -type f | LC_ALL=C sort | xargs sha256sum; else sha256sum < " +
+              Q(source) + "; fi");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out;
+}
+
+std::string ArchiveName(const SourceKind& kind) {
+  return "archive/" + (kind.member.rfind("./", 0) == 0 ? kind.member.substr(2) : kind.member);
+}
+
+// ---- every editor, every kind of source ------------------------------------
+
+struct Editor {
+  std::string name;
+  std::string command;  // run in the mount's root; {NANO} = the nano driver
+  // The text expected after the edit, from the text before.
+  std::function<std::string(const std::string&)> expect;
+};
+
+std::string Append(const std::string& old, const std::string& line) {
+  return old + (old.empty() || old.back() == '\n' ? "" : "\n") + line + "\n";
+}
+
+const std::vector<Editor>& Editors() {
+  static const std::vector<Editor> editors = {
+      {"sed_i", "sed -i '$a edited_by: sed' config.yaml",
+       [](const std::string& o) { return Append(o, "edited_by: sed"); }},
+      {"sed_i_backup", "sed -i.bak '$a edited_by: sed' config.yaml && cmp config.yaml.bak {OLD}",
+       [](const std::string& o) { return Append(o, "edited_by: sed"); }},
+      {"vim", "vim -u NONE -N -es -c 'normal Goedited_by: vim' -c wq config.yaml </dev/null",
+       [](const std::string& o) { return Append(o, "edited_by: vim"); }},
+      {"nano",
+       "timeout 30 /usr/bin/python3 {NANO} config.yaml 'edited_by: nano' > ../nano.out && "
+       "grep -q 'Wrote' ../nano.out",
+       [](const std::string& o) { return "edited_by: nano\n" + o; }},
+      {"echo_truncate", "echo 'edited_by: echo' > config.yaml",
+       [](const std::string&) { return std::string("edited_by: echo\n"); }},
+      {"echo_append", "echo 'edited_by: append' >> config.yaml",
+       [](const std::string& o) { return Append(o, "edited_by: append"); }},
+      {"cp", "printf 'edited_by: cp\\nlist: [1, 2]\\n' > ../new.yaml && cp ../new.yaml config.yaml",
+       [](const std::string&) { return std::string("edited_by: cp\nlist: [1, 2]\n"); }},
+      {"python_write",
+       "/usr/bin/python3 -c \"open('config.yaml', 'w').write('edited_by: python\\n')\"",
+       [](const std::string&) { return std::string("edited_by: python\n"); }},
+      {"python_rplus_ftruncate",
+       "/usr/bin/python3 -c \"f = open('config.yaml', 'r+'); f.seek(0); "
+       "f.write('edited_by: ftruncate\\n'); f.truncate(); f.close()\"",
+       [](const std::string&) { return std::string("edited_by: ftruncate\n"); }},
+  };
+  return editors;
+}
+
+class EditConfig : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(EditConfig, CommitsIntoTheSourceAndEveryViewShowsIt) {
+  const SourceKind& kind = Kind(std::get<0>(GetParam()));
+  const Editor* editor = nullptr;
+  for (const auto& e : Editors()) {
+    if (e.name == std::get<1>(GetParam())) editor = &e;
+  }
+  ASSERT_TRUE(editor);
+  TempDir dir;
+  std::string src = kind.make(dir);
+  std::string old = CatConfig(src);
+  ASSERT_FALSE(old.empty());
+  WriteFile(dir.Join("old.yaml"), old);
+  std::string expected = editor->expect(old);
+  // What `nemofs verify` says before the edit (a fixture may be partial on purpose).
+  auto verify_before = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto listing = Sh("ls -A " + Q(m->path()));
+  std::string cmd = std::regex_replace(editor->command, std::regex("\\{NANO\\}"),
+                                       Q(std::string(NEMOFS_SOURCE_DIR) + "/tests/mount/nano_drive.py"));
+  cmd = std::regex_replace(cmd, std::regex("\\{OLD\\}"), Q(dir.Join("old.yaml")));
+  auto r = Sh("cd " + Q(m->path()) + " && " + cmd, 60);
+  ASSERT_EQ(r.exit_code, 0) << cmd << "\n" << r.out << r.err << "\n" << m->Log();
+
+  // The mount: both names of the config, and stat's size.
+  EXPECT_EQ(ReadFile(m->path() + "/config.yaml"), expected);
+  EXPECT_EQ(ReadFile(m->path() + "/" + ArchiveName(kind)), expected);
+  r = Sh("stat -c %s " + Q(m->path() + "/config.yaml"));
+  EXPECT_EQ(r.out, std::to_string(expected.size()) + "\n");
+  // Editors' temp, swap and backup files are gone, except a backup asked for.
+  std::string after = Sh("ls -A " + Q(m->path())).out;
+  if (editor->name == "sed_i_backup") {  // the backup is a scratch file with the old text
+    EXPECT_EQ(Sh("ls -A " + Q(m->path()) + " | grep -vx config.yaml.bak").out, listing.out);
+    EXPECT_EQ(ReadFile(m->path() + "/config.yaml.bak"), old);
+  } else {
+    EXPECT_EQ(after, listing.out);
+  }
+  m->Unmount();
+
+  // The source itself, as its own tools and a fresh nemofs see it.
+  EXPECT_EQ(StoredConfig(kind, src), expected);
+  EXPECT_EQ(CatConfig(src), expected);
+  auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+  EXPECT_EQ(v.exit_code, verify_before.exit_code) << v.out << v.err;
+  EXPECT_EQ(v.out.find(": OK\n") != std::string::npos,
+            verify_before.out.find(": OK\n") != std::string::npos)
+      << v.out;
+  if (kind.tar) {
+    // The superseded copy is invisible: archive/ lists one config.
+    auto fresh = Mount::Start(src);
+    ASSERT_TRUE(fresh);
+    EXPECT_EQ(ReadFile(fresh->path() + "/config.yaml"), expected);
+    r = Sh("ls " + Q(fresh->path() + "/archive") + " | grep -c model_config.yaml");
+    EXPECT_EQ(r.out, "1\n");
+  } else {
+    // Nothing but the config changed in the folder: no temp files left.
+    r = Sh("cd " + Q(src) + " && find . -name '*nemofs*' | wc -l");
+    EXPECT_EQ(r.out, "0\n");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Editors, EditConfig,
+    ::testing::Combine(::testing::ValuesIn(KindNames()),
+                       ::testing::Values("sed_i", "sed_i_backup", "vim", "nano", "echo_truncate",
+                                         "echo_append", "cp", "python_write",
+                                         "python_rplus_ftruncate")),
+    [](const auto& info) {
+      return TestName(std::get<0>(info.param) + "_" + std::get<1>(info.param));
+    });
+
+// ---- invalid YAML: EINVAL, the source untouched, the log names the line ----
+
+struct BadText {
+  std::string name;
+  std::string text;
+  std::string log;  // expected in the daemon log
+};
+
+class InvalidConfig : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(InvalidConfig, IsRefusedWithEINVALAndChangesNothing) {
+  const SourceKind& kind = Kind(GetParam());
+  TempDir dir;
+  std::string src = kind.make(dir);
+  std::string old = CatConfig(src);
+  std::string digest = SourceDigest(src);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  const std::vector<BadText> bad = {
+      {"unclosed_flow", "a: 1\nb: [1, 2\nc: 3\n", "line 3, column 2: end of sequence flow not found"},
+      {"bad_indent", "a:\n  b: 1\n c: 2\n", "line 3, column"},
+      {"binary", std::string("a: 1\n\x00\x01\x02\xff\xfe", 10), "line 2, column 1: control character 0x00"},
+      {"not_utf8", "a: caf\xe9\n", "line 1, column 7: not valid UTF-8"},
+      {"list", "- a\n- b\n", "a config must be a mapping"},
+      {"plain_value", "just text\n", "a config must be a mapping"},
+      {"duplicate_key", "a: 1\nb:\n  x: 1\n  x: 2\n", "line 4, column 3: key 'x' appears twice"},
+  };
+  for (const auto& b : bad) {
+    SCOPED_TRACE(b.name);
+    WriteFile(dir.Join("bad.yaml"), b.text);
+    // cp: the close that commits fails.
+    auto r = Sh("cp " + Q(dir.Join("bad.yaml")) + " " + Q(m->path() + "/config.yaml"));
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("Invalid argument"), std::string::npos) << r.err;
+    // sed -i: the rename that commits fails.
+    r = Sh("cd " + Q(m->path()) + " && sed -i '1i " + (b.name == "list" ? "- x" : "{") +
+           "' config.yaml");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("Invalid argument"), std::string::npos) << r.err;
+    EXPECT_EQ(ReadFile(m->path() + "/config.yaml"), old);
+    EXPECT_NE(m->Log().find(b.log), std::string::npos) << m->Log();
+  }
+  // `truncate -s 0` (by path) would leave an empty config: refused too.
+  auto r = Sh("truncate -s 0 " + Q(m->path() + "/config.yaml"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("Invalid argument"), std::string::npos) << r.err;
+  EXPECT_EQ(ReadFile(m->path() + "/config.yaml"), old);
+  // sed removed its temp file after the failed rename: nothing is left over.
+  EXPECT_EQ(Sh("ls -A " + Q(m->path()) + " | grep -c '^sed'").out, "0\n");
+  m->Unmount();
+  EXPECT_EQ(SourceDigest(src), digest);
+  EXPECT_EQ(CatConfig(src), old);
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, InvalidConfig,
+                         ::testing::Values("plain_tar", "gzip_tar", "nemo2_folder"),
+                         [](const auto& info) { return TestName(info.param); });
+
+TEST(InvalidConfigVim, VimReportsTheFailureAndKeepsTheBuffer) {
+  const SourceKind& kind = Kind("plain_tar");
+  TempDir dir;
+  std::string src = kind.make(dir);
+  std::string old = CatConfig(src);
+  std::string digest = SourceDigest(src);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  // :w fails (vim exits 1); the buffer, still holding the edit, is then
+  // saved elsewhere.
+  auto r = Sh("cd " + Q(m->path()) + " && vim -u NONE -N -es -c 'normal Gob: [' -c w -c 'w! " +
+              dir.Join("kept.yaml") + "' -c 'q!' config.yaml </dev/null");
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_EQ(ReadFile(dir.Join("kept.yaml")), Append(old, "b: ["));
+  EXPECT_EQ(ReadFile(m->path() + "/config.yaml"), old);
+  EXPECT_NE(m->Log().find("end of sequence flow not found"), std::string::npos);
+  m->Unmount();
+  EXPECT_EQ(SourceDigest(src), digest);
+}
+
+TEST(InvalidConfigNano, NanoReportsTheFailure) {
+  TempDir dir;
+  std::string src = Kind("plain_tar").make(dir);
+  std::string digest = SourceDigest(src);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("cd " + Q(m->path()) + " && timeout 30 /usr/bin/python3 " +
+                  Q(std::string(NEMOFS_SOURCE_DIR) + "/tests/mount/nano_drive.py") +
+                  " config.yaml 'bad: ['",
+              60);
+  EXPECT_NE(r.out.find("Invalid argument"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("Wrote"), std::string::npos);
+  m->Unmount();
+  EXPECT_EQ(SourceDigest(src), digest);
+}
+
+// ---- size limits --------------------------------------------------------
+
+TEST(ConfigSize, AMultiMegabyteConfigCommitsAndBeyond64MiBIsEFBIG) {
+  const SourceKind& kind = Kind("plain_tar");
+  TempDir dir;
+  std::string src = kind.make(dir);
+  std::string big;
+  for (int i = 0; big.size() < (5 << 20); ++i) big += "key_" + std::to_string(i) + ": value\n";
+  WriteFile(dir.Join("big.yaml"), big);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("cp " + Q(dir.Join("big.yaml")) + " " + Q(m->path() + "/config.yaml"));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(SameText(ReadFile(m->path() + "/config.yaml"), big));
+  std::string digest = SourceDigest(src);
+  r = Sh("head -c 70000000 /dev/zero | tr '\\0' a > " + Q(m->path() + "/config.yaml"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("File too large"), std::string::npos) << r.err;
+  EXPECT_TRUE(SameText(ReadFile(m->path() + "/config.yaml"), big));
+  m->Unmount();
+  EXPECT_EQ(SourceDigest(src), digest);
+  EXPECT_TRUE(SameText(StoredConfig(kind, src), big));
+}
+
+// ---- scratch files and what is refused ---------------------------------
+
+TEST(ScratchFiles, LiveInMemoryNextToTheConfigAndNeverReachTheSource) {
+  const SourceKind& kind = Kind("plain_tar");
+  TempDir dir;
+  std::string src = kind.make(dir);
+  std::string digest = SourceDigest(src);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("cd " + Q(m->path()) +
+              " && echo swap > .config.yaml.swp && echo backup > config.yaml~"
+              " && echo tmp > archive/.model_config.yaml.swx && chmod 600 config.yaml~"
+              " && test \"$(stat -c %a config.yaml~)\" = 600"
+              " && mv config.yaml~ other~ && cat other~ .config.yaml.swp archive/.model_config.yaml.swx"
+              " && ls -A | LC_ALL=C sort | tr '\\n' ' ' && rm .config.yaml.swp");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("backup\nswap\ntmp\n"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(".config.yaml.swp"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("other~"), std::string::npos) << r.out;
+  r = Sh("ls -A " + Q(m->path()));
+  EXPECT_EQ(r.out.find(".config.yaml.swp"), std::string::npos) << r.out;
+  m->Unmount();
+  EXPECT_EQ(SourceDigest(src), digest);  // never written into the checkpoint
+  auto fresh = Mount::StartWritable(src);
+  ASSERT_TRUE(fresh);
+  r = Sh("ls -A " + Q(fresh->path()) + " " + Q(fresh->path() + "/archive"));
+  EXPECT_EQ(r.out.find("other~"), std::string::npos) << r.out;  // gone with the mount
+  EXPECT_EQ(r.out.find(".swx"), std::string::npos) << r.out;
+}
+
+TEST(Refusals, EverythingButTheConfigAndScratchFilesIsRefused) {
+  const SourceKind& kind = Kind("plain_tar");
+  TempDir dir;
+  std::string src = kind.make(dir);
+  std::string digest = SourceDigest(src);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  std::string tensor = Sh("ls " + Q(m->path() + "/tensors") + " | head -1").out;
+  tensor = tensor.substr(0, tensor.size() - 1);
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"echo x > tensors/" + Q(tensor), "Read-only file system"},
+      {"echo x >> archive/model_weights.ckpt", "Read-only file system"},
+      {"truncate -s 0 index.json", "Read-only file system"},
+      {"touch tensors/new", "Operation not permitted"},
+      {"mkdir newdir", "Operation not permitted"},
+      {"ln -s config.yaml link", "Operation not permitted"},
+      {"rm config.yaml", "Operation not permitted"},
+      {"rm archive/model_weights.ckpt", "Operation not permitted"},
+      {"mv index.json index2.json", "Operation not permitted"},
+      {"echo a: 1 > x.yaml && mv x.yaml index.json", "Operation not permitted"},
+      {"chmod 600 config.yaml", "Operation not permitted"},
+  };
+  for (const auto& [cmd, error] : cases) {
+    auto r = Sh("cd " + Q(m->path()) + " && " + cmd);
+    EXPECT_NE(r.exit_code, 0) << cmd;
+    EXPECT_NE(r.err.find(error), std::string::npos) << cmd << ": " << r.err;
+  }
+  m->Unmount();
+  EXPECT_EQ(SourceDigest(src), digest);
+}
+
+TEST(ReadOnlyMount, OptionRoRefusesEveryWriteWithEROFS) {
+  TempDir dir;
+  std::string src = Kind("plain_tar").make(dir);
+  std::string digest = SourceDigest(src);
+  auto m = Mount::Start(src, {"-o", "ro"});
+  ASSERT_TRUE(m);
+  for (const std::string cmd : {"echo 'a: 1' > config.yaml", "sed -i '$a b: 2' config.yaml",
+                                "touch config.yaml~", "truncate -s 0 config.yaml"}) {
+    auto r = Sh("cd " + Q(m->path()) + " && " + cmd);
+    EXPECT_NE(r.exit_code, 0) << cmd;
+    EXPECT_NE(r.err.find("Read-only file system"), std::string::npos) << cmd << ": " << r.err;
+  }
+  m->Unmount();
+  EXPECT_EQ(SourceDigest(src), digest);
+}
+
+// ---- readers during commits see old or new, never a mix ---------------
+
+class ConcurrentReaders : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ConcurrentReaders, SeeACommittedTextWhole) {
+  const SourceKind& kind = Kind(GetParam());
+  TempDir dir;
+  std::string src = kind.make(dir);
+  std::string old = CatConfig(src);
+  // Two 1 MiB configs: a reader reads each in many 4 KiB pieces.
+  std::string a, b;
+  for (int i = 0; a.size() < (1 << 20); ++i) {
+    a += "a_" + std::to_string(i) + ": first\n";
+    b += "b_" + std::to_string(i) + ": second text\n";
+  }
+  WriteFile(dir.Join("a.yaml"), a);
+  WriteFile(dir.Join("b.yaml"), b);
+  WriteFile(dir.Join("old.yaml"), old);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  std::string cfg = m->path() + "/config.yaml";
+  auto r = Sh("( for i in $(seq 10); do cp " + Q(dir.Join("a.yaml")) + " " + Q(cfg) + "; cp " +
+                  Q(dir.Join("b.yaml")) + " " + Q(cfg) + "; done; touch " + Q(dir.Join("done")) +
+                  " ) & "
+                  "/usr/bin/python3 - " +
+                  Q(cfg) + " " + Q(dir.path()) + " <<'EOF'\n"
+                  "import os, sys\n"
+                  "cfg, d = sys.argv[1], sys.argv[2]\n"
+                  "texts = {open(os.path.join(d, n), 'rb').read(): n for n in "
+                  "('a.yaml', 'b.yaml', 'old.yaml')}\n"
+                  "seen, reads = {}, 0\n"
+                  "while True:\n"
+                  "    finished = os.path.exists(os.path.join(d, 'done'))\n"
+                  "    fd = os.open(cfg, os.O_RDONLY)\n"
+                  "    parts = []\n"
+                  "    while True:\n"
+                  "        p = os.read(fd, 4096)\n"
+                  "        if not p: break\n"
+                  "        parts.append(p)\n"
+                  "    os.close(fd)\n"
+                  "    text = b''.join(parts)\n"
+                  "    reads += 1\n"
+                  "    if text not in texts:\n"
+                  "        print('MIXED', len(text)); sys.exit(1)\n"
+                  "    seen[texts[text]] = seen.get(texts[text], 0) + 1\n"
+                  "    if finished: break\n"
+                  "print(reads, sorted(seen))\n"
+                  "EOF\n"
+                  "rc=$?; wait; exit $rc",
+              300);
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("b.yaml"), std::string::npos) << r.out;  // the last commit was read
+  EXPECT_TRUE(SameText(ReadFile(cfg), b));
+  m->Unmount();
+  EXPECT_TRUE(SameText(StoredConfig(kind, src), b));
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, ConcurrentReaders,
+                         ::testing::Values("plain_tar", "gzip_tar", "nemo2_folder"),
+                         [](const auto& info) { return TestName(info.param); });
+
+// ---- repack drops what the edits superseded --------------------------------
+
+TEST(RepackAfterEdits, KeepsOnlyTheLastConfig) {
+  const SourceKind& kind = Kind("plain_tar");
+  TempDir dir;
+  std::string src = kind.make(dir);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  for (int i = 0; i < 3; ++i) {
+    auto r = Sh("echo 'round: " + std::to_string(i) + "' > " + Q(m->path() + "/config.yaml"));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+  }
+  m->Unmount();
+  EXPECT_EQ(Sh("tar -tf " + Q(src) + " | grep -c model_config.yaml").out, "4\n");
+  auto r = Sh(Q(NemofsBinary()) + " repack " + Q(src));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(Sh("tar -tf " + Q(src) + " | grep -c model_config.yaml").out, "1\n");
+  EXPECT_EQ(StoredConfig(kind, src), "round: 2\n");
+}
+
+}  // namespace
+}  // namespace nemofs::testing
