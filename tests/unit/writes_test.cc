@@ -1,0 +1,213 @@
+// The write path of the core without FUSE: YAML validation, the config edit
+// life cycle (handles, snapshots, commit on flush, drop on release), scratch
+// files and renames, identity checks (ESTALE).
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <linux/fs.h>
+
+#include "nemofs/filesystem.h"
+#include "test_util.h"
+#include "write/yaml_check.h"
+
+namespace nemofs {
+namespace {
+
+using testing::Sh;
+using testing::ShellQuote;
+using testing::TempDir;
+using testing::TestData;
+
+// ---- validation ------------------------------------------------------------
+
+TEST(ValidateConfigYaml, AcceptsMappingsAndNamesLineAndColumnOfProblems) {
+  EXPECT_TRUE(write::ValidateConfigYaml("a: 1\nb:\n  c: [1, 2]\n", "cfg").ok());
+  EXPECT_TRUE(write::ValidateConfigYaml("name: caf\xc3\xa9 \xe2\x9c\x93\n", "cfg").ok());
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"a: 1\nb: [1, 2\nc: 3\n", "cfg: line 3, column 2: end of sequence flow not found"},
+      {"a: 1\nb\x01: 2\n", "cfg: line 2, column 2: control character 0x01"},
+      {"a: 1\n\xc3\x28: 2\n", "cfg: line 2, column 1: not valid UTF-8"},
+      {"a: \xed\xa0\x80\n", "cfg: line 1, column 4: not valid UTF-8"},  // a surrogate
+      {"a: \xc0\xaf\n", "cfg: line 1, column 4: not valid UTF-8"},      // overlong
+      {"- a\n- b\n", "cfg: line 1, column 1: a config must be a mapping (key: value lines), this is a list"},
+      {"", "this is nothing"},
+      {"text\n", "this is a plain value"},
+      {"a:\n  b: 1\n  b: 2\n", "cfg: line 3, column 3: key 'b' appears twice in one mapping"},
+      {"x: [{k: 1, k: 2}]\n", "key 'k' appears twice"},
+  };
+  for (const auto& [text, message] : bad) {
+    auto st = write::ValidateConfigYaml(text, "cfg");
+    ASSERT_FALSE(st.ok()) << text;
+    EXPECT_EQ(st.error().code(), EINVAL);
+    EXPECT_NE(st.error().message().find(message), std::string::npos) << st.error().message();
+  }
+}
+
+// ---- the edit life cycle through the Filesystem API ----------------------
+
+std::string ReadAllOf(const Filesystem& fs, uint64_t ino, uint64_t fh = 0) {
+  auto attr = fs.GetAttr(ino);
+  std::string out;
+  for (uint64_t off = 0;; off += 4096) {
+    std::string buf(4096, '\0');
+    auto plan = fs.Read(ino, off, buf.size(), fh);
+    EXPECT_TRUE(plan.ok());
+    if (!plan.ok() || plan->size() == 0) break;
+    EXPECT_TRUE(ExecuteReadPlan(*plan, buf.data()).ok());
+    out.append(buf.data(), plan->size());
+  }
+  return out;
+}
+
+std::string StoredConfig(const std::string& nemo) {
+  auto r = Sh("/usr/bin/python3 -c 'import sys,tarfile; sys.stdout.write(tarfile.open(sys.argv[1])"
+              ".extractfile(\"./model_config.yaml\").read().decode())' " +
+              ShellQuote(nemo));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out;
+}
+
+class WritableFs : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    src_ = dir_.Join("m.nemo");
+    ASSERT_EQ(Sh("cp " + ShellQuote(TestData("tiny_gpt.nemo")) + " " + ShellQuote(src_)).exit_code,
+              0);
+    FilesystemOptions o;
+    o.source = src_;
+    o.cache_dir = dir_.Join("cache");
+    o.writable = true;
+    auto fs = Filesystem::Open(o);
+    ASSERT_TRUE(fs.ok()) << fs.error().message();
+    fs_ = std::move(*fs);
+    ASSERT_TRUE(fs_->writable());
+    auto ino = fs_->Resolve("config.yaml");
+    ASSERT_TRUE(ino.ok());
+    config_ = *ino;
+    old_ = ReadAllOf(*fs_, config_);
+  }
+  TempDir dir_;
+  std::string src_;
+  std::unique_ptr<Filesystem> fs_;
+  uint64_t config_ = 0;
+  std::string old_;
+};
+
+TEST_F(WritableFs, AnEditIsCommittedOnFlushAndReadersKeepTheirSnapshot) {
+  auto reader = fs_->OpenFile(config_, O_RDONLY);
+  ASSERT_TRUE(reader.ok());
+  EXPECT_TRUE(reader->direct_io);
+  auto writer = fs_->OpenFile(config_, O_WRONLY | O_TRUNC);
+  ASSERT_TRUE(writer.ok());
+  EXPECT_EQ(fs_->GetAttr(config_)->size, 0u);  // the edit is what stat sees
+  ASSERT_TRUE(fs_->Write(config_, writer->fh, 0, "a: 1\n").ok());
+  ASSERT_TRUE(fs_->Write(config_, writer->fh, 5, "b: 2\n").ok());
+  // Nothing committed yet: the source and other readers have the old text.
+  EXPECT_EQ(StoredConfig(src_), old_);
+  EXPECT_EQ(ReadAllOf(*fs_, config_, reader->fh), old_);
+  EXPECT_EQ(ReadAllOf(*fs_, config_, writer->fh), "a: 1\nb: 2\n");
+  ASSERT_TRUE(fs_->Flush(config_, writer->fh).ok());
+  EXPECT_EQ(StoredConfig(src_), "a: 1\nb: 2\n");
+  // A reader opened before the commit still reads the text it opened.
+  EXPECT_EQ(ReadAllOf(*fs_, config_, reader->fh), old_);
+  EXPECT_EQ(ReadAllOf(*fs_, config_), "a: 1\nb: 2\n");
+  fs_->Release(config_, writer->fh);
+  fs_->Release(config_, reader->fh);
+  // The archive/ name is the same node.
+  EXPECT_EQ(*fs_->Resolve("archive/model_config.yaml"), config_);
+  EXPECT_TRUE(fs_->Volatile(config_));
+}
+
+TEST_F(WritableFs, AnInvalidEditIsEinvalAndDroppedAtRelease) {
+  auto writer = fs_->OpenFile(config_, O_RDWR);
+  ASSERT_TRUE(writer.ok());
+  ASSERT_TRUE(fs_->Write(config_, writer->fh, 0, "[[[").ok());
+  auto st = fs_->Flush(config_, writer->fh);
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.error().code(), EINVAL);
+  EXPECT_EQ(ReadAllOf(*fs_, config_, writer->fh).substr(0, 3), "[[[");  // still the edit
+  fs_->Release(config_, writer->fh);
+  EXPECT_EQ(ReadAllOf(*fs_, config_), old_);
+  EXPECT_EQ(fs_->GetAttr(config_)->size, old_.size());
+  EXPECT_EQ(StoredConfig(src_), old_);
+}
+
+TEST_F(WritableFs, ScratchFilesAndARenameOverTheConfigCommit) {
+  auto created = fs_->Create(Filesystem::kRootIno, ".config.yaml.swp", 0600, O_WRONLY | O_EXCL);
+  ASSERT_TRUE(created.ok()) << created.error().message();
+  uint64_t ino = created->first.ino;
+  EXPECT_GT(ino, fs_->node_count());
+  EXPECT_EQ(created->first.perm, 0600u);
+  ASSERT_TRUE(fs_->Write(ino, created->second.fh, 0, "swap: 1\n").ok());
+  fs_->Release(ino, created->second.fh);
+  EXPECT_EQ(fs_->Create(Filesystem::kRootIno, ".config.yaml.swp", 0600, O_WRONLY | O_EXCL)
+                .error()
+                .code(),
+            EEXIST);
+  EXPECT_EQ(fs_->Create(Filesystem::kRootIno, "index.json", 0644, O_WRONLY).error().code(),
+            EEXIST);
+  auto tensors = fs_->Resolve("tensors");
+  EXPECT_EQ(fs_->Create(*tensors, "x", 0644, O_WRONLY).error().code(), EPERM);
+  // Listed after the checkpoint's own entries.
+  std::vector<std::string> names;
+  ASSERT_TRUE(fs_->ReadDir(Filesystem::kRootIno, 0, [&](const DirEntry& e, uint64_t) {
+                   names.emplace_back(e.name);
+                   return true;
+                 }).ok());
+  EXPECT_EQ(names.back(), ".config.yaml.swp");
+  // Renaming it over either name of the config commits its content.
+  ASSERT_TRUE(fs_->Rename(Filesystem::kRootIno, ".config.yaml.swp",
+                          *fs_->Resolve("archive"), "model_config.yaml", 0)
+                  .ok());
+  EXPECT_EQ(StoredConfig(src_), "swap: 1\n");
+  EXPECT_EQ(fs_->Lookup(Filesystem::kRootIno, ".config.yaml.swp").error().code(), ENOENT);
+  EXPECT_EQ(fs_->Unlink(Filesystem::kRootIno, "config.yaml").error().code(), EPERM);
+  EXPECT_EQ(fs_->Rename(Filesystem::kRootIno, "index.json", Filesystem::kRootIno, "i2", 0)
+                .error()
+                .code(),
+            EPERM);
+  EXPECT_EQ(fs_->Rename(Filesystem::kRootIno, "config.yaml", Filesystem::kRootIno, "c2",
+                        RENAME_EXCHANGE)
+                .error()
+                .code(),
+            EINVAL);
+}
+
+TEST_F(WritableFs, ASourceChangedUnderneathIsEstale) {
+  // Something else appends to the archive: its size and mtime change.
+  ASSERT_EQ(Sh("printf x >> " + ShellQuote(src_)).exit_code, 0);
+  std::string digest = Sh("sha256sum < " + ShellQuote(src_)).out;
+  auto writer = fs_->OpenFile(config_, O_WRONLY | O_TRUNC);
+  ASSERT_TRUE(fs_->Write(config_, writer->fh, 0, "a: 1\n").ok());
+  auto st = fs_->Flush(config_, writer->fh);
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.error().code(), ESTALE);
+  EXPECT_NE(st.error().message().find(src_), std::string::npos);
+  fs_->Release(config_, writer->fh);
+  EXPECT_EQ(Sh("sha256sum < " + ShellQuote(src_)).out, digest);
+}
+
+TEST(ReadOnlyFs, WritesAreEroFsWithoutTheOptionOrOnAReadOnlySource) {
+  TempDir dir;
+  std::string src = dir.Join("m.nemo");
+  ASSERT_EQ(Sh("cp " + ShellQuote(TestData("tiny_gpt.nemo")) + " " + ShellQuote(src)).exit_code, 0);
+  for (bool chmod_ro : {false, true}) {
+    FilesystemOptions o;
+    o.source = src;
+    o.cache_dir = dir.Join("cache");
+    o.writable = chmod_ro;  // writable requested, but the file is 0444
+    if (chmod_ro) {
+      ASSERT_EQ(Sh("chmod 0444 " + ShellQuote(src)).exit_code, 0);
+    }
+    auto fs = Filesystem::Open(o);
+    ASSERT_TRUE(fs.ok());
+    EXPECT_FALSE((*fs)->writable());
+    uint64_t config = *(*fs)->Resolve("config.yaml");
+    EXPECT_EQ((*fs)->OpenFile(config, O_WRONLY).error().code(), EROFS);
+    EXPECT_EQ((*fs)->CheckOpen(config, O_RDONLY | O_TRUNC).error().code(), EROFS);
+    EXPECT_EQ((*fs)->Create(Filesystem::kRootIno, "x", 0644, O_WRONLY).error().code(), EROFS);
+    EXPECT_FALSE((*fs)->Volatile(config));
+  }
+}
+
+}  // namespace
+}  // namespace nemofs
