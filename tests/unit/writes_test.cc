@@ -209,5 +209,72 @@ TEST(ReadOnlyFs, WritesAreEroFsWithoutTheOptionOrOnAReadOnlySource) {
   }
 }
 
+TEST_F(WritableFs, ScratchFilesAreLimitedTo64MiBEach256MiBAnd10000Files) {
+  auto one = fs_->Create(Filesystem::kRootIno, "big~", 0644, O_WRONLY);
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(fs_->Write(one->first.ino, one->second.fh, 64ull << 20, "x").error().code(), EFBIG);
+  fs_->Release(one->first.ino, one->second.fh);
+  std::string chunk(60 << 20, 'y');
+  int written = 0;
+  Error last(0, "");
+  for (int i = 0; i < 5; ++i) {
+    auto f = fs_->Create(Filesystem::kRootIno, "s" + std::to_string(i), 0644, O_WRONLY);
+    ASSERT_TRUE(f.ok());
+    auto n = fs_->Write(f->first.ino, f->second.fh, 0, chunk);
+    fs_->Release(f->first.ino, f->second.fh);
+    if (!n.ok()) {
+      last = n.error();
+      break;
+    }
+    ++written;
+  }
+  EXPECT_EQ(written, 4);  // 240 MiB fit, 300 would not
+  EXPECT_EQ(last.code(), ENOSPC);
+  // Deleting gives the memory back.
+  ASSERT_TRUE(fs_->Unlink(Filesystem::kRootIno, "s0").ok());
+  auto again = fs_->Create(Filesystem::kRootIno, "s0", 0644, O_WRONLY);
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(fs_->Write(again->first.ino, again->second.fh, 0, chunk).ok());
+  fs_->Release(again->first.ino, again->second.fh);
+  int files = 0;
+  for (;; ++files) {
+    auto f = fs_->Create(Filesystem::kRootIno, "n" + std::to_string(files), 0644, O_WRONLY);
+    if (!f.ok()) {
+      EXPECT_EQ(f.error().code(), ENOSPC);
+      break;
+    }
+    fs_->Release(f->first.ino, f->second.fh);
+    ASSERT_LT(files, 20000);
+  }
+  EXPECT_EQ(files + 6, 10000);  // besides big~, s0 (again), s1..s4 (s4 created, not filled)
+}
+
+TEST(ReadOnlyFs, ASourceWithoutAConfigOrOnAReadOnlyFileSystemOpensReadOnly) {
+  FilesystemOptions o;
+  o.source = TestData("torch/dtypes.pt");
+  o.writable = true;
+  auto fs = Filesystem::Open(o);
+  ASSERT_TRUE(fs.ok());
+  EXPECT_FALSE((*fs)->writable());
+
+  TempDir dir;
+  std::string mnt = dir.Join("ro");
+  auto r = Sh("mkdir " + ShellQuote(mnt) + " && mount -t tmpfs -o size=4m tmpfs " +
+              ShellQuote(mnt) + " && cp " + ShellQuote(TestData("tiny_gpt.nemo")) + " " +
+              ShellQuote(mnt) + "/m.nemo && mount -o remount,ro " + ShellQuote(mnt));
+  struct Unmount {
+    std::string path;
+    ~Unmount() { Sh("umount -l " + ShellQuote(path) + " 2>/dev/null"); }
+  } unmount{mnt};  // even when an assertion below fails
+  if (r.exit_code != 0) GTEST_SKIP() << "cannot make a read-only tmpfs here: " << r.err;
+  o.source = mnt + "/m.nemo";
+  o.cache_dir = dir.Join("cache");
+  {
+    auto ro = Filesystem::Open(o);
+    ASSERT_TRUE(ro.ok());
+    EXPECT_FALSE((*ro)->writable());
+  }
+}
+
 }  // namespace
 }  // namespace nemofs
