@@ -4,6 +4,7 @@
 #include <fuse3/fuse_lowlevel.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -442,6 +443,12 @@ void OpStatFs(fuse_req_t req, fuse_ino_t) {
   s.f_blocks = (info.source_bytes + 4095) / 4096;
   s.f_files = Ctx(req)->fs->node_count();
   s.f_namemax = 255;
+  // Saves write into the source's file system: report its free space.
+  struct statvfs under {};
+  if (Ctx(req)->fs->writable() && ::statvfs(info.source.c_str(), &under) == 0) {
+    s.f_bfree = under.f_bfree * under.f_frsize / s.f_frsize;
+    s.f_bavail = under.f_bavail * under.f_frsize / s.f_frsize;
+  }
   fuse_reply_statfs(req, &s);
 }
 

@@ -371,6 +371,14 @@ TEST(ScratchFiles, LiveInMemoryNextToTheConfigAndNeverReachTheSource) {
   std::string digest = SourceDigest(src);
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
+  // df shows the free space saves can use: the source's file system's.
+  auto df = Sh("stat -f -c %a " + Q(m->path()) + " " + Q(dir.path()));
+  auto lines = df.out;
+  auto mount_avail = std::stoull(lines.substr(0, lines.find('\n')));
+  auto under_avail = std::stoull(lines.substr(lines.find('\n') + 1));
+  EXPECT_GT(mount_avail, 0u);
+  EXPECT_NEAR(static_cast<double>(mount_avail), static_cast<double>(under_avail),
+              0.01 * static_cast<double>(under_avail) + 1024);
   auto r = Sh("cd " + Q(m->path()) +
               " && echo swap > .config.yaml.swp && echo backup > config.yaml~"
               " && echo tmp > archive/.model_config.yaml.swx && chmod 600 config.yaml~"
