@@ -153,6 +153,10 @@ const std::vector<Editor>& Editors() {
        [](const std::string& o) { return Append(o, "edited_by: append"); }},
       {"cp", "printf 'edited_by: cp\\nlist: [1, 2]\\n' > ../new.yaml && cp ../new.yaml config.yaml",
        [](const std::string&) { return std::string("edited_by: cp\nlist: [1, 2]\n"); }},
+      {"dd_at_offset",
+       "printf 'edited_by: dd\n' | dd of=config.yaml bs=7 seek=$(stat -c %s config.yaml) "
+       "oflag=seek_bytes conv=notrunc status=none",
+       [](const std::string& o) { return Append(o, "edited_by: dd"); }},
       {"python_write",
        "/usr/bin/python3 -c \"open('config.yaml', 'w').write('edited_by: python\\n')\"",
        [](const std::string&) { return std::string("edited_by: python\n"); }},
@@ -238,7 +242,7 @@ INSTANTIATE_TEST_SUITE_P(
     Editors, EditConfig,
     ::testing::Combine(::testing::ValuesIn(KindNames()),
                        ::testing::Values("sed_i", "sed_i_backup", "vim", "nano", "echo_truncate",
-                                         "echo_append", "cp", "python_write",
+                                         "echo_append", "cp", "dd_at_offset", "python_write",
                                          "python_rplus_ftruncate")),
     [](const auto& info) {
       return TestName(std::get<0>(info.param) + "_" + std::get<1>(info.param));
