@@ -290,6 +290,16 @@ TEST_P(InvalidConfig, IsRefusedWithEINVALAndChangesNothing) {
     EXPECT_EQ(ReadFile(m->path() + "/config.yaml"), old);
     EXPECT_NE(m->Log().find(b.log), std::string::npos) << m->Log();
   }
+  // bash does not check close() after a builtin's redirection: `echo >>`
+  // returns 0 although nothing was saved; tee and /bin/echo report it.
+  auto r0 = Sh("echo 'broken: [' >> " + Q(m->path() + "/config.yaml"));
+  EXPECT_EQ(r0.exit_code, 0);
+  r0 = Sh("echo 'broken: [' | tee -a " + Q(m->path() + "/config.yaml") + " >/dev/null");
+  EXPECT_EQ(r0.exit_code, 1);
+  EXPECT_NE(r0.err.find("Invalid argument"), std::string::npos) << r0.err;
+  r0 = Sh("/bin/echo 'broken: [' >> " + Q(m->path() + "/config.yaml"));
+  EXPECT_EQ(r0.exit_code, 1);
+  EXPECT_EQ(ReadFile(m->path() + "/config.yaml"), old);
   // `truncate -s 0` (by path) would leave an empty config: refused too.
   auto r = Sh("truncate -s 0 " + Q(m->path() + "/config.yaml"));
   EXPECT_NE(r.exit_code, 0);
