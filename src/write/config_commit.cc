@@ -5,6 +5,8 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
+
 #include <cstring>
 
 #include "source/sources_internal.h"
@@ -159,11 +161,26 @@ Status ConfigCommitter::CommitPlainTar(const std::string& text, int64_t mtime) {
   }
   NEMOFS_ASSIGN_OR_RETURN(struct stat st, FStat(fd.get(), target_));
   NEMOFS_RETURN_IF_ERROR(CheckIdentity(FromStat(st)));
+  // The append overwrites what follows the end marker (the record padding,
+  // or what an interrupted save left): keep it, to put the file back byte
+  // for byte if the append fails (a full disk).
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  std::string tail(size > end_ ? size - end_ : 0, '\0');
+  NEMOFS_RETURN_IF_ERROR(PreadFull(fd.get(), tail.data(), tail.size(), end_, target_));
   auto appended = AppendTarMember(fd.get(), end_, member_name_, text, mtime, mode_, target_);
   if (!appended) {
-    // Nothing visible changed (the old end marker is intact); drop what was
-    // written past it so the file is byte for byte what it was.
-    if (::ftruncate(fd.get(), st.st_size) == 0) ::fsync(fd.get());
+    // Nothing visible changed (the old end marker is intact): restore the
+    // bytes after it and the size. Its mtime did change: that is ours.
+    bool restored = PwriteFull(fd.get(), tail, end_, target_).ok() &&
+                    ::ftruncate(fd.get(), st.st_size) == 0 && ::fsync(fd.get()) == 0;
+    // Either way only this save touched the file: later saves may go on.
+    if (auto now = FStat(fd.get(), target_); now.ok()) identity_ = FromStat(*now);
+    if (!restored) {
+      spdlog::error("{}: could not restore the bytes after the end-of-archive marker after a "
+                    "failed save; the archive is valid (the marker is intact) but has {} "
+                    "bytes of junk after it",
+                    target_, tail.size());
+    }
     return appended.error();
   }
   end_ = appended->new_end;
