@@ -16,72 +16,12 @@
 
 #include "mount_harness.h"
 #include "test_util.h"
+#include "write_util.h"
 
 namespace nemofs::testing {
 namespace {
 
 std::string Q(const std::string& s) { return ShellQuote(s); }
-
-// For texts too big for gtest's diff (it is quadratic): equal, else sizes
-// and the first difference.
-::testing::AssertionResult SameText(const std::string& actual, const std::string& expected) {
-  if (actual == expected) return ::testing::AssertionSuccess();
-  size_t i = 0;
-  while (i < actual.size() && i < expected.size() && actual[i] == expected[i]) ++i;
-  return ::testing::AssertionFailure()
-         << "texts differ: " << actual.size() << " vs expected " << expected.size()
-         << " bytes, first difference at byte " << i;
-}
-
-struct SourceKind {
-  std::string name;
-  std::string data;    // tests/data/<data>
-  std::string member;  // the config as stored: tar member or folder-relative path
-  bool tar = false;
-  bool extract = false;  // a folder made by extracting the .nemo `data`
-};
-
-const std::vector<SourceKind>& Kinds() {
-  static const std::vector<SourceKind> kinds = {
-      {"plain_tar", "tiny_gpt.nemo", "./model_config.yaml", true, false},
-      {"gzip_tar", "tiny_gpt_gz.nemo", "./model_config.yaml", true, false},
-      // A NeMo 2 folder that `verify` passes (nemo2_tiny has no weights/.metadata).
-      {"nemo2_folder", "dist/nemo2", "context/model.yaml", false, false},
-      {"extracted_nemo_folder", "tiny_gpt.nemo", "model_config.yaml", false, true},
-  };
-  return kinds;
-}
-
-const SourceKind& Kind(const std::string& name) {
-  for (const auto& k : Kinds()) {
-    if (k.name == name) return k;
-  }
-  throw std::runtime_error("no source kind " + name);
-}
-
-// A private copy of the source kind at `path` (never the committed fixture).
-std::string MakeSource(const SourceKind& kind, const std::string& path) {
-  std::string cmd;
-  if (kind.extract) {
-    cmd = "mkdir " + Q(path) + " && tar -xf " + Q(TestData(kind.data)) + " -C " + Q(path);
-  } else {
-    cmd = "cp -r " + Q(TestData(kind.data)) + " " + Q(path);
-  }
-  auto r = Sh(cmd);
-  EXPECT_EQ(r.exit_code, 0) << cmd << ": " << r.err;
-  return path;
-}
-
-std::string MakeSource(const SourceKind& kind, const TempDir& dir) {
-  return MakeSource(kind, dir.Join(kind.tar ? "src.nemo" : "src"));
-}
-
-// The config as a fresh `nemofs cat` sees it.
-std::string CatConfig(const std::string& source) {
-  auto r = Sh(Q(NemofsBinary()) + " cat " + Q(source) + " config.yaml");
-  EXPECT_EQ(r.exit_code, 0) << r.err;
-  return r.out;
-}
 
 void ExpectVerifies(const std::string& source) {
   auto r = Sh(Q(NemofsBinary()) + " verify " + Q(source));
@@ -113,15 +53,6 @@ void ExpectSourceHolds(const SourceKind& kind, const std::string& source,
   }
   ExpectVerifies(source);
   EXPECT_TRUE(SameText(CatConfig(source), expected)) << "nemofs cat";
-}
-
-// sha256 of the source file, or of every file of a source folder.
-std::string SourceDigest(const std::string& source) {
-  auto r = Sh("if [ -d " + Q(source) + " ]; then cd " + Q(source) +
-              " && find . -type f | LC_ALL=C sort | xargs sha256sum; else sha256sum < " +
-              Q(source) + "; fi");
-  EXPECT_EQ(r.exit_code, 0) << r.err;
-  return r.out;
 }
 
 // Files a commit leaves beside its target while it runs.
@@ -338,7 +269,7 @@ TEST_P(FullDisk, SaveFailsWithENOSPCAndChangesNothing) {
   std::string fs_dir = dir.Join("fs");
   SmallTmpfs tmpfs(fs_dir, "2m");
   ASSERT_TRUE(tmpfs.mounted());
-  std::string src = MakeSource(kind, fs_dir + "/" + (kind.tar ? "src.nemo" : "src"));
+  std::string src = MakeSourceAt(kind, fs_dir + "/" + (kind.tar ? "src.nemo" : "src"));
   const std::string old_text = CatConfig(src);
   const std::string extra = ExtraKeys();
   const std::string big = old_text + extra;

@@ -11,112 +11,12 @@
 
 #include "mount_harness.h"
 #include "test_util.h"
+#include "write_util.h"
 
 namespace nemofs::testing {
 namespace {
 
 std::string Q(const std::string& s) { return ShellQuote(s); }
-
-// For texts too big for gtest's diff (it is quadratic): equal, else sizes
-// and the first difference.
-::testing::AssertionResult SameText(const std::string& actual, const std::string& expected) {
-  if (actual == expected) return ::testing::AssertionSuccess();
-  size_t i = 0;
-  while (i < actual.size() && i < expected.size() && actual[i] == expected[i]) ++i;
-  return ::testing::AssertionFailure() << "texts differ: " << actual.size() << " vs expected "
-                                       << expected.size() << " bytes, first difference at byte "
-                                       << i;
-}
-
-struct SourceKind {
-  std::string name;
-  // Makes a private copy of the source in `dir`; returns its path.
-  std::function<std::string(const TempDir& dir)> make;
-  std::string member;  // the config as stored: tar member name or folder-relative path
-  bool tar = false;
-};
-
-std::string CopyFile(const TempDir& dir, const std::string& data) {
-  std::string path = dir.Join("src.nemo");
-  EXPECT_EQ(Sh("cp " + Q(TestData(data)) + " " + Q(path)).exit_code, 0);
-  return path;
-}
-
-const std::vector<SourceKind>& Kinds() {
-  static const std::vector<SourceKind> kinds = {
-      {"plain_tar", [](const TempDir& d) { return CopyFile(d, "tiny_gpt.nemo"); },
-       "./model_config.yaml", true},
-      {"gnu_tar", [](const TempDir& d) { return CopyFile(d, "tiny_gpt_gnu.nemo"); },
-       "./model_config.yaml", true},
-      {"gzip_tar", [](const TempDir& d) { return CopyFile(d, "tiny_gpt_gz.nemo"); },
-       "./model_config.yaml", true},
-      {"nemo2_folder",
-       [](const TempDir& d) {
-         std::string path = d.Join("nemo2");
-         EXPECT_EQ(Sh("cp -r " + Q(TestData("nemo2_tiny")) + " " + Q(path)).exit_code, 0);
-         return path;
-       },
-       "context/model.yaml", false},
-      {"extracted_nemo_folder",
-       [](const TempDir& d) {
-         std::string path = d.Join("extracted");
-         EXPECT_EQ(Sh("mkdir " + Q(path) + " && tar -xf " + Q(TestData("tiny_gpt.nemo")) +
-                      " -C " + Q(path))
-                       .exit_code,
-                   0);
-         return path;
-       },
-       "model_config.yaml", false},
-  };
-  return kinds;
-}
-
-const SourceKind& Kind(const std::string& name) {
-  for (const auto& k : Kinds()) {
-    if (k.name == name) return k;
-  }
-  throw std::runtime_error("no source kind " + name);
-}
-
-std::vector<std::string> KindNames() {
-  std::vector<std::string> names;
-  for (const auto& k : Kinds()) names.push_back(k.name);
-  return names;
-}
-
-// The config as a fresh `nemofs cat` sees it.
-std::string CatConfig(const std::string& source) {
-  auto r = Sh(Q(NemofsBinary()) + " cat " + Q(source) + " config.yaml");
-  EXPECT_EQ(r.exit_code, 0) << r.err;
-  return r.out;
-}
-
-// The config as the format's own readers see it: Python tarfile and GNU tar
-// for archives (both must agree), the file itself for folders.
-std::string StoredConfig(const SourceKind& kind, const std::string& source) {
-  if (!kind.tar) return ReadFile(source + "/" + kind.member);
-  auto py = Sh("/usr/bin/python3 -c 'import sys,tarfile; "
-               "sys.stdout.buffer.write(tarfile.open(sys.argv[1]).extractfile(sys.argv[2]).read())' " +
-               Q(source) + " " + Q(kind.member));
-  EXPECT_EQ(py.exit_code, 0) << py.err;
-  // GNU tar extracts every copy of a name in turn: the last one stays.
-  // (`tar -xOf` would print them all, superseded ones included.)
-  TempDir out;
-  auto gnu = Sh("tar -xf " + Q(source) + " -C " + Q(out.path()) + " " + Q(kind.member));
-  EXPECT_EQ(gnu.exit_code, 0) << gnu.err;
-  EXPECT_TRUE(SameText(ReadFile(out.Join(kind.member)), py.out))
-      << "tarfile and GNU tar disagree";
-  return py.out;
-}
-
-// sha256 of the source file, or of every file of a source folder.
-std::string SourceDigest(const std::string& source) {
-  auto r = Sh("if [ -d " + Q(source) + " ]; then cd " + Q(source) +
-              " && find . -type f | LC_ALL=C sort | xargs sha256sum; else sha256sum < " +
-              Q(source) + "; fi");
-  EXPECT_EQ(r.exit_code, 0) << r.err;
-  return r.out;
-}
 
 std::string ArchiveName(const SourceKind& kind) {
   return "archive/" + (kind.member.rfind("./", 0) == 0 ? kind.member.substr(2) : kind.member);
@@ -178,7 +78,7 @@ TEST_P(EditConfig, CommitsIntoTheSourceAndEveryViewShowsIt) {
   }
   ASSERT_TRUE(editor);
   TempDir dir;
-  std::string src = kind.make(dir);
+  std::string src = MakeSource(kind, dir);
   std::string old = CatConfig(src);
   ASSERT_FALSE(old.empty());
   WriteFile(dir.Join("old.yaml"), old);
@@ -261,7 +161,7 @@ class InvalidConfig : public ::testing::TestWithParam<std::string> {};
 TEST_P(InvalidConfig, IsRefusedWithEINVALAndChangesNothing) {
   const SourceKind& kind = Kind(GetParam());
   TempDir dir;
-  std::string src = kind.make(dir);
+  std::string src = MakeSource(kind, dir);
   std::string old = CatConfig(src);
   std::string digest = SourceDigest(src);
   auto m = Mount::StartWritable(src);
@@ -319,7 +219,7 @@ INSTANTIATE_TEST_SUITE_P(Kinds, InvalidConfig,
 TEST(InvalidConfigVim, VimReportsTheFailureAndKeepsTheBuffer) {
   const SourceKind& kind = Kind("plain_tar");
   TempDir dir;
-  std::string src = kind.make(dir);
+  std::string src = MakeSource(kind, dir);
   std::string old = CatConfig(src);
   std::string digest = SourceDigest(src);
   auto m = Mount::StartWritable(src);
@@ -338,7 +238,7 @@ TEST(InvalidConfigVim, VimReportsTheFailureAndKeepsTheBuffer) {
 
 TEST(InvalidConfigNano, NanoReportsTheFailure) {
   TempDir dir;
-  std::string src = Kind("plain_tar").make(dir);
+  std::string src = MakeSource(Kind("plain_tar"), dir);
   std::string digest = SourceDigest(src);
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
@@ -357,7 +257,7 @@ TEST(InvalidConfigNano, NanoReportsTheFailure) {
 TEST(ConfigSize, AMultiMegabyteConfigCommitsAndBeyond64MiBIsEFBIG) {
   const SourceKind& kind = Kind("plain_tar");
   TempDir dir;
-  std::string src = kind.make(dir);
+  std::string src = MakeSource(kind, dir);
   std::string big;
   for (int i = 0; big.size() < (5 << 20); ++i) big += "key_" + std::to_string(i) + ": value\n";
   WriteFile(dir.Join("big.yaml"), big);
@@ -381,7 +281,7 @@ TEST(ConfigSize, AMultiMegabyteConfigCommitsAndBeyond64MiBIsEFBIG) {
 TEST(ScratchFiles, LiveInMemoryNextToTheConfigAndNeverReachTheSource) {
   const SourceKind& kind = Kind("plain_tar");
   TempDir dir;
-  std::string src = kind.make(dir);
+  std::string src = MakeSource(kind, dir);
   std::string digest = SourceDigest(src);
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
@@ -417,7 +317,7 @@ TEST(ScratchFiles, LiveInMemoryNextToTheConfigAndNeverReachTheSource) {
 TEST(Refusals, EverythingButTheConfigAndScratchFilesIsRefused) {
   const SourceKind& kind = Kind("plain_tar");
   TempDir dir;
-  std::string src = kind.make(dir);
+  std::string src = MakeSource(kind, dir);
   std::string digest = SourceDigest(src);
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
@@ -447,7 +347,7 @@ TEST(Refusals, EverythingButTheConfigAndScratchFilesIsRefused) {
 
 TEST(ReadOnlyMount, OptionRoRefusesEveryWriteWithEROFS) {
   TempDir dir;
-  std::string src = Kind("plain_tar").make(dir);
+  std::string src = MakeSource(Kind("plain_tar"), dir);
   std::string digest = SourceDigest(src);
   auto m = Mount::Start(src, {"-o", "ro"});
   ASSERT_TRUE(m);
@@ -468,7 +368,7 @@ class ConcurrentReaders : public ::testing::TestWithParam<std::string> {};
 TEST_P(ConcurrentReaders, SeeACommittedTextWhole) {
   const SourceKind& kind = Kind(GetParam());
   TempDir dir;
-  std::string src = kind.make(dir);
+  std::string src = MakeSource(kind, dir);
   std::string old = CatConfig(src);
   // Two 1 MiB configs: a reader reads each in many 4 KiB pieces.
   std::string a, b;
@@ -527,7 +427,7 @@ INSTANTIATE_TEST_SUITE_P(Kinds, ConcurrentReaders,
 TEST(RepackAfterEdits, KeepsOnlyTheLastConfig) {
   const SourceKind& kind = Kind("plain_tar");
   TempDir dir;
-  std::string src = kind.make(dir);
+  std::string src = MakeSource(kind, dir);
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
   for (int i = 0; i < 3; ++i) {
