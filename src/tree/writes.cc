@@ -51,6 +51,22 @@ void UnlinkScratchLocked(Overlay& o, const std::shared_ptr<ScratchFile>& f) {
   }
 }
 
+// A new, empty scratch file `name` in `parent`. `o.mu` held.
+std::shared_ptr<ScratchFile> NewScratchLocked(Overlay& o, uint64_t parent, std::string_view name,
+                                              uint32_t mode) {
+  auto f = std::make_shared<ScratchFile>();
+  f->ino = o.next_ino++;
+  f->parent = parent;
+  f->name = std::string(name);
+  f->mode = mode & 07777;
+  struct timespec now = Now();
+  f->mtime_sec = now.tv_sec;
+  f->mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+  o.scratch.emplace(f->ino, f);
+  o.scratch_names.emplace(std::make_pair(parent, f->name), f->ino);
+  return f;
+}
+
 }  // namespace
 
 Status Filesystem::Impl::EnableWrites(const write::FileIdentity& identity,
@@ -296,16 +312,7 @@ Result<std::pair<NodeAttr, OpenedFile>> Filesystem::Create(uint64_t parent, std:
     if (o.scratch.size() >= kMaxScratchFiles) {
       return Err(ENOSPC, "{} scratch files exist already (the limit)", o.scratch.size());
     }
-    auto f = std::make_shared<ScratchFile>();
-    f->ino = ino = o.next_ino++;
-    f->parent = parent;
-    f->name = std::string(name);
-    f->mode = mode & 07777;
-    struct timespec now = Now();
-    f->mtime_sec = now.tv_sec;
-    f->mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
-    o.scratch.emplace(ino, f);
-    o.scratch_names.emplace(std::make_pair(parent, f->name), ino);
+    ino = NewScratchLocked(o, parent, name, mode)->ino;
   }
   spdlog::debug("scratch file '{}' created (in memory only)", name);
   NEMOFS_ASSIGN_OR_RETURN(OpenedFile f, OpenFile(ino, flags));
@@ -495,15 +502,15 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
   if (!o.scratch_dirs.count(new_parent)) {
     return Err(EPERM, "cannot rename into this directory: it is part of the checkpoint");
   }
+  if (auto target = Lookup(new_parent, new_name);
+      target.ok() && !impl_->IsOverlayIno(target->ino)) {
+    return Err(EPERM, "'{}' is part of the checkpoint and cannot be replaced", new_name);
+  }
   if (from_config) {
     if (to_config) return Ok();  // two names of one file: nothing to do (rename(2))
     // Renaming the config away (`sed -i.bak`, some editors' backup step):
     // the config cannot leave the checkpoint, so the new name gets a scratch
     // copy of the committed text and config.yaml stays.
-    auto target = Lookup(new_parent, new_name);
-    if (target.ok() && !impl_->IsOverlayIno(target->ino)) {
-      return Err(EPERM, "'{}' is part of the checkpoint", new_name);
-    }
     std::lock_guard<std::mutex> lock(o.mu);
     auto key = std::make_pair(new_parent, std::string(new_name));
     auto existing = o.scratch_names.find(key);
@@ -515,18 +522,9 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
                  o.scratch_bytes >> 20);
     }
     if (existing != o.scratch_names.end()) UnlinkScratchLocked(o, o.scratch.at(existing->second));
-    auto f = std::make_shared<ScratchFile>();
-    f->ino = o.next_ino++;
-    f->parent = new_parent;
-    f->name = std::string(new_name);
+    auto f = NewScratchLocked(o, new_parent, new_name, impl_->nodes.Get(o.config_ino)->perm);
     f->data = *o.committed;
-    f->mode = impl_->nodes.Get(o.config_ino)->perm;
-    struct timespec now = Now();
-    f->mtime_sec = now.tv_sec;
-    f->mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
     o.scratch_bytes += f->data.size();
-    o.scratch.emplace(f->ino, f);
-    o.scratch_names.emplace(key, f->ino);
     return Ok();
   }
 
@@ -554,10 +552,6 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
     std::lock_guard<std::mutex> lock(o.mu);
     UnlinkScratchLocked(o, src);
     return Ok();
-  }
-  auto target = Lookup(new_parent, new_name);
-  if (target.ok() && !impl_->IsOverlayIno(target->ino)) {
-    return Err(EPERM, "'{}' is part of the checkpoint and cannot be replaced", new_name);
   }
   std::lock_guard<std::mutex> lock(o.mu);
   auto key = std::make_pair(new_parent, std::string(new_name));

@@ -18,6 +18,12 @@ namespace {
 
 std::string Q(const std::string& s) { return ShellQuote(s); }
 
+// One source per way of saving (append, rewrite, folder replace).
+const std::vector<std::string> kOneKindPerCommit = {"plain_tar", "gzip_tar", "nemo2_folder"};
+std::string ParamName(const ::testing::TestParamInfo<std::string>& info) {
+  return TestName(info.param);
+}
+
 std::string ArchiveName(const SourceKind& kind) {
   return "archive/" + (kind.member.rfind("./", 0) == 0 ? kind.member.substr(2) : kind.member);
 }
@@ -213,8 +219,7 @@ TEST_P(InvalidConfig, IsRefusedWithEINVALAndChangesNothing) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, InvalidConfig,
-                         ::testing::Values("plain_tar", "gzip_tar", "nemo2_folder"),
-                         [](const auto& info) { return TestName(info.param); });
+                         ::testing::ValuesIn(kOneKindPerCommit), ParamName);
 
 TEST(InvalidConfigVim, VimReportsTheFailureAndKeepsTheBuffer) {
   const SourceKind& kind = Kind("plain_tar");
@@ -419,8 +424,7 @@ TEST_P(ConcurrentReaders, SeeACommittedTextWhole) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, ConcurrentReaders,
-                         ::testing::Values("plain_tar", "gzip_tar", "nemo2_folder"),
-                         [](const auto& info) { return TestName(info.param); });
+                         ::testing::ValuesIn(kOneKindPerCommit), ParamName);
 
 // ---- repack drops what the edits superseded --------------------------------
 
