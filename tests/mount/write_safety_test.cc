@@ -395,6 +395,9 @@ TEST_P(ReadOnlySource, MountsReadOnlyAndRefusesEditsWithEROFS) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("Read-only file system"), std::string::npos) << r.err;
   EXPECT_EQ(ReadFile(m->path() + "/config.yaml"), old_text);
+  // The log says why the mount is read-only.
+  EXPECT_NE(m->Log().find("read-only: " + target + " has no write permission"), std::string::npos)
+      << m->Log();
   m->Unmount();
   EXPECT_EQ(SourceDigest(src), digest);
   EXPECT_EQ(Sh("stat -c %a " + Q(target)).out, "444\n");

@@ -206,6 +206,13 @@ TEST_P(InvalidConfig, IsRefusedWithEINVALAndChangesNothing) {
   r0 = Sh("/bin/echo 'broken: [' >> " + Q(m->path() + "/config.yaml"));
   EXPECT_EQ(r0.exit_code, 1);
   EXPECT_EQ(ReadFile(m->path() + "/config.yaml"), old);
+  // fsync saves too: EINVAL there, before close.
+  r0 = Sh("/usr/bin/python3 -c \"import os, errno\n"
+          "fd = os.open('" + m->path() + "/config.yaml', os.O_WRONLY | os.O_TRUNC)\n"
+          "os.write(fd, b'a: [')\n"
+          "try:\n    os.fsync(fd)\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n"
+          "try:\n    os.close(fd)\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n\"");
+  EXPECT_EQ(r0.out, "EINVAL\nEINVAL\n") << r0.err;
   // `truncate -s 0` (by path) would leave an empty config: refused too.
   auto r = Sh("truncate -s 0 " + Q(m->path() + "/config.yaml"));
   EXPECT_NE(r.exit_code, 0);
