@@ -1,6 +1,8 @@
 #include "write/config_commit.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -50,6 +52,27 @@ std::string WhyReadOnly(const std::string& path, bool need_dir) {
     return fmt::format("directory {} is not writable: {}", dir, std::strerror(errno));
   }
   return "";
+}
+
+// Removes `<dir>/<prefix><pid>` files whose process is gone: what a save
+// interrupted by a crash left behind. Best effort.
+void RemoveStaleTemps(const std::string& dir, const std::string& prefix) {
+  std::unique_ptr<DIR, int (*)(DIR*)> d(::opendir(dir.c_str()), &::closedir);
+  if (!d) return;
+  while (const dirent* e = ::readdir(d.get())) {
+    std::string_view name = e->d_name;
+    if (name.size() <= prefix.size() || name.substr(0, prefix.size()) != prefix) continue;
+    std::string_view digits = name.substr(prefix.size());
+    if (digits.find_first_not_of("0123456789") != std::string_view::npos || digits.size() > 9) {
+      continue;
+    }
+    pid_t pid = static_cast<pid_t>(std::stol(std::string(digits)));
+    if (pid == ::getpid() || ::kill(pid, 0) == 0 || errno != ESRCH) continue;
+    std::string path = dir + "/" + std::string(name);
+    if (::unlink(path.c_str()) == 0) {
+      spdlog::info("removed {}: left behind by a save that was interrupted", path);
+    }
+  }
 }
 
 }  // namespace
@@ -145,6 +168,7 @@ Status ConfigCommitter::Commit(const std::string& text, int64_t mtime,
     case Kind::kCompressedTar: {
       NEMOFS_ASSIGN_OR_RETURN(FileIdentity now, IdentityOf(target_));
       NEMOFS_RETURN_IF_ERROR(CheckIdentity(now));
+      RemoveStaleTemps(DirOf(target_), target_.substr(target_.rfind('/') + 1) + ".nemofs-rewrite.");
       NEMOFS_RETURN_IF_ERROR(RewriteCompressedTar(target_, config_, text, mtime, progress));
       NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
       return Ok();
@@ -194,6 +218,7 @@ Status ConfigCommitter::CommitFolder(const std::string& text) {
   NEMOFS_RETURN_IF_ERROR(CheckIdentity(now));
   std::string dir = DirOf(target_);
   std::string base = target_.substr(target_.rfind('/') + 1);
+  RemoveStaleTemps(dir, fmt::format(".{}{}", base, source::kCommitTempMarker));
   std::string tmp = fmt::format("{}/.{}{}{}", dir, base, source::kCommitTempMarker, ::getpid());
   UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode_));
   if (!fd.valid()) {

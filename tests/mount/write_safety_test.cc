@@ -119,10 +119,14 @@ TEST_P(Crash, LeavesOldOrNew) {
     ASSERT_TRUE(ExitedWith(status, 77)) << "daemon: " << DescribeStatus(status) << "; log:\n"
                                         << m->Log();
   }
-  if (c.step == "folder:written") {
-    // The temp file the crash left behind, which what follows must ignore.
-    std::string left = CommitLeftovers(src);
-    EXPECT_NE(left.find(".nemofs-tmp."), std::string::npos) << "no leftover in " << src;
+  // The temp file a crash before the rename leaves behind, which what
+  // follows must ignore, and the next save removes.
+  const std::string temp_dir = kind.tar ? dir.path() : src;
+  if (c.step == "folder:written" || c.step == "rewrite:written") {
+    std::string left = CommitLeftovers(temp_dir);
+    EXPECT_NE(left.find(c.step == "folder:written" ? ".nemofs-tmp." : ".nemofs-rewrite."),
+              std::string::npos)
+        << "no leftover in " << temp_dir;
   }
   const std::string& expected = c.committed ? new_text : old_text;
   ExpectSourceHolds(kind, src, expected);
@@ -139,6 +143,7 @@ TEST_P(Crash, LeavesOldOrNew) {
     }
   }
   ExpectEditable(kind, src, dir, old_text + "after_crash: " + TestName(c.step) + "\n");
+  EXPECT_EQ(CommitLeftovers(temp_dir), "") << "the next save removes what a crash left";
 }
 
 INSTANTIATE_TEST_SUITE_P(
