@@ -154,6 +154,35 @@ INSTANTIATE_TEST_SUITE_P(
       return TestName(std::get<0>(info.param) + "_" + std::get<1>(info.param));
     });
 
+// ---- a private copy of a source, and a mount of it ---------------------
+
+// What most tests below start from: a copy of a source kind, its config and
+// digest before the test, and (once the test starts it) a mount of it.
+class WithSource {
+ protected:
+  void Use(const std::string& kind_name) {
+    kind = &Kind(kind_name);
+    src = MakeSource(*kind, dir);
+    old = CatConfig(src);
+    digest = SourceDigest(src);
+  }
+  // Unmounts; the checkpoint must be byte for byte what it was.
+  void ExpectUnchanged() {
+    if (m) m->Unmount();
+    EXPECT_EQ(SourceDigest(src), digest);
+    EXPECT_TRUE(SameText(CatConfig(src), old));
+  }
+  const SourceKind* kind = nullptr;
+  TempDir dir;
+  std::string src, old, digest;
+  std::unique_ptr<Mount> m;
+};
+
+class PlainTarTest : public ::testing::Test, public WithSource {
+ protected:
+  void SetUp() override { Use("plain_tar"); }
+};
+
 // ---- invalid YAML: EINVAL, the source untouched, the log names the line ----
 
 struct BadText {
@@ -162,15 +191,13 @@ struct BadText {
   std::string log;  // expected in the daemon log
 };
 
-class InvalidConfig : public ::testing::TestWithParam<std::string> {};
+class InvalidConfig : public ::testing::TestWithParam<std::string>, public WithSource {
+ protected:
+  void SetUp() override { Use(GetParam()); }
+};
 
 TEST_P(InvalidConfig, IsRefusedWithEINVALAndChangesNothing) {
-  const SourceKind& kind = Kind(GetParam());
-  TempDir dir;
-  std::string src = MakeSource(kind, dir);
-  std::string old = CatConfig(src);
-  std::string digest = SourceDigest(src);
-  auto m = Mount::StartWritable(src);
+  m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
   const std::vector<BadText> bad = {
       {"unclosed_flow", "a: 1\nb: [1, 2\nc: 3\n", "line 3, column 2: end of sequence flow not found"},
@@ -220,21 +247,16 @@ TEST_P(InvalidConfig, IsRefusedWithEINVALAndChangesNothing) {
   EXPECT_EQ(ReadFile(m->path() + "/config.yaml"), old);
   // sed removed its temp file after the failed rename: nothing is left over.
   EXPECT_EQ(Sh("ls -A " + Q(m->path()) + " | grep -c '^sed'").out, "0\n");
-  m->Unmount();
-  EXPECT_EQ(SourceDigest(src), digest);
-  EXPECT_EQ(CatConfig(src), old);
+  ExpectUnchanged();
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, InvalidConfig,
                          ::testing::ValuesIn(kOneKindPerCommit), ParamName);
 
-TEST(InvalidConfigVim, VimReportsTheFailureAndKeepsTheBuffer) {
-  const SourceKind& kind = Kind("plain_tar");
-  TempDir dir;
-  std::string src = MakeSource(kind, dir);
-  std::string old = CatConfig(src);
-  std::string digest = SourceDigest(src);
-  auto m = Mount::StartWritable(src);
+class InvalidConfigVim : public PlainTarTest {};
+
+TEST_F(InvalidConfigVim, VimReportsTheFailureAndKeepsTheBuffer) {
+  m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
   // :w fails (vim exits 1); the buffer, still holding the edit, is then
   // saved elsewhere.
@@ -244,15 +266,13 @@ TEST(InvalidConfigVim, VimReportsTheFailureAndKeepsTheBuffer) {
   EXPECT_EQ(ReadFile(dir.Join("kept.yaml")), Append(old, "b: ["));
   EXPECT_EQ(ReadFile(m->path() + "/config.yaml"), old);
   EXPECT_NE(m->Log().find("end of sequence flow not found"), std::string::npos);
-  m->Unmount();
-  EXPECT_EQ(SourceDigest(src), digest);
+  ExpectUnchanged();
 }
 
-TEST(InvalidConfigNano, NanoReportsTheFailure) {
-  TempDir dir;
-  std::string src = MakeSource(Kind("plain_tar"), dir);
-  std::string digest = SourceDigest(src);
-  auto m = Mount::StartWritable(src);
+class InvalidConfigNano : public PlainTarTest {};
+
+TEST_F(InvalidConfigNano, NanoReportsTheFailure) {
+  m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
   auto r = Sh("cd " + Q(m->path()) + " && timeout 30 /usr/bin/python3 " +
                   Q(std::string(NEMOFS_SOURCE_DIR) + "/tests/mount/nano_drive.py") +
@@ -260,8 +280,7 @@ TEST(InvalidConfigNano, NanoReportsTheFailure) {
               60);
   EXPECT_NE(r.out.find("Invalid argument"), std::string::npos) << r.out;
   EXPECT_EQ(r.out.find("Wrote"), std::string::npos);
-  m->Unmount();
-  EXPECT_EQ(SourceDigest(src), digest);
+  ExpectUnchanged();
 }
 
 // ---- size limits --------------------------------------------------------
@@ -290,12 +309,10 @@ TEST(ConfigSize, AMultiMegabyteConfigCommitsAndBeyond64MiBIsEFBIG) {
 
 // ---- scratch files and what is refused ---------------------------------
 
-TEST(ScratchFiles, LiveInMemoryNextToTheConfigAndNeverReachTheSource) {
-  const SourceKind& kind = Kind("plain_tar");
-  TempDir dir;
-  std::string src = MakeSource(kind, dir);
-  std::string digest = SourceDigest(src);
-  auto m = Mount::StartWritable(src);
+class ScratchFiles : public PlainTarTest {};
+
+TEST_F(ScratchFiles, LiveInMemoryNextToTheConfigAndNeverReachTheSource) {
+  m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
   // df shows the free space saves can use: the source's file system's.
   auto df = Sh("stat -f -c %a " + Q(m->path()) + " " + Q(dir.path()));
@@ -317,8 +334,7 @@ TEST(ScratchFiles, LiveInMemoryNextToTheConfigAndNeverReachTheSource) {
   EXPECT_NE(r.out.find("other~"), std::string::npos) << r.out;
   r = Sh("ls -A " + Q(m->path()));
   EXPECT_EQ(r.out.find(".config.yaml.swp"), std::string::npos) << r.out;
-  m->Unmount();
-  EXPECT_EQ(SourceDigest(src), digest);  // never written into the checkpoint
+  ExpectUnchanged();  // never written into the checkpoint
   auto fresh = Mount::StartWritable(src);
   ASSERT_TRUE(fresh);
   r = Sh("ls -A " + Q(fresh->path()) + " " + Q(fresh->path() + "/archive"));
@@ -326,12 +342,10 @@ TEST(ScratchFiles, LiveInMemoryNextToTheConfigAndNeverReachTheSource) {
   EXPECT_EQ(r.out.find(".swx"), std::string::npos) << r.out;
 }
 
-TEST(Refusals, EverythingButTheConfigAndScratchFilesIsRefused) {
-  const SourceKind& kind = Kind("plain_tar");
-  TempDir dir;
-  std::string src = MakeSource(kind, dir);
-  std::string digest = SourceDigest(src);
-  auto m = Mount::StartWritable(src);
+class Refusals : public PlainTarTest {};
+
+TEST_F(Refusals, EverythingButTheConfigAndScratchFilesIsRefused) {
+  m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
   std::string tensor = Sh("ls " + Q(m->path() + "/tensors") + " | head -1").out;
   tensor = tensor.substr(0, tensor.size() - 1);
@@ -353,15 +367,13 @@ TEST(Refusals, EverythingButTheConfigAndScratchFilesIsRefused) {
     EXPECT_NE(r.exit_code, 0) << cmd;
     EXPECT_NE(r.err.find(error), std::string::npos) << cmd << ": " << r.err;
   }
-  m->Unmount();
-  EXPECT_EQ(SourceDigest(src), digest);
+  ExpectUnchanged();
 }
 
-TEST(ReadOnlyMount, OptionRoRefusesEveryWriteWithEROFS) {
-  TempDir dir;
-  std::string src = MakeSource(Kind("plain_tar"), dir);
-  std::string digest = SourceDigest(src);
-  auto m = Mount::Start(src, {"-o", "ro"});
+class ReadOnlyMount : public PlainTarTest {};
+
+TEST_F(ReadOnlyMount, OptionRoRefusesEveryWriteWithEROFS) {
+  m = Mount::Start(src, {"-o", "ro"});
   ASSERT_TRUE(m);
   for (const std::string cmd : {"echo 'a: 1' > config.yaml", "sed -i '$a b: 2' config.yaml",
                                 "touch config.yaml~", "truncate -s 0 config.yaml"}) {
@@ -369,8 +381,7 @@ TEST(ReadOnlyMount, OptionRoRefusesEveryWriteWithEROFS) {
     EXPECT_NE(r.exit_code, 0) << cmd;
     EXPECT_NE(r.err.find("Read-only file system"), std::string::npos) << cmd << ": " << r.err;
   }
-  m->Unmount();
-  EXPECT_EQ(SourceDigest(src), digest);
+  ExpectUnchanged();
 }
 
 // ---- readers during commits see old or new, never a mix ---------------
