@@ -4,6 +4,8 @@
 
 #include <set>
 
+#include "util/utf8.h"
+
 namespace nemofs::write {
 namespace {
 
@@ -19,35 +21,6 @@ std::pair<size_t, size_t> Where(std::string_view text, size_t at) {
     }
   }
   return {line, col};
-}
-
-// Length of the UTF-8 sequence at `i`, 0 if invalid.
-size_t Utf8Length(std::string_view s, size_t i) {
-  auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
-  unsigned char c = b(i);
-  size_t n;
-  uint32_t cp;
-  if (c < 0x80) return 1;
-  if ((c & 0xE0) == 0xC0) {
-    n = 2;
-    cp = c & 0x1F;
-  } else if ((c & 0xF0) == 0xE0) {
-    n = 3;
-    cp = c & 0x0F;
-  } else if ((c & 0xF8) == 0xF0) {
-    n = 4;
-    cp = c & 0x07;
-  } else {
-    return 0;
-  }
-  if (i + n > s.size()) return 0;
-  for (size_t k = 1; k < n; ++k) {
-    if ((b(i + k) & 0xC0) != 0x80) return 0;
-    cp = (cp << 6) | (b(i + k) & 0x3F);
-  }
-  static constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
-  if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
-  return n;
 }
 
 Status Fail(std::string_view text, size_t at, const std::string& what, const std::string& why) {
@@ -79,9 +52,11 @@ Status ValidateConfigYaml(std::string_view text, const std::string& what) {
     if ((c < 0x20 && c != '\t' && c != '\n' && c != '\r') || c == 0x7F) {
       return Fail(text, i, what, fmt::format("control character 0x{:02x} is not allowed in YAML", c));
     }
-    size_t n = Utf8Length(text, i);
-    if (n == 0) return Fail(text, i, what, "not valid UTF-8");
-    i += n;
+    uint32_t cp = 0;
+    size_t at = i;
+    if (!NextCodePoint(text, &i, &cp) || (cp >= 0xD800 && cp <= 0xDFFF)) {
+      return Fail(text, at, what, "not valid UTF-8");
+    }
   }
   YAML::Node root;
   try {
