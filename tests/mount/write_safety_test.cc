@@ -229,8 +229,7 @@ done)";
 }
 
 INSTANTIATE_TEST_SUITE_P(WriteSafety, KillLoop,
-                         ::testing::Values("plain_tar", "gzip_tar", "nemo2_folder"),
-                         [](const auto& info) { return TestName(info.param); });
+                         ::testing::ValuesIn(OneKindPerCommit()), KindParamName);
 
 // ---- 3. a full disk ----------------------------------------------------------
 
@@ -320,8 +319,7 @@ TEST_P(FullDisk, SaveFailsWithENOSPCAndChangesNothing) {
 }
 
 INSTANTIATE_TEST_SUITE_P(WriteSafety, FullDisk,
-                         ::testing::Values("plain_tar", "gzip_tar", "nemo2_folder"),
-                         [](const auto& info) { return TestName(info.param); });
+                         ::testing::ValuesIn(OneKindPerCommit()), KindParamName);
 
 // ---- 4. the source replaced underneath the mount ---------------------------
 
@@ -376,8 +374,7 @@ TEST_P(ReplacedSource, SaveFailsWithESTALEAndLeavesTheReplacementAlone) {
 }
 
 INSTANTIATE_TEST_SUITE_P(WriteSafety, ReplacedSource,
-                         ::testing::Values("plain_tar", "gzip_tar", "nemo2_folder"),
-                         [](const auto& info) { return TestName(info.param); });
+                         ::testing::ValuesIn(OneKindPerCommit()), KindParamName);
 
 // ---- 5. a read-only source -------------------------------------------------
 
@@ -409,8 +406,7 @@ TEST_P(ReadOnlySource, MountsReadOnlyAndRefusesEditsWithEROFS) {
 }
 
 INSTANTIATE_TEST_SUITE_P(WriteSafety, ReadOnlySource,
-                         ::testing::Values("plain_tar", "nemo2_folder"),
-                         [](const auto& info) { return TestName(info.param); });
+                         ::testing::Values("plain_tar", "nemo2_folder"), KindParamName);
 
 }  // namespace
 }  // namespace nemofs::testing

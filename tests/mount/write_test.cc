@@ -18,12 +18,6 @@ namespace {
 
 std::string Q(const std::string& s) { return ShellQuote(s); }
 
-// One source per way of saving (append, rewrite, folder replace).
-const std::vector<std::string> kOneKindPerCommit = {"plain_tar", "gzip_tar", "nemo2_folder"};
-std::string ParamName(const ::testing::TestParamInfo<std::string>& info) {
-  return TestName(info.param);
-}
-
 std::string ArchiveName(const SourceKind& kind) {
   return "archive/" + (kind.member.rfind("./", 0) == 0 ? kind.member.substr(2) : kind.member);
 }
@@ -251,7 +245,7 @@ TEST_P(InvalidConfig, IsRefusedWithEINVALAndChangesNothing) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, InvalidConfig,
-                         ::testing::ValuesIn(kOneKindPerCommit), ParamName);
+                         ::testing::ValuesIn(OneKindPerCommit()), KindParamName);
 
 class InvalidConfigVim : public PlainTarTest {};
 
@@ -442,7 +436,7 @@ TEST_P(ConcurrentReaders, SeeACommittedTextWhole) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, ConcurrentReaders,
-                         ::testing::ValuesIn(kOneKindPerCommit), ParamName);
+                         ::testing::ValuesIn(OneKindPerCommit()), KindParamName);
 
 // ---- repack drops what the edits superseded --------------------------------
 

@@ -43,6 +43,15 @@ std::vector<std::string> KindNames() {
   return names;
 }
 
+const std::vector<std::string>& OneKindPerCommit() {
+  static const std::vector<std::string> kinds = {"plain_tar", "gzip_tar", "nemo2_folder"};
+  return kinds;
+}
+
+std::string KindParamName(const ::testing::TestParamInfo<std::string>& info) {
+  return TestName(info.param);
+}
+
 std::string MakeSource(const SourceKind& kind, const TempDir& dir) {
   return MakeSourceAt(kind, dir.Join(kind.tar ? "src.nemo" : "src"));
 }

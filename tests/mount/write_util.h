@@ -29,6 +29,11 @@ const std::vector<SourceKind>& Kinds();
 const SourceKind& Kind(const std::string& name);
 std::vector<std::string> KindNames();
 
+// One source per way of saving (append, rewrite, folder replace), and the
+// test-name printer for parameters that are kind names.
+const std::vector<std::string>& OneKindPerCommit();
+std::string KindParamName(const ::testing::TestParamInfo<std::string>& info);
+
 // A private copy of the source kind in `dir` (never the committed fixture),
 // or at `path`.
 std::string MakeSource(const SourceKind& kind, const TempDir& dir);
