@@ -120,6 +120,7 @@ Result<std::unique_ptr<ConfigCommitter>> ConfigCommitter::Create(const source::S
     c->member_name_ = member->name;
     c->mode_ = member->mode ? member->mode & 07777 : 0644;
     c->end_ = index.end_offset;
+    c->member_header_ = member->data_offset - kBlock;  // the ustar header precedes the data
   } else if (dynamic_cast<const source::ArchiveSource*>(&src)) {
     c->kind_ = Kind::kCompressedTar;
     NEMOFS_ASSIGN_OR_RETURN(c->target_, real_path(src.path()));
@@ -191,7 +192,11 @@ Status ConfigCommitter::CommitPlainTar(const std::string& text, int64_t mtime) {
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   std::string tail(size > end_ ? size - end_ : 0, '\0');
   NEMOFS_RETURN_IF_ERROR(PreadFull(fd.get(), tail.data(), tail.size(), end_, target_));
-  auto appended = AppendTarMember(fd.get(), end_, member_name_, text, mtime, mode_, target_);
+  // The new copy keeps the owner of the one it supersedes.
+  std::string owner(kBlock, '\0');
+  if (!PreadFull(fd.get(), owner.data(), owner.size(), member_header_, target_).ok()) owner.clear();
+  auto appended =
+      AppendTarMember(fd.get(), end_, member_name_, text, mtime, mode_, target_, owner);
   if (!appended) {
     // Nothing visible changed (the old end marker is intact): restore the
     // bytes after it and the size. Its mtime did change: that is ours.

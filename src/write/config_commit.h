@@ -71,6 +71,7 @@ class ConfigCommitter {
   std::string member_name_;  // plain tar: the name as stored ("./model_config.yaml")
   uint32_t mode_ = 0644;
   uint64_t end_ = 0;  // plain tar: offset of the end-of-archive marker
+  uint64_t member_header_ = 0;  // plain tar: offset of the replaced member's ustar header
   std::string filter_;
   FileIdentity identity_;
 };

@@ -13,7 +13,7 @@ namespace nemofs::write {
 
 Result<AppendResult> AppendTarMember(int fd, uint64_t end, const std::string& name,
                                      const std::string& data, int64_t mtime, uint32_t mode,
-                                     const std::string& what) {
+                                     const std::string& what, const std::string& owner_from) {
   char marker[2 * kBlock];
   NEMOFS_RETURN_IF_ERROR(PreadFull(fd, marker, sizeof marker, end, what));
   if (std::any_of(marker, marker + sizeof marker, [](char c) { return c != 0; })) {
@@ -29,7 +29,9 @@ Result<AppendResult> AppendTarMember(int fd, uint64_t end, const std::string& na
     tail += records;
     Pad(&tail, kBlock);
   }
-  tail += Header(name, '0', data.size(), mtime, mode);
+  std::string header = Header(name, '0', data.size(), mtime, mode);
+  CopyOwner(owner_from, &header);
+  tail += header;
   AppendResult r;
   r.data_offset = end + 2 * kBlock + tail.size();
   tail += data;

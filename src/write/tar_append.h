@@ -31,9 +31,10 @@ struct AppendResult {
 // (TarIndex::end_offset, with has_end_marker). The 1024 bytes at `end` must
 // be zero (else EINVAL: the archive changed since it was indexed). Crash
 // points for tests: "tar-append:before", "tar-append:data-written",
-// "tar-append:committed".
+// "tar-append:committed". `owner_from`, if a ustar header, gives the new
+// member its owner (uid, gid, names): that of the copy it supersedes.
 Result<AppendResult> AppendTarMember(int fd, uint64_t end, const std::string& name,
                                      const std::string& data, int64_t mtime, uint32_t mode,
-                                     const std::string& what);
+                                     const std::string& what, const std::string& owner_from = "");
 
 }  // namespace nemofs::write

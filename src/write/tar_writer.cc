@@ -43,6 +43,19 @@ std::string Header(const std::string& name, char type, uint64_t size, int64_t mt
   return b;
 }
 
+void CopyOwner(const std::string& from, std::string* header) {
+  if (from.size() != kBlock || header->size() != kBlock || from.compare(257, 5, "ustar") != 0) {
+    return;
+  }
+  std::memcpy(header->data() + 108, from.data() + 108, 16);   // uid, gid
+  std::memcpy(header->data() + 265, from.data() + 265, 64);   // uname, gname
+  std::memset(header->data() + 148, ' ', 8);
+  unsigned sum = 0;
+  for (unsigned char c : *header) sum += c;
+  PutOctal(header->data() + 148, 7, sum);
+  (*header)[155] = ' ';
+}
+
 std::string PaxRecord(const std::string& key, const std::string& value) {
   std::string body = " " + key + "=" + value + "\n";
   size_t len = body.size() + 1;

@@ -16,6 +16,10 @@ inline constexpr uint64_t kRecord = 10240;
 // A ustar header block (checksum computed). Sizes must fit 11 octal digits.
 std::string Header(const std::string& name, char type, uint64_t size, int64_t mtime, uint32_t mode,
                    const std::string& link = "");
+// Copies the owner fields (uid, gid, user and group names) of the ustar
+// header `from` into `header` and recomputes its checksum. No-op unless
+// `from` is a 512-byte ustar (or GNU) header.
+void CopyOwner(const std::string& from, std::string* header);
 // "<len> key=value\n".
 std::string PaxRecord(const std::string& key, const std::string& value);
 // Zero-pads `s` to a multiple of `to`.

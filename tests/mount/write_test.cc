@@ -125,6 +125,9 @@ TEST_P(EditConfig, CommitsIntoTheSourceAndEveryViewShowsIt) {
             verify_before.out.find(": OK\n") != std::string::npos)
       << v.out;
   if (kind.tar) {
+    // Every copy has the same owner (an appended copy takes the old one's).
+    r = Sh("tar -tvf " + Q(src) + " | grep model_config.yaml | awk '{print $2}' | sort -u");
+    EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << r.out;
     // The superseded copy is invisible: archive/ lists one config.
     auto fresh = Mount::Start(src);
     ASSERT_TRUE(fresh);
