@@ -128,8 +128,8 @@ Result<std::unique_ptr<ConfigCommitter>> ConfigCommitter::Create(const source::S
   } else if (dynamic_cast<const source::DirectorySource*>(&src)) {
     c->kind_ = Kind::kFolder;
     NEMOFS_ASSIGN_OR_RETURN(c->target_, real_path(src.path() + "/" + config));
-    NEMOFS_ASSIGN_OR_RETURN(c->identity_, IdentityOf(c->target_));
     NEMOFS_ASSIGN_OR_RETURN(struct stat st, Stat(c->target_));
+    c->identity_ = FromStat(st);
     c->mode_ = st.st_mode & 07777;
   } else {
     return Err(EROFS, "{}: a {} source has no config to write", src.path(), src.Kind());
@@ -219,8 +219,8 @@ Status ConfigCommitter::CommitPlainTar(const std::string& text, int64_t mtime) {
 }
 
 Status ConfigCommitter::CommitFolder(const std::string& text) {
-  NEMOFS_ASSIGN_OR_RETURN(FileIdentity now, IdentityOf(target_));
-  NEMOFS_RETURN_IF_ERROR(CheckIdentity(now));
+  NEMOFS_ASSIGN_OR_RETURN(struct stat orig, Stat(target_));
+  NEMOFS_RETURN_IF_ERROR(CheckIdentity(FromStat(orig)));
   std::string dir = DirOf(target_);
   std::string base = target_.substr(target_.rfind('/') + 1);
   RemoveStaleTemps(dir, fmt::format(".{}{}", base, source::kCommitTempMarker));
@@ -235,7 +235,6 @@ Status ConfigCommitter::CommitFolder(const std::string& text) {
     return e;
   };
   if (::fchmod(fd.get(), mode_) != 0) return fail(Err(errno, "{}: chmod failed", tmp));
-  NEMOFS_ASSIGN_OR_RETURN(struct stat orig, Stat(target_));
   (void)!::fchown(fd.get(), orig.st_uid, orig.st_gid);  // best effort (root only)
   if (auto st = PwriteFull(fd.get(), text, 0, tmp); !st.ok()) return fail(st.error());
   if (auto st = Sync(fd.get(), tmp); !st.ok()) return fail(st.error());
