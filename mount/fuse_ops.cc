@@ -4,15 +4,22 @@
 #include <fuse3/fuse_lowlevel.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
+#include <fcntl.h>
+#include <sys/statfs.h>
 #include <sys/statvfs.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdarg>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <memory>
 #include <mutex>
 #include <new>
+#include <thread>
 
 #include "exit_codes.h"
 #include "mountinfo.h"
@@ -30,8 +37,7 @@ constexpr uint64_t kCopyReplyMax = 32 << 10;  // st_blksize: cp/cat use it as th
 
 struct Context {
   Filesystem* fs = nullptr;
-  uid_t uid = 0;
-  gid_t gid = 0;
+  uint32_t max_read = 0;  // -o max_read=N: libfuse wants init to confirm it
   std::string bdi;  // "major:minor" of the mount, for the readahead setting
   std::once_flag readahead_once;
 };
@@ -55,7 +61,7 @@ void RaiseReadahead(Context& ctx) {
 
 Context* Ctx(fuse_req_t req) { return static_cast<Context*>(fuse_req_userdata(req)); }
 
-void FillStat(const Context& ctx, const NodeAttr& a, struct stat* st) {
+void FillStat(const Context&, const NodeAttr& a, struct stat* st) {
   std::memset(st, 0, sizeof *st);
   st->st_ino = a.ino;
   switch (a.type) {
@@ -71,8 +77,8 @@ void FillStat(const Context& ctx, const NodeAttr& a, struct stat* st) {
   }
   st->st_mode |= a.perm;
   st->st_nlink = a.nlink;
-  st->st_uid = ctx.uid;
-  st->st_gid = ctx.gid;
+  st->st_uid = a.uid;
+  st->st_gid = a.gid;
   st->st_size = static_cast<off_t>(a.size);
   st->st_blksize = kBlockSize;
   st->st_blocks = static_cast<blkcnt_t>((a.size + 511) / 512);
@@ -122,7 +128,13 @@ void Guard(fuse_req_t req, const char* op, uint64_t ino, Body&& body) {
 }
 
 void OpInit(void* userdata, struct fuse_conn_info* conn) {
-  (void)userdata;
+  auto* ctx = static_cast<Context*>(userdata);
+  // Crash test hook (as write/fault.h): the daemon dies in the middle of INIT.
+  if (const char* f = std::getenv("NEMOFS_FAULT"); f && std::strcmp(f, "fuse-init") == 0) {
+    ::_exit(77);
+  }
+  // libfuse refuses the INIT (and the mount dies) unless init repeats -o max_read.
+  if (ctx->max_read) conn->max_read = ctx->max_read;
   // Reads are answered from file descriptors: let libfuse splice them.
   if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
   if (conn->capable & FUSE_CAP_SPLICE_MOVE) conn->want |= FUSE_CAP_SPLICE_MOVE;
@@ -167,16 +179,20 @@ void OpGetAttr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info*) {
 }
 
 // Valid replies: fuse_reply_attr, fuse_reply_err. Owner changes are
-// accepted only as no-ops (every file belongs to the mounting user);
+// accepted only as no-ops (owners come from the source);
 // atime/ctime are not kept.
 void OpSetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set,
                struct fuse_file_info* fi) {
   Guard(req, "setattr", ino, [&] {
     Context& ctx = *Ctx(req);
-    if (((to_set & FUSE_SET_ATTR_UID) && attr->st_uid != ctx.uid) ||
-        ((to_set & FUSE_SET_ATTR_GID) && attr->st_gid != ctx.gid)) {
-      return ReplyError(req, "setattr", ino,
-                        Error(EPERM, "files of the mount belong to the mounting user"));
+    if (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+      auto now = ctx.fs->GetAttr(ino);
+      if (!now) return ReplyError(req, "setattr", ino, now.error());
+      if (((to_set & FUSE_SET_ATTR_UID) && attr->st_uid != now->uid) ||
+          ((to_set & FUSE_SET_ATTR_GID) && attr->st_gid != now->gid)) {
+        return ReplyError(req, "setattr", ino,
+                          Error(EPERM, "owners of the tree come from the source"));
+      }
     }
     AttrChange change;
     change.set_size = to_set & FUSE_SET_ATTR_SIZE;
@@ -434,21 +450,43 @@ void OpReadDirPlus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struc
 }
 void OpReleaseDir(fuse_req_t req, fuse_ino_t, struct fuse_file_info*) { fuse_reply_err(req, 0); }
 
+}  // namespace
+
+StatFsNumbers ComputeStatFs(uint64_t used_bytes, bool writable, const std::string& source) {
+  constexpr uint64_t kBs = 4096;
+  StatFsNumbers n;
+  // An archive uses its file's size (headers, padding, superseded copies);
+  // a folder, the sum of its files.
+  struct stat st {};
+  if (::stat(source.c_str(), &st) == 0 && S_ISREG(st.st_mode)) used_bytes = st.st_size;
+  uint64_t used = (used_bytes + kBs - 1) / kBs;
+  struct statvfs under {};
+  if (writable && ::statvfs(source.c_str(), &under) == 0) {
+    n.free = static_cast<uint64_t>(under.f_bfree) * under.f_frsize / kBs;
+    n.avail = std::min<uint64_t>(n.free, static_cast<uint64_t>(under.f_bavail) * under.f_frsize / kBs);
+  }
+  n.blocks = used + n.free;
+  return n;
+}
+
+namespace {
+
 // Valid replies: fuse_reply_statfs, fuse_reply_err.
 void OpStatFs(fuse_req_t req, fuse_ino_t) {
   const CheckpointInfo& info = Ctx(req)->fs->info();
   struct statvfs s {};
   s.f_bsize = 4096;
   s.f_frsize = 4096;
-  s.f_blocks = (info.source_bytes + 4095) / 4096;
   s.f_files = Ctx(req)->fs->node_count();
   s.f_namemax = 255;
-  // Saves write into the source's file system: report its free space.
-  struct statvfs under {};
-  if (Ctx(req)->fs->writable() && ::statvfs(info.source.c_str(), &under) == 0) {
-    s.f_bfree = under.f_bfree * under.f_frsize / s.f_frsize;
-    s.f_bavail = under.f_bavail * under.f_frsize / s.f_frsize;
-  }
+  // Used: the checkpoint as stored. Free: what saves can use, the source's
+  // file system's free space (none on a read-only mount). Size = used + free,
+  // so df shows blocks >= free >= available and a non-negative use.
+  StatFsNumbers n = ComputeStatFs(info.source_bytes, Ctx(req)->fs->writable(), info.source);
+  s.f_blocks = n.blocks;
+  s.f_bfree = n.free;
+  s.f_bavail = n.avail;
+  s.f_ffree = 0;
   fuse_reply_statfs(req, &s);
 }
 
@@ -529,17 +567,133 @@ struct LoopConfigDeleter {
   void operator()(fuse_loop_config* c) const { fuse_loop_cfg_destroy(c); }
 };
 
+// libfuse's own messages ("fuse: unknown option...", "init() and
+// fuse_session_new() requested different maximum read size") go to the log,
+// and the last error is kept for the readiness report.
+std::mutex g_fuse_error_mu;
+std::string g_fuse_error;
+
+void FuseLog(enum fuse_log_level level, const char* fmt_str, va_list ap) {
+  char buf[1024];
+  std::vsnprintf(buf, sizeof buf, fmt_str, ap);
+  std::string msg(buf);
+  while (!msg.empty() && msg.back() == '\n') msg.pop_back();
+  if (level <= FUSE_LOG_ERR) {
+    spdlog::error("{}", msg);
+    std::lock_guard<std::mutex> lock(g_fuse_error_mu);
+    g_fuse_error = msg;
+  } else if (level <= FUSE_LOG_NOTICE) {
+    spdlog::info("{}", msg);
+  } else {
+    spdlog::debug("{}", msg);
+  }
+}
+
+std::string LastFuseError() {
+  std::lock_guard<std::mutex> lock(g_fuse_error_mu);
+  return g_fuse_error;
+}
+
+// The daemon's half of the readiness pipe (DESIGN.md §3): one line, "ok" or
+// "error: <message>", written once, then the pipe is closed and the parent
+// (`nemofs mount`) exits 0 or prints the message and exits non-zero.
+class Readiness {
+ public:
+  explicit Readiness(int fd) : fd_(fd) {}
+  ~Readiness() { Report("error: the daemon exited before the mount was ready"); }
+  // First report wins; later ones are ignored.
+  void Report(const std::string& line) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (fd_ < 0) return;
+    std::string out = line + "\n";
+    ssize_t n = ::write(fd_, out.data(), out.size());
+    (void)n;  // the parent is gone if this fails: nobody left to tell
+    ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  std::mutex mu_;
+  int fd_;
+};
+
+constexpr long kFuseSuperMagic = 0x65735546;
+
+// Runs in the daemon beside the request loop: statfs(2) of the mount point
+// blocks in the kernel until FUSE INIT has completed and then succeeds (our
+// own OpStatFs answers it), or fails if the kernel or libfuse refused INIT.
+void WaitUntilReady(std::shared_ptr<Readiness> ready, std::string mountpoint) {
+  struct statfs sfs {};
+  if (::statfs(mountpoint.c_str(), &sfs) == 0 && sfs.f_type == kFuseSuperMagic) {
+    ready->Report("ok");
+    return;
+  }
+  int e = errno;
+  std::string why = LastFuseError();
+  if (why.empty()) why = std::strerror(e);
+  ready->Report(fmt::format("error: {}: FUSE initialisation failed: {}", mountpoint, why));
+}
+
+// Parent side: waits for the daemon's line; returns the exit code of `mount`.
+// A daemon that died leaves a dead mount behind: it is detached here.
+int AwaitDaemon(int fd, pid_t child, const std::string& mountpoint) {
+  std::string line;
+  char buf[512];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    line.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  while (!line.empty() && line.back() == '\n') line.pop_back();
+  if (line == "ok") return kExitOk;
+  if (line.rfind("error: ", 0) == 0) line = line.substr(7);
+  if (line.empty()) {
+    int status = 0;
+    ::waitpid(child, &status, 0);
+    line = fmt::format("{}: the daemon died before the mount was ready ({})", mountpoint,
+                       WIFSIGNALED(status) ? fmt::format("signal {}", WTERMSIG(status))
+                                           : fmt::format("exit code {}", WEXITSTATUS(status)));
+    if (FindMount(mountpoint)) {
+      pid_t pid = ::fork();
+      if (pid == 0) {
+        int null = ::open("/dev/null", O_WRONLY);
+        if (null >= 0) ::dup2(null, 2);
+        ::execlp("fusermount3", "fusermount3", "-u", "-z", mountpoint.c_str(), nullptr);
+        ::_exit(127);
+      }
+      if (pid > 0) ::waitpid(pid, &status, 0);
+    }
+  }
+  std::fprintf(stderr, "nemofs: %s\n", line.c_str());
+  return kExitMount;
+}
+
+// fuse_opt splits -o values at commas: a source path with a comma (or a
+// backslash) must be escaped to stay one fsname.
+std::string EscapeOpt(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == ',' || c == '\\') out.push_back('\\');
+    out.push_back(c);
+  }
+  return out;
+}
+
 }  // namespace
 
 int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {
   Context ctx;
   ctx.fs = &fs;
-  ctx.uid = ::getuid();
-  ctx.gid = ::getgid();
+  for (const auto& o : config.fuse_options) {
+    if (o.rfind("max_read=", 0) == 0) ctx.max_read = static_cast<uint32_t>(std::atol(o.c_str() + 9));
+  }
+  fuse_set_log_func(FuseLog);
 
   std::vector<std::string> argv_storage = {"nemofs"};
-  std::string opts =
-      fmt::format("fsname=nemofs:{},subtype=nemofs,default_permissions", config.source);
+  std::string opts = fmt::format("fsname=nemofs:{},subtype=nemofs,default_permissions",
+                                 EscapeOpt(config.source));
   if (config.read_only) opts += ",ro";
   for (const auto& o : config.fuse_options) opts += "," + o;
   argv_storage.push_back("-o");
@@ -552,7 +706,9 @@ int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {
       fuse_session_new(&args, &kOps, sizeof kOps, &ctx));
   fuse_opt_free_args(&args);  // libfuse may have copied them; the session keeps what it needs
   if (!se) {
-    spdlog::error("{}: cannot create a FUSE session (bad -o option?)", config.mountpoint);
+    std::string why = LastFuseError();
+    spdlog::error("{}: cannot create a FUSE session: {}", config.mountpoint,
+                  why.empty() ? "bad -o option" : why);
     return kExitUsage;
   }
   if (fuse_set_signal_handlers(se.get()) != 0) {
@@ -561,14 +717,48 @@ int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {
   }
   if (fuse_session_mount(se.get(), config.mountpoint.c_str()) != 0) {
     fuse_remove_signal_handlers(se.get());
-    spdlog::error("{}: mount failed (is /dev/fuse available and fusermount3 installed?)",
-                  config.mountpoint);
+    std::string why = LastFuseError();
+    spdlog::error("{}: mount failed: {}", config.mountpoint,
+                  why.empty() ? "is /dev/fuse available and fusermount3 installed?" : why);
     return kExitMount;
   }
   ctx.bdi = MountDevice(config.mountpoint).value_or("");
+
+  // Daemonize: the parent returns only when the daemon reports that the
+  // kernel completed INIT (or that it failed), with the daemon's message.
+  std::shared_ptr<Readiness> ready;
+  if (!config.foreground) {
+    int pipefd[2];
+    if (::pipe2(pipefd, O_CLOEXEC) != 0) {
+      spdlog::error("cannot create the readiness pipe: {}", std::strerror(errno));
+      fuse_session_unmount(se.get());
+      return kExitMount;
+    }
+    std::fflush(nullptr);
+    pid_t child = ::fork();
+    if (child < 0) {
+      spdlog::error("cannot fork the daemon: {}", std::strerror(errno));
+      fuse_session_unmount(se.get());
+      return kExitMount;
+    }
+    if (child > 0) {
+      ::close(pipefd[1]);
+      std::_Exit(AwaitDaemon(pipefd[0], child, config.mountpoint));  // the daemon owns the mount now
+    }
+    ::close(pipefd[0]);
+    ::setsid();
+    if (::chdir("/") != 0) spdlog::debug("chdir /: {}", std::strerror(errno));
+    int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null >= 0) {
+      ::dup2(null, 0);
+      ::dup2(null, 1);
+      ::dup2(null, 2);
+      if (null > 2) ::close(null);
+    }
+    ready = std::make_shared<Readiness>(pipefd[1]);
+    std::thread(WaitUntilReady, ready, config.mountpoint).detach();
+  }
   spdlog::info("mounted {} on {} ({} nodes)", config.source, config.mountpoint, fs.node_count());
-  // Parent returns (exit 0) only now: the mount is ready.
-  fuse_daemonize(config.foreground ? 1 : 0);
 
   std::unique_ptr<fuse_loop_config, LoopConfigDeleter> loop(fuse_loop_cfg_create());
   fuse_loop_cfg_set_clone_fd(loop.get(), 1);
@@ -580,9 +770,13 @@ int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {
   // The loop returns 0 after fusermount3 -u, the signal number after
   // SIGTERM/SIGINT/SIGHUP (both clean ends), -errno on failure.
   if (rc < 0) {
-    spdlog::error("unmounted {} after a FUSE error: {}", config.mountpoint, std::strerror(-rc));
+    std::string why = LastFuseError();
+    if (why.empty()) why = std::strerror(-rc);
+    if (ready) ready->Report(fmt::format("error: {}: FUSE failed: {}", config.mountpoint, why));
+    spdlog::error("unmounted {} after a FUSE error: {}", config.mountpoint, why);
     return kExitMount;
   }
+  if (ready) ready->Report("error: " + config.mountpoint + ": unmounted before it was ready");
   spdlog::info("unmounted {}{}", config.mountpoint,
                rc > 0 ? fmt::format(" on signal {}", rc) : std::string());
   return kExitOk;

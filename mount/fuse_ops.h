@@ -1,6 +1,7 @@
 // The FUSE low-level adapter: one core call and exactly one reply per op.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,15 @@ struct FuseMountConfig {
   bool foreground = false;
   bool read_only = true;
 };
+
+// statfs numbers in 4 KiB blocks: used = the checkpoint, free/avail = the
+// source file system's (0 when not writable), blocks = used + free.
+struct StatFsNumbers {
+  uint64_t blocks = 0;
+  uint64_t free = 0;
+  uint64_t avail = 0;
+};
+StatFsNumbers ComputeStatFs(uint64_t used_bytes, bool writable, const std::string& source);
 
 // Mounts `fs`, daemonizes unless foreground (returning in the parent only
 // after the mount is ready), then serves requests until unmounted or

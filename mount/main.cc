@@ -16,11 +16,16 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -29,6 +34,7 @@
 #include "mountinfo.h"
 #include "nemofs/filesystem.h"
 #include "nemofs/repack.h"
+#include "nemofs/source_lock.h"
 #include "nemofs/strings.h"
 
 extern char** environ;
@@ -48,6 +54,70 @@ std::string DefaultCacheDir() {
   return "/tmp/nemofs-cache-" + std::to_string(::getuid());
 }
 
+std::string Absolute(const std::string& path) {
+  if (!path.empty() && path[0] == '/') return path;
+  char cwd[4096];
+  if (!::getcwd(cwd, sizeof cwd)) return path;
+  return std::string(cwd) + "/" + path;
+}
+
+void PrintWarning(std::string_view message) {
+  fmt::print(stderr, "nemofs: warning: {}\n", message);
+}
+
+// Makes sure `dir` is a writable directory (creating it and its parents,
+// 0700, if absent). The error names the directory and the problem.
+Status EnsureWritableDir(const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0) {
+    int e = ec ? ec.value() : errno;
+    return Err(e, "--cache-dir {}: cannot create it: {}", dir, std::strerror(e));
+  }
+  if (!S_ISDIR(st.st_mode)) return Err(ENOTDIR, "--cache-dir {}: not a directory", dir);
+  if (::access(dir.c_str(), W_OK | X_OK) != 0) {
+    int e = errno;
+    return Err(e, "--cache-dir {}: not writable: {}", dir, std::strerror(e));
+  }
+  return Ok();
+}
+
+// The cache directory a command uses: --cache-dir as given (it must be a
+// writable directory), or the default; a default that cannot be used (no
+// HOME, as for system users) falls back to /tmp/nemofs-cache-UID.
+Result<std::string> ResolveCacheDir(const std::string& given, bool check) {
+  if (!given.empty()) {
+    std::string dir = Absolute(given);
+    if (check) NEMOFS_RETURN_IF_ERROR(EnsureWritableDir(dir));
+    return dir;
+  }
+  std::string dir = Absolute(DefaultCacheDir());
+  if (!check || EnsureWritableDir(dir)) return dir;
+  std::string fallback = "/tmp/nemofs-cache-" + std::to_string(::getuid());
+  if (::mkdir(fallback.c_str(), 0700) != 0 && errno != EEXIST) {
+    return Err(errno, "cache directory {} unusable, and so is {}: {}", dir, fallback,
+               std::strerror(errno));
+  }
+  struct stat st {};
+  if (::lstat(fallback.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::getuid()) {
+    return Err(EACCES, "cache directory {} unusable, and {} is not a directory of yours", dir,
+               fallback);
+  }
+  return fallback;
+}
+
+// NEMOFS_SYSLOG_SOCKET (tests) names another socket than /dev/log.
+std::string SyslogSocket() {
+  const char* env = std::getenv("NEMOFS_SYSLOG_SOCKET");
+  return env && *env ? env : "/dev/log";
+}
+
+bool SyslogAvailable() {
+  struct stat st {};
+  return ::stat(SyslogSocket().c_str(), &st) == 0 && S_ISSOCK(st.st_mode);
+}
+
 std::optional<std::string> RealPath(const std::string& path) {
   char* r = ::realpath(path.c_str(), nullptr);
   if (!r) return std::nullopt;
@@ -56,12 +126,6 @@ std::optional<std::string> RealPath(const std::string& path) {
   return out;
 }
 
-std::string Absolute(const std::string& path) {
-  if (!path.empty() && path[0] == '/') return path;
-  char cwd[4096];
-  if (!::getcwd(cwd, sizeof cwd)) return path;
-  return std::string(cwd) + "/" + path;
-}
 
 struct LogOptions {
   std::string level = "info";
@@ -79,8 +143,9 @@ bool SetupLogging(const LogOptions& opts, bool to_stderr, bool to_syslog,
   std::vector<spdlog::sink_ptr> sinks;
   if (to_stderr) {
     auto sink = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
-    // Behind a daemonizing `mount` the terminal only hears about problems.
-    if (quiet_stderr) sink->set_level(std::max(level, spdlog::level::warn));
+    // Behind a daemonizing `mount` the terminal hears only errors through
+    // the log; warnings are printed by `mount` itself (RunMount).
+    if (quiet_stderr) sink->set_level(std::max(level, spdlog::level::err));
     sinks.push_back(sink);
   }
   if (!opts.file.empty()) {
@@ -147,22 +212,53 @@ struct MountArgs {
   LogOptions log;
 };
 
-int RunMount(const MountArgs& args) {
-  if (!SetupLogging(args.log, true, !args.foreground, !args.foreground)) return kExitUsage;
-  FuseMountConfig config;
-  config.foreground = args.foreground;
-  bool read_only = false;
-  for (const auto& group : args.options) {
+// Splits -o groups into FUSE options; `ro`/`rw` set `read_only` (the last
+// wins, as in mount(8)); options meant for mount(8) and /etc/fstab only
+// (what mount.fuse3 passes through) are dropped.
+std::vector<std::string> ParseMountOptions(const std::vector<std::string>& groups,
+                                           bool* read_only) {
+  static const std::set<std::string, std::less<>> kFstabOnly = {
+      "auto", "noauto", "user", "nouser", "users", "owner", "nofail", "_netdev",
+      "defaults", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "async", "sync",
+      "atime", "noatime", "relatime", "norelatime", "strictatime", "lazytime", "nolazytime",
+      "diratime", "nodiratime", "loud", "silent"};
+  std::vector<std::string> out;
+  for (const auto& group : groups) {
     for (std::string_view view : Split(group, ',')) {
       std::string opt(view);
       if (opt.empty()) continue;
       if (opt == "ro" || opt == "rw") {
-        read_only = opt == "ro";  // the last one wins, as in mount(8)
+        *read_only = opt == "ro";
         continue;
       }
-      config.fuse_options.push_back(opt);
+      if (kFstabOnly.count(opt) || opt.rfind("x-", 0) == 0 || opt.rfind("comment=", 0) == 0) {
+        continue;
+      }
+      out.push_back(opt);
     }
   }
+  return out;
+}
+
+int RunMount(const MountArgs& args) {
+  FuseMountConfig config;
+  config.foreground = args.foreground;
+  bool read_only = false;
+  config.fuse_options = ParseMountOptions(args.options, &read_only);
+  auto cache_dir = ResolveCacheDir(args.cache_dir, true);
+  if (!cache_dir) {
+    PrintError(cache_dir.error().message());
+    return kExitUsage;
+  }
+  // Behind a daemonizing `mount`, the log goes to syslog; on a machine
+  // without one (containers), to a file in the cache directory, said here.
+  LogOptions log = args.log;
+  bool to_syslog = !args.foreground && log.file.empty();
+  if (to_syslog && !SyslogAvailable()) {
+    log.file = *cache_dir + "/nemofs.log";
+    to_syslog = false;
+  }
+  if (!SetupLogging(log, true, to_syslog, !args.foreground)) return kExitUsage;
   auto mnt = RealPath(args.mountpoint);
   if (!mnt) {
     int e = errno;
@@ -183,14 +279,51 @@ int RunMount(const MountArgs& args) {
     return kExitMount;
   }
   RaiseFileLimit();
-  auto fs = OpenOrPrint(args.source, args.cache_dir, !read_only);
+  // A writable mount holds the source's lock for its life (the daemon
+  // inherits the descriptor); a second one falls back to read-only.
+  std::unique_ptr<SourceLock> lock;
+  std::string lock_refusal;
+  auto real_source = RealPath(args.source);
+  if (!read_only && real_source) {
+    auto locked = SourceLock::Acquire(*real_source, "a writable nemofs mount at " + *mnt);
+    if (locked) {
+      lock = std::move(locked).value();
+    } else {
+      lock_refusal = locked.error().message();
+    }
+  }
+  auto fs = OpenOrPrint(args.source, *cache_dir, !read_only && lock_refusal.empty());
   if (!fs) return kExitSource;
-  for (const auto& w : fs->info().warnings) spdlog::warn("{}: {}", fs->info().source, w);
+  const CheckpointInfo& info = fs->info();
+  // What changes what the user gets is said here, before returning.
+  std::vector<std::string> warnings;
+  if (!args.foreground && args.log.file.empty() && !log.file.empty()) {
+    fmt::print(stderr, "nemofs: no syslog here ({}): the daemon logs to {}\n", SyslogSocket(),
+               log.file);
+  }
+  if (!lock_refusal.empty()) {
+    warnings.push_back(fmt::format("mounted read-only: {}", lock_refusal));
+  } else if (!read_only && !fs->writable()) {
+    warnings.push_back(fmt::format("mounted read-only: {}", info.read_only_reason.empty()
+                                                                ? "the source cannot be written"
+                                                                : info.read_only_reason));
+  }
+  for (const auto& e : info.weight_errors) warnings.push_back(e);
+  for (const auto& w : info.warnings) warnings.push_back(fmt::format("{}: {}", info.source, w));
+  for (const auto& w : warnings) {
+    if (args.foreground) {
+      spdlog::warn("{}", w);
+    } else {
+      PrintWarning(w);  // the terminal; the daemon's log gets it below
+      spdlog::warn("{}", w);
+    }
+  }
+  if (!fs->writable()) lock.reset();
   // A source that cannot be written (or one without a config) mounts
   // read-only: the kernel then answers every write with EROFS.
   config.read_only = !fs->writable();
   config.mountpoint = *mnt;
-  config.source = fs->info().source;
+  config.source = info.source;
   return MountAndServe(*fs, config);
 }
 
@@ -204,7 +337,11 @@ bool ProcessGone(pid_t pid) {
   return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'Z';
 }
 
-int RunCommand(const std::vector<std::string>& argv_in) {
+// Runs argv; waits until `deadline` at most. Returns the exit code, -1 if
+// it could not run, or -2 if it was still running at the deadline (it is
+// then killed).
+int RunCommand(const std::vector<std::string>& argv_in,
+               std::chrono::steady_clock::time_point deadline) {
   std::vector<char*> argv;
   std::vector<std::string> storage = argv_in;
   for (auto& s : storage) argv.push_back(s.data());
@@ -212,13 +349,92 @@ int RunCommand(const std::vector<std::string>& argv_in) {
   pid_t pid;
   if (posix_spawnp(&pid, argv[0], nullptr, nullptr, argv.data(), environ) != 0) return -1;
   int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  for (;;) {
+    pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) break;
+    if (r < 0 && errno != EINTR) return -1;
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(pid, SIGKILL);
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      return -2;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+// The daemon's pid from the root's user.nemofs.pid, asked from a thread so
+// that a stopped or hung daemon costs at most `wait`, not forever. 0 if
+// it did not answer, -1 if it answered without a pid.
+pid_t AskDaemonPid(const std::string& path, std::chrono::milliseconds wait) {
+  struct Answer {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    pid_t pid = 0;
+  };
+  auto answer = std::make_shared<Answer>();
+  std::thread([answer, path] {
+    char buf[32] = {};
+    ssize_t n = ::getxattr(path.c_str(), "user.nemofs.pid", buf, sizeof buf - 1);
+    std::lock_guard<std::mutex> lock(answer->mu);
+    answer->pid = n > 0 ? static_cast<pid_t>(std::atol(buf)) : -1;
+    if (answer->pid == 0) answer->pid = -1;
+    answer->done = true;
+    answer->cv.notify_all();
+  }).detach();
+  std::unique_lock<std::mutex> lock(answer->mu);
+  answer->cv.wait_for(lock, wait, [&] { return answer->done; });
+  return answer->pid;
+}
+
+// Detaches a mount whose daemon does not answer: aborts its FUSE
+// connection (root: /sys/fs/fuse/connections/N/abort, N = the minor device
+// number) so that every waiting process gets ENOTCONN, then lazily unmounts.
+// Returns what it did, for the message.
+std::string ForceDetach(const std::string& path, const MountEntry& m) {
+  std::vector<std::string> done;
+  auto colon = m.device.find(':');
+  if (::geteuid() == 0 && ::access("/sys/fs/fuse/connections/", F_OK) == 0 &&
+      std::filesystem::is_empty("/sys/fs/fuse/connections/")) {
+    // fusectl is not mounted (containers): mount it to reach the abort file.
+    auto soon = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    RunCommand({"mount", "-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"}, soon);
+  }
+  if (colon != std::string::npos) {
+    std::string abort_path = "/sys/fs/fuse/connections/" + m.device.substr(colon + 1) + "/abort";
+    std::ofstream f(abort_path);
+    if (f) f << "1" << std::endl;
+    if (f) done.push_back("aborted its FUSE connection (" + abort_path + ")");
+  }
+  auto soon = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  if (RunCommand({"fusermount3", "-u", "-z", path}, soon) == 0 ||
+      RunCommand({"umount", "-l", path}, soon) == 0) {
+    done.push_back("detached the mount (lazy unmount)");
+  }
+  if (done.empty()) return "could not detach it (run: fusermount3 -u -z " + path + ")";
+  std::string out;
+  for (size_t i = 0; i < done.size(); ++i) out += (i ? " and " : "") + done[i];
+  return out;
+}
+
+// The mount point's absolute path without entering it: the parent is
+// resolved, the last component is kept as given (realpath would stat the
+// mount root, which blocks when the daemon is stopped).
+std::string MountPointPath(const std::string& arg) {
+  std::filesystem::path p = std::filesystem::path(Absolute(arg)).lexically_normal();
+  if (p.has_filename() == false) p = p.parent_path();
+  auto parent = RealPath(p.parent_path().string());
+  if (!parent) return p.string();
+  return JoinPath(*parent, p.filename().string());
+}
+
 int RunUmount(const std::string& mountpoint, double timeout_s) {
-  std::string path = RealPath(mountpoint).value_or(Absolute(mountpoint));
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                            std::chrono::duration<double>(timeout_s));
+  std::string path = MountPointPath(mountpoint);
   auto m = FindMount(path);
   if (!m) {
     PrintError(fmt::format("{}: not mounted", mountpoint));
@@ -228,26 +444,37 @@ int RunUmount(const std::string& mountpoint, double timeout_s) {
     PrintError(fmt::format("{}: not a nemofs mount ({})", mountpoint, m->fstype));
     return kExitFailure;
   }
-  pid_t pid = 0;
-  char buf[32] = {};
-  ssize_t n = ::getxattr(path.c_str(), "user.nemofs.pid", buf, sizeof buf - 1);
-  if (n > 0) pid = static_cast<pid_t>(std::atol(buf));
-  int rc = RunCommand({"fusermount3", "-u", path});
+  auto remaining = [&] {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+  };
+  pid_t pid = AskDaemonPid(path, std::clamp(remaining(), std::chrono::milliseconds(0),
+                                            std::chrono::milliseconds(2000)));
+  int rc = RunCommand({"fusermount3", "-u", path}, deadline);
+  if (pid == 0 && rc == 0) {
+    PrintError(fmt::format(
+        "{}: unmounted, but its daemon did not answer within {} s (stopped or hung?); it exits "
+        "once it runs again",
+        mountpoint, timeout_s));
+    return kExitFailure;
+  }
+  if (rc == -2 || (pid == 0 && rc != 0)) {
+    PrintError(fmt::format("{}: the daemon{} did not answer within {} s: {}", mountpoint,
+                           pid > 0 ? fmt::format(" (pid {})", pid) : std::string(), timeout_s,
+                           ForceDetach(path, *m)));
+    return kExitFailure;
+  }
   if (rc != 0) {
     PrintError(fmt::format("{}: unmount failed{} (is a process still using it?)", mountpoint,
                            rc < 0 ? ": cannot run fusermount3" : ""));
     return kExitFailure;
   }
-  if (pid > 0) {
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
-    while (!ProcessGone(pid)) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        PrintError(fmt::format("{}: unmounted, but daemon {} did not exit within {} s", mountpoint,
-                               pid, timeout_s));
-        return kExitFailure;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  while (pid > 0 && !ProcessGone(pid)) {
+    if (Clock::now() > deadline) {
+      PrintError(fmt::format("{}: unmounted, but daemon {} did not exit within {} s", mountpoint,
+                             pid, timeout_s));
+      return kExitFailure;
     }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   return kExitOk;
 }
@@ -317,6 +544,13 @@ int RunRepack(const std::string& source, const std::string& out_arg, const std::
     return kExitSource;
   }
   std::string out = out_arg.empty() ? *real : Absolute(out_arg);
+  // A writable mount of SOURCE would fail its next save (ESTALE) after the
+  // rename: refuse while one holds the source's lock.
+  auto lock = SourceLock::Acquire(*real, "nemofs repack");
+  if (!lock && lock.error().code() == EBUSY) {
+    PrintError(fmt::format("refusing to repack: {}; unmount it first", lock.error().message()));
+    return kExitFailure;
+  }
   const bool tty = ::isatty(2) && !quiet;
   int last_pct = -1;
   auto stats =
@@ -462,7 +696,8 @@ int Main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
   CLI::App app{
       "nemofs: mount NeMo, Megatron and PyTorch checkpoints (.nemo, NeMo 2 folders, "
-      "distributed checkpoints, torch.save files) as a read-only filesystem.",
+      "distributed checkpoints, torch.save files) as one filesystem tree: config.yaml (editable "
+      "in place), tokenizer/, tensors/, index.json, model.safetensors, archive/.",
       "nemofs"};
   app.require_subcommand(1);
   app.set_version_flag("-V,--version", VersionText);
@@ -541,8 +776,31 @@ int Main(int argc, char** argv) {
       ->required();
   cat->add_option("--cache-dir", cat_cache, "as for mount");
 
+  // `nemofs SOURCE MOUNTPOINT [-o OPTS]`: the form mount.fuse3 runs for
+  // /etc/fstab and `mount -t fuse.nemofs` (as for sshfs). Anything else that
+  // is not a command is named in the error.
+  std::vector<std::string> args(argv, argv + argc);
+  if (args.size() >= 2 && !args[1].empty() && args[1][0] != '-') {
+    bool known = false;
+    for (const auto* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+      if (sub->get_name() == args[1]) known = true;
+    }
+    if (!known) {
+      struct stat st {};
+      if (args.size() >= 3 && args[2].rfind("-", 0) != 0 && ::stat(args[1].c_str(), &st) == 0) {
+        args.insert(args.begin() + 1, "mount");
+      } else {
+        PrintError(fmt::format(
+            "unknown command '{}' (commands: mount, umount, info, ls, cat, verify, repack; or "
+            "SOURCE MOUNTPOINT as mount.fuse3 runs it). Run 'nemofs --help'.",
+            args[1]));
+        return kExitUsage;
+      }
+    }
+  }
   try {
-    app.parse(argc, argv);
+    std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);
+    app.parse(reversed);
   } catch (const CLI::Success& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {

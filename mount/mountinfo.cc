@@ -30,12 +30,11 @@ std::string Unescape(const std::string& s) {
   return out;
 }
 
-}  // namespace
-
-std::optional<MountEntry> FindMount(const std::string& path) {
+// Every line of /proc/self/mountinfo, in order.
+std::vector<MountEntry> AllMounts() {
   std::ifstream in("/proc/self/mountinfo");
   std::string line;
-  std::optional<MountEntry> found;
+  std::vector<MountEntry> out;
   while (std::getline(in, line)) {
     std::istringstream fields(line);
     std::vector<std::string> f;
@@ -46,10 +45,28 @@ std::optional<MountEntry> FindMount(const std::string& path) {
     size_t dash = 6;
     while (dash < f.size() && f[dash] != "-") ++dash;
     if (dash + 1 >= f.size()) continue;
-    if (Unescape(f[4]) != path) continue;
-    found = MountEntry{f[2], Unescape(f[4]), f[dash + 1]};
+    out.push_back(MountEntry{f[2], Unescape(f[4]), f[dash + 1],
+                             dash + 2 < f.size() ? Unescape(f[dash + 2]) : std::string()});
+  }
+  return out;
+}
+
+}  // namespace
+
+std::optional<MountEntry> FindMount(const std::string& path) {
+  std::optional<MountEntry> found;
+  for (auto& m : AllMounts()) {
+    if (m.mountpoint == path) found = std::move(m);
   }
   return found;
+}
+
+std::vector<MountEntry> FindMountsOfSource(const std::string& source) {
+  std::vector<MountEntry> out;
+  for (auto& m : AllMounts()) {
+    if (m.source == source) out.push_back(std::move(m));
+  }
+  return out;
 }
 
 std::optional<std::string> MountDevice(const std::string& path) {

@@ -3,6 +3,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace nemofs::mountcmd {
 
@@ -10,10 +11,13 @@ struct MountEntry {
   std::string device;      // "major:minor"
   std::string mountpoint;  // unescaped
   std::string fstype;      // e.g. "fuse.nemofs"
+  std::string source;      // the fsname, e.g. "nemofs:/data/model.nemo"
 };
 
 // The mount whose mount point is exactly `path` (absolute); the last one if stacked.
 std::optional<MountEntry> FindMount(const std::string& path);
 std::optional<std::string> MountDevice(const std::string& path);
+// Every mount whose source field (fsname) is exactly `source`.
+std::vector<MountEntry> FindMountsOfSource(const std::string& source);
 
 }  // namespace nemofs::mountcmd

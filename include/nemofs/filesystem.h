@@ -32,7 +32,9 @@ enum class NodeType { kDirectory, kFile, kSymlink };
 struct NodeAttr {
   uint64_t ino = 0;
   NodeType type = NodeType::kFile;
-  uint32_t perm = 0444;  // permission bits
+  uint32_t perm = 0444;  // permission bits (write bits only where the tree can write)
+  uint32_t uid = 0;      // owner and group, from the source (see Filesystem::Open)
+  uint32_t gid = 0;
   uint64_t size = 0;
   uint32_t nlink = 1;
   int64_t mtime_sec = 0;
@@ -99,6 +101,8 @@ struct CheckpointInfo {
   std::map<std::string, std::string> unmerged;  // key -> why it is only in ranks/
   std::vector<std::string> weight_errors;       // weight files that could not be read
   std::vector<std::string> warnings;
+  // Opened for writing but read-only: why ("" when writable or not asked).
+  std::string read_only_reason;
 };
 
 // One tensor file of the tree, for `nemofs ls`.

@@ -1,6 +1,10 @@
 #include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
@@ -15,13 +19,6 @@ LazyFds::~LazyFds() {
   for (auto& fd : fds_) UniqueFd(fd.exchange(-1));
 }
 
-Result<int> LazyFds::Get(size_t i, const std::string& path) {
-  int fd = fds_[i].load(std::memory_order_acquire);
-  if (fd >= 0) return fd;
-  NEMOFS_ASSIGN_OR_RETURN(UniqueFd fresh, OpenReadOnly(path));
-  return Install(i, std::move(fresh));
-}
-
 int LazyFds::Install(size_t i, UniqueFd fd) {
   int expected = -1;
   if (fds_[i].compare_exchange_strong(expected, fd.get(), std::memory_order_acq_rel)) {
@@ -30,14 +27,41 @@ int LazyFds::Install(size_t i, UniqueFd fd) {
   return expected;  // another thread won; `fd` closes ours
 }
 
+Result<UniqueFd> DirectorySource::OpenBeneath(const std::string& rel) const {
+  struct open_how how {};
+  how.flags = O_RDONLY | O_CLOEXEC | O_NOCTTY;
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+  for (;;) {
+    long fd = ::syscall(SYS_openat2, root_fd_.get(), rel.c_str(), &how, sizeof how);
+    if (fd >= 0) return UniqueFd(static_cast<int>(fd));
+    if (errno == EINTR || errno == EAGAIN) continue;
+    int e = errno;
+    if (e == EXDEV) return Err(EACCES, "{}/{}: resolves outside the source folder", path(), rel);
+    return Err(e, "{}/{}: {}", path(), rel, std::strerror(e));
+  }
+}
+
 Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
   std::unique_ptr<DirectorySource> src(new DirectorySource(path));
+  src->root_fd_ = UniqueFd(::open(path.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (!src->root_fd_.valid()) return Err(errno, "{}: {}", path, std::strerror(errno));
+  char* real_root_c = ::realpath(path.c_str(), nullptr);
+  if (!real_root_c) return Err(errno, "{}: {}", path, std::strerror(errno));
+  const std::string real_root(real_root_c);
+  std::free(real_root_c);
+  auto beneath = [&](const std::string& target) {
+    return target == real_root ||
+           (target.size() > real_root.size() && target.compare(0, real_root.size(), real_root) == 0 &&
+            (real_root == "/" || target[real_root.size()] == '/'));
+  };
   std::vector<Entry> raw;
   std::vector<std::string> warnings;
   NEMOFS_ASSIGN_OR_RETURN(struct stat root_st, Stat(path));
   Entry root;
   root.type = EntryType::kDirectory;
   root.mode = root_st.st_mode & 07777;
+  root.uid = root_st.st_uid;
+  root.gid = root_st.st_gid;
   root.mtime_sec = root_st.st_mtim.tv_sec;
   root.mtime_nsec = static_cast<uint32_t>(root_st.st_mtim.tv_nsec);
   raw.push_back(root);
@@ -62,6 +86,16 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
     }
     struct stat st = lst;
     if (S_ISLNK(lst.st_mode)) {
+      // Never follow a link out of the folder (allow_other: /etc/shadow).
+      char* target = ::realpath(p.c_str(), nullptr);
+      bool inside = target && beneath(target);
+      std::string shown = target ? target : "";
+      std::free(target);
+      if (target && !inside) {
+        warnings.push_back(fmt::format(
+            "skipped '{}': symbolic link to '{}' leaves the source folder", rel, shown));
+        continue;
+      }
       if (::stat(p.c_str(), &st) != 0) {
         warnings.push_back(fmt::format("skipped '{}': dangling symbolic link", rel));
         continue;
@@ -74,6 +108,8 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
     Entry e;
     e.path = rel;
     e.mode = st.st_mode & 07777;
+    e.uid = st.st_uid;
+    e.gid = st.st_gid;
     e.mtime_sec = st.st_mtim.tv_sec;
     e.mtime_nsec = static_cast<uint32_t>(st.st_mtim.tv_nsec);
     if (S_ISDIR(st.st_mode)) {
@@ -82,7 +118,7 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
       e.type = EntryType::kFile;
       e.size = static_cast<uint64_t>(st.st_size);
       e.blob = static_cast<uint32_t>(src->files_.size());
-      src->files_.push_back(p.string());
+      src->files_.push_back(rel);
       src->sizes_.push_back(e.size);
     } else {
       warnings.push_back(fmt::format("skipped '{}': not a regular file or directory", rel));
@@ -97,7 +133,7 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
 
 Result<ReadPlan> DirectorySource::Plan(uint32_t blob, uint64_t offset, uint64_t length) {
   if (blob >= files_.size()) return Err(EINVAL, "{}: no blob {}", path(), blob);
-  NEMOFS_ASSIGN_OR_RETURN(int fd, fds_->Get(blob, files_[blob]));
+  NEMOFS_ASSIGN_OR_RETURN(int fd, fds_->Get(blob, [&] { return OpenBeneath(files_[blob]); }));
   ReadPlan plan;
   plan.AddFd(fd, offset, length);
   return plan;
@@ -105,7 +141,7 @@ Result<ReadPlan> DirectorySource::Plan(uint32_t blob, uint64_t offset, uint64_t 
 
 Result<FileRange> DirectorySource::Locate(uint32_t blob) {
   if (blob >= files_.size()) return Err(EINVAL, "{}: no blob {}", path(), blob);
-  NEMOFS_ASSIGN_OR_RETURN(int fd, fds_->Get(blob, files_[blob]));
+  NEMOFS_ASSIGN_OR_RETURN(int fd, fds_->Get(blob, [&] { return OpenBeneath(files_[blob]); }));
   return FileRange{fd, 0, sizes_[blob]};
 }
 

@@ -43,6 +43,8 @@ struct Entry {
   int64_t mtime_sec = 0;
   uint32_t mtime_nsec = 0;
   uint32_t mode = 0644;     // permission bits as stored
+  uint32_t uid = 0;         // owner and group: folder sources only (stat); archives
+  uint32_t gid = 0;         //   take the archive file's (see tree/access.h)
   std::string link_target;  // kSymlink: the target as stored
   uint32_t blob = kNoBlob;  // kFile: the source's handle for its bytes
 };

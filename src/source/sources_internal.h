@@ -20,8 +20,14 @@ class LazyFds {
     for (auto& fd : fds_) fd.store(-1);
   }
   ~LazyFds();
-  // Returns the descriptor of `path` for slot `i`, opening it on first use.
-  Result<int> Get(size_t i, const std::string& path);
+  // Returns the descriptor for slot `i`, opening it with `open` on first use.
+  template <typename Open>
+  Result<int> Get(size_t i, Open&& open) {
+    int fd = Peek(i);
+    if (fd >= 0) return fd;
+    NEMOFS_ASSIGN_OR_RETURN(UniqueFd fresh, open());
+    return Install(i, std::move(fresh));
+  }
   // Installs an already open descriptor (takes ownership).
   int Install(size_t i, UniqueFd fd);
   int Peek(size_t i) const { return fds_[i].load(std::memory_order_acquire); }
@@ -31,8 +37,11 @@ class LazyFds {
 };
 
 // A directory tree (NeMo 2 folders, dist checkpoints, extracted .nemo).
-// Symbolic links to files are followed; links to directories are skipped
-// (with a warning) so the walk can never loop.
+// Symbolic links to files inside the folder are followed; links that
+// resolve outside it are hidden (with a warning), and so are links to
+// directories (so the walk can never loop). Files are opened relative to
+// the folder with openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS): a link
+// swapped in after the listing still cannot lead outside the folder.
 class DirectorySource final : public Source {
  public:
   static Result<std::unique_ptr<Source>> Open(const std::string& path);
@@ -42,7 +51,9 @@ class DirectorySource final : public Source {
 
  private:
   explicit DirectorySource(std::string path) : Source(std::move(path)) {}
-  std::vector<std::string> files_;  // absolute path per blob
+  Result<UniqueFd> OpenBeneath(const std::string& rel) const;
+  UniqueFd root_fd_;                // O_PATH descriptor of the folder
+  std::vector<std::string> files_;  // path relative to the folder, per blob
   std::vector<uint64_t> sizes_;     // size per blob at open
   std::unique_ptr<LazyFds> fds_;
 };

@@ -2,9 +2,11 @@
 
 #include <fcntl.h>
 #include <malloc.h>
+#include <sys/stat.h>
 #include <zlib.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
 
@@ -13,6 +15,7 @@
 #include "nemofs/strings.h"
 #include "source/source.h"
 #include "torch/zip_reader.h"
+#include "tree/access.h"
 #include "tree/filesystem_impl.h"
 #include "tree/node_table.h"
 #include "util/json_util.h"
@@ -204,7 +207,36 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   source::Source& src = *impl->src;
   tree::NodeTable& nodes = impl->nodes;
 
+  // Owners and modes (tree/access.h): a folder's entries carry their own;
+  // an archive's members get the archive file's owner, limited to its mode.
+  struct stat source_st {};
+  if (::stat(options.source.c_str(), &source_st) != 0) {
+    return Err(errno, "{}: {}", options.source, std::strerror(errno));
+  }
+  const bool folder = S_ISDIR(source_st.st_mode);
+  auto access_of = [&](const Entry& e) {
+    if (folder) return tree::Access{e.uid, e.gid, e.mode & 0777};
+    // Execute bits are the member's own (run.sh in a .nemo), for whoever
+    // may read the archive.
+    uint32_t limit = tree::DirMode(source_st.st_mode & 0777);
+    return tree::Access{source_st.st_uid, source_st.st_gid, e.mode & limit};
+  };
+  // Who may write is the source's business: a folder file's own write
+  // bits, an archive file's for everything in it.
+  const uint32_t archive_write = source_st.st_mode & 0222;
+  auto set_access = [&](tree::Node* n, const tree::Access& a, uint32_t write_bits) {
+    n->uid = a.uid;
+    n->gid = a.gid;
+    uint32_t mode = n->type == NodeType::kDirectory ? tree::DirMode(a.mode) : a.mode;
+    if (n->type == NodeType::kSymlink) mode = 0777;
+    n->perm = mode & ~0222u;
+    n->write_perm = n->type == NodeType::kSymlink ? 0 : write_bits & 0222u;
+  };
+
   const Entry& src_root = src.entries().front();
+  const tree::Access root_access =
+      folder ? access_of(src_root)
+             : tree::Access{source_st.st_uid, source_st.st_gid, tree::DirMode(source_st.st_mode & 0777)};
   uint64_t root = nodes.Add(DirNode(src_root.mtime_sec, src_root.mtime_nsec, 1));
   uint64_t archive = nodes.Add(DirNode(src_root.mtime_sec, src_root.mtime_nsec, root));
   nodes.Link(root, "archive", archive);
@@ -213,6 +245,7 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   // archive/: the source as stored. Entries come parents first.
   CheckpointInfo& info = impl->info;
   std::map<std::string, uint64_t, std::less<>> by_path{{"", archive}};
+  std::vector<tree::Access> blob_access;  // by blob
   for (size_t i = 1; i < src.entries().size(); ++i) {
     const Entry& e = src.entries()[i];
     std::string dir, base;
@@ -230,7 +263,6 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
         break;
       case EntryType::kFile:
         n.type = NodeType::kFile;
-        n.perm = (e.mode & 0111) ? 0555 : 0444;
         n.size = e.size;
         n.blob = e.blob;
         info.source_bytes += e.size;
@@ -238,10 +270,15 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
         break;
       case EntryType::kSymlink:
         n.type = NodeType::kSymlink;
-        n.perm = 0777;
         n.size = e.link_target.size();
         n.link_target = e.link_target;
         break;
+    }
+    tree::Access a = access_of(e);
+    set_access(&n, a, folder ? e.mode : archive_write);
+    if (n.blob != source::kNoBlob) {
+      if (blob_access.size() <= n.blob) blob_access.resize(n.blob + 1);
+      blob_access[n.blob] = a;
     }
     uint64_t ino = nodes.Add(std::move(n));
     nodes.Link(parent, base, ino);
@@ -273,8 +310,65 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   }
   layout.cache_dir = options.cache_dir;
   impl->catalog = checkpoint::BuildCatalog(src, layout);
+  const uint64_t first_view = nodes.size() + 1;
   AddTensorViews(*impl, root, src_root.mtime_sec, src_root.mtime_nsec, options.source,
                  checkpoint::FormatId(layout.format));
+  // The root, archive/ and tokenizer/ directories are the source root's; the
+  // tensor views get the intersection of the files their bytes come from.
+  const uint32_t root_write = folder ? src_root.mode : archive_write;
+  for (uint64_t ino : {root, archive}) set_access(nodes.Get(ino), root_access, root_write);
+  // Archive entries are nodes archive+1 .. archive+entries-1; tokenizer/
+  // directories follow them.
+  for (uint64_t ino = archive + src.entries().size(); ino < first_view; ++ino) {
+    set_access(nodes.Get(ino), root_access, 0);
+  }
+  {
+    auto tensor_access = [&](const checkpoint::Tensor& t, tree::Access acc) {
+      for (const auto& c : t.chunks) {
+        if (c.blob != source::kNoBlob && c.blob < blob_access.size()) {
+          acc = tree::Combine(acc, blob_access[c.blob]);
+        }
+      }
+      return acc;
+    };
+    // Everything derived from the weights as a whole (index.json,
+    // checkpoint.json, model.safetensors, the view directories).
+    tree::Access all = root_access;
+    std::vector<bool> seen(blob_access.size(), false);
+    auto add_all = [&](const std::vector<checkpoint::Tensor>& ts) {
+      for (const auto& t : ts) {
+        for (const auto& c : t.chunks) {
+          if (c.blob < blob_access.size() && !seen[c.blob]) {
+            seen[c.blob] = true;
+            all = tree::Combine(all, blob_access[c.blob]);
+          }
+        }
+      }
+    };
+    const checkpoint::Catalog& cat = impl->catalog;
+    add_all(cat.tensors);
+    add_all(cat.optimizer);
+    for (const auto& r : cat.ranks) add_all(r.tensors);
+    // Weight files without tensors still feed checkpoint.json.
+    auto add_entry = [&](const Entry& e) {
+      if (e.blob < blob_access.size() && !seen[e.blob]) {
+        seen[e.blob] = true;
+        all = tree::Combine(all, blob_access[e.blob]);
+      }
+    };
+    for (const auto& w : layout.weight_files) {
+      if (const Entry* e = src.Find(w.path)) add_entry(*e);
+    }
+    if (!layout.dist_backend.empty()) {
+      for (const Entry& e : src.entries()) {
+        if (layout.dist_dir.empty() || e.path.rfind(layout.dist_dir + "/", 0) == 0) add_entry(e);
+      }
+    }
+    for (uint64_t ino = first_view; ino <= nodes.size(); ++ino) {
+      tree::Node* n = nodes.Get(ino);
+      set_access(n, n->tensor ? tensor_access(*n->tensor, root_access) : all, 0);
+    }
+  }
   nodes.Finish();
 
   info.source = options.source;

@@ -157,6 +157,8 @@ struct Filesystem::Impl {
     a.ino = ino;
     a.type = n.type;
     a.perm = n.perm;
+    a.uid = n.uid;
+    a.gid = n.gid;
     a.size = n.size;
     a.nlink = n.nlink;
     a.mtime_sec = n.mtime_sec;

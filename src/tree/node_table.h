@@ -18,6 +18,11 @@ namespace nemofs::tree {
 struct Node {
   NodeType type = NodeType::kFile;
   uint32_t perm = 0444;
+  // Write bits the source grants (tar member and archive file, or the file's
+  // own mode): `perm` gets them only when the tree makes the node writable.
+  uint32_t write_perm = 0;
+  uint32_t uid = 0;
+  uint32_t gid = 0;
   uint64_t size = 0;
   uint32_t nlink = 1;
   int64_t mtime_sec = 0;

@@ -73,12 +73,14 @@ Status Filesystem::Impl::EnableWrites(const write::FileIdentity& identity,
                                       const std::string& config_path, uint64_t root,
                                       uint64_t config_dir, uint64_t config_ino) {
   if (!config_ino) {
+    info.read_only_reason = "the source has no config to edit";
     spdlog::info("{}: no config to edit: the tree is read-only", info.source);
     return Ok();
   }
   auto committer = write::ConfigCommitter::Create(*src, config_path, identity);
   if (!committer) {
     if (committer.error().code() != EROFS) return committer.error();
+    info.read_only_reason = committer.error().message();
     spdlog::info("read-only: {}", committer.error().message());
     return Ok();
   }
@@ -103,8 +105,9 @@ void Filesystem::Impl::SetUpWrites(std::unique_ptr<write::ConfigCommitter> commi
   o.scratch_dirs = {root, config_dir};
   o.config_names = {{root, "config.yaml"}, {config_dir, config_base}};
   o.next_ino = nodes.size() + 1;
-  nodes.Get(config_ino)->perm = 0644;
-  for (uint64_t dir : o.scratch_dirs) nodes.Get(dir)->perm = 0755;
+  // Write bits as the source grants them (tree/access.h).
+  nodes.Get(config_ino)->perm |= nodes.Get(config_ino)->write_perm;
+  for (uint64_t dir : o.scratch_dirs) nodes.Get(dir)->perm |= nodes.Get(dir)->write_perm;
 }
 
 Result<NodeAttr> Filesystem::Impl::OverlayAttr(uint64_t ino) const {
@@ -126,6 +129,9 @@ Result<NodeAttr> Filesystem::Impl::OverlayAttr(uint64_t ino) const {
   a.ino = ino;
   a.type = NodeType::kFile;
   a.perm = f.mode & 07777;
+  // New files belong to the tree root's owner (only they may create them).
+  a.uid = nodes.Get(o.scratch_dirs.empty() ? 1 : *o.scratch_dirs.begin())->uid;
+  a.gid = nodes.Get(o.scratch_dirs.empty() ? 1 : *o.scratch_dirs.begin())->gid;
   a.size = f.data.size();
   a.nlink = f.linked ? 1 : 0;
   a.mtime_sec = f.mtime_sec;

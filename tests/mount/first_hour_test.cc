@@ -1,0 +1,423 @@
+// Issue "the first hour of a new user", sections 2 and 3 and the fstab form:
+// `nemofs mount` tells the truth (readiness, refused options, warnings,
+// logs without syslog, umount --timeout on a stopped daemon, df, the cache
+// directory, unknown commands), shared mounts leak nothing (outside
+// symlinks, modes and owners, a non-root user, the source lock), and
+// `mount -t fuse.nemofs` through /etc/fstab.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <thread>
+
+#include "mount_harness.h"
+#include "test_util.h"
+#include "write_util.h"
+
+namespace nemofs::testing {
+namespace {
+
+std::string Q(const std::string& s) { return ShellQuote(s); }
+std::string Bin() { return Q(NemofsBinary()); }
+
+constexpr int kNobody = 65534;
+std::string AsNobody(const std::string& cmd) {
+  return "setpriv --reuid=" + std::to_string(kNobody) + " --regid=" + std::to_string(kNobody) +
+         " --clear-groups -- bash -c " + Q(cmd);
+}
+
+pid_t DaemonPid(const std::string& mnt) {
+  auto r = Sh("getfattr --only-values -n user.nemofs.pid " + Q(mnt), 10);
+  return r.exit_code == 0 ? static_cast<pid_t>(std::atoi(r.out.c_str())) : -1;
+}
+
+// A mount made by `nemofs mount` without -f (the daemon in the background),
+// always unmounted and its daemon (by PID) killed at the end.
+class BgMount {
+ public:
+  BgMount() { std::filesystem::create_directory(mnt()); }
+  ~BgMount() { Stop(); }
+  std::string mnt() const { return dir_.Join("mnt"); }
+  const TempDir& dir() const { return dir_; }
+  // Runs `nemofs mount SOURCE MNT ARGS`; remembers the daemon's pid.
+  CommandResult Start(const std::string& source, const std::string& args = "",
+                      const std::string& env = "") {
+    auto r = Sh(env + " " + Bin() + " mount " + Q(source) + " " + Q(mnt()) + " --cache-dir " +
+                    Q(dir_.Join("cache")) + " " + args,
+                60);
+    if (r.exit_code == 0 && IsMounted(mnt())) pid_ = DaemonPid(mnt());
+    return r;
+  }
+  pid_t pid() const { return pid_; }
+  void Stop() {
+    if (pid_ > 0) ::kill(pid_, SIGCONT);
+    if (IsMounted(mnt())) Sh("fusermount3 -u " + Q(mnt()) + " || fusermount3 -uz " + Q(mnt()), 20);
+    if (pid_ > 0) {
+      for (int i = 0; i < 200 && ::kill(pid_, 0) == 0 && !Zombie(pid_); ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+      if (::kill(pid_, 0) == 0 && !Zombie(pid_)) ::kill(pid_, SIGKILL);
+      pid_ = -1;
+    }
+  }
+  static bool Zombie(pid_t pid) {
+    return Sh("grep -q '^State:.*Z' /proc/" + std::to_string(pid) + "/status", 5).exit_code == 0;
+  }
+
+ private:
+  TempDir dir_;
+  pid_t pid_ = -1;
+};
+
+// ---- 2. the mount tells the truth ------------------------------------------
+
+TEST(MountTruth, MaxReadOptionMountsAndReads) {
+  BgMount m;
+  auto r = m.Start(TestData("tiny_gpt.nemo"), "-o ro,max_read=65536");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_TRUE(IsMounted(m.mnt()));
+  auto cmp = Sh("cmp " + Q(m.mnt() + "/archive/model_weights.ckpt") + " <(tar -xOf " +
+                Q(TestData("tiny_gpt.nemo")) + " ./model_weights.ckpt)");
+  EXPECT_EQ(cmp.exit_code, 0) << cmp.out << cmp.err;
+  EXPECT_NE(Sh("grep ' " + m.mnt() + " ' /proc/self/mountinfo").out.find("max_read=65536"),
+            std::string::npos);
+}
+
+TEST(MountTruth, RefusedOptionsExitNonZeroWithTheReasonAndMountNothing) {
+  struct Case {
+    std::string opts, message;
+  };
+  for (const Case& c : {Case{"frobnicate", "unknown option"},
+                        Case{"max_read=abc", "invalid parameter"},
+                        Case{"blksize=512", "mount failed"}}) {
+    BgMount m;
+    auto r = m.Start(TestData("tiny_gpt.nemo"), "-o " + c.opts);
+    EXPECT_NE(r.exit_code, 0) << c.opts;
+    EXPECT_NE(r.err.find(c.message), std::string::npos) << c.opts << ": " << r.err;
+    EXPECT_FALSE(IsMounted(m.mnt())) << c.opts;
+  }
+}
+
+TEST(MountTruth, DaemonDyingDuringInitFailsTheMountAndLeavesNoDeadMount) {
+  BgMount m;
+  auto r = m.Start(TestData("tiny_gpt.nemo"), "-o ro", "NEMOFS_FAULT=fuse-init");
+  EXPECT_EQ(r.exit_code, 4) << r.err;
+  EXPECT_NE(r.err.find("the daemon died before the mount was ready"), std::string::npos) << r.err;
+  EXPECT_FALSE(IsMounted(m.mnt()));
+}
+
+TEST(MountTruth, WarningsThatChangeTheTreeArePrintedByMount) {
+  // A hidden member (absolute path) and a read-only fallback (0444 copy).
+  TempDir dir;
+  TarBuilder tar;
+  tar.AddFile("./model_config.yaml", "a: 1\n").AddFile("/etc/evil", "x").End();
+  std::string src = dir.Join("hidden.nemo");
+  WriteFile(src, tar.bytes());
+  ::chmod(src.c_str(), 0444);
+  BgMount m;
+  auto r = m.Start(src);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("warning: mounted read-only"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("/etc/evil"), std::string::npos) << r.err;
+}
+
+TEST(MountTruth, WithoutSyslogTheDaemonLogsToTheCacheDirAndSaysSo) {
+  BgMount m;
+  auto r = m.Start(TestData("tiny_gpt.nemo"), "-o ro",
+                   "NEMOFS_SYSLOG_SOCKET=" + m.dir().Join("no-such-socket"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::string log = m.dir().Join("cache/nemofs.log");
+  EXPECT_NE(r.err.find("the daemon logs to " + log), std::string::npos) << r.err;
+  EXPECT_NE(ReadFile(log).find("mounted " + TestData("tiny_gpt.nemo")), std::string::npos);
+}
+
+TEST(MountTruth, UmountTimeoutDetachesAStoppedDaemon) {
+  for (bool busy : {false, true}) {
+    BgMount m;
+    auto r = m.Start(TestData("tiny_gpt.nemo"), "-o ro");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    ASSERT_GT(m.pid(), 0);
+    ASSERT_EQ(::kill(m.pid(), SIGSTOP), 0);
+    // A process waiting inside the mount keeps it busy.
+    if (busy) Sh("(cd " + Q(m.mnt() + "/archive") + " && sleep 30) >/dev/null 2>&1 & disown", 5);
+    auto start = std::chrono::steady_clock::now();
+    r = Sh(Bin() + " umount " + Q(m.mnt()) + " --timeout 2", 30);
+    double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_LT(took, 15.0);
+    EXPECT_FALSE(IsMounted(m.mnt())) << (busy ? "busy" : "idle");
+    EXPECT_NE(r.err.find(busy ? "detached the mount" : "did not answer within 2 s"),
+              std::string::npos)
+        << r.err;
+    Sh("pkill -f 'sleep 30' ; true", 5);
+  }
+}
+
+TEST(MountTruth, StatfsIsConsistent) {
+  TempDir dir;
+  std::string src = dir.Join("a.nemo");
+  Sh("cp " + Q(TestData("tiny_gpt.nemo")) + " " + Q(src));
+  for (const std::string opts : {"-o ro", ""}) {
+    BgMount m;
+    auto r = m.Start(src, opts);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    r = Sh("/usr/bin/python3 -c 'import os,sys; s=os.statvfs(sys.argv[1]); "
+           "print(s.f_blocks, s.f_bfree, s.f_bavail, s.f_frsize)' " +
+           Q(m.mnt()));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    unsigned long long blocks, bfree, bavail, frsize;
+    ASSERT_EQ(std::sscanf(r.out.c_str(), "%llu %llu %llu %llu", &blocks, &bfree, &bavail, &frsize),
+              4);
+    EXPECT_GE(blocks, bfree) << opts;
+    EXPECT_GE(bfree, bavail) << opts;
+    // Used = the checkpoint's size.
+    uint64_t size = std::filesystem::file_size(src);
+    EXPECT_EQ((blocks - bfree) * frsize, (size + 4095) / 4096 * 4096) << opts;
+    if (opts.empty()) {
+      EXPECT_GT(bavail, 0u);
+    }
+    auto df = Sh("df -P " + Q(m.mnt()) + " | tail -1 | awk '{print $3, $5}'");
+    EXPECT_EQ(df.out.find("-"), std::string::npos) << df.out;  // no negative Used
+  }
+}
+
+TEST(MountTruth, CacheDirThatIsNotAWritableDirectoryIsRefusedAtMount) {
+  TempDir dir;
+  WriteFile(dir.Join("file"), "x");
+  ASSERT_EQ(Sh("mkdir " + Q(dir.Join("ro")) + " && mount -t tmpfs -o ro,size=1m tmpfs " +
+               Q(dir.Join("ro")))
+                .exit_code,
+            0);
+  std::filesystem::create_directory(dir.Join("mnt"));
+  struct Case {
+    std::string cache, message;
+  };
+  for (const Case& c : {Case{dir.Join("file"), "not a directory"},
+                        Case{dir.Join("file/sub"), "cannot create it"},
+                        Case{dir.Join("ro"), "not writable"}}) {
+    auto r = Sh(Bin() + " mount " + Q(TestData("tiny_gpt_gz.nemo")) + " " + Q(dir.Join("mnt")) +
+                " --cache-dir " + Q(c.cache));
+    EXPECT_EQ(r.exit_code, 2) << c.cache << ": " << r.err;
+    EXPECT_NE(r.err.find("--cache-dir " + c.cache + ": " + c.message), std::string::npos)
+        << r.err;
+    EXPECT_FALSE(IsMounted(dir.Join("mnt")));
+    if (IsMounted(dir.Join("mnt"))) Sh("fusermount3 -u " + Q(dir.Join("mnt")));
+  }
+  Sh("umount " + Q(dir.Join("ro")));
+}
+
+TEST(MountTruth, UnknownCommandIsNamed) {
+  auto r = Sh(Bin() + " frobnicate");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("unknown command 'frobnicate'"), std::string::npos) << r.err;
+  r = Sh(Bin() + " frobnicate a b");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("unknown command 'frobnicate'"), std::string::npos) << r.err;
+}
+
+// ---- 6. /etc/fstab and mount -t fuse.nemofs --------------------------------
+
+TEST(Fstab, MountThroughMountFuse3WithFstabOptions) {
+  TempDir dir;
+  std::string mnt = dir.Join("mnt");
+  std::filesystem::create_directory(mnt);
+  std::string fstab = dir.Join("fstab");
+  // mount(8) runs helpers with a fixed PATH, so `fuse.nemofs` finds an
+  // installed nemofs (cmake --install, the .deb); an uninstalled build is
+  // named in the `fuse` type's PROGRAM#SOURCE form. Both make mount.fuse3
+  // run `nemofs SOURCE MOUNTPOINT -o OPTIONS`.
+  WriteFile(fstab, NemofsBinary() + "#" + TestData("tiny_gpt.nemo") + " " + mnt +
+                       " fuse ro,noauto,user,_netdev,x-systemd.automount,nofail 0 0\n");
+  auto r = Sh("HOME=" + Q(dir.path()) + " mount -T " + Q(fstab) + " " + Q(mnt), 60);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  ASSERT_TRUE(IsMounted(mnt));
+  pid_t pid = DaemonPid(mnt);
+  auto cmp = Sh("cmp " + Q(mnt + "/config.yaml") + " <(tar -xOf " + Q(TestData("tiny_gpt.nemo")) +
+                " ./model_config.yaml) && grep ' " + mnt + " ' /proc/self/mountinfo");
+  EXPECT_EQ(cmp.exit_code, 0) << cmp.err;
+  EXPECT_NE(cmp.out.find("fuse.nemofs"), std::string::npos) << cmp.out;
+  EXPECT_NE(cmp.out.find(" ro"), std::string::npos) << cmp.out;
+  // The plain form mount.fuse3 runs works without it too.
+  auto um = Sh(Bin() + " umount " + Q(mnt));
+  EXPECT_EQ(um.exit_code, 0) << um.err;
+  r = Sh("XDG_CACHE_HOME=" + Q(dir.Join("cache")) + " " + Bin() + " " +
+         Q(TestData("tiny_gpt.nemo")) + " " + Q(mnt) + " -o ro,noauto,_netdev && ls " + Q(mnt) +
+         " && " + Bin() + " umount " + Q(mnt));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("tensors"), std::string::npos) << r.out;
+  if (IsMounted(mnt)) {
+    Sh("fusermount3 -uz " + Q(mnt));
+    if (pid > 0) ::kill(pid, SIGKILL);
+  }
+}
+
+// ---- 3. shared mounts leak nothing ------------------------------------------
+
+// A folder source with a symlink to a secret outside it, a 0600 member and
+// a 0644 one, mounted -o allow_other by root and read as `nobody`.
+TEST(SharedMount, AllowOtherLeaksNothingOfAFolder) {
+  TempDir dir;
+  ::chmod(dir.path().c_str(), 0755);
+  std::string src = dir.Join("ckpt");
+  ASSERT_EQ(Sh("cp -r " + Q(TestData("nemo2_tiny")) + " " + Q(src) + " && echo secret > " +
+               Q(dir.Join("secret")) + " && chmod 600 " + Q(dir.Join("secret")) +
+               " && ln -s ../../secret " + Q(src + "/context/leak") + " && ln -s /etc/shadow " +
+               Q(src + "/context/shadow") + " && ln -s io.json " + Q(src + "/context/inside") +
+               " && echo private > " + Q(src + "/context/private.txt") + " && chmod 600 " +
+               Q(src + "/context/private.txt") + " && chmod -R a+rX " + Q(src) +
+               " && chmod 600 " + Q(src + "/context/private.txt"))
+                .exit_code,
+            0);
+  BgMount m;
+  ::chmod(m.dir().path().c_str(), 0755);
+  auto r = m.Start(src, "-o ro,allow_other");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // The outside links are hidden, with a warning each; the inside one works.
+  EXPECT_NE(r.err.find("'context/leak': symbolic link to '" + dir.Join("secret") +
+                       "' leaves the source folder"),
+            std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("'context/shadow'"), std::string::npos) << r.err;
+  std::string ctx = m.mnt() + "/archive/context";
+  EXPECT_FALSE(std::filesystem::exists(ctx + "/leak"));
+  EXPECT_FALSE(std::filesystem::exists(ctx + "/shadow"));
+  auto cmp = Sh("cmp " + Q(ctx + "/inside") + " " + Q(src + "/context/io.json"));
+  EXPECT_EQ(cmp.exit_code, 0) << cmp.err;
+  // Modes and owners as in the source; nobody reads what they could not.
+  r = Sh("stat -c '%a %u' " + Q(ctx + "/private.txt") + " " + Q(ctx + "/io.json"));
+  EXPECT_EQ(r.out, "400 0\n444 0\n") << r.err;
+  r = Sh(AsNobody("cat " + Q(ctx + "/private.txt")));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("Permission denied"), std::string::npos) << r.err;
+  r = Sh(AsNobody("cat " + Q(ctx + "/io.json") + " | wc -c"));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(std::stoul(r.out), std::filesystem::file_size(src + "/context/io.json"));
+  r = Sh(AsNobody("cat " + Q(ctx + "/leak") + " " + Q(ctx + "/shadow")));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_EQ(r.out.find("secret"), std::string::npos);
+}
+
+// A .nemo with a 0600 member, and one whose archive file is 0600.
+TEST(SharedMount, AllowOtherKeepsTarMemberAndArchiveModes) {
+  TempDir dir;
+  ::chmod(dir.path().c_str(), 0755);
+  std::string src = dir.Join("modes.nemo");
+  ASSERT_EQ(Sh("cd " + Q(dir.path()) + " && mkdir x && tar -xf " + Q(TestData("tiny_gpt.nemo")) +
+               " -C x && chmod 600 x/model_weights.ckpt && chmod 644 x/model_config.yaml && tar "
+               "-cf " + Q(src) + " -C x . && chmod 644 " + Q(src))
+                .exit_code,
+            0);
+  {
+    BgMount m;
+    ::chmod(m.dir().path().c_str(), 0755);
+    ASSERT_EQ(m.Start(src, "-o ro,allow_other").exit_code, 0);
+    auto r = Sh("stat -c '%a' " + Q(m.mnt() + "/archive/model_weights.ckpt") + " " +
+                Q(m.mnt() + "/config.yaml") + " " +
+                Q(m.mnt() + "/tensors/model.embedding.word_embeddings.weight") + " " +
+                Q(m.mnt() + "/model.safetensors"));
+    EXPECT_EQ(r.out, "400\n444\n400\n400\n") << r.err;
+    EXPECT_NE(Sh(AsNobody("cat " + Q(m.mnt() + "/archive/model_weights.ckpt") + " >/dev/null"))
+                  .exit_code,
+              0);
+    EXPECT_NE(Sh(AsNobody("head -c1 " + Q(m.mnt() + "/model.safetensors") + " >/dev/null"))
+                  .exit_code,
+              0);
+    EXPECT_EQ(Sh(AsNobody("cat " + Q(m.mnt() + "/config.yaml") + " >/dev/null")).exit_code, 0);
+  }
+  ::chmod(src.c_str(), 0600);
+  BgMount m;
+  ::chmod(m.dir().path().c_str(), 0755);
+  ASSERT_EQ(m.Start(src, "-o ro,allow_other").exit_code, 0);
+  auto r = Sh(AsNobody("cat " + Q(m.mnt() + "/config.yaml")));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("Permission denied"), std::string::npos) << r.err;
+  EXPECT_EQ(Sh("cat " + Q(m.mnt() + "/config.yaml") + " >/dev/null").exit_code, 0);
+}
+
+// /dev/fuse is 0666 on Debian; some containers make it 0600. The test gives
+// it 0666 for its duration and puts back what it found.
+class DevFuseOpen {
+ public:
+  DevFuseOpen() {
+    struct stat st {};
+    if (::stat("/dev/fuse", &st) == 0) {
+      mode_ = st.st_mode & 07777;
+      ::chmod("/dev/fuse", 0666);
+    }
+  }
+  ~DevFuseOpen() {
+    if (mode_) ::chmod("/dev/fuse", mode_);
+  }
+
+ private:
+  mode_t mode_ = 0;
+};
+
+TEST(SharedMount, NonRootUserMountsReadsEditsAndUnmounts) {
+  DevFuseOpen open_fuse;
+  TempDir dir;
+  ::chmod(dir.path().c_str(), 0755);
+  std::string home = dir.Join("home");
+  std::string src = home + "/model.nemo";
+  std::string mnt = home + "/mnt";
+  ASSERT_EQ(Sh("mkdir -p " + Q(mnt) + " && cp " + Q(TestData("tiny_gpt.nemo")) + " " + Q(src) +
+               " && chown -R " + std::to_string(kNobody) + ":" + std::to_string(kNobody) + " " +
+               Q(home))
+                .exit_code,
+            0);
+  auto r = Sh(AsNobody("HOME=" + home + " " + Bin() + " mount " + Q(src) + " " + Q(mnt)), 60);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  pid_t pid = DaemonPid(mnt);
+  r = Sh(AsNobody("stat -c '%u %a' " + Q(mnt + "/config.yaml") + " && grep -c . " +
+                  Q(mnt + "/config.yaml") + " >/dev/null && sed -i 's/^precision: .*/precision: "
+                  "bf16-mixed/' " + Q(mnt + "/config.yaml") + " && grep '^precision' " +
+                  Q(mnt + "/config.yaml")));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, std::to_string(kNobody) + " 644\nprecision: bf16-mixed\n");
+  r = Sh(AsNobody(Bin() + " umount " + Q(mnt)), 60);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_FALSE(IsMounted(mnt));
+  if (IsMounted(mnt)) {
+    Sh("fusermount3 -uz " + Q(mnt));
+    if (pid > 0) ::kill(pid, SIGKILL);
+  }
+  std::string stored = StoredConfig(Kind("plain_tar"), src);  // tarfile and GNU tar agree
+  EXPECT_NE(stored.find("\nprecision: bf16-mixed\n"), std::string::npos) << stored;
+}
+
+TEST(SharedMount, SecondWritableMountIsReadOnlyAndRepackRefuses) {
+  TempDir dir;
+  std::string src = dir.Join("a.nemo");
+  Sh("cp " + Q(TestData("tiny_gpt.nemo")) + " " + Q(src));
+  BgMount first;
+  ASSERT_EQ(first.Start(src).exit_code, 0);
+  BgMount second;
+  auto r = second.Start(src);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("mounted read-only: " + src + " is in use: a writable nemofs mount at " +
+                       first.mnt()),
+            std::string::npos)
+      << r.err;
+  r = Sh("echo 'x: 1' >> " + Q(second.mnt() + "/config.yaml"));
+  EXPECT_NE(r.err.find("Read-only file system"), std::string::npos) << r.err;
+  r = Sh(Bin() + " repack -q " + Q(src));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("refusing to repack: " + src + " is in use: a writable nemofs mount at " +
+                       first.mnt()),
+            std::string::npos)
+      << r.err;
+  // The first mount still saves; once it is gone, repack works.
+  r = Sh("/bin/echo 'extra_key: 1' >> " + Q(first.mnt() + "/config.yaml"));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  second.Stop();
+  first.Stop();
+  r = Sh(Bin() + " repack -q " + Q(src));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(CatConfig(src).find("extra_key: 1"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace nemofs::testing
