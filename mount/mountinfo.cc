@@ -61,14 +61,6 @@ std::optional<MountEntry> FindMount(const std::string& path) {
   return found;
 }
 
-std::vector<MountEntry> FindMountsOfSource(const std::string& source) {
-  std::vector<MountEntry> out;
-  for (auto& m : AllMounts()) {
-    if (m.source == source) out.push_back(std::move(m));
-  }
-  return out;
-}
-
 std::optional<std::string> MountDevice(const std::string& path) {
   auto m = FindMount(path);
   if (!m) return std::nullopt;

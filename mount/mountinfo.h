@@ -3,7 +3,6 @@
 
 #include <optional>
 #include <string>
-#include <vector>
 
 namespace nemofs::mountcmd {
 
@@ -17,7 +16,6 @@ struct MountEntry {
 // The mount whose mount point is exactly `path` (absolute); the last one if stacked.
 std::optional<MountEntry> FindMount(const std::string& path);
 std::optional<std::string> MountDevice(const std::string& path);
-// Every mount whose source field (fsname) is exactly `source`.
-std::vector<MountEntry> FindMountsOfSource(const std::string& source);
+
 
 }  // namespace nemofs::mountcmd
