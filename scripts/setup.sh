@@ -8,9 +8,11 @@ PACKAGES=(
   build-essential cmake pkg-config git
   libfuse3-dev fuse3
   libarchive-dev liblzma-dev liblz4-dev libbz2-dev libzstd-dev zlib1g-dev
-  libyaml-cpp-dev libspdlog-dev libfmt-dev
+  libyaml-cpp-dev libyaml-dev libspdlog-dev libfmt-dev
   nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev
+  # packaging: the .deb test inspects what CPack builds
+  dpkg-dev file
   # tests: real tools driven against real mounts
   attr coreutils tar gzip xz-utils zstd bzip2 xxd procps psmisc util-linux vim-tiny nano
   # fixture generators and cross-checks (run with /usr/bin/python3)
