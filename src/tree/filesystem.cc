@@ -481,6 +481,10 @@ Result<std::string> Filesystem::ReadLink(uint64_t ino) const {
 }
 
 Result<std::string> Filesystem::GetXattr(uint64_t ino, std::string_view name) const {
+  if (ino > impl_->nodes.size() && impl_->IsOverlayIno(ino)) {  // a new file: none
+    NEMOFS_RETURN_IF_ERROR(impl_->OverlayAttr(ino));
+    return Err(ENODATA, "inode {} has no attribute {}", ino, name);
+  }
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
   if (ino == kRootIno) {
     if (name == "user.nemofs.format") return impl_->info.format;
@@ -495,6 +499,10 @@ Result<std::string> Filesystem::GetXattr(uint64_t ino, std::string_view name) co
 }
 
 Result<std::vector<std::string>> Filesystem::ListXattr(uint64_t ino) const {
+  if (ino > impl_->nodes.size() && impl_->IsOverlayIno(ino)) {
+    NEMOFS_RETURN_IF_ERROR(impl_->OverlayAttr(ino));
+    return std::vector<std::string>{};
+  }
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
   if (ino == kRootIno) return std::vector<std::string>{"user.nemofs.format", "user.nemofs.source"};
   if (n->tensor) {

@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <utility>
@@ -50,6 +51,9 @@ struct OpenHandle {
   bool writer = false;
   std::shared_ptr<const std::string> snapshot;  // config, opened for reading
   std::shared_ptr<ScratchFile> scratch;
+  // Set by a failed write (or ftruncate) on this handle: its flush and
+  // fsync then commit nothing and return this error (issue 16 §4).
+  std::optional<Error> failed;
 };
 
 // Mutable state of a writable Filesystem (writes.cc). `mu` guards all of it

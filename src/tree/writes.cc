@@ -51,6 +51,19 @@ void UnlinkScratchLocked(Overlay& o, const std::shared_ptr<ScratchFile>& f) {
   }
 }
 
+// A write on config handle `h` failed: the handle's close commits nothing,
+// and the edit it made so far is dropped (the checkpoint keeps the saved
+// text). `o.mu` held.
+void PoisonConfigHandleLocked(Overlay& o, OpenHandle* h, const Error& e) {
+  h->failed = e;
+  spdlog::warn("config.yaml ({}): a write failed ({}); this handle's edit is dropped and its "
+               "close saves nothing",
+               o.config_name, e.message());
+  o.working = *o.committed;
+  o.dirty = false;
+  ++o.generation;
+}
+
 // A new, empty scratch file `name` in `parent`. `o.mu` held.
 std::shared_ptr<ScratchFile> NewScratchLocked(Overlay& o, uint64_t parent, std::string_view name,
                                               uint32_t mode) {
@@ -342,6 +355,7 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
   if (!impl_->IsOverlayIno(ino)) return Err(EROFS, "inode {} is read-only", ino);
   std::lock_guard<std::mutex> lock(o.mu);
   NEMOFS_ASSIGN_OR_RETURN(OpenHandle * h, WriterHandle(o, ino, fh));
+  if (h->failed) return *h->failed;  // poisoned: nothing more goes into this edit
   struct timespec now = Now();
   if (h->scratch) {
     ScratchFile& f = *h->scratch;
@@ -351,12 +365,18 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
       return Err(ENOSPC, "scratch files hold {} MiB in memory already (the limit)",
                  o.scratch_bytes >> 20);
     }
-    NEMOFS_RETURN_IF_ERROR(WriteInto(&f.data, offset, data));
+    if (Status st = WriteInto(&f.data, offset, data); !st.ok()) {
+      h->failed = st.error();
+      return st.error();
+    }
     o.scratch_bytes += f.data.size() - before;
     f.mtime_sec = now.tv_sec;
     f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
   } else {
-    NEMOFS_RETURN_IF_ERROR(WriteInto(&o.working, offset, data));
+    if (Status st = WriteInto(&o.working, offset, data); !st.ok()) {
+      PoisonConfigHandleLocked(o, h, st.error());
+      return st.error();
+    }
     o.dirty = true;
     ++o.generation;
     o.mtime_set = true;
@@ -368,12 +388,25 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
 
 Status Filesystem::Flush(uint64_t ino, uint64_t fh) {
   Overlay& o = impl_->overlay;
-  if (!impl_->IsOverlayIno(ino) || ino != o.config_ino) return Ok();
+  if (!impl_->IsOverlayIno(ino)) return Ok();
+  if (ino != o.config_ino) {
+    std::lock_guard<std::mutex> lock(o.mu);
+    auto h = o.handles.find(fh);
+    if (h != o.handles.end() && h->second.failed) {
+      return Err(h->second.failed->code(), "a write on this descriptor failed ({})",
+                 h->second.failed->message());
+    }
+    return Ok();
+  }
   std::string text;
   uint64_t generation;
   {
     std::lock_guard<std::mutex> lock(o.mu);
     auto h = o.handles.find(fh);
+    if (h != o.handles.end() && h->second.failed) {
+      return Err(h->second.failed->code(), "config.yaml ({}) not saved: a write on this descriptor "
+                 "failed ({})", o.config_name, h->second.failed->message());
+    }
     if (h == o.handles.end() || !h->second.writer || !o.editing || !o.dirty) return Ok();
     text = o.working;
     generation = o.generation;
@@ -431,10 +464,12 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
         return Err(EPERM, "the mode of config.yaml cannot be changed");
       }
       if (change.set_size) {
-        if (change.size > kMaxFileBytes) {
-          return Err(EFBIG, "a config may hold at most {} MiB", kMaxFileBytes >> 20);
-        }
         auto h = fh ? WriterHandle(o, ino, fh) : Result<OpenHandle*>(nullptr);
+        if (change.size > kMaxFileBytes) {
+          Error e(EFBIG, fmt::format("a config may hold at most {} MiB", kMaxFileBytes >> 20));
+          if (h.ok() && *h) PoisonConfigHandleLocked(o, *h, e);
+          return e;
+        }
         if (h.ok() && *h) {  // ftruncate on a writing handle: part of its edit
           o.working.resize(change.size, '\0');
           o.dirty = true;
@@ -447,6 +482,13 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
           commit_text.resize(change.size, '\0');
           commit_now = true;
         }
+      }
+      if (change.set_mtime) {
+        // touch -d: shown from now on, and kept across later saves for the
+        // mount's life (a save sets it to the time of the save).
+        o.mtime_set = o.commit_mtime_set = true;
+        o.mtime_sec = o.commit_mtime_sec = change.mtime_sec;
+        o.mtime_nsec = o.commit_mtime_nsec = change.mtime_nsec;
       }
       generation = 0;
     } else {
