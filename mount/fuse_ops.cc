@@ -304,7 +304,7 @@ void OpFlush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
 
 void OpFsync(fuse_req_t req, fuse_ino_t ino, int, struct fuse_file_info* fi) {
   Guard(req, "fsync", ino, [&] {
-    auto st = Ctx(req)->fs->Flush(ino, fi->fh);
+    auto st = Ctx(req)->fs->Fsync(ino, fi->fh);
     if (!st) return ReplyError(req, "fsync", ino, st.error());
     fuse_reply_err(req, 0);
   });
@@ -375,7 +375,16 @@ void OpRmdir(fuse_req_t req, fuse_ino_t parent, const char*) {
   ReplyError(req, "rmdir", parent, Error(code, "directories of the tree cannot be removed"));
 }
 // Extended attributes are the tree's own (user.nemofs.*): not settable.
-void OpSetXattr(fuse_req_t req, fuse_ino_t ino, const char*, const char*, size_t, int) {
+// `user.nemofs.store` on the root: stores the new files now (what
+// `nemofs umount` asks before unmounting, so that it can report a failure).
+void OpSetXattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char*, size_t, int) {
+  if (ino == FUSE_ROOT_ID && std::string_view(name) == "user.nemofs.store") {
+    return Guard(req, "setxattr", ino, [&] {
+      auto st = Ctx(req)->fs->StoreNewFiles();
+      if (!st) return ReplyError(req, "setxattr", ino, st.error());
+      fuse_reply_err(req, 0);
+    });
+  }
   ReplyError(req, "setxattr", ino, Error(ENOTSUP, "extended attributes cannot be set"));
 }
 void OpRemoveXattr(fuse_req_t req, fuse_ino_t ino, const char*) {
@@ -767,6 +776,13 @@ int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {
   int rc = fuse_session_loop_mt(se.get(), loop.get());
   fuse_session_unmount(se.get());
   fuse_remove_signal_handlers(se.get());
+  // New files still in memory go into the checkpoint before the daemon
+  // exits (`nemofs umount` waits for that exit).
+  if (auto st = fs.StoreNewFiles(); !st) {
+    spdlog::error("{}: {}", config.mountpoint, st.error().message());
+    if (ready) ready->Report("error: " + st.error().message());
+    return kExitFailure;
+  }
   // The loop returns 0 after fusermount3 -u, the signal number after
   // SIGTERM/SIGINT/SIGHUP (both clean ends), -errno on failure.
   if (rc < 0) {

@@ -389,6 +389,32 @@ pid_t AskDaemonPid(const std::string& path, std::chrono::milliseconds wait) {
   return answer->pid;
 }
 
+// Asks the daemon to store its new files now (setxattr user.nemofs.store on
+// the root, from a thread: at most `wait`). 0 when stored (or nothing to
+// store, or a read-only mount), -1 when it did not answer in time, else
+// the errno of the failed store.
+int AskDaemonStore(const std::string& path, std::chrono::milliseconds wait) {
+  struct Answer {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    int err = 0;
+  };
+  auto answer = std::make_shared<Answer>();
+  std::thread([answer, path] {
+    int rc = ::setxattr(path.c_str(), "user.nemofs.store", "", 0, 0);
+    int e = rc == 0 ? 0 : errno;
+    if (e == EROFS || e == ENOTSUP || e == EPERM) e = 0;  // nothing to store / older daemon
+    std::lock_guard<std::mutex> lock(answer->mu);
+    answer->err = e;
+    answer->done = true;
+    answer->cv.notify_all();
+  }).detach();
+  std::unique_lock<std::mutex> lock(answer->mu);
+  if (!answer->cv.wait_for(lock, wait, [&] { return answer->done; })) return -1;
+  return answer->err;
+}
+
 // Detaches a mount whose daemon does not answer: aborts its FUSE
 // connection (root: /sys/fs/fuse/connections/N/abort, N = the minor device
 // number) so that every waiting process gets ENOTCONN, then lazily unmounts.
@@ -449,6 +475,23 @@ int RunUmount(const std::string& mountpoint, double timeout_s) {
   };
   pid_t pid = AskDaemonPid(path, std::clamp(remaining(), std::chrono::milliseconds(0),
                                             std::chrono::milliseconds(2000)));
+  // New files go into the checkpoint first: a failure is reported here and
+  // the mount stays, with the files (README "Writes").
+  if (pid > 0) {
+    int err = AskDaemonStore(path, std::max(remaining(), std::chrono::milliseconds(0)));
+    if (err > 0) {
+      PrintError(fmt::format(
+          "{}: could not store the new files in the checkpoint: {}; still mounted, the files are "
+          "still there (and copied under the cache directory's unsaved/, see the daemon's log)",
+          mountpoint, std::strerror(err)));
+      return kExitFailure;
+    }
+    if (err < 0) {
+      PrintError(fmt::format("{}: the daemon is still storing new files after {} s; not unmounted",
+                             mountpoint, timeout_s));
+      return kExitFailure;
+    }
+  }
   int rc = RunCommand({"fusermount3", "-u", path}, deadline);
   if (pid == 0 && rc == 0) {
     PrintError(fmt::format(

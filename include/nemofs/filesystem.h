@@ -140,10 +140,12 @@ class Filesystem {
   Result<ReadPlan> Read(uint64_t ino, uint64_t offset, uint64_t size, uint64_t fh = 0) const;
 
   // ---- Writes (DESIGN.md §4). The only writable checkpoint file is the
-  // config (config.yaml and its archive/ name, one node). Editors' temp,
-  // swap and backup files may be created next to either name: they live in
-  // memory for the Filesystem's life ("scratch files") and are never
-  // written into the checkpoint. A config edit is committed, after YAML
+  // config (config.yaml and its archive/ name, one node). New files may be
+  // created next to either name: they live in memory until they are
+  // stored in the checkpoint (Fsync, StoreNewFiles; README "Writes"), as
+  // a member at the checkpoint's top level (from the root) or beside the
+  // config (from its archive/ directory). Editors' temp files
+  // (IsEditorTempName) are never stored. A config edit is committed, after YAML
   // validation (EINVAL when invalid, nothing written), when a writing
   // handle is flushed (close) or fsynced, when a scratch file is renamed
   // over the config, or on truncate(2) by path. Every method is thread-safe.
@@ -159,6 +161,13 @@ class Filesystem {
   Result<uint64_t> Write(uint64_t ino, uint64_t fh, uint64_t offset, std::string_view data);
   // Commits the config edit of a writing handle, if it changed anything.
   Status Flush(uint64_t ino, uint64_t fh);
+  // fsync(2): commits the config edit (as Flush), or stores a new file in
+  // the checkpoint now (nothing for an editor's temp file).
+  Status Fsync(uint64_t ino, uint64_t fh);
+  // Stores every new file not stored yet (or changed since), in one commit:
+  // what unmount calls. On failure the files stay in memory and are also
+  // written under <cache_dir>/unsaved/; the error names that folder.
+  Status StoreNewFiles();
   // Forgets a handle; an edit that was never committed is dropped.
   void Release(uint64_t ino, uint64_t fh);
   Result<NodeAttr> SetAttr(uint64_t ino, uint64_t fh, const AttrChange& change);
@@ -198,6 +207,13 @@ class Filesystem {
                              const std::string& source, const std::string& format);
   std::unique_ptr<Impl> impl_;
 };
+
+// Names of editors' temporary files, never stored in the checkpoint:
+// vim swap files (".x.swp", ".x.swo", ... ".x.swx", any ".*.sw?"), backups
+// ("x~"), vim's write probe and other all-digit names ("4913"), sed -i's
+// "sedXXXXXX" (sed + 6 letters or digits), ".goutputstream-*" (GLib), emacs
+// auto-save "#x#" and lock ".#x", and nemofs's own ".*.nemofs-tmp.*".
+bool IsEditorTempName(std::string_view name);
 
 // "nemofs 0.1.0 (libarchive 3.6.2 ..., yaml-cpp ..., spdlog ..., zstd ...)": the
 // versions of the core's linked libraries, for --version.

@@ -313,6 +313,32 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   const uint64_t first_view = nodes.size() + 1;
   AddTensorViews(*impl, root, src_root.mtime_sec, src_root.mtime_nsec, options.source,
                  checkpoint::FormatId(layout.format));
+  // Files a user created in the root of a writable mount are stored at the
+  // checkpoint's top level (README "Writes"): top-level regular files that
+  // the layout does not use (not the config, a tokenizer file or a weight
+  // file, not a NeMo artifact "<32 hex>_name") show in the root as well,
+  // unless the root has that name already.
+  if (layout.format == checkpoint::Format::kNemo ||
+      layout.format == checkpoint::Format::kNemoFolder ||
+      layout.format == checkpoint::Format::kNemo2) {
+    std::set<std::string, std::less<>> used{layout.config_path};
+    for (const auto& t : layout.tokenizer) used.insert(t.entry_path);
+    for (const auto& w : layout.weight_files) used.insert(w.path);
+    std::set<std::string, std::less<>> taken;
+    for (const auto& [name, ino] : nodes.Get(root)->children) taken.insert(name);
+    for (const Entry& e : src.entries()) {
+      if (e.type != source::EntryType::kFile || e.path.empty() ||
+          e.path.find('/') != std::string::npos || used.count(e.path) || taken.count(e.path) ||
+          checkpoint::StripArtifactPrefix(e.path) != e.path) {
+        continue;
+      }
+      auto it = by_path.find(e.path);
+      if (it == by_path.end()) continue;
+      nodes.Link(root, e.path, it->second);
+      nodes.Get(it->second)->nlink++;
+      taken.insert(e.path);
+    }
+  }
   // The root, archive/ and tokenizer/ directories are the source root's; the
   // tensor views get the intersection of the files their bytes come from.
   const uint32_t root_write = folder ? src_root.mode : archive_write;
@@ -395,6 +421,7 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
                                               config_ino ? nodes.Get(config_ino)->parent : 0,
                                               config_ino));
   }
+  impl->overlay.cache_dir = options.cache_dir;
   ::malloc_trim(0);
   return std::unique_ptr<Filesystem>(new Filesystem(std::move(impl)));
 }

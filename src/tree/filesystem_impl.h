@@ -32,8 +32,8 @@ struct Safetensors {
   uint64_t size = 0;
 };
 
-// A file created next to the config (an editor's temp, swap or backup
-// file): in memory only.
+// A file created next to the config: in memory until it is stored in the
+// checkpoint (at fsync or unmount); editors' temp files never are.
 struct ScratchFile {
   uint64_t ino = 0;
   uint64_t parent = 0;
@@ -44,6 +44,11 @@ struct ScratchFile {
   uint32_t mtime_nsec = 0;
   bool linked = true;  // false once unlinked or renamed over the config
   int handles = 0;
+  // Storing in the checkpoint (issue 16 §5): `version` counts changes,
+  // `stored_version` is the one last stored; `stored` once any was.
+  uint64_t version = 1;
+  uint64_t stored_version = 0;
+  bool stored = false;
 };
 
 struct OpenHandle {
@@ -63,6 +68,10 @@ struct Overlay {
   uint64_t config_ino = 0;
   std::string config_name;  // for messages: "config.yaml (model_config.yaml in X)"
   std::set<uint64_t> scratch_dirs;
+  // Where a new file of each scratch directory is stored: the member path
+  // prefix ("" = the checkpoint's top level, "context/").
+  std::map<uint64_t, std::string> store_prefix;
+  std::string cache_dir;  // a failed store leaves the files under <cache_dir>/unsaved/
   std::set<std::pair<uint64_t, std::string>> config_names;  // (directory, name)
   std::unique_ptr<write::ConfigCommitter> committer;
   std::mutex commit_mu;
@@ -150,6 +159,14 @@ struct Filesystem::Impl {
   // Validates and commits `text`; `generation` is the edit generation it
   // came from (clears `dirty` if no write came in meanwhile), or 0.
   Status CommitConfig(const std::string& text, uint64_t generation, std::string_view why);
+  // Stores the new files (all, or only inode `only`) that are not editors'
+  // temp files and changed since their last store. On failure their content
+  // is written under <cache_dir>/unsaved/ and the error names that folder.
+  Status StoreNewFiles(uint64_t only, std::string_view why);
+  // EEXIST when new file `name` of scratch directory `dir` would be stored
+  // where a checkpoint file or another new file (not inode `ignore`) is or
+  // will be. `overlay.mu` held.
+  Status CheckStorePathLocked(uint64_t dir, std::string_view name, uint64_t ignore) const;
 
   Result<const tree::Node*> Node(uint64_t ino) const {
     const tree::Node* n = nodes.Get(ino);

@@ -4,9 +4,13 @@
 #include <fcntl.h>
 #include <linux/fs.h>  // RENAME_NOREPLACE, RENAME_EXCHANGE
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <ctime>
+#include <filesystem>
+#include <fstream>
 
 #include "tree/filesystem_impl.h"
 #include "write/yaml_check.h"
@@ -38,6 +42,19 @@ Status WriteInto(std::string* buf, uint64_t offset, std::string_view data) {
   if (end > buf->size()) buf->resize(end, '\0');
   std::copy(data.begin(), data.end(), buf->begin() + static_cast<ptrdiff_t>(offset));
   return Ok();
+}
+
+bool AllOf(std::string_view s, bool (*pred)(char)) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), pred);
+}
+bool IsDigit(char c) { return c >= '0' && c <= '9'; }
+bool IsAlnum(char c) { return IsDigit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
+
+// Where new file `name` of scratch directory `dir` is stored. `o.mu` held
+// or not needed (store_prefix is fixed at SetUpWrites).
+std::string StorePath(const Overlay& o, uint64_t dir, std::string_view name) {
+  auto it = o.store_prefix.find(dir);
+  return (it == o.store_prefix.end() ? std::string() : it->second) + std::string(name);
 }
 
 // Takes scratch file `f` out of the namespace; its bytes go once no handle
@@ -82,6 +99,19 @@ std::shared_ptr<ScratchFile> NewScratchLocked(Overlay& o, uint64_t parent, std::
 
 }  // namespace
 
+bool IsEditorTempName(std::string_view n) {
+  if (n.empty()) return false;
+  if (n.back() == '~') return true;                                        // backup
+  if (n.size() >= 5 && n[0] == '.' && n.substr(n.size() - 4, 3) == ".sw") return true;  // vim swap
+  if (AllOf(n, IsDigit)) return true;                                      // vim's 4913 probe
+  if (n.size() == 9 && n.substr(0, 3) == "sed" && AllOf(n.substr(3), IsAlnum)) return true;
+  if (n.rfind(".goutputstream-", 0) == 0) return true;                     // GLib
+  if (n.size() >= 2 && n.front() == '#' && n.back() == '#') return true;   // emacs auto-save
+  if (n.rfind(".#", 0) == 0) return true;                                  // emacs lock
+  if (source::IsCommitTempName(n)) return true;
+  return false;
+}
+
 Status Filesystem::Impl::EnableWrites(const write::FileIdentity& identity,
                                       const std::string& config_path, uint64_t root,
                                       uint64_t config_dir, uint64_t config_ino) {
@@ -116,6 +146,11 @@ void Filesystem::Impl::SetUpWrites(std::unique_ptr<write::ConfigCommitter> commi
   o.config_name = info.config;
   o.committed = std::make_shared<const std::string>(std::move(text));
   o.scratch_dirs = {root, config_dir};
+  {
+    auto slash = info.config.rfind('/');
+    o.store_prefix[config_dir] = slash == std::string::npos ? "" : info.config.substr(0, slash + 1);
+    o.store_prefix[root] = "";  // the root's new files go to the top level
+  }
   o.config_names = {{root, "config.yaml"}, {config_dir, config_base}};
   o.next_ino = nodes.size() + 1;
   // Write bits as the source grants them (tree/access.h).
@@ -257,6 +292,115 @@ Status Filesystem::Impl::CommitConfig(const std::string& text, uint64_t generati
   return Ok();
 }
 
+Status Filesystem::Impl::CheckStorePathLocked(uint64_t dir, std::string_view name,
+                                              uint64_t ignore) const {
+  const Overlay& o = overlay;
+  if (IsEditorTempName(name)) return Ok();
+  const std::string path = StorePath(o, dir, name);
+  if (src->Find(path)) {
+    return Err(EEXIST, "'{}' would be stored as '{}', which the checkpoint has already (see archive/)",
+               name, path);
+  }
+  for (uint64_t other : o.scratch_dirs) {
+    const std::string& prefix = o.store_prefix.at(other);
+    if (path.size() <= prefix.size() || path.compare(0, prefix.size(), prefix) != 0) continue;
+    std::string rest = path.substr(prefix.size());
+    if (rest.find('/') != std::string::npos) continue;
+    auto it = o.scratch_names.find(std::make_pair(other, rest));
+    if (it != o.scratch_names.end() && it->second != ignore && !(other == dir && rest == name)) {
+      return Err(EEXIST, "'{}' would be stored as '{}', where another new file goes", name, path);
+    }
+  }
+  return Ok();
+}
+
+Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
+  Overlay& o = overlay;
+  if (!o.writable) return Ok();
+  std::lock_guard<std::mutex> commit_lock(o.commit_mu);
+  std::vector<write::ConfigCommitter::NewFile> files;
+  std::vector<std::pair<std::shared_ptr<ScratchFile>, uint64_t>> which;  // file, version stored
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    for (const auto& [ino, f] : o.scratch) {
+      if (!f->linked || (only && ino != only) || IsEditorTempName(f->name)) continue;
+      if (f->version == f->stored_version) continue;
+      files.push_back({StorePath(o, f->parent, f->name), f->data, f->mode & 07777, f->mtime_sec,
+                       f->mtime_nsec, f->stored});
+      which.emplace_back(f, f->version);
+    }
+  }
+  if (files.empty()) return Ok();
+  std::string names;
+  for (const auto& f : files) names += (names.empty() ? "" : ", ") + f.path;
+  auto start = std::chrono::steady_clock::now();
+  int last_percent = -1;
+  auto progress = [&](uint64_t done, uint64_t total) {
+    int percent = total ? static_cast<int>(done * 100 / total) : 100;
+    if (percent / 10 == last_percent / 10) return;
+    last_percent = percent;
+    spdlog::info("storing {}: {} {}%", names, o.committer->Describe(), percent);
+  };
+  Status st = o.committer->StoreFiles(files, progress);
+  if (!st.ok()) {
+    // Never lose them: a copy under the cache directory, named in the error.
+    struct timespec now = Now();
+    std::string dir = fmt::format("{}/unsaved/{}-{}", o.cache_dir.empty() ? "/tmp" : o.cache_dir,
+                                  now.tv_sec, ::getpid());
+    std::error_code ec;
+    bool kept = true;
+    for (const auto& f : files) {
+      std::filesystem::path p = std::filesystem::path(dir) / f.path;
+      std::filesystem::create_directories(p.parent_path(), ec);
+      std::ofstream out(p, std::ios::binary | std::ios::trunc);
+      out.write(f.data.data(), static_cast<std::streamsize>(f.data.size()));
+      out.close();
+      if (!out) kept = false;
+    }
+    std::string where = kept ? fmt::format("their content is kept in {}", dir)
+                             : fmt::format("copying them to {} failed too: they are only in the "
+                                           "mount's memory",
+                                           dir);
+    spdlog::error("could not store new files {} in {} ({}): {}; {}", names, info.source, why,
+                  st.error().message(), where);
+    return Err(st.error().code(), "could not store {} in the checkpoint: {}; {}", names,
+               st.error().message(), where);
+  }
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    for (auto& [f, version] : which) {
+      f->stored = true;
+      f->stored_version = version;
+    }
+  }
+  double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+                  .count();
+  spdlog::info("stored {} new file{} in {} ({}, {}): {} in {:.1f} ms", files.size(),
+               files.size() == 1 ? "" : "s", info.source, o.committer->Describe(), why, names, ms);
+  return Ok();
+}
+
+Status Filesystem::Fsync(uint64_t ino, uint64_t fh) {
+  Overlay& o = impl_->overlay;
+  NEMOFS_RETURN_IF_ERROR(Flush(ino, fh));  // the config's commit, or a poisoned handle's error
+  if (!impl_->IsOverlayIno(ino) || ino == o.config_ino) return Ok();
+  return impl_->StoreNewFiles(ino, "on fsync");
+}
+
+Status Filesystem::StoreNewFiles() {
+  Overlay& o = impl_->overlay;
+  if (!o.writable) return Ok();
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    for (const auto& [ino, f] : o.scratch) {
+      if (f->linked && IsEditorTempName(f->name)) {
+        spdlog::info("'{}' is an editor's temp file: not stored in the checkpoint", f->name);
+      }
+    }
+  }
+  return impl_->StoreNewFiles(0, "at unmount");
+}
+
 bool Filesystem::writable() const { return impl_->overlay.writable; }
 
 bool Filesystem::Volatile(uint64_t ino) const {
@@ -298,6 +442,7 @@ Result<OpenedFile> Filesystem::OpenFile(uint64_t ino, int flags) {
     if (h.writer && (flags & O_TRUNC)) {
       o.scratch_bytes -= h.scratch->data.size();
       h.scratch->data.clear();
+      ++h.scratch->version;
     }
     ++h.scratch->handles;
   }
@@ -328,12 +473,15 @@ Result<std::pair<NodeAttr, OpenedFile>> Filesystem::Create(uint64_t parent, std:
   uint64_t ino;
   {
     std::lock_guard<std::mutex> lock(o.mu);
+    NEMOFS_RETURN_IF_ERROR(impl_->CheckStorePathLocked(parent, name, 0));
     if (o.scratch.size() >= kMaxScratchFiles) {
-      return Err(ENOSPC, "{} scratch files exist already (the limit)", o.scratch.size());
+      return Err(ENOSPC, "{} new files exist already (the limit)", o.scratch.size());
     }
     ino = NewScratchLocked(o, parent, name, mode)->ino;
   }
-  spdlog::debug("scratch file '{}' created (in memory only)", name);
+  spdlog::debug("new file '{}' created ({})", name,
+                IsEditorTempName(name) ? "an editor's temp file: in memory only"
+                                       : "stored in the checkpoint at fsync or unmount");
   NEMOFS_ASSIGN_OR_RETURN(OpenedFile f, OpenFile(ino, flags));
   NEMOFS_ASSIGN_OR_RETURN(NodeAttr a, GetAttr(ino));
   return std::make_pair(a, f);
@@ -370,6 +518,7 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
       return st.error();
     }
     o.scratch_bytes += f.data.size() - before;
+    ++f.version;
     f.mtime_sec = now.tv_sec;
     f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
   } else {
@@ -515,6 +664,7 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
         f.mtime_sec = change.mtime_sec;
         f.mtime_nsec = change.mtime_nsec;
       }
+      if (change.set_size || change.set_mode || change.set_mtime) ++f.version;
     }
   }
   if (commit_now) {
@@ -531,7 +681,11 @@ Status Filesystem::Unlink(uint64_t parent, std::string_view name) {
   if (it == o.scratch_names.end()) {
     return Err(EPERM, "'{}' is part of the checkpoint and cannot be deleted", name);
   }
-  UnlinkScratchLocked(o, o.scratch.at(it->second));
+  const auto& f = o.scratch.at(it->second);
+  if (f->stored) {
+    return Err(EPERM, "'{}' is stored in the checkpoint now and cannot be deleted", name);
+  }
+  UnlinkScratchLocked(o, f);
   return Ok();
 }
 
@@ -569,8 +723,15 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
       return Err(ENOSPC, "scratch files hold {} MiB in memory already (the limit)",
                  o.scratch_bytes >> 20);
     }
-    if (existing != o.scratch_names.end()) UnlinkScratchLocked(o, o.scratch.at(existing->second));
+    std::shared_ptr<ScratchFile> replaced;
+    if (existing != o.scratch_names.end()) {
+      replaced = o.scratch.at(existing->second);
+    } else {
+      NEMOFS_RETURN_IF_ERROR(impl_->CheckStorePathLocked(new_parent, new_name, 0));
+    }
+    if (replaced) UnlinkScratchLocked(o, replaced);
     auto f = NewScratchLocked(o, new_parent, new_name, impl_->nodes.Get(o.config_ino)->perm);
+    if (replaced && replaced->stored) f->stored = true;  // a new content for a stored file
     f->data = *o.committed;
     o.scratch_bytes += f->data.size();
     return Ok();
@@ -587,6 +748,12 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
       return Err(EPERM, "'{}' is part of the checkpoint and cannot be renamed", name);
     }
     return Err(ENOENT, "no '{}'", name);
+  }
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    if (src->stored) {
+      return Err(EPERM, "'{}' is stored in the checkpoint now and cannot be renamed", name);
+    }
   }
   if (to_config) {
     // The commit: the scratch file's content becomes the config.
@@ -607,7 +774,14 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
   if (existing != o.scratch_names.end()) {
     if (existing->second == src->ino) return Ok();
     if (flags & RENAME_NOREPLACE) return Err(EEXIST, "'{}' exists", new_name);
-    UnlinkScratchLocked(o, o.scratch.at(existing->second));
+    auto replaced = o.scratch.at(existing->second);
+    if (replaced->stored) {  // new content for a stored file: stored again
+      src->stored = true;
+      src->stored_version = 0;
+    }
+    UnlinkScratchLocked(o, replaced);
+  } else {
+    NEMOFS_RETURN_IF_ERROR(impl_->CheckStorePathLocked(new_parent, new_name, src->ino));
   }
   o.scratch_names.erase(std::make_pair(src->parent, src->name));
   src->parent = new_parent;

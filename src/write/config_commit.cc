@@ -127,6 +127,7 @@ Result<std::unique_ptr<ConfigCommitter>> ConfigCommitter::Create(const source::S
     c->filter_ = src.Kind();
   } else if (dynamic_cast<const source::DirectorySource*>(&src)) {
     c->kind_ = Kind::kFolder;
+    NEMOFS_ASSIGN_OR_RETURN(c->folder_root_, real_path(src.path()));
     NEMOFS_ASSIGN_OR_RETURN(c->target_, real_path(src.path() + "/" + config));
     NEMOFS_ASSIGN_OR_RETURN(struct stat st, Stat(c->target_));
     c->identity_ = FromStat(st);
@@ -179,6 +180,10 @@ Status ConfigCommitter::Commit(const std::string& text, int64_t mtime,
 }
 
 Status ConfigCommitter::CommitPlainTar(const std::string& text, int64_t mtime) {
+  return AppendToPlainTar({NewMember{member_name_, text, mtime, mode_, ""}});
+}
+
+Status ConfigCommitter::AppendToPlainTar(std::vector<NewMember> members) {
   UniqueFd fd(::open(target_.c_str(), O_RDWR | O_CLOEXEC));
   if (!fd.valid()) {
     int e = errno;
@@ -192,11 +197,12 @@ Status ConfigCommitter::CommitPlainTar(const std::string& text, int64_t mtime) {
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   std::string tail(size > end_ ? size - end_ : 0, '\0');
   NEMOFS_RETURN_IF_ERROR(PreadFull(fd.get(), tail.data(), tail.size(), end_, target_));
-  // The new copy keeps the owner of the one it supersedes.
+  // New copies (and new files) keep the owner of the config copy they
+  // supersede.
   std::string owner(kBlock, '\0');
   if (!PreadFull(fd.get(), owner.data(), owner.size(), member_header_, target_).ok()) owner.clear();
-  auto appended =
-      AppendTarMember(fd.get(), end_, member_name_, text, mtime, mode_, target_, owner);
+  for (auto& m : members) m.owner_from = owner;
+  auto appended = AppendTarMembers(fd.get(), end_, members, target_);
   if (!appended) {
     // Nothing visible changed (the old end marker is intact): restore the
     // bytes after it and the size. Its mtime did change: that is ours.
@@ -221,11 +227,20 @@ Status ConfigCommitter::CommitPlainTar(const std::string& text, int64_t mtime) {
 Status ConfigCommitter::CommitFolder(const std::string& text) {
   NEMOFS_ASSIGN_OR_RETURN(struct stat orig, Stat(target_));
   NEMOFS_RETURN_IF_ERROR(CheckIdentity(FromStat(orig)));
-  std::string dir = DirOf(target_);
-  std::string base = target_.substr(target_.rfind('/') + 1);
+  NEMOFS_RETURN_IF_ERROR(
+      ReplaceFolderFile(target_, text, mode_, orig.st_uid, orig.st_gid, nullptr));
+  NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
+  return Ok();
+}
+
+Status ConfigCommitter::ReplaceFolderFile(const std::string& target, const std::string& data,
+                                          uint32_t mode, uid_t uid, gid_t gid,
+                                          const struct timespec* mtime) {
+  std::string dir = DirOf(target);
+  std::string base = target.substr(target.rfind('/') + 1);
   RemoveStaleTemps(dir, fmt::format(".{}{}", base, source::kCommitTempMarker));
   std::string tmp = fmt::format("{}/.{}{}{}", dir, base, source::kCommitTempMarker, ::getpid());
-  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode_));
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode));
   if (!fd.valid()) {
     int e = errno;
     return Err(e, "{}: cannot create: {}", tmp, std::strerror(e));
@@ -234,15 +249,19 @@ Status ConfigCommitter::CommitFolder(const std::string& text) {
     ::unlink(tmp.c_str());
     return e;
   };
-  if (::fchmod(fd.get(), mode_) != 0) return fail(Err(errno, "{}: chmod failed", tmp));
-  (void)!::fchown(fd.get(), orig.st_uid, orig.st_gid);  // best effort (root only)
-  if (auto st = PwriteFull(fd.get(), text, 0, tmp); !st.ok()) return fail(st.error());
+  if (::fchmod(fd.get(), mode) != 0) return fail(Err(errno, "{}: chmod failed", tmp));
+  (void)!::fchown(fd.get(), uid, gid);  // best effort (root only)
+  if (auto st = PwriteFull(fd.get(), data, 0, tmp); !st.ok()) return fail(st.error());
+  if (mtime) {
+    struct timespec times[2] = {{0, UTIME_OMIT}, *mtime};
+    if (::futimens(fd.get(), times) != 0) return fail(Err(errno, "{}: cannot set mtime", tmp));
+  }
   if (auto st = Sync(fd.get(), tmp); !st.ok()) return fail(st.error());
   fd.Reset();
   MaybeCrash("folder:written");
-  if (::rename(tmp.c_str(), target_.c_str()) != 0) {
+  if (::rename(tmp.c_str(), target.c_str()) != 0) {
     int e = errno;
-    return fail(Err(e, "{}: cannot replace with {}: {}", target_, tmp, std::strerror(e)));
+    return fail(Err(e, "{}: cannot replace with {}: {}", target, tmp, std::strerror(e)));
   }
   UniqueFd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (dfd.valid() && ::fsync(dfd.get()) != 0) {
@@ -250,8 +269,52 @@ Status ConfigCommitter::CommitFolder(const std::string& text) {
     return Err(e, "{}: fsync of the directory failed: {}", dir, std::strerror(e));
   }
   MaybeCrash("folder:renamed");
-  NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
   return Ok();
+}
+
+Status ConfigCommitter::StoreFiles(const std::vector<NewFile>& files,
+                                   const std::function<void(uint64_t, uint64_t)>& progress) {
+  if (files.empty()) return Ok();
+  switch (kind_) {
+    case Kind::kPlainTar: {
+      const bool dot = member_name_.rfind("./", 0) == 0;
+      std::vector<NewMember> members;
+      for (const auto& f : files) {
+        members.push_back(NewMember{(dot ? "./" : "") + f.path, f.data, f.mtime_sec,
+                                    f.mode & 07777, ""});
+      }
+      return AppendToPlainTar(std::move(members));
+    }
+    case Kind::kCompressedTar: {
+      NEMOFS_ASSIGN_OR_RETURN(FileIdentity now, IdentityOf(target_));
+      NEMOFS_RETURN_IF_ERROR(CheckIdentity(now));
+      RemoveStaleTemps(DirOf(target_), target_.substr(target_.rfind('/') + 1) + ".nemofs-rewrite.");
+      std::vector<NewMember> members;
+      for (const auto& f : files) {
+        members.push_back(NewMember{f.path, f.data, f.mtime_sec, f.mode & 07777, ""});
+      }
+      NEMOFS_RETURN_IF_ERROR(RewriteCompressedTar(target_, "", "", 0, progress, members));
+      NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
+      return Ok();
+    }
+    case Kind::kFolder: {
+      const std::string& root = folder_root_;
+      NEMOFS_ASSIGN_OR_RETURN(struct stat root_st, Stat(root));
+      for (const auto& f : files) {
+        std::string target = root + "/" + f.path;
+        struct stat st {};
+        if (!f.stored_before && ::lstat(target.c_str(), &st) == 0) {
+          return Err(EEXIST, "{}: exists already (created beside the mount?); not replaced",
+                     target);
+        }
+        struct timespec mtime {f.mtime_sec, static_cast<long>(f.mtime_nsec)};
+        NEMOFS_RETURN_IF_ERROR(ReplaceFolderFile(target, f.data, f.mode & 07777, root_st.st_uid,
+                                                 root_st.st_gid, &mtime));
+      }
+      return Ok();
+    }
+  }
+  return Err(EINVAL, "unknown commit kind");
 }
 
 }  // namespace nemofs::write

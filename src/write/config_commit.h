@@ -17,6 +17,9 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
+
+#include "write/tar_append.h"
 
 #include "nemofs/result.h"
 
@@ -53,6 +56,23 @@ class ConfigCommitter {
   Status Commit(const std::string& text, int64_t mtime,
                 const std::function<void(uint64_t, uint64_t)>& progress);
 
+  // A file the user created, to store in the checkpoint (issue 16 §5).
+  struct NewFile {
+    std::string path;  // normalised, relative to the checkpoint's root ("notes.txt")
+    std::string data;
+    uint32_t mode = 0644;
+    int64_t mtime_sec = 0;
+    uint32_t mtime_nsec = 0;
+    bool stored_before = false;  // an update of a file an earlier store wrote
+  };
+  // Stores every file of `files` in one commit, with the same crash rules
+  // as a config commit: plain tar, one append of all of them (an update
+  // is a new copy that supersedes the old); compressed tar, one rewrite;
+  // folder, each file written beside its place, fsynced and renamed over
+  // (a file there that an earlier store did not write is EEXIST).
+  Status StoreFiles(const std::vector<NewFile>& files,
+                    const std::function<void(uint64_t, uint64_t)>& progress);
+
   Kind kind() const { return kind_; }
   // "append to plain tar", "rewrite of the gzip tar", "file replace in folder".
   std::string Describe() const;
@@ -62,7 +82,15 @@ class ConfigCommitter {
  private:
   ConfigCommitter() = default;
   Status CommitPlainTar(const std::string& text, int64_t mtime);
+  // Appends `members` to the plain tar in one commit (write/tar_append.h),
+  // putting the file back as it was when that fails.
+  Status AppendToPlainTar(std::vector<NewMember> members);
   Status CommitFolder(const std::string& text);
+  // The one "temp file beside it, fsync, rename over, fsync the directory"
+  // of the folder kind: writes `data` as `target`.
+  static Status ReplaceFolderFile(const std::string& target, const std::string& data,
+                                  uint32_t mode, uid_t uid, gid_t gid,
+                                  const struct timespec* mtime);
   Status CheckIdentity(const FileIdentity& now) const;
 
   Kind kind_ = Kind::kPlainTar;
@@ -73,6 +101,7 @@ class ConfigCommitter {
   uint64_t end_ = 0;  // plain tar: offset of the end-of-archive marker
   uint64_t member_header_ = 0;  // plain tar: offset of the replaced member's ustar header
   std::string filter_;
+  std::string folder_root_;  // folder: the source folder's real path
   FileIdentity identity_;
 };
 

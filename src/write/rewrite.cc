@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <map>
 #include <clocale>
 #include <cstring>
 #include <memory>
@@ -93,7 +94,24 @@ std::string DirOf(const std::string& path) {
 Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const std::string& path,
                                   const std::string& tmp, const std::string& member,
                                   const std::string& data, int64_t mtime,
-                                  const std::function<void(uint64_t, uint64_t)>& progress) {
+                                  const std::function<void(uint64_t, uint64_t)>& progress,
+                                  const std::vector<NewMember>& add) {
+  std::map<std::string, size_t> add_by_path;  // normalised path -> index in `add`
+  for (size_t i = 0; i < add.size(); ++i) {
+    std::string norm;
+    if (!source::NormalizePath(add[i].name, &norm) || norm.empty()) {
+      return Err(EINVAL, "{}: '{}' is not a member path", path, add[i].name);
+    }
+    add_by_path[norm] = i;
+  }
+  std::vector<bool> added(add.size(), false);
+  archive_entry* owner = nullptr;  // the config member's entry, cloned: owner of new members
+  struct OwnerFree {
+    archive_entry** e;
+    ~OwnerFree() {
+      if (*e) archive_entry_free(*e);
+    }
+  } owner_free{&owner};
   ScopedUtf8Locale utf8;  // outlives both handles
   // The same reading setup as the compressed-tar source (archive_source.cc).
   ReaderPtr in(archive_read_new());
@@ -112,7 +130,9 @@ Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const
 
   archive_entry* entry = nullptr;
   int rc = archive_read_next_header(in.get(), &entry);
-  if (rc == ARCHIVE_EOF) return Err(EINVAL, "{}: the archive has no member '{}'", path, member);
+  if (rc == ARCHIVE_EOF && !member.empty()) {
+    return Err(EINVAL, "{}: the archive has no member '{}'", path, member);
+  }
   if (rc < ARCHIVE_WARN) return ReadError(in.get(), path, "not a readable compressed tar");
 
   // The filter chain is known once the first header has been decoded. Reader
@@ -155,16 +175,30 @@ Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const
     const char* raw = archive_entry_pathname(entry);
     std::string name = raw ? raw : "";
     std::string normalised;
-    bool match = archive_entry_filetype(entry) == AE_IFREG &&
-                 archive_entry_hardlink(entry) == nullptr &&
-                 source::NormalizePath(name, &normalised) && normalised == member;
+    bool regular = archive_entry_filetype(entry) == AE_IFREG &&
+                   archive_entry_hardlink(entry) == nullptr &&
+                   source::NormalizePath(name, &normalised);
+    bool match = regular && !member.empty() && normalised == member;
+    const NewMember* update = nullptr;
+    if (regular && !match) {
+      if (auto it = add_by_path.find(normalised); it != add_by_path.end()) {
+        update = &add[it->second];
+        added[it->second] = true;
+      }
+    }
+    if (regular && (match || !owner)) {  // the config's owner, else the first file's
+      if (owner) archive_entry_free(owner);
+      owner = archive_entry_clone(entry);
+    }
     // Sparse members keep their map: the writer takes the logical stream
     // (holes as zeros, which it skips) and stores GNU sparse 1.0 records.
     bool sparse = archive_entry_sparse_count(entry) > 0;
-    if (match) {
+    const std::string& new_data = update ? update->data : data;
+    if (match || update) {
       archive_entry_sparse_clear(entry);
-      archive_entry_set_size(entry, static_cast<la_int64_t>(data.size()));
-      archive_entry_set_mtime(entry, static_cast<time_t>(mtime), 0);
+      archive_entry_set_size(entry, static_cast<la_int64_t>(new_data.size()));
+      archive_entry_set_mtime(entry, static_cast<time_t>(update ? update->mtime : mtime), 0);
+      if (update) archive_entry_set_perm(entry, update->mode & 07777);
     }
     if (archive_write_header(out.get(), entry) < ARCHIVE_WARN) {
       return WriteError(out.get(), path, tmp, fmt::format("header of '{}'", name));
@@ -197,8 +231,8 @@ Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const
       }
       return Ok();
     };
-    if (match) {
-      NEMOFS_RETURN_IF_ERROR(put(data.data(), data.size()));
+    if (match || update) {
+      NEMOFS_RETURN_IF_ERROR(put(new_data.data(), new_data.size()));
       ++result.replaced;
     } else if (expect > 0) {
       for (;;) {
@@ -232,8 +266,54 @@ Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const
     ++result.members;
     report();
   }
-  if (result.replaced == 0) {
+  if (!member.empty() && result.replaced == 0) {
     return Err(EINVAL, "{}: the archive has no regular file '{}'", path, member);
+  }
+  for (size_t i = 0; i < add.size(); ++i) {
+    if (added[i]) continue;
+    const NewMember& m = add[i];
+    std::unique_ptr<archive_entry, void (*)(archive_entry*)> e(
+        owner ? archive_entry_clone(owner) : archive_entry_new(), &archive_entry_free);
+    if (!e) return Err(ENOMEM, "{}: cannot allocate an archive entry", path);
+    if (!owner) {
+      archive_entry_set_uid(e.get(), 0);
+      archive_entry_set_gid(e.get(), 0);
+    }
+    archive_entry_sparse_clear(e.get());
+    archive_entry_xattr_clear(e.get());
+    archive_entry_acl_clear(e.get());
+    // Named like the archive's own members ("./x" when they are).
+    std::string stored = m.name;
+    const char* owner_name = owner ? archive_entry_pathname(owner) : nullptr;
+    if (owner_name && std::string_view(owner_name).rfind("./", 0) == 0 &&
+        stored.rfind("./", 0) != 0) {
+      stored = "./" + stored;
+    }
+    archive_entry_set_pathname_utf8(e.get(), stored.c_str());
+    archive_entry_set_filetype(e.get(), AE_IFREG);
+    archive_entry_set_perm(e.get(), m.mode & 07777);
+    archive_entry_set_size(e.get(), static_cast<la_int64_t>(m.data.size()));
+    archive_entry_set_mtime(e.get(), static_cast<time_t>(m.mtime), 0);
+    archive_entry_unset_atime(e.get());
+    archive_entry_unset_ctime(e.get());
+    archive_entry_unset_birthtime(e.get());
+    archive_entry_set_hardlink(e.get(), nullptr);
+    archive_entry_set_symlink(e.get(), nullptr);
+    if (archive_write_header(out.get(), e.get()) < ARCHIVE_WARN) {
+      return WriteError(out.get(), path, tmp, fmt::format("header of '{}'", m.name));
+    }
+    const char* p = m.data.data();
+    size_t n = m.data.size();
+    while (n > 0) {
+      la_ssize_t wrote = archive_write_data(out.get(), p, n);
+      if (wrote <= 0) return WriteError(out.get(), path, tmp, fmt::format("data of '{}'", m.name));
+      p += wrote;
+      n -= static_cast<size_t>(wrote);
+    }
+    if (archive_write_finish_entry(out.get()) < ARCHIVE_WARN) {
+      return WriteError(out.get(), path, tmp, fmt::format("end of '{}'", m.name));
+    }
+    ++result.members;
   }
   // Flushes the compressors: a full disk often shows here first.
   if (archive_write_close(out.get()) != ARCHIVE_OK) {
@@ -296,9 +376,11 @@ namespace nemofs::write {
 
 Result<RewriteResult> RewriteCompressedTar(
     const std::string& path, const std::string& member, const std::string& data, int64_t mtime,
-    const std::function<void(uint64_t, uint64_t)>& progress) {
+    const std::function<void(uint64_t, uint64_t)>& progress, const std::vector<NewMember>& add) {
   std::string want;
-  if (!source::NormalizePath(member, &want) || want.empty()) {
+  if (member.empty() && !add.empty()) {
+    // only additions
+  } else if (!source::NormalizePath(member, &want) || want.empty()) {
     return Err(EINVAL, "{}: '{}' is not a member path", path, member);
   }
   NEMOFS_ASSIGN_OR_RETURN(UniqueFd in, OpenReadOnly(path));
@@ -315,7 +397,7 @@ Result<RewriteResult> RewriteCompressedTar(
   auto written = [&]() -> Result<RewriteResult> {
     NEMOFS_ASSIGN_OR_RETURN(RewriteResult result,
                             CopyArchive(in.get(), static_cast<uint64_t>(in_st.st_size), out.get(),
-                                        path, tmp, want, data, mtime, progress));
+                                        path, tmp, want, data, mtime, progress, add));
     // Owner first: chown clears set-id bits that the chmod then restores.
     // Without the privilege to give the file away it stays ours.
     if (::fchown(out.get(), in_st.st_uid, in_st.st_gid) != 0) {

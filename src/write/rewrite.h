@@ -16,6 +16,7 @@
 #include <string>
 
 #include "nemofs/result.h"
+#include "write/tar_append.h"  // NewMember
 
 namespace nemofs::write {
 
@@ -48,6 +49,11 @@ struct RewriteResult {
 // Single-threaded; the libarchive handles live only inside the call.
 Result<RewriteResult> RewriteCompressedTar(const std::string& path, const std::string& member,
                                            const std::string& data, int64_t mtime,
-                                           const std::function<void(uint64_t, uint64_t)>& progress);
+                                           const std::function<void(uint64_t, uint64_t)>& progress,
+                                           const std::vector<NewMember>& add = {});
+// With `add`: every member of `add` (NewMember::name normalised as above)
+// that names an existing regular member replaces its content (and mtime,
+// mode); the others are added at the end of the archive, in order, owned
+// like `member`. `member` may then be "" (nothing else replaced).
 
 }  // namespace nemofs::write

@@ -11,9 +11,9 @@
 
 namespace nemofs::write {
 
-Result<AppendResult> AppendTarMember(int fd, uint64_t end, const std::string& name,
-                                     const std::string& data, int64_t mtime, uint32_t mode,
-                                     const std::string& what, const std::string& owner_from) {
+Result<AppendResult> AppendTarMembers(int fd, uint64_t end, const std::vector<NewMember>& members,
+                                      const std::string& what) {
+  if (members.empty()) return Err(EINVAL, "{}: nothing to append", what);
   char marker[2 * kBlock];
   NEMOFS_RETURN_IF_ERROR(PreadFull(fd, marker, sizeof marker, end, what));
   if (std::any_of(marker, marker + sizeof marker, [](char c) { return c != 0; })) {
@@ -21,21 +21,25 @@ Result<AppendResult> AppendTarMember(int fd, uint64_t end, const std::string& na
                what, end);
   }
   MaybeCrash("tar-append:before");
+  const int64_t mtime = members.front().mtime;
 
   std::string tail;
-  if (name.size() > 100) {  // the name needs a PAX path record
-    std::string records = PaxRecord("path", name);
-    tail += Header("././@PaxHeader", 'x', records.size(), mtime, 0644);
-    tail += records;
+  AppendResult r;
+  for (size_t i = 0; i < members.size(); ++i) {
+    const NewMember& m = members[i];
+    if (m.name.size() > 100) {  // the name needs a PAX path record
+      std::string records = PaxRecord("path", m.name);
+      tail += Header("././@PaxHeader", 'x', records.size(), m.mtime, 0644);
+      tail += records;
+      Pad(&tail, kBlock);
+    }
+    std::string header = Header(m.name, '0', m.data.size(), m.mtime, m.mode);
+    CopyOwner(m.owner_from, &header);
+    tail += header;
+    if (i == 0) r.data_offset = end + 2 * kBlock + tail.size();
+    tail += m.data;
     Pad(&tail, kBlock);
   }
-  std::string header = Header(name, '0', data.size(), mtime, mode);
-  CopyOwner(owner_from, &header);
-  tail += header;
-  AppendResult r;
-  r.data_offset = end + 2 * kBlock + tail.size();
-  tail += data;
-  Pad(&tail, kBlock);
   r.new_end = end + 2 * kBlock + tail.size();
   tail.append(2 * kBlock, '\0');
   // Pad the whole archive to the 10240-byte record size, as tar writers do.
@@ -52,6 +56,12 @@ Result<AppendResult> AppendTarMember(int fd, uint64_t end, const std::string& na
   NEMOFS_RETURN_IF_ERROR(Sync(fd, what));
   MaybeCrash("tar-append:committed");
   return r;
+}
+
+Result<AppendResult> AppendTarMember(int fd, uint64_t end, const std::string& name,
+                                     const std::string& data, int64_t mtime, uint32_t mode,
+                                     const std::string& what, const std::string& owner_from) {
+  return AppendTarMembers(fd, end, {NewMember{name, data, mtime, mode, owner_from}}, what);
 }
 
 }  // namespace nemofs::write

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "nemofs/result.h"
 
@@ -33,6 +34,21 @@ struct AppendResult {
 // points for tests: "tar-append:before", "tar-append:data-written",
 // "tar-append:committed". `owner_from`, if a ustar header, gives the new
 // member its owner (uid, gid, names): that of the copy it supersedes.
+// One member to append (or to add in a rewrite, write/rewrite.h).
+struct NewMember {
+  std::string name;  // as stored ("./notes.txt")
+  std::string data;
+  int64_t mtime = 0;
+  uint32_t mode = 0644;
+  std::string owner_from;  // a ustar header to copy the owner from, or ""
+};
+
+// Appends every member of `members` in one commit (the same two steps as
+// one member: a crash leaves the archive without any of them or with all).
+// The result's data_offset is the first member's.
+Result<AppendResult> AppendTarMembers(int fd, uint64_t end, const std::vector<NewMember>& members,
+                                      const std::string& what);
+
 Result<AppendResult> AppendTarMember(int fd, uint64_t end, const std::string& name,
                                      const std::string& data, int64_t mtime, uint32_t mode,
                                      const std::string& what, const std::string& owner_from = "");

@@ -39,6 +39,8 @@ class Mount {
   const std::string& path() const { return mnt_; }
   std::string Log() const { return ReadFile(dir_.Join("daemon.log")); }
   pid_t pid() const { return pid_; }
+  // The daemon's --cache-dir.
+  std::string CacheDir() const { return dir_.Join("cache"); }
   // Unmounts now and expects the daemon to exit with status 0.
   void Unmount();
   // For crash tests: sends `sig` to the daemon (only if > 0), waits up to

@@ -94,5 +94,179 @@ TEST(TouchD, SetsTheShownMtimeOfTheConfigAndOfANewFile) {
   EXPECT_EQ(r.out, "1600000000\n") << r.err;
 }
 
+
+// ---- §5: a file the user created never vanishes -----------------------------
+
+// Kinds with one way of storing each: append, rewrite, file in a folder.
+const std::vector<std::string>& StoreKinds() {
+  static const std::vector<std::string> kinds = {"plain_tar", "gzip_tar", "extracted_nemo_folder"};
+  return kinds;
+}
+
+// The names the source holds: `tar -tf` (GNU tar, the oracle) without "./",
+// or the folder's files; sorted, one per line.
+std::string Members(const SourceKind& kind, const std::string& src) {
+  auto r = kind.tar ? Sh("tar -tf " + Q(src) + " | sed 's|^\\./||' | grep -v '^$' | LC_ALL=C sort -u")
+                    : Sh("cd " + Q(src) + " && find . -mindepth 1 | sed 's|^\\./||' | LC_ALL=C sort");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out;
+}
+
+// The content of member `name` as the format's own tool extracts it.
+std::string Extracted(const SourceKind& kind, const std::string& src, const std::string& name) {
+  if (!kind.tar) return ReadFile(src + "/" + name);
+  // GNU tar extracts every copy in turn: the last one stays.
+  TempDir x;
+  auto r = Sh("tar -xf " + Q(src) + " -C " + Q(x.path()) + " && cat " + Q(x.Join(name)));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out;
+}
+
+// Editors' temp files of every kind, made and left in place.
+const char* kTempFiles =
+    "echo s > .notes.txt.swp && echo b > notes.txt~ && echo p > 4913 && echo t > sedAb12Cd"
+    " && echo g > .goutputstream-XY12ZW && echo e > '#notes.txt#'";
+
+class NewFiles : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(NewFiles, AreStoredAtUnmountShownAfterRemountAndTempFilesAreNot) {
+  const SourceKind& kind = Kind(GetParam());
+  TempDir dir;
+  std::string src = MakeSource(kind, dir);
+  std::string before = Members(kind, src);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("cd " + Q(m->path()) + " && echo hi > notes.txt &&"
+              " printf 'x\\n' > archive/extra.txt && echo gone > gone.txt && rm gone.txt && " +
+              kTempFiles + " && ls");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("notes.txt\n"), std::string::npos) << r.out;
+  // `nemofs umount` waits for the store (the daemon's exit).
+  r = Sh(Q(NemofsBinary()) + " umount " + Q(m->path()));
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+  m->Unmount();
+  EXPECT_NE(m->Log().find("stored 2 new files"), std::string::npos) << m->Log();
+  // Exactly the two new files are new members: no temp file, no deleted one.
+  std::string after = Members(kind, src);
+  std::string expected = before + "extra.txt\nnotes.txt\n";
+  auto sorted = Sh("printf '%s' " + Q(expected) + " | LC_ALL=C sort");
+  EXPECT_EQ(after, sorted.out);
+  EXPECT_EQ(Extracted(kind, src, "notes.txt"), "hi\n");
+  EXPECT_EQ(Extracted(kind, src, "extra.txt"), "x\n");
+  r = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+
+  auto again = Mount::StartWritable(src);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(ReadFile(again->path() + "/notes.txt"), "hi\n");
+  EXPECT_EQ(ReadFile(again->path() + "/archive/notes.txt"), "hi\n");
+  EXPECT_EQ(ReadFile(again->path() + "/extra.txt"), "x\n");  // a top-level member
+  r = Sh("ls -A " + Q(again->path()));
+  EXPECT_EQ(r.out.find(".swp"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("gone.txt"), std::string::npos) << r.out;
+}
+
+TEST_P(NewFiles, CreatedAndDeletedOrTempOnlyCostsNothing) {
+  const SourceKind& kind = Kind(GetParam());
+  TempDir dir;
+  std::string src = MakeSource(kind, dir);
+  std::string digest = SourceDigest(src);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("cd " + Q(m->path()) + " && echo gone > gone.txt && mv gone.txt gone2.txt && "
+              "rm gone2.txt && echo a > archive/b.txt && rm archive/b.txt && " + kTempFiles);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  m->Unmount();
+  EXPECT_EQ(SourceDigest(src), digest);
+}
+
+TEST_P(NewFiles, VimAndSedEditsOfTheConfigAddNoMember) {
+  const SourceKind& kind = Kind(GetParam());
+  TempDir dir;
+  std::string src = MakeSource(kind, dir);
+  std::string before = Members(kind, src);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("cd " + Q(m->path()) +
+              " && vim -u NONE -N -es -c 'set backup writebackup' -c 'normal Goby_vim: 1' -c wq "
+              "config.yaml </dev/null && sed -i '$a by_sed: 2' config.yaml && "
+              "grep -q by_vim config.yaml && grep -q by_sed config.yaml",
+              60);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  m->Unmount();
+  EXPECT_EQ(Members(kind, src), before);
+  EXPECT_NE(StoredConfig(kind, src).find("by_sed: 2"), std::string::npos);
+}
+
+TEST_P(NewFiles, FsyncStoresANewFileAtOnce) {
+  const SourceKind& kind = Kind(GetParam());
+  TempDir dir;
+  std::string src = MakeSource(kind, dir);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("cd " + Q(m->path()) +
+              " && /usr/bin/python3 -c \"import os; f = open('synced.txt', 'w'); f.write('now\\n');"
+              " f.flush(); os.fsync(f.fileno()); f.close()\"");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // Visible to the format's own tool while still mounted.
+  EXPECT_NE(Members(kind, src).find("synced.txt\n"), std::string::npos);
+  EXPECT_EQ(Extracted(kind, src, "synced.txt"), "now\n");
+  // Stored now, so part of the checkpoint: not deletable; unmount adds nothing.
+  r = Sh("rm " + Q(m->path() + "/synced.txt"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("Operation not permitted"), std::string::npos) << r.err;
+  std::string digest = SourceDigest(src);
+  m->Unmount();
+  EXPECT_EQ(SourceDigest(src), digest);
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, NewFiles, ::testing::ValuesIn(StoreKinds()), KindParamName);
+
+TEST(NewFilesFailedStore, UmountReportsItKeepsTheMountAndACopyInTheCache) {
+  const SourceKind& kind = Kind("plain_tar");
+  TempDir dir;
+  std::string src = MakeSource(kind, dir);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("echo keep-me > " + Q(m->path() + "/notes.txt"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  // Someone else changes the archive: the store must refuse (ESTALE).
+  r = Sh("touch -d @1000000000 " + Q(src));
+  ASSERT_EQ(r.exit_code, 0);
+  std::string digest = SourceDigest(src);
+  r = Sh(Q(NemofsBinary()) + " umount " + Q(m->path()));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("could not store the new files"), std::string::npos) << r.err;
+  EXPECT_TRUE(IsMounted(m->path()));
+  EXPECT_EQ(ReadFile(m->path() + "/notes.txt"), "keep-me\n");
+  auto copy = Sh("cat " + Q(m->CacheDir()) + "/unsaved/*/notes.txt");
+  EXPECT_EQ(copy.out, "keep-me\n") << m->Log();
+  EXPECT_NE(m->Log().find("their content is kept in " + m->CacheDir() + "/unsaved/"),
+            std::string::npos)
+      << m->Log();
+  EXPECT_EQ(SourceDigest(src), digest);
+  // Deleting it (not stored) lets the unmount go through.
+  r = Sh("rm " + Q(m->path() + "/notes.txt") + " && " + Q(NemofsBinary()) + " umount " +
+         Q(m->path()));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  m->Unmount();
+}
+
+TEST(NewFilesTouchD, TheTimeIsStoredWithTheFile) {
+  TempDir dir;
+  std::string src = MakeSource(Kind("plain_tar"), dir);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("cd " + Q(m->path()) + " && echo hi > dated.txt && touch -d @1500000000 dated.txt");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  m->Unmount();
+  r = Sh("tar -tvf " + Q(src) + " --full-time | grep dated.txt");
+  EXPECT_NE(r.out.find("2017-07-14"), std::string::npos) << r.out;
+  auto again = Mount::StartWritable(src);
+  ASSERT_TRUE(again);
+  r = Sh("stat -c %Y " + Q(again->path() + "/dated.txt"));
+  EXPECT_EQ(r.out, "1500000000\n") << r.err;
+}
+
 }  // namespace
 }  // namespace nemofs::testing

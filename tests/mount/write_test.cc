@@ -308,7 +308,7 @@ TEST(ConfigSize, AMultiMegabyteConfigCommitsAndBeyond64MiBIsEFBIG) {
 
 class ScratchFiles : public PlainTarTest {};
 
-TEST_F(ScratchFiles, LiveInMemoryNextToTheConfigAndNeverReachTheSource) {
+TEST_F(ScratchFiles, EditorsTempFilesLiveInMemoryNextToTheConfigAndNeverReachTheSource) {
   m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
   // df shows the free space saves can use: the source's file system's.
@@ -364,6 +364,8 @@ TEST_F(Refusals, EverythingButTheConfigAndScratchFilesIsRefused) {
     EXPECT_NE(r.exit_code, 0) << cmd;
     EXPECT_NE(r.err.find(error), std::string::npos) << cmd << ": " << r.err;
   }
+  // x.yaml is a new file: it would be stored at unmount (new_files_test.cc).
+  ASSERT_EQ(Sh("rm " + Q(m->path() + "/x.yaml")).exit_code, 0);
   ExpectUnchanged();
 }
 
