@@ -3,7 +3,10 @@
 // fsync or unmount, editors' temp files are not), through real mounts.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
 #include "mount_harness.h"
+#include "nemofs/filesystem.h"
 #include "test_util.h"
 #include "write_util.h"
 
@@ -266,6 +269,70 @@ TEST(NewFilesTouchD, TheTimeIsStoredWithTheFile) {
   ASSERT_TRUE(again);
   r = Sh("stat -c %Y " + Q(again->path() + "/dated.txt"));
   EXPECT_EQ(r.out, "1500000000\n") << r.err;
+}
+
+
+// A crash inside the store at unmount leaves the checkpoint without the new
+// files or with all of them (a folder: with one file, old or new), never
+// broken; `verify` passes either way.
+struct StoreCrash {
+  std::string kind;
+  std::string step;
+  bool committed;
+};
+
+void PrintTo(const StoreCrash& c, std::ostream* os) { *os << c.kind << " at " << c.step; }
+
+class NewFilesCrash : public ::testing::TestWithParam<StoreCrash> {};
+
+TEST_P(NewFilesCrash, LeavesNoneOrAll) {
+  const StoreCrash& c = GetParam();
+  const SourceKind& kind = Kind(c.kind);
+  TempDir dir;
+  std::string src = MakeSource(kind, dir);
+  std::string before = Members(kind, src);
+  {
+    auto m = Mount::StartWritable(src, {"NEMOFS_FAULT=" + c.step});
+    ASSERT_TRUE(m);
+    std::string make = kind.tar ? "echo 1 > one.txt && echo 2 > two.txt" : "echo 1 > one.txt";
+    auto r = Sh("cd " + Q(m->path()) + " && " + make);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    Sh("fusermount3 -u " + Q(m->path()));
+    int status = m->ExpectDeath();
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 77) << status << "\n" << m->Log();
+  }
+  std::string added = kind.tar ? "one.txt\ntwo.txt\n" : "one.txt\n";
+  auto sorted = Sh("printf '%s' " + Q(before + added) + " | LC_ALL=C sort");
+  std::string after = Members(kind, src);
+  if (!kind.tar) {  // the temp file a crash before the rename leaves is not part of it
+    after = Sh("printf '%s' " + Q(after) + " | grep -v nemofs-tmp || true").out;
+  }
+  EXPECT_EQ(after, c.committed ? sorted.out : before);
+  auto r = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Steps, NewFilesCrash,
+    ::testing::Values(StoreCrash{"plain_tar", "tar-append:before", false},
+                      StoreCrash{"plain_tar", "tar-append:data-written", false},
+                      StoreCrash{"plain_tar", "tar-append:committed", true},
+                      StoreCrash{"gzip_tar", "rewrite:written", false},
+                      StoreCrash{"gzip_tar", "rewrite:renamed", true},
+                      StoreCrash{"extracted_nemo_folder", "folder:written", false},
+                      StoreCrash{"extracted_nemo_folder", "folder:renamed", true}),
+    [](const auto& info) { return TestName(info.param.kind + "_" + info.param.step); });
+
+TEST(EditorTempNames, AreRecognisedAndOrdinaryNamesAreNot) {
+  for (const char* n : {".config.yaml.swp", ".x.swo", ".x.swx", "config.yaml~", "4913", "5036",
+                        "sedAb12Cd", ".goutputstream-XY12ZW", "#notes.txt#", ".#notes.txt",
+                        ".model_config.yaml.nemofs-tmp.123"}) {
+    EXPECT_TRUE(IsEditorTempName(n)) << n;
+  }
+  for (const char* n : {"notes.txt", "config.yaml.bak", "sed.txt", "sedimentary", "x.swp",
+                        "2024-notes", ".hidden", "a#b"}) {
+    EXPECT_FALSE(IsEditorTempName(n)) << n;
+  }
 }
 
 }  // namespace
