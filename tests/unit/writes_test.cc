@@ -172,6 +172,76 @@ TEST_F(WritableFs, ScratchFilesAndARenameOverTheConfigCommit) {
             EINVAL);
 }
 
+TEST_F(WritableFs, NewFilesAreStoredAtFsyncOrStoreNewFilesInOneAppend) {
+  const uint64_t archive = *fs_->Resolve("archive");
+  auto a = fs_->Create(Filesystem::kRootIno, "notes.txt", 0640, O_WRONLY | O_EXCL);
+  ASSERT_TRUE(a.ok()) << a.error().message();
+  ASSERT_TRUE(fs_->Write(a->first.ino, a->second.fh, 0, "hi\n").ok());
+  // The same member from archive/ (top level, where the config is): EEXIST.
+  auto twin = fs_->Create(archive, "notes.txt", 0644, O_WRONLY | O_EXCL);
+  ASSERT_FALSE(twin.ok());
+  EXPECT_EQ(twin.error().code(), EEXIST);
+  // Nor over a member the checkpoint has (from the root, where it is not shown).
+  auto member = fs_->Create(Filesystem::kRootIno, "model_weights.ckpt", 0644, O_WRONLY);
+  ASSERT_FALSE(member.ok());
+  EXPECT_EQ(member.error().code(), EEXIST);
+  // Temp files never conflict and are never stored.
+  auto swp = fs_->Create(archive, ".notes.txt.swp", 0600, O_WRONLY);
+  ASSERT_TRUE(swp.ok());
+  ASSERT_TRUE(fs_->Fsync(swp->first.ino, swp->second.fh).ok());
+  ASSERT_TRUE(fs_->Fsync(a->first.ino, a->second.fh).ok());
+  fs_->Release(a->first.ino, a->second.fh);
+  auto list = Sh("tar -tvf " + ShellQuote(src_));
+  EXPECT_NE(list.out.find("-rw-r----- "), std::string::npos) << list.out;  // its mode
+  EXPECT_NE(list.out.find("./notes.txt\n"), std::string::npos) << list.out;
+  EXPECT_EQ(list.out.find(".swp"), std::string::npos) << list.out;
+  // Stored: part of the checkpoint now.
+  EXPECT_EQ(fs_->Unlink(Filesystem::kRootIno, "notes.txt").error().code(), EPERM);
+  EXPECT_EQ(fs_->Rename(Filesystem::kRootIno, "notes.txt", Filesystem::kRootIno, "n2", 0)
+                .error()
+                .code(),
+            EPERM);
+  // Two more, stored together by one append (one copy each).
+  for (const char* n : {"b.txt", "c.txt"}) {
+    auto f = fs_->Create(archive, n, 0644, O_WRONLY);
+    ASSERT_TRUE(f.ok());
+    ASSERT_TRUE(fs_->Write(f->first.ino, f->second.fh, 0, n).ok());
+    fs_->Release(f->first.ino, f->second.fh);
+  }
+  ASSERT_TRUE(fs_->StoreNewFiles().ok());
+  ASSERT_TRUE(fs_->StoreNewFiles().ok());  // nothing changed: nothing written
+  list = Sh("tar -tf " + ShellQuote(src_) + " | grep -c -e b.txt -e c.txt -e notes.txt");
+  EXPECT_EQ(list.out, "3\n");
+  fs_->Release(swp->first.ino, swp->second.fh);
+  // A fresh Filesystem shows them in archive/ and the root file in the root.
+  FilesystemOptions o;
+  o.source = src_;
+  o.cache_dir = dir_.Join("cache");
+  auto fresh = Filesystem::Open(o);
+  ASSERT_TRUE(fresh.ok()) << fresh.error().message();
+  for (const char* p : {"notes.txt", "archive/notes.txt", "archive/b.txt", "b.txt"}) {
+    EXPECT_TRUE((*fresh)->Resolve(p).ok()) << p;
+  }
+  EXPECT_EQ(ReadAllOf(**fresh, *(*fresh)->Resolve("notes.txt")), "hi\n");
+  EXPECT_FALSE((*fresh)->Resolve("model_weights.ckpt").ok());  // layout files stay in archive/
+}
+
+TEST_F(WritableFs, AFailedWritePoisonsItsHandle) {
+  auto w = fs_->OpenFile(config_, O_WRONLY | O_TRUNC);
+  ASSERT_TRUE(w.ok());
+  ASSERT_TRUE(fs_->Write(config_, w->fh, 0, "a: 1\n").ok());
+  auto big = fs_->Write(config_, w->fh, 64ull << 20, "x");
+  ASSERT_FALSE(big.ok());
+  EXPECT_EQ(big.error().code(), EFBIG);
+  auto st = fs_->Flush(config_, w->fh);
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.error().code(), EFBIG);
+  EXPECT_EQ(fs_->Fsync(config_, w->fh).error().code(), EFBIG);
+  fs_->Release(config_, w->fh);
+  EXPECT_EQ(StoredConfig(src_), old_);
+  EXPECT_EQ(ReadAllOf(*fs_, config_), old_);
+}
+
 TEST_F(WritableFs, ASourceChangedUnderneathIsEstale) {
   // Something else appends to the archive: its size and mtime change.
   ASSERT_EQ(Sh("printf x >> " + ShellQuote(src_)).exit_code, 0);
