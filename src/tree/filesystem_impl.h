@@ -49,6 +49,7 @@ struct ScratchFile {
   uint64_t version = 1;
   uint64_t stored_version = 0;
   bool stored = false;
+  size_t stored_digest = 0;  // of what was stored (data, mode, mtime): equal = nothing to do
 };
 
 struct OpenHandle {

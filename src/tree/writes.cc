@@ -50,6 +50,15 @@ bool AllOf(std::string_view s, bool (*pred)(char)) {
 bool IsDigit(char c) { return c >= '0' && c <= '9'; }
 bool IsAlnum(char c) { return IsDigit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
 
+size_t Digest(const std::string& data, uint32_t mode, int64_t sec, uint32_t nsec) {
+  size_t h = std::hash<std::string>{}(data);
+  for (uint64_t v : {uint64_t{mode}, static_cast<uint64_t>(sec), uint64_t{nsec}}) {
+    h ^= std::hash<uint64_t>{}(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+  }
+  return h;
+}
+size_t Digest(const ScratchFile& f) { return Digest(f.data, f.mode & 07777, f.mtime_sec, f.mtime_nsec); }
+
 // Where new file `name` of scratch directory `dir` is stored. `o.mu` held
 // or not needed (store_prefix is fixed at SetUpWrites).
 std::string StorePath(const Overlay& o, uint64_t dir, std::string_view name) {
@@ -325,6 +334,10 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
     for (const auto& [ino, f] : o.scratch) {
       if (!f->linked || (only && ino != only) || IsEditorTempName(f->name)) continue;
       if (f->version == f->stored_version) continue;
+      if (f->stored && Digest(*f) == f->stored_digest) {  // changed back, or only touched alike
+        f->stored_version = f->version;
+        continue;
+      }
       files.push_back({StorePath(o, f->parent, f->name), f->data, f->mode & 07777, f->mtime_sec,
                        f->mtime_nsec, f->stored});
       which.emplace_back(f, f->version);
@@ -368,9 +381,11 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
   }
   {
     std::lock_guard<std::mutex> lock(o.mu);
-    for (auto& [f, version] : which) {
+    for (size_t i = 0; i < which.size(); ++i) {
+      auto& [f, version] = which[i];
       f->stored = true;
       f->stored_version = version;
+      f->stored_digest = Digest(files[i].data, files[i].mode, files[i].mtime_sec, files[i].mtime_nsec);
     }
   }
   double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
