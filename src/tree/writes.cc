@@ -57,7 +57,9 @@ size_t Digest(const std::string& data, uint32_t mode, int64_t sec, uint32_t nsec
   }
   return h;
 }
-size_t Digest(const ScratchFile& f) { return Digest(f.data, f.mode & 07777, f.mtime_sec, f.mtime_nsec); }
+size_t Digest(const ScratchFile& f) {
+  return Digest(f.data, f.mode & 07777, f.mtime_sec, f.mtime_nsec);
+}
 
 // Where new file `name` of scratch directory `dir` is stored. `o.mu` held
 // or not needed (store_prefix is fixed at SetUpWrites).
@@ -82,9 +84,10 @@ void UnlinkScratchLocked(Overlay& o, const std::shared_ptr<ScratchFile>& f) {
 // text). `o.mu` held.
 void PoisonConfigHandleLocked(Overlay& o, OpenHandle* h, const Error& e) {
   h->failed = e;
-  spdlog::warn("config.yaml ({}): a write failed ({}); this handle's edit is dropped and its "
-               "close saves nothing",
-               o.config_name, e.message());
+  spdlog::warn(
+      "config.yaml ({}): a write failed ({}); this handle's edit is dropped and its "
+      "close saves nothing",
+      o.config_name, e.message());
   o.working = *o.committed;
   o.dirty = false;
   ++o.generation;
@@ -110,13 +113,13 @@ std::shared_ptr<ScratchFile> NewScratchLocked(Overlay& o, uint64_t parent, std::
 
 bool IsEditorTempName(std::string_view n) {
   if (n.empty()) return false;
-  if (n.back() == '~') return true;                                        // backup
+  if (n.back() == '~') return true;                                                     // backup
   if (n.size() >= 5 && n[0] == '.' && n.substr(n.size() - 4, 3) == ".sw") return true;  // vim swap
-  if (AllOf(n, IsDigit)) return true;                                      // vim's 4913 probe
+  if (AllOf(n, IsDigit)) return true;  // vim's 4913 probe
   if (n.size() == 9 && n.substr(0, 3) == "sed" && AllOf(n.substr(3), IsAlnum)) return true;
-  if (n.rfind(".goutputstream-", 0) == 0) return true;                     // GLib
-  if (n.size() >= 2 && n.front() == '#' && n.back() == '#') return true;   // emacs auto-save
-  if (n.rfind(".#", 0) == 0) return true;                                  // emacs lock
+  if (n.rfind(".goutputstream-", 0) == 0) return true;                    // GLib
+  if (n.size() >= 2 && n.front() == '#' && n.back() == '#') return true;  // emacs auto-save
+  if (n.rfind(".#", 0) == 0) return true;                                 // emacs lock
   if (source::IsCommitTempName(n)) return true;
   return false;
 }
@@ -307,7 +310,8 @@ Status Filesystem::Impl::CheckStorePathLocked(uint64_t dir, std::string_view nam
   if (IsEditorTempName(name)) return Ok();
   const std::string path = StorePath(o, dir, name);
   if (src->Find(path)) {
-    return Err(EEXIST, "'{}' would be stored as '{}', which the checkpoint has already (see archive/)",
+    return Err(EEXIST,
+               "'{}' would be stored as '{}', which the checkpoint has already (see archive/)",
                name, path);
   }
   for (uint64_t other : o.scratch_dirs) {
@@ -371,9 +375,10 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
       if (!out) kept = false;
     }
     std::string where = kept ? fmt::format("their content is kept in {}", dir)
-                             : fmt::format("copying them to {} failed too: they are only in the "
-                                           "mount's memory",
-                                           dir);
+                             : fmt::format(
+                                   "copying them to {} failed too: they are only in the "
+                                   "mount's memory",
+                                   dir);
     spdlog::error("could not store new files {} in {} ({}): {}; {}", names, info.source, why,
                   st.error().message(), where);
     return Err(st.error().code(), "could not store {} in the checkpoint: {}; {}", names,
@@ -385,11 +390,12 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
       auto& [f, version] = which[i];
       f->stored = true;
       f->stored_version = version;
-      f->stored_digest = Digest(files[i].data, files[i].mode, files[i].mtime_sec, files[i].mtime_nsec);
+      f->stored_digest =
+          Digest(files[i].data, files[i].mode, files[i].mtime_sec, files[i].mtime_nsec);
     }
   }
-  double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
-                  .count();
+  double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   spdlog::info("stored {} new file{} in {} ({}, {}): {} in {:.1f} ms", files.size(),
                files.size() == 1 ? "" : "s", info.source, o.committer->Describe(), why, names, ms);
   return Ok();
@@ -568,8 +574,10 @@ Status Filesystem::Flush(uint64_t ino, uint64_t fh) {
     std::lock_guard<std::mutex> lock(o.mu);
     auto h = o.handles.find(fh);
     if (h != o.handles.end() && h->second.failed) {
-      return Err(h->second.failed->code(), "config.yaml ({}) not saved: a write on this descriptor "
-                 "failed ({})", o.config_name, h->second.failed->message());
+      return Err(h->second.failed->code(),
+                 "config.yaml ({}) not saved: a write on this descriptor "
+                 "failed ({})",
+                 o.config_name, h->second.failed->message());
     }
     if (h == o.handles.end() || !h->second.writer || !o.editing || !o.dirty) return Ok();
     text = o.working;

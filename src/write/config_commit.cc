@@ -280,8 +280,8 @@ Status ConfigCommitter::StoreFiles(const std::vector<NewFile>& files,
       const bool dot = member_name_.rfind("./", 0) == 0;
       std::vector<NewMember> members;
       for (const auto& f : files) {
-        members.push_back(NewMember{(dot ? "./" : "") + f.path, f.data, f.mtime_sec,
-                                    f.mode & 07777, ""});
+        members.push_back(
+            NewMember{(dot ? "./" : "") + f.path, f.data, f.mtime_sec, f.mode & 07777, ""});
       }
       return AppendToPlainTar(std::move(members));
     }
@@ -307,7 +307,9 @@ Status ConfigCommitter::StoreFiles(const std::vector<NewFile>& files,
           return Err(EEXIST, "{}: exists already (created beside the mount?); not replaced",
                      target);
         }
-        struct timespec mtime {f.mtime_sec, static_cast<long>(f.mtime_nsec)};
+        struct timespec mtime {
+          f.mtime_sec, static_cast<long>(f.mtime_nsec)
+        };
         NEMOFS_RETURN_IF_ERROR(ReplaceFolderFile(target, f.data, f.mode & 07777, root_st.st_uid,
                                                  root_st.st_gid, &mtime));
       }

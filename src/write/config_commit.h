@@ -19,9 +19,8 @@
 #include <string>
 #include <vector>
 
-#include "write/tar_append.h"
-
 #include "nemofs/result.h"
+#include "write/tar_append.h"
 
 namespace nemofs::source {
 class Source;
@@ -88,9 +87,8 @@ class ConfigCommitter {
   Status CommitFolder(const std::string& text);
   // The one "temp file beside it, fsync, rename over, fsync the directory"
   // of the folder kind: writes `data` as `target`.
-  static Status ReplaceFolderFile(const std::string& target, const std::string& data,
-                                  uint32_t mode, uid_t uid, gid_t gid,
-                                  const struct timespec* mtime);
+  static Status ReplaceFolderFile(const std::string& target, const std::string& data, uint32_t mode,
+                                  uid_t uid, gid_t gid, const struct timespec* mtime);
   Status CheckIdentity(const FileIdentity& now) const;
 
   Kind kind_ = Kind::kPlainTar;

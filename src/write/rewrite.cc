@@ -7,9 +7,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <map>
 #include <clocale>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <string_view>
 #include <vector>
@@ -374,9 +374,10 @@ extern "C" __attribute__((weak)) void __archive_write_entry_filetype_unsupported
 
 namespace nemofs::write {
 
-Result<RewriteResult> RewriteCompressedTar(
-    const std::string& path, const std::string& member, const std::string& data, int64_t mtime,
-    const std::function<void(uint64_t, uint64_t)>& progress, const std::vector<NewMember>& add) {
+Result<RewriteResult> RewriteCompressedTar(const std::string& path, const std::string& member,
+                                           const std::string& data, int64_t mtime,
+                                           const std::function<void(uint64_t, uint64_t)>& progress,
+                                           const std::vector<NewMember>& add) {
   std::string want;
   if (member.empty() && !add.empty()) {
     // only additions

@@ -2,7 +2,6 @@
 // touch -d) and §5 (a file the user creates is stored in the checkpoint at
 // fsync or unmount, editors' temp files are not), through real mounts.
 #include <gtest/gtest.h>
-
 #include <sys/wait.h>
 
 #include "mount_harness.h"
@@ -97,7 +96,6 @@ TEST(TouchD, SetsTheShownMtimeOfTheConfigAndOfANewFile) {
   EXPECT_EQ(r.out, "1600000000\n") << r.err;
 }
 
-
 // ---- §5: a file the user created never vanishes -----------------------------
 
 // Kinds with one way of storing each: append, rewrite, file in a folder.
@@ -109,8 +107,9 @@ const std::vector<std::string>& StoreKinds() {
 // The names the source holds: `tar -tf` (GNU tar, the oracle) without "./",
 // or the folder's files; sorted, one per line.
 std::string Members(const SourceKind& kind, const std::string& src) {
-  auto r = kind.tar ? Sh("tar -tf " + Q(src) + " | sed 's|^\\./||' | grep -v '^$' | LC_ALL=C sort -u")
-                    : Sh("cd " + Q(src) + " && find . -mindepth 1 | sed 's|^\\./||' | LC_ALL=C sort");
+  auto r = kind.tar
+               ? Sh("tar -tf " + Q(src) + " | sed 's|^\\./||' | grep -v '^$' | LC_ALL=C sort -u")
+               : Sh("cd " + Q(src) + " && find . -mindepth 1 | sed 's|^\\./||' | LC_ALL=C sort");
   EXPECT_EQ(r.exit_code, 0) << r.err;
   return r.out;
 }
@@ -139,7 +138,8 @@ TEST_P(NewFiles, AreStoredAtUnmountShownAfterRemountAndTempFilesAreNot) {
   std::string before = Members(kind, src);
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
-  auto r = Sh("cd " + Q(m->path()) + " && echo hi > notes.txt &&"
+  auto r = Sh("cd " + Q(m->path()) +
+              " && echo hi > notes.txt &&"
               " printf 'x\\n' > archive/extra.txt && echo gone > gone.txt && rm gone.txt && " +
               kTempFiles + " && ls");
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -176,8 +176,10 @@ TEST_P(NewFiles, CreatedAndDeletedOrTempOnlyCostsNothing) {
   std::string digest = SourceDigest(src);
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
-  auto r = Sh("cd " + Q(m->path()) + " && echo gone > gone.txt && mv gone.txt gone2.txt && "
-              "rm gone2.txt && echo a > archive/b.txt && rm archive/b.txt && " + kTempFiles);
+  auto r = Sh("cd " + Q(m->path()) +
+              " && echo gone > gone.txt && mv gone.txt gone2.txt && "
+              "rm gone2.txt && echo a > archive/b.txt && rm archive/b.txt && " +
+              kTempFiles);
   ASSERT_EQ(r.exit_code, 0) << r.err;
   m->Unmount();
   EXPECT_EQ(SourceDigest(src), digest);
@@ -190,11 +192,12 @@ TEST_P(NewFiles, VimAndSedEditsOfTheConfigAddNoMember) {
   std::string before = Members(kind, src);
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
-  auto r = Sh("cd " + Q(m->path()) +
-              " && vim -u NONE -N -es -c 'set backup writebackup' -c 'normal Goby_vim: 1' -c wq "
-              "config.yaml </dev/null && sed -i '$a by_sed: 2' config.yaml && "
-              "grep -q by_vim config.yaml && grep -q by_sed config.yaml",
-              60);
+  auto r =
+      Sh("cd " + Q(m->path()) +
+             " && vim -u NONE -N -es -c 'set backup writebackup' -c 'normal Goby_vim: 1' -c wq "
+             "config.yaml </dev/null && sed -i '$a by_sed: 2' config.yaml && "
+             "grep -q by_vim config.yaml && grep -q by_sed config.yaml",
+         60);
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   m->Unmount();
   EXPECT_EQ(Members(kind, src), before);
@@ -291,7 +294,6 @@ TEST(NewFilesTouchD, TheTimeIsStoredWithTheFile) {
   r = Sh("stat -c %Y " + Q(again->path() + "/dated.txt"));
   EXPECT_EQ(r.out, "1500000000\n") << r.err;
 }
-
 
 // A crash inside the store at unmount leaves the checkpoint without the new
 // files or with all of them (a folder: with one file, old or new), never

@@ -197,10 +197,9 @@ TEST_F(WritableFs, NewFilesAreStoredAtFsyncOrStoreNewFilesInOneAppend) {
   EXPECT_EQ(list.out.find(".swp"), std::string::npos) << list.out;
   // Stored: part of the checkpoint now.
   EXPECT_EQ(fs_->Unlink(Filesystem::kRootIno, "notes.txt").error().code(), EPERM);
-  EXPECT_EQ(fs_->Rename(Filesystem::kRootIno, "notes.txt", Filesystem::kRootIno, "n2", 0)
-                .error()
-                .code(),
-            EPERM);
+  EXPECT_EQ(
+      fs_->Rename(Filesystem::kRootIno, "notes.txt", Filesystem::kRootIno, "n2", 0).error().code(),
+      EPERM);
   // Two more, stored together by one append (one copy each).
   for (const char* n : {"b.txt", "c.txt"}) {
     auto f = fs_->Create(archive, n, 0644, O_WRONLY);
