@@ -42,6 +42,32 @@ TEST(ValidateConfigYaml, AcceptsMappingsAndNamesLineAndColumnOfProblems) {
   }
 }
 
+// What OmegaConf.load refuses (issue 16 §1), and what it loads.
+TEST(ValidateConfigYaml, RefusesWhatOmegaConfRefusesAndAcceptsWhatItLoads) {
+  const std::vector<std::string> refused = {
+      "precision: \"bf16\n", "precision: 'bf16\n", "a: 1\napply_query_key_",
+      "key: v\t# comment\n", "a: 1\n---\nb: 2\n", "a:\tb\n", "~: 1\n", "a: =\n",
+      "a: !!set {x, y}\n", "a: !foo x\n", "a: ${foo\n", "a: &x {b: *x}\n",
+      "a: &x 1\nb: &x 2\n", "[a]: 1\n", "<<: 1\n", "a: *nope\n", "{}\n", "a: 0b_\n",
+      "a: !!int x\n", "a: \xc2\x80\n", "'a': 1\na: 2\n"};
+  for (const auto& text : refused) {
+    auto st = write::ValidateConfigYaml(text, "cfg");
+    ASSERT_FALSE(st.ok()) << text;
+    EXPECT_EQ(st.error().code(), EINVAL);
+    EXPECT_NE(st.error().message().find("cfg: line "), std::string::npos) << st.error().message();
+  }
+  const std::vector<std::string> loaded = {
+      "a: |\n  text\n  more\nb: >\n  folded\n", "x: &a {p: 1}\ny:\n  <<: *a\n  q: 2\n",
+      "a: {b: 1, c: [1, 2]}\n", "a: ${x.y}\nb: ${oc.env:HOME,/tmp}\nc: pre_${a}_post\n",
+      "a: \"#not a comment\"\n", "a: 'x\ty'\n", "a: b # c\td\n", "\xef\xbb\xbf" "a: 1\n",
+      "a: 1\r\nb: 2\r\n", "1: a\n1.5: b\ntrue: c\n", "a: !!str 1\nb: !!binary aGk=\n",
+      "a: 1\n...\n", "a: 1\n<<: {b: 2}\n"};
+  for (const auto& text : loaded) {
+    auto st = write::ValidateConfigYaml(text, "cfg");
+    EXPECT_TRUE(st.ok()) << text << ": " << st.error().message();
+  }
+}
+
 // ---- the edit life cycle through the Filesystem API ----------------------
 
 std::string ReadAllOf(const Filesystem& fs, uint64_t ino, uint64_t fh = 0) {
