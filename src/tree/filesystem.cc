@@ -128,7 +128,11 @@ void Filesystem::AddTensorViews(Impl& impl, uint64_t root, int64_t sec, uint32_t
   auto add_dir = [&](uint64_t parent, const std::string& name) {
     return EnsureDir(nodes, parent, name, sec, nsec);
   };
-  if (!cat.tensors.empty()) add_tensors(add_dir(root, "tensors"), cat.tensors);
+  // Weights that cannot be read still give an (empty) tensors/: the error is
+  // printed and logged by `mount`, listed by `info` and `verify`.
+  if (!cat.tensors.empty() || !cat.errors.empty()) {
+    add_tensors(add_dir(root, "tensors"), cat.tensors);
+  }
   if (!cat.optimizer.empty()) add_tensors(add_dir(root, "optimizer"), cat.optimizer);
   if (!cat.ranks.empty()) {
     uint64_t ranks = add_dir(root, "ranks");

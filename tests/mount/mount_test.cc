@@ -449,6 +449,34 @@ TEST(Cli, UmountOfSomethingElseFails) {
   EXPECT_NE(r.err.find("not mounted"), std::string::npos) << r.err;
 }
 
+TEST(Cli, UnreadableWeightsGiveAnEmptyTensorsDirAndAPrintedWarning) {
+  TempDir dir;
+  std::string mnt = dir.Join("mnt"), bad = dir.Join("bad.nemo");
+  std::filesystem::create_directory(mnt);
+  auto r = Sh("cd " + Q(dir.path()) + " && mkdir src && tar -xf " + Q(TestData("tiny_gpt.nemo")) +
+              " -C src && head -c 5000 /dev/urandom > src/model_weights.ckpt && tar -cf " + Q(bad) +
+              " -C src .");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Sh(Q(NemofsBinary()) + " mount " + Q(bad) + " " + Q(mnt) + " -o ro --log-file " +
+         Q(dir.Join("log")) + " --cache-dir " + Q(dir.Join("c")));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_TRUE(IsMounted(mnt));
+  auto pid_r = Sh("getfattr --only-values -n user.nemofs.pid " + Q(mnt));
+  pid_t pid = std::atoi(pid_r.out.c_str());
+  EXPECT_NE(r.err.find("warning"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("model_weights.ckpt"), std::string::npos) << r.err;
+  auto ls = Sh("test -d " + Q(mnt + "/tensors") + " && ls -A " + Q(mnt + "/tensors") + " | wc -l");
+  EXPECT_EQ(ls.exit_code, 0) << ls.err;
+  EXPECT_EQ(ls.out, "0\n");
+  EXPECT_NE(ReadFile(dir.Join("log")).find("model_weights.ckpt"), std::string::npos);
+  auto um = Sh(Q(NemofsBinary()) + " umount " + Q(mnt));
+  EXPECT_EQ(um.exit_code, 0) << um.err;
+  if (IsMounted(mnt)) {  // cleanup on failure: only the daemon this test started
+    Sh("fusermount3 -u " + Q(mnt));
+    if (pid > 0) ::kill(pid, SIGKILL);
+  }
+}
+
 TEST(Cli, VerifyFindsAFlippedGzipTrailerCrc) {
   // gzip -t is the oracle: the copy fails it, the original passes it.
   TempDir dir;
