@@ -632,7 +632,8 @@ int RunVerify(const std::string& source, const std::string& cache_dir, bool quie
   for (const auto& p : problems) fmt::print("problem: {}\n", p);
   const auto& i = fs->info();
   fmt::print("{}: {} ({} tensors, {} bytes): {}\n", i.source, i.description, i.tensors,
-             i.tensor_bytes, problems.empty() ? "OK" : fmt::format("{} problems", problems.size()));
+             i.tensor_bytes, problems.empty() ? "OK"
+             : fmt::format("{} problem{}", problems.size(), problems.size() == 1 ? "" : "s"));
   return problems.empty() ? kExitOk : kExitFailure;
 }
 

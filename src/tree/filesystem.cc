@@ -14,6 +14,7 @@
 #include "checkpoint/layout.h"
 #include "nemofs/strings.h"
 #include "source/source.h"
+#include "source/stream_check.h"
 #include "torch/zip_reader.h"
 #include "tree/access.h"
 #include "tree/filesystem_impl.h"
@@ -127,7 +128,11 @@ void Filesystem::AddTensorViews(Impl& impl, uint64_t root, int64_t sec, uint32_t
   auto add_dir = [&](uint64_t parent, const std::string& name) {
     return EnsureDir(nodes, parent, name, sec, nsec);
   };
-  if (!cat.tensors.empty()) add_tensors(add_dir(root, "tensors"), cat.tensors);
+  // Weights that cannot be read still give an (empty) tensors/: the error is
+  // printed and logged by `mount`, listed by `info` and `verify`.
+  if (!cat.tensors.empty() || !cat.errors.empty()) {
+    add_tensors(add_dir(root, "tensors"), cat.tensors);
+  }
   if (!cat.optimizer.empty()) add_tensors(add_dir(root, "optimizer"), cat.optimizer);
   if (!cat.ranks.empty()) {
     uint64_t ranks = add_dir(root, "ranks");
@@ -624,7 +629,20 @@ std::vector<std::string> Filesystem::Verify(
     done += e->size;
     if (progress) progress(done, total);
   }
-  return problems;
+  // The compressed stream itself (gzip CRC-32 and ISIZE of every member, the
+  // xz/zstd/bzip2 checks): extraction into the cache stops at the last tar
+  // member and never reads a gzip trailer.
+  struct stat st {};
+  if (src.Kind() != "directory" && ::stat(src.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+    std::string bad = source::CheckStreamFile(src.path());
+    if (!bad.empty()) problems.push_back(bad);
+  }
+  // Each problem once (a warning can also be a weight error).
+  std::vector<std::string> unique;
+  for (auto& p : problems) {
+    if (std::find(unique.begin(), unique.end(), p) == unique.end()) unique.push_back(std::move(p));
+  }
+  return unique;
 }
 
 std::vector<TensorEntry> Filesystem::ListTensors() const {
