@@ -25,8 +25,10 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <thread>
 
 #include "exit_codes.h"
@@ -364,55 +366,56 @@ int RunCommand(const std::vector<std::string>& argv_in,
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
-// The daemon's pid from the root's user.nemofs.pid, asked from a thread so
-// that a stopped or hung daemon costs at most `wait`, not forever. 0 if
-// it did not answer, -1 if it answered without a pid.
-pid_t AskDaemonPid(const std::string& path, std::chrono::milliseconds wait) {
+// Runs `call` on a detached thread and waits at most `wait` for its answer,
+// so that a stopped or hung daemon (whose getxattr/setxattr never returns)
+// costs the caller `wait`, not forever. nullopt when it did not answer.
+template <typename T>
+std::optional<T> CallWithDeadline(std::function<T()> call, std::chrono::milliseconds wait) {
   struct Answer {
     std::mutex mu;
     std::condition_variable cv;
-    bool done = false;
-    pid_t pid = 0;
+    std::optional<T> value;
   };
   auto answer = std::make_shared<Answer>();
-  std::thread([answer, path] {
-    char buf[32] = {};
-    ssize_t n = ::getxattr(path.c_str(), "user.nemofs.pid", buf, sizeof buf - 1);
+  std::thread([answer, call = std::move(call)] {
+    T v = call();
     std::lock_guard<std::mutex> lock(answer->mu);
-    answer->pid = n > 0 ? static_cast<pid_t>(std::atol(buf)) : -1;
-    if (answer->pid == 0) answer->pid = -1;
-    answer->done = true;
+    answer->value = v;
     answer->cv.notify_all();
   }).detach();
   std::unique_lock<std::mutex> lock(answer->mu);
-  answer->cv.wait_for(lock, wait, [&] { return answer->done; });
-  return answer->pid;
+  answer->cv.wait_for(lock, wait, [&] { return answer->value.has_value(); });
+  return answer->value;
+}
+
+// The daemon's pid from the root's user.nemofs.pid, asked with a deadline.
+// 0 if it did not answer, -1 if it answered without a pid.
+pid_t AskDaemonPid(const std::string& path, std::chrono::milliseconds wait) {
+  auto pid = CallWithDeadline<pid_t>(
+      [path] {
+        char buf[32] = {};
+        ssize_t n = ::getxattr(path.c_str(), "user.nemofs.pid", buf, sizeof buf - 1);
+        pid_t p = n > 0 ? static_cast<pid_t>(std::atol(buf)) : -1;
+        return p == 0 ? -1 : p;
+      },
+      wait);
+  return pid.value_or(0);
 }
 
 // Asks the daemon to store its new files now (setxattr user.nemofs.store on
-// the root, from a thread: at most `wait`). 0 when stored (or nothing to
-// store, or a read-only mount), -1 when it did not answer in time, else
-// the errno of the failed store.
+// the root, with a deadline). 0 when stored (or nothing to store, or a
+// read-only mount), -1 when it did not answer in time, else the errno of
+// the failed store.
 int AskDaemonStore(const std::string& path, std::chrono::milliseconds wait) {
-  struct Answer {
-    std::mutex mu;
-    std::condition_variable cv;
-    bool done = false;
-    int err = 0;
-  };
-  auto answer = std::make_shared<Answer>();
-  std::thread([answer, path] {
-    int rc = ::setxattr(path.c_str(), "user.nemofs.store", "", 0, 0);
-    int e = rc == 0 ? 0 : errno;
-    if (e == EROFS || e == ENOTSUP || e == EPERM) e = 0;  // nothing to store / older daemon
-    std::lock_guard<std::mutex> lock(answer->mu);
-    answer->err = e;
-    answer->done = true;
-    answer->cv.notify_all();
-  }).detach();
-  std::unique_lock<std::mutex> lock(answer->mu);
-  if (!answer->cv.wait_for(lock, wait, [&] { return answer->done; })) return -1;
-  return answer->err;
+  auto err = CallWithDeadline<int>(
+      [path] {
+        int rc = ::setxattr(path.c_str(), "user.nemofs.store", "", 0, 0);
+        int e = rc == 0 ? 0 : errno;
+        if (e == EROFS || e == ENOTSUP || e == EPERM) e = 0;  // nothing to store / older daemon
+        return e;
+      },
+      wait);
+  return err.value_or(-1);
 }
 
 // Detaches a mount whose daemon does not answer: aborts its FUSE

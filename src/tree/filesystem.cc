@@ -614,12 +614,19 @@ std::vector<std::string> Filesystem::Verify(
     for (const auto& entry : zip->entries()) {
       if (entry.method != 0) continue;
       uLong crc = crc32(0L, Z_NULL, 0);
+      bool read_all = true;
       for (uint64_t off = 0; off < entry.size; off += buf.size()) {
         size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), entry.size - off));
-        if (!reader.Read(entry.data_offset + off, buf.data(), n, what).ok()) break;
+        auto st = reader.Read(entry.data_offset + off, buf.data(), n, what);
+        if (!st.ok()) {
+          problems.push_back(fmt::format("{}: record {}: {}", what, entry.name, st.error().message()));
+          read_all = false;
+          break;
+        }
         crc = crc32(crc, reinterpret_cast<const Bytef*>(buf.data()), static_cast<uInt>(n));
       }
-      if (entry.crc32 != 0 && crc != entry.crc32) {
+      // A stored CRC of 0 is checked too: it is the CRC of empty data only.
+      if (read_all && crc != entry.crc32) {
         problems.push_back(
             fmt::format("{}: record {} has CRC-32 {:08x}, its central directory says "
                         "{:08x}",

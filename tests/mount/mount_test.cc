@@ -427,6 +427,25 @@ TEST(Cli, VerifyFindsEveryProblemAndExitsOne) {
   EXPECT_EQ(r.exit_code, 1) << r.out;
   EXPECT_NE(r.out.find("has CRC-32"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find(": 1 problem\n"), std::string::npos) << r.out;
+  // A central-directory CRC-32 of 0 over non-empty data is checked too (0 is
+  // only the CRC of empty data).
+  std::string zeroed = dir.Join("zeroed_crc.pt");
+  r = Sh("/usr/bin/python3 -c 'import sys\n"
+         "b = bytearray(open(sys.argv[1], \"rb\").read())\n"
+         "i = 0\n"
+         "while True:\n"
+         "    i = b.index(b\"PK\\x01\\x02\", i)\n"
+         "    n = int.from_bytes(b[i+28:i+30], \"little\")\n"
+         "    size = int.from_bytes(b[i+24:i+28], \"little\")\n"
+         "    if b\"/data/\" in b[i+46:i+46+n] and size > 0: break\n"
+         "    i += 4\n"
+         "b[i+16:i+20] = bytes(4)\n"
+         "open(sys.argv[2], \"wb\").write(b)' " +
+         Q(TestData("torch/dtypes.pt")) + " " + Q(zeroed));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Sh(Q(NemofsBinary()) + " verify -q " + Q(zeroed));
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_NE(r.out.find("its central directory says 00000000"), std::string::npos) << r.out;
   // A malformed tensor is a problem too.
   r = Sh(Q(NemofsBinary()) + " verify -q " + Q(TestData("torch/hostile/negative_stride.pt")));
   EXPECT_EQ(r.exit_code, 1) << r.out;
