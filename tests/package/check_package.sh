@@ -64,6 +64,12 @@ if [[ $(wc -w <<<"$commands") -ge 7 ]]; then pass "commands: $(echo $commands)";
   fail "could not read the commands from --help: '$commands'"; fi
 if [[ "$("$nemofs" --help)" == "$("$built_nemofs" --help)" ]]; then
   pass "extracted --help equals the build's"; else fail "extracted --help differs from the build's"; fi
+# Writes are supported (config.yaml, new files): no help text may still call
+# nemofs a read-only filesystem.
+for c in "" $commands; do
+  if "$nemofs" $c --help | grep -qiE 'read-only (file ?system|fs)'; then
+    fail "nemofs $c --help still says read-only filesystem"; fi
+done
 # The long and short options of a command, as its --help lists them.
 options_of() {
   "$nemofs" "$@" --help | sed -n '/^Options:/,/^$/p' | grep -oE '^  -[^ ]+' |
