@@ -147,6 +147,10 @@ got=$(complete_words info --cache-dir "$tmp/comp/" | xargs)
 [[ $got == "$tmp/comp/dir1" ]] || fail "completion of --cache-dir: '$got'"
 got=$(complete_words cat "$tmp/comp/file1" "" | xargs)
 [[ -z $got ]] || fail "completion of cat PATH (a path inside the source) offered local files: '$got'"
+mkdir -p "$tmp/comp2/a dir" && touch "$tmp/comp2/a file"
+got=$(complete_words mount "$tmp/comp2/a")
+[[ $got == "$tmp/comp2/a dir"$'\n'"$tmp/comp2/a file" || $got == "$tmp/comp2/a file"$'\n'"$tmp/comp2/a dir" ]] ||
+  fail "completion of names with spaces: '$got'"
 pass "completes files and directories"
 
 if ((failures)); then echo "$failures check(s) failed"; exit 1; fi
