@@ -11,8 +11,8 @@ PACKAGES=(
   libyaml-cpp-dev libyaml-dev libspdlog-dev libfmt-dev
   nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev
-  # packaging: the .deb test inspects what CPack builds
-  dpkg-dev file
+  # packaging: the .deb test inspects what CPack builds and renders its man page
+  dpkg-dev file man-db groff-base
   # tests: real tools driven against real mounts
   attr coreutils tar gzip xz-utils zstd bzip2 xxd procps psmisc util-linux vim-tiny nano
   # fixture generators and cross-checks (run with /usr/bin/python3)
