@@ -242,6 +242,22 @@ std::vector<std::string> ParseMountOptions(const std::vector<std::string>& group
   return out;
 }
 
+// What model.safetensors leaves out, one line each, at most `shown` of them.
+constexpr size_t kOmittedShown = 8;
+std::vector<std::string> OmittedLines(const CheckpointInfo& info, size_t shown) {
+  std::vector<std::string> lines;
+  const auto& omitted = info.safetensors_omitted;
+  for (size_t k = 0; k < omitted.size() && k < shown; ++k) {
+    lines.push_back(fmt::format("model.safetensors leaves out {}: {}", omitted[k].first,
+                                omitted[k].second));
+  }
+  if (omitted.size() > shown) {
+    lines.push_back(fmt::format("model.safetensors leaves out {} more (`nemofs info {}` lists them)",
+                                omitted.size() - shown, info.source));
+  }
+  return lines;
+}
+
 int RunMount(const MountArgs& args) {
   FuseMountConfig config;
   config.foreground = args.foreground;
@@ -312,6 +328,7 @@ int RunMount(const MountArgs& args) {
   }
   for (const auto& e : info.weight_errors) warnings.push_back(e);
   for (const auto& w : info.warnings) warnings.push_back(fmt::format("{}: {}", info.source, w));
+  for (const auto& line : OmittedLines(info, kOmittedShown)) warnings.push_back(line);
   for (const auto& w : warnings) {
     if (args.foreground) {
       spdlog::warn("{}", w);
@@ -551,6 +568,8 @@ int RunInfo(const std::string& source, const std::string& cache_dir, bool json) 
     j["optimizer"] = {{"count", i.optimizer_tensors}, {"bytes", i.optimizer_bytes}};
     j["ranks"] = {{"count", i.ranks}, {"tensors", i.rank_tensors}};
     j["unmerged"] = i.unmerged;
+    j["safetensors_omitted"] = nlohmann::ordered_json::object();
+    for (const auto& [name, why] : i.safetensors_omitted) j["safetensors_omitted"][name] = why;
     j["warnings"] = i.warnings;
     fmt::print("{}\n", j.dump(2));
     return kExitOk;
@@ -577,6 +596,9 @@ int RunInfo(const std::string& source, const std::string& cache_dir, bool json) 
   if (i.ranks)
     fmt::print("ranks:       {} rank folders, {} tensors as stored\n", i.ranks, i.rank_tensors);
   for (const auto& [key, why] : i.unmerged) fmt::print("unmerged:    {}: {}\n", key, why);
+  for (const auto& [name, why] : i.safetensors_omitted) {
+    fmt::print("omitted:     model.safetensors leaves out {}: {}\n", name, why);
+  }
   for (const auto& w : i.warnings) fmt::print("warning:     {}\n", w);
   return kExitOk;
 }
@@ -641,6 +663,16 @@ int RunVerify(const std::string& source, const std::string& cache_dir, bool quie
 }
 
 // ---- ls ----------------------------------------------------------------------
+// "model.safetensors leaves out 2: a, optimizer/ (`nemofs info` says why)".
+std::string OmittedNote(const CheckpointInfo& info) {
+  std::string names;
+  for (const auto& [name, why] : info.safetensors_omitted) {
+    names += (names.empty() ? "" : ", ") + name;
+  }
+  return fmt::format("model.safetensors leaves out {}: {} (`nemofs info` says why)",
+                     info.safetensors_omitted.size(), names);
+}
+
 std::string Shape(const std::vector<int64_t>& shape) {
   std::string out = "[";
   for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
@@ -671,6 +703,10 @@ int RunLs(const std::string& source, const std::string& glob, bool all, bool jso
                    {"nbytes", t.nbytes}});
     }
     fmt::print("{}\n", j.dump(2));
+    // The JSON stays a plain array; the note goes to stderr.
+    if (!fs->info().safetensors_omitted.empty()) {
+      fmt::print(stderr, "nemofs: {}\n", OmittedNote(fs->info()));
+    }
     return kExitOk;
   }
   size_t wk = 3, wd = 5, ws = 5;
@@ -688,6 +724,7 @@ int RunLs(const std::string& source, const std::string& glob, bool all, bool jso
     total += t.nbytes;
   }
   fmt::print("{} tensors, {} bytes\n", rows.size(), total);
+  if (!fs->info().safetensors_omitted.empty()) fmt::print("{}\n", OmittedNote(fs->info()));
   return kExitOk;
 }
 

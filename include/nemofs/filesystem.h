@@ -20,6 +20,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "nemofs/read_plan.h"
@@ -100,6 +101,13 @@ struct CheckpointInfo {
   uint64_t rank_tensors = 0;
   std::map<std::string, std::string> unmerged;  // key -> why it is only in ranks/
   std::vector<std::string> weight_errors;       // weight files that could not be read
+  // What model.safetensors leaves out, (name, why) in tree order: tensors/
+  // keys whose dtype safetensors has no code for (complex128, qint8, ...),
+  // model keys only in ranks/ (unmerged) or not shown at all (unreadable),
+  // and "optimizer/" for the optimizer state. Also in the file's header as
+  // __metadata__["nemofs.omitted"] (a JSON object as a string). Not warnings
+  // (not problems of the checkpoint), but printed by `mount`, `info`, `ls`.
+  std::vector<std::pair<std::string, std::string>> safetensors_omitted;
   std::vector<std::string> warnings;
   // Opened for writing but read-only: why ("" when writable or not asked).
   std::string read_only_reason;

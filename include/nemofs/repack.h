@@ -3,7 +3,9 @@
 // Reads SOURCE (a plain or compressed tar) as nemofs sees it — the last copy
 // of each name, unsafe members left out — and writes an uncompressed tar the
 // way NeMo packs one (`./` first, then `./<path>` in sorted order; PAX
-// records for long names, sizes >= 8 GiB and sub-second mtimes) to a
+// records for long names, sizes >= 8 GiB, sub-second mtimes, and owner ids
+// and names ustar cannot hold; every member keeps its stored uid, gid, user
+// and group name, the root `./` entry too) to a
 // temporary file beside OUT, fsyncs it, and renames it over OUT (default:
 // SOURCE itself). A crash at any point leaves OUT as it was. File data is
 // copied in the kernel (copy_file_range) where it can be.

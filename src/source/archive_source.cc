@@ -214,6 +214,12 @@ Result<std::unique_ptr<Source>> ArchiveSource::Open(const std::string& path,
     e.mode = archive_entry_perm(ent) & 07777;
     e.mtime_sec = archive_entry_mtime(ent);
     e.mtime_nsec = static_cast<uint32_t>(archive_entry_mtime_nsec(ent));
+    e.uid = static_cast<uint32_t>(archive_entry_uid(ent));
+    e.gid = static_cast<uint32_t>(archive_entry_gid(ent));
+    const char* uname = archive_entry_uname(ent);
+    const char* gname = archive_entry_gname(ent);
+    e.uname = uname ? uname : "";
+    e.gname = gname ? gname : "";
     const char* hardlink = archive_entry_hardlink(ent);
     auto type = archive_entry_filetype(ent);
     std::string norm;
@@ -390,7 +396,7 @@ Result<FileRange> ArchiveSource::Locate(uint32_t blob_index) {
 namespace nemofs::source {
 namespace {
 
-constexpr int kIndexVersion = 1;
+constexpr int kIndexVersion = 2;  // 2: entries carry uid, gid, uname, gname
 
 nlohmann::json::binary_t Binary(const std::string& s) {
   return nlohmann::json::binary_t(std::vector<uint8_t>(s.begin(), s.end()));
@@ -410,7 +416,7 @@ void ArchiveSource::SaveIndex(const std::vector<Entry>& raw,
   auto& entries = j["entries"] = nlohmann::json::array();
   for (const auto& e : raw) {
     entries.push_back({e.path, static_cast<int>(e.type), e.size, e.mtime_sec, e.mtime_nsec, e.mode,
-                       e.link_target, e.blob});
+                       e.link_target, e.blob, e.uid, e.gid, e.uname, e.gname});
   }
   j["warnings"] = warnings;
   auto& blobs = j["blobs"] = nlohmann::json::array();
@@ -474,6 +480,10 @@ bool ArchiveSource::LoadIndex(std::vector<Entry>* raw, std::vector<std::string>*
       e.mode = a.at(5).get<uint32_t>();
       e.link_target = a.at(6).get<std::string>();
       e.blob = a.at(7).get<uint32_t>();
+      e.uid = a.at(8).get<uint32_t>();
+      e.gid = a.at(9).get<uint32_t>();
+      e.uname = a.at(10).get<std::string>();
+      e.gname = a.at(11).get<std::string>();
       if (e.type == EntryType::kFile && e.blob >= blobs.size()) return false;
       entries.push_back(std::move(e));
     }

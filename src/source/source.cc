@@ -65,6 +65,10 @@ void Source::SetEntries(std::vector<Entry> raw, std::vector<std::string> warning
         root.mtime_sec = e.mtime_sec;
         root.mtime_nsec = e.mtime_nsec;
         root.mode = e.mode;
+        root.uid = e.uid;
+        root.gid = e.gid;
+        root.uname = e.uname;
+        root.gname = e.gname;
       }
       continue;
     }
@@ -102,6 +106,10 @@ void Source::SetEntries(std::vector<Entry> raw, std::vector<std::string> warning
     d.mode = 0755;
     d.mtime_sec = root.mtime_sec;
     d.mtime_nsec = root.mtime_nsec;
+    d.uid = root.uid;
+    d.gid = root.gid;
+    d.uname = root.uname;
+    d.gname = root.gname;
     by_path.emplace(dir, std::move(d));
   }
   entries_.clear();

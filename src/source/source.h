@@ -43,8 +43,13 @@ struct Entry {
   int64_t mtime_sec = 0;
   uint32_t mtime_nsec = 0;
   uint32_t mode = 0644;     // permission bits as stored
-  uint32_t uid = 0;         // owner and group: folder sources only (stat); archives
-  uint32_t gid = 0;         //   take the archive file's (see tree/access.h)
+  // Owner and group: a folder's from stat, an archive member's as stored
+  // (the tree gives archive members the archive file's, see tree/access.h;
+  // repack keeps the stored ones, with the names).
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+  std::string uname;  // archives only; "" when not stored
+  std::string gname;
   std::string link_target;  // kSymlink: the target as stored
   uint32_t blob = kNoBlob;  // kFile: the source's handle for its bytes
 };

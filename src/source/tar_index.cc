@@ -232,6 +232,19 @@ Result<TarIndex> IndexTar(int fd, uint64_t base, uint64_t length, const std::str
     }
     m.mode = static_cast<uint32_t>(mode) & 07777;
     m.mtime_sec = mtime;
+    // Owner ids: a malformed field reads as 0 (tarfile is as lenient; the
+    // ids only matter to repack).
+    int64_t uid = 0, gid = 0;
+    if (ParseNumber(block, 108, 8, &uid) && uid >= 0 && uid <= UINT32_MAX) {
+      m.uid = static_cast<uint32_t>(uid);
+    }
+    if (ParseNumber(block, 116, 8, &gid) && gid >= 0 && gid <= UINT32_MAX) {
+      m.gid = static_cast<uint32_t>(gid);
+    }
+    if (HasUstarMagic(block)) {
+      m.uname = std::string(FieldString(block, 265, 32));
+      m.gname = std::string(FieldString(block, 297, 32));
+    }
     std::string header_name(FieldString(block, 0, 100));
     std::string_view prefix = FieldString(block, 345, 155);
     if (std::memcmp(block + 257, "ustar\0", 6) == 0 && !prefix.empty()) {
@@ -252,6 +265,15 @@ Result<TarIndex> IndexTar(int fd, uint64_t base, uint64_t length, const std::str
             return Err(EINVAL, "{}: PAX size '{}' for the member at offset {} is not a number",
                        name, value, offset);
           }
+        } else if (key == "uid" || key == "gid") {
+          uint64_t id = 0;
+          if (ParseDecimal(value, &id) && id <= UINT32_MAX) {
+            (key == "uid" ? m.uid : m.gid) = static_cast<uint32_t>(id);
+          }
+        } else if (key == "uname") {
+          m.uname = value;
+        } else if (key == "gname") {
+          m.gname = value;
         } else if (key == "mtime") {
           if (!ParsePaxTime(value, &m.mtime_sec, &m.mtime_nsec)) {
             return Err(EINVAL, "{}: PAX mtime '{}' for the member at offset {} is not a time", name,

@@ -8,7 +8,7 @@
 // eight spaces (unsigned, or signed as some old writers did). Extended
 // headers: PAX 'x' (applies to the next member) and 'g' (to all following
 // members) with records "<len> <key>=<value>\n" (path, linkpath, size,
-// mtime); GNU 'L' (long name) and 'K' (long link name). Member data starts
+// mtime, uid, gid, uname, gname); GNU 'L' (long name) and 'K' (long link name). Member data starts
 // at the block after its header and is padded to 512 bytes. The archive
 // ends at the first all-zero block, or at the end of the file when a writer
 // left no end marker (as Python's tarfile accepts).
@@ -35,6 +35,12 @@ struct TarMember {
   uint32_t mtime_nsec = 0;
   uint32_t mode = 0;
   std::string link_name;
+  // Owner as stored (uid 108:8, gid 116:8, uname 265:32, gname 297:32; PAX
+  // uid/gid/uname/gname override them).
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+  std::string uname;
+  std::string gname;
 };
 
 struct TarIndex {

@@ -28,6 +28,10 @@ Result<std::unique_ptr<Source>> TarSource::Open(const std::string& path, UniqueF
     e.mode = m.mode;
     e.mtime_sec = m.mtime_sec;
     e.mtime_nsec = m.mtime_nsec;
+    e.uid = m.uid;
+    e.gid = m.gid;
+    e.uname = m.uname;
+    e.gname = m.gname;
     std::string norm;
     bool normal = NormalizePath(m.name, &norm);
     switch (m.type) {

@@ -163,20 +163,38 @@ void Filesystem::AddTensorViews(Impl& impl, uint64_t root, int64_t sec, uint32_t
   add_text("index.json", index.dump(2) + "\n");
   if (!cat.checkpoint_json.empty()) add_text("checkpoint.json", cat.checkpoint_json);
 
-  // model.safetensors over tensors/ (dtypes safetensors cannot name are left out).
+  // model.safetensors over tensors/. Nothing is left out silently: what it
+  // cannot hold is named in its __metadata__ and in info().
   if (cat.tensors.empty()) return;
   Safetensors& st = impl.safetensors;
-  ObjectBuilder header;
-  header.Set("__metadata__", {{"format", "pt"}, {"source", source}});
-  uint64_t data = 0;
-  std::vector<const checkpoint::Tensor*> included;
+  auto& omitted = impl.info.safetensors_omitted;
   for (const auto& t : cat.tensors) {
     const auto& info = torch::Info(t.dtype);
     if (info.safetensors.empty()) {
-      impl.info.warnings.push_back(fmt::format(
-          "model.safetensors leaves out {}: safetensors has no {} type", t.key, info.name));
-      continue;
+      omitted.emplace_back(t.key, fmt::format("{}: safetensors has no such dtype", info.name));
     }
+  }
+  for (const auto& [key, why] : cat.unmerged) {
+    omitted.emplace_back(key, "only in ranks/: " + why);
+  }
+  for (const auto& [key, why] : cat.bad) omitted.emplace_back(key, "unreadable: " + why);
+  if (!cat.optimizer.empty()) {
+    omitted.emplace_back("optimizer/", fmt::format("{} optimizer tensor{}: not model weights",
+                                                   cat.optimizer.size(),
+                                                   cat.optimizer.size() == 1 ? "" : "s"));
+  }
+  Json meta = {{"format", "pt"}, {"source", source}};
+  if (!omitted.empty()) {
+    ObjectBuilder list;
+    for (const auto& [name, why] : omitted) list.Set(name, why);
+    meta["nemofs.omitted"] = std::move(list).Build().dump();
+  }
+  ObjectBuilder header;
+  header.Set("__metadata__", std::move(meta));
+  uint64_t data = 0;
+  for (const auto& t : cat.tensors) {
+    const auto& info = torch::Info(t.dtype);
+    if (info.safetensors.empty()) continue;
     header.Set(t.key, {{"dtype", info.safetensors},
                        {"shape", t.shape},
                        {"data_offsets", {data, data + t.nbytes()}}});

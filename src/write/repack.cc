@@ -17,20 +17,31 @@ namespace nemofs::write {
 namespace {
 
 // Headers (with PAX records when ustar cannot hold a field) for one entry.
+// The member keeps its stored owner (ids and names); the PAX header block
+// gets the same owner.
 std::string EntryHeaders(const std::string& name, char type, uint64_t size, int64_t sec,
-                         uint32_t nsec, uint32_t mode, const std::string& link) {
+                         uint32_t nsec, uint32_t mode, const std::string& link,
+                         const TarOwner& owner) {
   std::string records;
   if (name.size() > 100) records += PaxRecord("path", name);
   if (link.size() > 100) records += PaxRecord("linkpath", link);
   if (size >= (uint64_t{1} << 33)) records += PaxRecord("size", std::to_string(size));
   if (nsec != 0) records += PaxRecord("mtime", fmt::format("{}.{:09}", sec, nsec));
+  if (owner.uid > kMaxUstarId) records += PaxRecord("uid", std::to_string(owner.uid));
+  if (owner.gid > kMaxUstarId) records += PaxRecord("gid", std::to_string(owner.gid));
+  if (owner.uname.size() > kMaxUstarOwnerName) records += PaxRecord("uname", owner.uname);
+  if (owner.gname.size() > kMaxUstarOwnerName) records += PaxRecord("gname", owner.gname);
   std::string out;
   if (!records.empty()) {
-    out += Header("././@PaxHeader", 'x', records.size(), sec, 0644);
+    std::string pax = Header("././@PaxHeader", 'x', records.size(), sec, 0644);
+    SetOwner(owner, &pax);
+    out += pax;
     out += records;
     Pad(&out, kBlock);
   }
-  out += Header(name, type, size >= (uint64_t{1} << 33) ? 0 : size, sec, mode, link);
+  std::string header = Header(name, type, size >= (uint64_t{1} << 33) ? 0 : size, sec, mode, link);
+  SetOwner(owner, &header);
+  out += header;
   return out;
 }
 
@@ -73,13 +84,15 @@ Result<RepackStats> Repack(const std::string& source, const std::string& out,
   };
   for (const auto& e : src->entries()) {
     std::string name = e.path.empty() ? "./" : "./" + e.path;
+    const TarOwner owner{e.uid, e.gid, e.uname, e.gname};
     Status st;
     if (e.type == source::EntryType::kDirectory) {
-      st = emit(EntryHeaders(name, '5', 0, e.mtime_sec, e.mtime_nsec, e.mode, ""));
+      st = emit(EntryHeaders(name, '5', 0, e.mtime_sec, e.mtime_nsec, e.mode, "", owner));
     } else if (e.type == source::EntryType::kSymlink) {
-      st = emit(EntryHeaders(name, '2', 0, e.mtime_sec, e.mtime_nsec, e.mode, e.link_target));
+      st = emit(
+          EntryHeaders(name, '2', 0, e.mtime_sec, e.mtime_nsec, e.mode, e.link_target, owner));
     } else {
-      st = emit(EntryHeaders(name, '0', e.size, e.mtime_sec, e.mtime_nsec, e.mode, ""));
+      st = emit(EntryHeaders(name, '0', e.size, e.mtime_sec, e.mtime_nsec, e.mode, "", owner));
       // The data: copied in the kernel from the source's descriptor.
       auto range = src->Locate(e.blob);
       if (!range) return fail(range.error());

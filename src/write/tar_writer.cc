@@ -56,6 +56,21 @@ void CopyOwner(const std::string& from, std::string* header) {
   (*header)[155] = ' ';
 }
 
+void SetOwner(const TarOwner& owner, std::string* header) {
+  if (header->size() != kBlock) return;
+  char* b = header->data();
+  PutOctal(b + 108, 8, owner.uid <= kMaxUstarId ? owner.uid : 0);
+  PutOctal(b + 116, 8, owner.gid <= kMaxUstarId ? owner.gid : 0);
+  std::memset(b + 265, 0, 64);
+  std::memcpy(b + 265, owner.uname.data(), std::min(owner.uname.size(), kMaxUstarOwnerName));
+  std::memcpy(b + 297, owner.gname.data(), std::min(owner.gname.size(), kMaxUstarOwnerName));
+  std::memset(b + 148, ' ', 8);
+  unsigned sum = 0;
+  for (unsigned char c : *header) sum += c;
+  PutOctal(b + 148, 7, sum);
+  (*header)[155] = ' ';
+}
+
 std::string PaxRecord(const std::string& key, const std::string& value) {
   std::string body = " " + key + "=" + value + "\n";
   size_t len = body.size() + 1;

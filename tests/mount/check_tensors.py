@@ -33,6 +33,14 @@ ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
              "U64": 8, "F8_E8M0": 1}
 
 
+# torch dtype -> safetensors code (the reference implementation's Dtype names);
+# absent: no code (complex128, float8 *fnuz, quantized types).
+ST_OF_TORCH = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+               "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+               "bool": "BOOL", "complex64": "C64", "float8_e4m3fn": "F8_E4M3",
+               "float8_e5m2": "F8_E5M2", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+               "float8_e8m0fnu": "F8_E8M0"}
+
 
 def sha(path):
     with open(path, "rb") as f:
@@ -85,6 +93,35 @@ def check_index(mount):
     return index
 
 
+def check_omitted(meta, header, index):
+    """Nothing is left out silently: every tensors/ key is in the header or named in
+    __metadata__["nemofs.omitted"] (a JSON object as a string, name -> why), and only
+    for a dtype safetensors has no code for; optimizer/ is named when there is one."""
+    if not all(isinstance(v, str) for v in meta.values()):
+        fail("safetensors: __metadata__ values must be strings")
+    omitted = json.loads(meta["nemofs.omitted"]) if "nemofs.omitted" in meta else {}
+    for key, v in index["tensors"].items():
+        st = ST_OF_TORCH.get(v["dtype"])
+        if st is not None and key not in header:
+            fail(f"safetensors: {key} ({v['dtype']}) missing from the header")
+        if st is None and key not in omitted:
+            fail(f"safetensors: {key} ({v['dtype']}) left out but not in nemofs.omitted")
+        if key in header and key in omitted:
+            fail(f"safetensors: {key} both in the header and omitted")
+        if key in header and header[key]["dtype"] != st:
+            fail(f"safetensors: {key} dtype {header[key]['dtype']} != {st}")
+    if ("optimizer" in index) != ("optimizer/" in omitted):
+        fail("safetensors: optimizer/ exists but is not named in nemofs.omitted (or vice versa)")
+    for name in set(index.get("unmerged", {})) | set(index.get("unreadable", {})):
+        if name not in omitted:
+            fail(f"safetensors: {name} is not in tensors/ and not named in nemofs.omitted")
+    extra = set(omitted) - set(index["tensors"]) - set(index.get("unmerged", {})) \
+        - set(index.get("unreadable", {})) - {"optimizer/"}
+    if extra:
+        fail(f"safetensors: nemofs.omitted names what the tree does not have: {sorted(extra)}")
+    print(f"model.safetensors omits {len(omitted)}: {sorted(omitted)}")
+
+
 def check_safetensors(mount, index):
     path = os.path.join(mount, "model.safetensors")
     raw = open(path, "rb").read()
@@ -93,7 +130,7 @@ def check_safetensors(mount, index):
         fail("safetensors header size invalid")
         return
     header = json.loads(raw[8:8 + n])
-    header.pop("__metadata__", None)
+    check_omitted(header.pop("__metadata__", {}), header, index)
     data = raw[8 + n:]
     spans = sorted((v["data_offsets"][0], v["data_offsets"][1], k) for k, v in header.items())
     pos = 0

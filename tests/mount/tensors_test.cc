@@ -2,6 +2,7 @@
 // model.safetensors through real mounts, checked by numpy and torch
 // (tests/mount/check_tensors.py) against expected.json computed by torch.
 #include <gtest/gtest.h>
+#include <signal.h>
 
 #include <filesystem>
 
@@ -55,6 +56,7 @@ INSTANTIATE_TEST_SUITE_P(
     Fixtures, TensorMount,
     ::testing::Values(Case{"torch/dtypes.pt", ""}, Case{"torch/dtypes_legacy.pt", ""},
                       Case{"torch/dtypes_p4.pt", ""}, Case{"torch/lightning.ckpt", ""},
+                      Case{"torch/complex.pt", ""},
                       Case{"tiny_gpt.nemo", "./model_weights.ckpt"},
                       Case{"tiny_gpt_gz.nemo", "./model_weights.ckpt"},
                       Case{"tiny_gpt_tp2.nemo", "-"}, Case{"torch/tiny_gpt_tp2pp2.nemo", "-"},
@@ -132,6 +134,101 @@ TEST(TensorMountExtras, WritesToTensorsAreRefused) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("Read-only file system"), std::string::npos) << r.err;
   m->Unmount();
+}
+
+// ---- model.safetensors drops nothing silently (issue 16 §6) ----------------
+
+// __metadata__["nemofs.omitted"] of <mnt>/model.safetensors and the header's
+// tensor names with their dtypes, parsed by Python's json module (no
+// safetensors package): "omitted <json>\n" then "<key> <dtype>" per tensor.
+std::string ParseHeader(const std::string& file) {
+  auto r = Sh("/usr/bin/python3 -c 'import json,struct,sys\n"
+              "raw=open(sys.argv[1],\"rb\").read()\n"
+              "(n,)=struct.unpack(\"<Q\",raw[:8])\n"
+              "h=json.loads(raw[8:8+n])\n"
+              "m=h.pop(\"__metadata__\")\n"
+              "print(\"omitted\", json.dumps(json.loads(m[\"nemofs.omitted\"]), sort_keys=True) "
+              "if \"nemofs.omitted\" in m else \"-\")\n"
+              "[print(k, v[\"dtype\"]) for k, v in h.items()]' " +
+              Q(file));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out;
+}
+
+TEST(SafetensorsOmitted, ComplexTensorIsNamedInHeaderInfoLsAndMountWarning) {
+  const std::string src = TestData("torch/complex.pt");
+  TempDir dir;
+  std::string mnt = dir.Join("mnt");
+  std::filesystem::create_directory(mnt);
+  // The daemonizing mount prints its warnings before it returns.
+  auto r = Sh(Q(NemofsBinary()) + " mount " + Q(src) + " " + Q(mnt) + " -o ro --log-file " +
+              Q(dir.Join("log")) + " --cache-dir " + Q(dir.Join("c")));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_TRUE(IsMounted(mnt));
+  pid_t pid = std::atoi(Sh("getfattr --only-values -n user.nemofs.pid " + Q(mnt)).out.c_str());
+  EXPECT_NE(r.err.find("warning: model.safetensors leaves out filter.spectrum: complex128"),
+            std::string::npos)
+      << r.err;
+  EXPECT_NE(ReadFile(dir.Join("log")).find("model.safetensors leaves out filter.spectrum"),
+            std::string::npos);
+  std::string header = ParseHeader(mnt + "/model.safetensors");
+  EXPECT_EQ(header,
+            "omitted {\"filter.spectrum\": \"complex128: safetensors has no such dtype\"}\n"
+            "proj.weight F32\nrope.freqs_cis C64\nfilter.scale F64\n");
+  // tensors/ still has all four.
+  auto ls = Sh("ls " + Q(mnt + "/tensors"));
+  EXPECT_EQ(ls.out, "filter.scale\nfilter.spectrum\nproj.weight\nrope.freqs_cis\n");
+  auto um = Sh(Q(NemofsBinary()) + " umount " + Q(mnt));
+  EXPECT_EQ(um.exit_code, 0) << um.err;
+  if (IsMounted(mnt)) {  // cleanup on failure: only the daemon this test started
+    Sh("fusermount3 -u " + Q(mnt));
+    if (pid > 0) ::kill(pid, SIGKILL);
+  }
+
+  r = Sh(Q(NemofsBinary()) + " info --json " + Q(src) +
+         " | /usr/bin/python3 -c 'import json,sys; j=json.load(sys.stdin); "
+         "print(json.dumps(j[\"safetensors_omitted\"]), j[\"warnings\"])'");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "{\"filter.spectrum\": \"complex128: safetensors has no such dtype\"} []\n");
+  r = Sh(Q(NemofsBinary()) + " info " + Q(src));
+  EXPECT_NE(r.out.find("omitted:     model.safetensors leaves out filter.spectrum: complex128: "
+                       "safetensors has no such dtype\n"),
+            std::string::npos)
+      << r.out;
+  r = Sh(Q(NemofsBinary()) + " ls " + Q(src) + " | tail -n 2");
+  EXPECT_EQ(r.out,
+            "4 tensors, 224 bytes\n"
+            "model.safetensors leaves out 1: filter.spectrum (`nemofs info` says why)\n");
+  r = Sh(Q(NemofsBinary()) + " ls --json " + Q(src) + " 2>&1 >/dev/null");
+  EXPECT_EQ(r.out, "nemofs: model.safetensors leaves out 1: filter.spectrum (`nemofs info` says why)\n");
+}
+
+TEST(SafetensorsOmitted, OptimizerStateIsNamedAndCleanCheckpointsSayNothing) {
+  // lightning.ckpt: 12 optimizer tensors (Adam over 4 parameters: step,
+  // exp_avg, exp_avg_sq), counted by `info`.
+  const std::string ckpt = TestData("torch/lightning.ckpt");
+  auto r = Sh(Q(NemofsBinary()) + " info --json " + Q(ckpt) +
+              " | /usr/bin/python3 -c 'import json,sys; j=json.load(sys.stdin); "
+              "print(j[\"optimizer\"][\"count\"], json.dumps(j[\"safetensors_omitted\"]))'");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "12 {\"optimizer/\": \"12 optimizer tensors: not model weights\"}\n");
+  auto m = Mount::Start(ckpt);
+  ASSERT_TRUE(m);
+  std::string header = ParseHeader(m->path() + "/model.safetensors");
+  EXPECT_EQ(header.rfind("omitted {\"optimizer/\": \"12 optimizer tensors: not model weights\"}\n", 0),
+            0u)
+      << header;
+  EXPECT_NE(header.find("\nout_scale F32\n"), std::string::npos) << header;
+  m->Unmount();
+  // Everything of tiny_gpt.nemo fits: no note anywhere, no nemofs.omitted key.
+  const std::string nemo = TestData("tiny_gpt.nemo");
+  r = Sh(Q(NemofsBinary()) + " ls " + Q(nemo) + " 2>&1; " + Q(NemofsBinary()) + " info " + Q(nemo));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out.find("leaves out"), std::string::npos) << r.out;
+  auto m2 = Mount::Start(nemo);
+  ASSERT_TRUE(m2);
+  EXPECT_EQ(ParseHeader(m2->path() + "/model.safetensors").substr(0, 10), "omitted -\n");
+  m2->Unmount();
 }
 
 }  // namespace

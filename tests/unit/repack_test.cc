@@ -7,6 +7,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "source/tar_index.h"
 #include "test_util.h"
 #include "util/fd.h"
@@ -108,6 +113,72 @@ TEST(Repack, CrashBeforeTheRenameLeavesTheArchiveUntouched) {
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
   EXPECT_EQ(WEXITSTATUS(status), kFaultExitCode);
   EXPECT_EQ(testing::ReadFile(path), before);
+}
+
+// `tar -tvf` (names) or `tar --numeric-owner -tvf` (ids) of `path`, sorted,
+// directories without their trailing slash (repack writes "./sub", GNU tar "./sub/").
+std::string TarListing(const std::string& path, bool numeric) {
+  auto r = Sh(std::string("tar ") + (numeric ? "--numeric-owner " : "") + "-tvf " +
+              ShellQuote(path) + " | sed -E 's|/$||' | LC_ALL=C sort");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out;
+}
+
+size_t Count(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+TEST(Repack, KeepsTarOwnerNamesAndIds) {
+  TempDir dir;
+  const std::string long_name = "sub/" + std::string(120, 'n') + ".txt";  // > 100: GNU L / PAX path
+  auto r = Sh("cd " + ShellQuote(dir.path()) +
+              " && mkdir -p src/sub extra && echo hi > src/" + long_name +
+              " && echo a > src/a.txt && ln -s a.txt src/link && echo late > extra/late.txt"
+              // GNU format: a GNU long-name record; a second owner appended.
+              " && tar --format=gnu -cf gnu.tar --sort=name --owner=alice:1234 "
+              "--group=team:5678 -C src ."
+              " && tar --format=gnu -rf gnu.tar --owner=bob:4321 --group=staff:8765 "
+              "-C extra ./late.txt"
+              " && gzip -kn gnu.tar"
+              // PAX format: a user name longer than ustar's 32 bytes, a uid above 7 octal digits.
+              " && tar --format=pax -cf pax.tar --sort=name "
+              "--owner=a_user_name_longer_than_thirty_two_chars:3000000 --group=team:5678 "
+              "-C src .");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  struct Case {
+    std::string file;
+    std::vector<std::pair<std::string, size_t>> names, ids;  // owner column -> members
+  };
+  const std::vector<Case> cases = {
+      {"gnu.tar", {{"alice/team ", 5}, {"bob/staff ", 1}}, {{"1234/5678 ", 5}, {"4321/8765 ", 1}}},
+      {"gnu.tar.gz", {{"alice/team ", 5}, {"bob/staff ", 1}}, {{"1234/5678 ", 5}, {"4321/8765 ", 1}}},
+      {"pax.tar",
+       {{"a_user_name_longer_than_thirty_two_chars/team ", 5}},
+       {{"3000000/5678 ", 5}}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.file);
+    const std::string in = dir.Join(c.file), out = dir.Join(c.file + ".repacked");
+    auto stats = Repack(in, out, dir.Join("cache"), nullptr);
+    ASSERT_TRUE(stats.ok()) << stats.error().message();
+    for (bool numeric : {false, true}) {
+      std::string before = TarListing(in, numeric), after = TarListing(out, numeric);
+      EXPECT_EQ(after, before) << (numeric ? "--numeric-owner" : "names");
+      size_t members = 0;
+      for (const auto& [owner, n] : numeric ? c.ids : c.names) {
+        EXPECT_EQ(Count(after, owner), n) << owner << "\n" << after;
+        members += n;
+      }
+      EXPECT_EQ(static_cast<size_t>(std::count(after.begin(), after.end(), '\n')), members)
+          << after;
+    }
+    // The long name and the root entry are there (with their owners, above).
+    const std::string listed = TarListing(out, false);
+    EXPECT_NE(listed.find("./" + long_name + "\n"), std::string::npos) << listed;
+    EXPECT_NE(listed.find(" .\n"), std::string::npos) << listed;
+  }
 }
 
 TEST(Repack, RefusesFolders) {
