@@ -169,8 +169,30 @@ bool SetupLogging(const LogOptions& opts, bool to_stderr, bool to_syslog,
   return true;
 }
 
+// --cache-dir and --cache-max, as every command that reads a source takes them.
+struct CacheArgs {
+  std::string dir;
+  uint64_t max = kDefaultCacheMax;
+};
+
+// Adds --cache-dir (help `dir_help`) and --cache-max to `app`.
+void AddCacheOptions(CLI::App* app, CacheArgs* cache, const std::string& dir_help) {
+  app->add_option("--cache-dir", cache->dir, dir_help);
+  app->add_option_function<std::string>(
+         "--cache-max",
+         [cache](const std::string& text) {
+           auto size = ParseByteSize(text);
+           if (!size) throw CLI::ValidationError("--cache-max", size.error().message());
+           cache->max = *size;
+         },
+         "cap of the cache directory's extraction entries, e.g. 20G or 500M (K/M/G/T = "
+         "1024^n bytes); past it, the least recently used entries no process uses are "
+         "removed; 0 = no cap (default 50G)")
+      ->type_name("SIZE");
+}
+
 Result<std::unique_ptr<Filesystem>> OpenCheckpoint(const std::string& source,
-                                                   const std::string& cache_dir,
+                                                   const CacheArgs& cache,
                                                    bool writable = false) {
   auto real = RealPath(source);
   if (!real) {
@@ -179,15 +201,16 @@ Result<std::unique_ptr<Filesystem>> OpenCheckpoint(const std::string& source,
   }
   FilesystemOptions options;
   options.source = *real;
-  options.cache_dir = Absolute(cache_dir.empty() ? DefaultCacheDir() : cache_dir);
+  options.cache_dir = Absolute(cache.dir.empty() ? DefaultCacheDir() : cache.dir);
+  options.cache_max = cache.max;
   options.writable = writable;
   return Filesystem::Open(options);
 }
 
 // Opens SOURCE, or prints the one-line error and returns null (exit code 3).
-std::unique_ptr<Filesystem> OpenOrPrint(const std::string& source, const std::string& cache_dir,
+std::unique_ptr<Filesystem> OpenOrPrint(const std::string& source, const CacheArgs& cache,
                                         bool writable = false) {
-  auto fs = OpenCheckpoint(source, cache_dir, writable);
+  auto fs = OpenCheckpoint(source, cache, writable);
   if (!fs) {
     PrintError(fs.error().message());
     return nullptr;
@@ -210,7 +233,7 @@ struct MountArgs {
   std::string mountpoint;
   bool foreground = false;
   std::vector<std::string> options;
-  std::string cache_dir;
+  CacheArgs cache;
   LogOptions log;
 };
 
@@ -263,7 +286,7 @@ int RunMount(const MountArgs& args) {
   config.foreground = args.foreground;
   bool read_only = false;
   config.fuse_options = ParseMountOptions(args.options, &read_only);
-  auto cache_dir = ResolveCacheDir(args.cache_dir, true);
+  auto cache_dir = ResolveCacheDir(args.cache.dir, true);
   if (!cache_dir) {
     PrintError(cache_dir.error().message());
     return kExitUsage;
@@ -310,7 +333,7 @@ int RunMount(const MountArgs& args) {
       lock_refusal = locked.error().message();
     }
   }
-  auto fs = OpenOrPrint(args.source, *cache_dir, !read_only && lock_refusal.empty());
+  auto fs = OpenOrPrint(args.source, CacheArgs{*cache_dir, args.cache.max}, !read_only && lock_refusal.empty());
   if (!fs) return kExitSource;
   const CheckpointInfo& info = fs->info();
   // What changes what the user gets is said here, before returning.
@@ -543,7 +566,7 @@ int RunUmount(const std::string& mountpoint, double timeout_s) {
 }
 
 // ---- info --------------------------------------------------------------------
-int RunInfo(const std::string& source, const std::string& cache_dir, bool json) {
+int RunInfo(const std::string& source, const CacheArgs& cache_dir, bool json) {
   auto fs = OpenOrPrint(source, cache_dir);
   if (!fs) return kExitSource;
   const CheckpointInfo& i = fs->info();
@@ -604,7 +627,7 @@ int RunInfo(const std::string& source, const std::string& cache_dir, bool json) 
 }
 
 // ---- repack ------------------------------------------------------------------
-int RunRepack(const std::string& source, const std::string& out_arg, const std::string& cache_dir,
+int RunRepack(const std::string& source, const std::string& out_arg, const CacheArgs& cache,
               bool quiet) {
   auto real = RealPath(source);
   if (!real) {
@@ -622,14 +645,15 @@ int RunRepack(const std::string& source, const std::string& out_arg, const std::
   const bool tty = ::isatty(2) && !quiet;
   int last_pct = -1;
   auto stats =
-      write::Repack(*real, out, Absolute(cache_dir.empty() ? DefaultCacheDir() : cache_dir),
+      write::Repack(*real, out, Absolute(cache.dir.empty() ? DefaultCacheDir() : cache.dir),
                     [&](uint64_t done, uint64_t total) {
                       int pct = total ? static_cast<int>(done * 100 / total) : 100;
                       if (tty && pct != last_pct) {
                         fmt::print(stderr, "\rnemofs repack: {}% of {} bytes", pct, total);
                         last_pct = pct;
                       }
-                    });
+                    },
+                    cache.max);
   if (tty) fmt::print(stderr, "\n");
   if (!stats) {
     PrintError(stats.error().message());
@@ -641,7 +665,7 @@ int RunRepack(const std::string& source, const std::string& out_arg, const std::
 }
 
 // ---- verify ------------------------------------------------------------------
-int RunVerify(const std::string& source, const std::string& cache_dir, bool quiet) {
+int RunVerify(const std::string& source, const CacheArgs& cache_dir, bool quiet) {
   auto fs = OpenOrPrint(source, cache_dir);
   if (!fs) return kExitSource;
   const bool tty = ::isatty(2) && !quiet;
@@ -680,7 +704,7 @@ std::string Shape(const std::vector<int64_t>& shape) {
 }
 
 int RunLs(const std::string& source, const std::string& glob, bool all, bool json,
-          const std::string& cache_dir) {
+          const CacheArgs& cache_dir) {
   auto fs = OpenOrPrint(source, cache_dir);
   if (!fs) return kExitSource;
   for (const auto& e : fs->info().weight_errors) PrintError(e);
@@ -729,7 +753,7 @@ int RunLs(const std::string& source, const std::string& glob, bool all, bool jso
 }
 
 // ---- cat ---------------------------------------------------------------------
-int RunCat(const std::string& source, const std::string& path, const std::string& cache_dir) {
+int RunCat(const std::string& source, const std::string& path, const CacheArgs& cache_dir) {
   auto fs = OpenOrPrint(source, cache_dir);
   if (!fs) return kExitSource;
   auto ino = fs->Resolve(path);
@@ -801,9 +825,9 @@ int Main(int argc, char** argv) {
   mount->add_option("-o", margs.options, "mount options, comma separated: ro (no writes at all; the default "
                     "is rw: config.yaml can be edited), allow_other, any FUSE option")
       ->allow_extra_args(false);
-  mount->add_option("--cache-dir", margs.cache_dir,
-                    "extraction cache for compressed archives "
-                    "(default $XDG_CACHE_HOME/nemofs or ~/.cache/nemofs)");
+  AddCacheOptions(mount, &margs.cache,
+                  "extraction cache for compressed archives "
+                  "(default $XDG_CACHE_HOME/nemofs or ~/.cache/nemofs)");
   mount->add_option("--log-level", margs.log.level, "trace, debug, info, warn, error, off")
       ->capture_default_str();
   mount->add_option("--log-file", margs.log.file, "append the daemon's log to this file");
@@ -816,33 +840,37 @@ int Main(int argc, char** argv) {
   umount->add_option("--timeout", umount_timeout, "seconds to wait for the daemon")
       ->capture_default_str();
 
-  std::string info_source, info_cache;
+  std::string info_source;
+  CacheArgs info_cache;
   bool info_json = false;
   auto* info = app.add_subcommand(
       "info", "Print what SOURCE is: format, config, tokenizer, weights, warnings");
   info->add_option("SOURCE", info_source)->required();
   info->add_flag("--json", info_json, "machine-readable output");
-  info->add_option("--cache-dir", info_cache, "as for mount");
+  AddCacheOptions(info, &info_cache, "as for mount");
 
-  std::string repack_source, repack_out, repack_cache;
+  std::string repack_source, repack_out;
+  CacheArgs repack_cache;
   bool repack_quiet = false;
   auto* repack = app.add_subcommand(
       "repack", "Rewrite a .nemo compactly and atomically: drop superseded members, gzip -> plain");
   repack->add_option("SOURCE", repack_source)->required();
   repack->add_option("-o,--output", repack_out, "write here instead of replacing SOURCE");
   repack->add_flag("-q,--quiet", repack_quiet, "no progress on stderr");
-  repack->add_option("--cache-dir", repack_cache, "as for mount");
+  AddCacheOptions(repack, &repack_cache, "as for mount");
 
-  std::string verify_source, verify_cache;
+  std::string verify_source;
+  CacheArgs verify_cache;
   bool verify_quiet = false;
   auto* verify = app.add_subcommand(
       "verify",
       "Check SOURCE completely: structure, every tensor's bytes, zip CRCs; exit 1 on any problem");
   verify->add_option("SOURCE", verify_source)->required();
   verify->add_flag("-q,--quiet", verify_quiet, "no progress on stderr");
-  verify->add_option("--cache-dir", verify_cache, "as for mount");
+  AddCacheOptions(verify, &verify_cache, "as for mount");
 
-  std::string ls_source, ls_glob, ls_cache;
+  std::string ls_source, ls_glob;
+  CacheArgs ls_cache;
   bool ls_all = false, ls_json = false;
   auto* ls =
       app.add_subcommand("ls", "List tensors of SOURCE: key, dtype, shape, bytes (no mount)");
@@ -850,15 +878,16 @@ int Main(int argc, char** argv) {
   ls->add_option("GLOB", ls_glob, "shell pattern on keys, e.g. 'model.decoder.layers.0.*'");
   ls->add_flag("-a,--all", ls_all, "also optimizer/ and ranks/ (matched on their tree paths)");
   ls->add_flag("--json", ls_json, "machine-readable output");
-  ls->add_option("--cache-dir", ls_cache, "as for mount");
+  AddCacheOptions(ls, &ls_cache, "as for mount");
 
-  std::string cat_source, cat_path, cat_cache;
+  std::string cat_source, cat_path;
+  CacheArgs cat_cache;
   auto* cat = app.add_subcommand("cat", "Print one file of the mounted tree without mounting");
   cat->add_option("SOURCE", cat_source)->required();
   cat->add_option("PATH", cat_path,
                   "path as in the mount, e.g. config.yaml or archive/model_weights.ckpt")
       ->required();
-  cat->add_option("--cache-dir", cat_cache, "as for mount");
+  AddCacheOptions(cat, &cat_cache, "as for mount");
 
   // `nemofs SOURCE MOUNTPOINT [-o OPTS]`: the form mount.fuse3 runs for
   // /etc/fstab and `mount -t fuse.nemofs` (as for sshfs). Anything else that

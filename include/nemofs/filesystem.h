@@ -48,9 +48,19 @@ struct DirEntry {
   NodeType type = NodeType::kFile;
 };
 
+// Default cap of the extraction cache (--cache-max): 50 GiB.
+inline constexpr uint64_t kDefaultCacheMax = uint64_t{50} << 30;
+
+// "20G", "500M", "1.5T", "4096", "0"; K/M/G/T are powers of 1024 (an
+// optional "i" and "B" are accepted: "20GiB", "20GB"). EINVAL otherwise.
+Result<uint64_t> ParseByteSize(std::string_view text);
+
 struct FilesystemOptions {
   std::string source;     // path of the checkpoint (file or directory)
   std::string cache_dir;  // extraction cache for compressed archives
+  // Its cap in bytes: least recently used entries not in use are removed
+  // past it (0 = no cap).
+  uint64_t cache_max = kDefaultCacheMax;
   // Allow writes (config.yaml and scratch files beside it). Even when set,
   // a source that cannot be written (no write permission, read-only file
   // system) opens read-only; writable() tells.

@@ -15,6 +15,7 @@
 #include <functional>
 #include <string>
 
+#include "nemofs/filesystem.h"  // kDefaultCacheMax
 #include "nemofs/result.h"
 
 namespace nemofs::write {
@@ -28,6 +29,7 @@ struct RepackStats {
 // Crash points for tests: "repack:written" (temp file complete, not renamed).
 Result<RepackStats> Repack(const std::string& source, const std::string& out,
                            const std::string& cache_dir,
-                           const std::function<void(uint64_t done, uint64_t total)>& progress);
+                           const std::function<void(uint64_t done, uint64_t total)>& progress,
+                           uint64_t cache_max = kDefaultCacheMax);
 
 }  // namespace nemofs::write

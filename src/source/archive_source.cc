@@ -7,6 +7,7 @@
 #include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
 
 #include "source/sources_internal.h"
 #include "util/io.h"
@@ -46,15 +47,6 @@ Result<ArchivePtr> OpenReader(const std::string& path) {
 std::string ArchiveError(archive* a, const std::string& path, std::string_view what) {
   const char* msg = archive_error_string(a);
   return fmt::format("{}: {}: {}", path, what, msg ? msg : "unknown libarchive error");
-}
-
-uint64_t Fnv1a(std::string_view s) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return h;
 }
 
 // What of a streamed member a torch.save zip parser needs: the head (the
@@ -184,14 +176,22 @@ Result<std::shared_ptr<const ByteReader>> ArchiveSource::MetadataReader(uint32_t
 Result<std::unique_ptr<Source>> ArchiveSource::Open(const std::string& path,
                                                     const std::string& filter,
                                                     const struct stat& st,
-                                                    const std::string& cache_dir) {
+                                                    const std::string& cache_dir,
+                                                    uint64_t cache_max) {
   std::unique_ptr<ArchiveSource> src(new ArchiveSource(path));
   src->filter_ = filter;
   char* real = ::realpath(path.c_str(), nullptr);
-  std::string identity = fmt::format("{}:{}:{}:{}.{:09}:{}", st.st_dev, st.st_ino, st.st_size,
-                                     st.st_mtim.tv_sec, st.st_mtim.tv_nsec, real ? real : path);
+  SourceIdentity id = SourceIdentity::Of(real ? real : path, st);
   std::free(real);
-  src->cache_dir_ = fmt::format("{}/{:016x}", cache_dir, Fnv1a(identity));
+  src->cache_root_ = cache_dir;
+  src->cache_max_ = cache_max;
+  src->cache_dir_ = cache_dir + "/" + CacheEntryName(id);
+  if (auto entry = CacheEntry::Acquire(cache_dir, id)) {
+    src->entry_ = std::move(entry).value();
+  } else {
+    // Not fatal: extraction reports the cache directory's problem if it matters.
+    spdlog::debug("{}", entry.error().message());
+  }
 
   std::vector<Entry> raw;
   std::vector<std::string> warnings;
@@ -199,6 +199,7 @@ Result<std::unique_ptr<Source>> ArchiveSource::Open(const std::string& path,
     src->index_from_cache_ = true;
     src->fds_ = std::make_unique<LazyFds>(src->blobs_.size());
     src->SetEntries(std::move(raw), std::move(warnings));
+    src->Sweep();
     return std::unique_ptr<Source>(std::move(src));
   }
   NEMOFS_ASSIGN_OR_RETURN(ArchivePtr a, OpenReader(path));
@@ -279,6 +280,7 @@ Result<std::unique_ptr<Source>> ArchiveSource::Open(const std::string& path,
   src->SaveIndex(raw, warnings);
   src->fds_ = std::make_unique<LazyFds>(src->blobs_.size());
   src->SetEntries(std::move(raw), std::move(warnings));
+  src->Sweep();
   return std::unique_ptr<Source>(std::move(src));
 }
 
@@ -292,6 +294,7 @@ Result<int> ArchiveSource::Extract(uint32_t blob_index) {
   struct stat st {};
   if (::stat(final_path.c_str(), &st) == 0 && static_cast<uint64_t>(st.st_size) == blob.size) {
     NEMOFS_ASSIGN_OR_RETURN(UniqueFd fd, OpenReadOnly(final_path));
+    entry_.Touch();
     return fds_->Install(blob_index, std::move(fd));
   }
   NEMOFS_RETURN_IF_ERROR(MakeDirs(cache_dir_));
@@ -358,7 +361,20 @@ Result<int> ArchiveSource::Extract(uint32_t blob_index) {
     return fail(Err(e, "{}: cannot rename cache file: {}", final_path, std::strerror(e)));
   }
   NEMOFS_ASSIGN_OR_RETURN(UniqueFd fd, OpenReadOnly(final_path));
+  entry_.Touch();
+  Sweep();  // the entry grew: evict others if the cache is now over its cap
   return fds_->Install(blob_index, std::move(fd));
+}
+
+void ArchiveSource::Sweep() const {
+  if (cache_root_.empty()) return;
+  SweepStats s = SweepCache(cache_root_, cache_max_);
+  if (s.superseded + s.vanished + s.evicted == 0) return;
+  spdlog::info(
+      "cache {}: removed {} entr{} of rewritten sources, {} of deleted sources, {} least "
+      "recently used (cap {} bytes); {} bytes left, {} entr{} in use",
+      cache_root_, s.superseded, s.superseded == 1 ? "y" : "ies", s.vanished, s.evicted,
+      cache_max_, s.bytes, s.in_use, s.in_use == 1 ? "y" : "ies");
 }
 
 Result<ReadPlan> ArchiveSource::Plan(uint32_t blob_index, uint64_t offset, uint64_t length) {

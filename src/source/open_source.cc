@@ -40,7 +40,7 @@ Result<std::unique_ptr<Source>> OpenSource(const std::string& path, const OpenOp
     if (options.cache_dir.empty()) {
       return Err(EINVAL, "{}: compressed archive needs a cache directory", path);
     }
-    return ArchiveSource::Open(path, filter, st, options.cache_dir);
+    return ArchiveSource::Open(path, filter, st, options.cache_dir, options.cache_max);
   }
   return FileSource::Open(path, std::move(fd), st);
 }

@@ -104,6 +104,7 @@ class Source {
 
 struct OpenOptions {
   std::string cache_dir;  // where members of compressed archives are extracted
+  uint64_t cache_max = 0;  // cap of that cache in bytes (source/cache.h); 0 = none
 };
 
 // Opens `path`: a directory, a plain tar, a compressed tar, or any other

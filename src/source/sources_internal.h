@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "source/cache.h"
 #include "source/source.h"
 #include "source/tar_index.h"
 #include "util/fd.h"
@@ -80,7 +81,8 @@ class TarSource final : public Source {
 class ArchiveSource final : public Source {
  public:
   static Result<std::unique_ptr<Source>> Open(const std::string& path, const std::string& filter,
-                                              const struct stat& st, const std::string& cache_dir);
+                                              const struct stat& st, const std::string& cache_dir,
+                                              uint64_t cache_max);
   std::string Kind() const override { return "tar (" + filter_ + ")"; }
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
   Result<FileRange> Locate(uint32_t blob) override;
@@ -105,9 +107,14 @@ class ArchiveSource final : public Source {
   bool LoadIndex(std::vector<Entry>* raw, std::vector<std::string>* warnings);
   void SaveIndex(const std::vector<Entry>& raw, const std::vector<std::string>& warnings) const;
   bool index_from_cache_ = false;
+  // Removes superseded and vanished entries, then evicts down to the cap.
+  void Sweep() const;
 
   std::string filter_;
-  std::string cache_dir_;  // per-source directory under the user's cache dir
+  std::string cache_root_;  // the user's cache dir
+  uint64_t cache_max_ = 0;  // its cap (0: none)
+  std::string cache_dir_;   // per-source directory under the user's cache dir
+  CacheEntry entry_;        // holds cache_dir_ in use (invalid if it could not be made)
   std::vector<Blob> blobs_;
   std::unique_ptr<LazyFds> fds_;
   std::mutex extract_mutex_;  // guards extraction; the only lock, taken only on a cache miss

@@ -225,6 +225,7 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   }
   source::OpenOptions so;
   so.cache_dir = options.cache_dir;
+  so.cache_max = options.cache_max;
   NEMOFS_ASSIGN_OR_RETURN(impl->src, source::OpenSource(options.source, so));
   NEMOFS_ASSIGN_OR_RETURN(checkpoint::Layout layout, checkpoint::Recognize(*impl->src));
   source::Source& src = *impl->src;

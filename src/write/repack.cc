@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#include "source/cache.h"
 #include "source/source.h"
 #include "source/tar_index.h"
 #include "util/fd.h"
@@ -49,9 +50,11 @@ std::string EntryHeaders(const std::string& name, char type, uint64_t size, int6
 
 Result<RepackStats> Repack(const std::string& source, const std::string& out,
                            const std::string& cache_dir,
-                           const std::function<void(uint64_t, uint64_t)>& progress) {
+                           const std::function<void(uint64_t, uint64_t)>& progress,
+                           uint64_t cache_max) {
   source::OpenOptions so;
   so.cache_dir = cache_dir;
+  so.cache_max = cache_max;
   NEMOFS_ASSIGN_OR_RETURN(auto src, source::OpenSource(source, so));
   if (src->Kind() == "directory" || src->Kind() == "file") {
     return Err(EINVAL, "{}: repack rewrites tar archives (.nemo); this is a {}", source,
@@ -135,6 +138,9 @@ Result<RepackStats> Repack(const std::string& source, const std::string& out,
   // Make the rename durable.
   UniqueFd dfd(::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (dfd.valid()) ::fsync(dfd.get());
+  // The cache entry of a compressed SOURCE replaced in place is superseded now.
+  src.reset();
+  source::SweepCache(cache_dir, cache_max);
   return stats;
 }
 

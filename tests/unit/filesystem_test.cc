@@ -113,10 +113,15 @@ TEST(Filesystem, GzipMembersAreExtractedOnlyWhenRead) {
   TempDir cache;
   auto fs = OpenFs(TestData("tiny_gpt_gz.nemo"), cache.path());
   ASSERT_TRUE(fs);
-  auto count_files = [&] {  // extracted members (the listing index is not one)
+  auto member = [](const std::filesystem::directory_entry& e) {
+    // Extracted members: neither the listing index nor the entry's record.
+    return e.is_regular_file() && e.path().filename() != "index.cbor" &&
+           e.path().filename() != source::kCacheEntryRecord;
+  };
+  auto count_files = [&] {
     int n = 0;
     for (const auto& e : std::filesystem::recursive_directory_iterator(cache.path())) {
-      n += e.is_regular_file() && e.path().filename() != "index.cbor";
+      n += member(e);
     }
     return n;
   };
@@ -135,7 +140,7 @@ TEST(Filesystem, GzipMembersAreExtractedOnlyWhenRead) {
   // A second open of the same source reuses the extracted member.
   std::string cached;
   for (const auto& e : std::filesystem::recursive_directory_iterator(cache.path())) {
-    if (e.is_regular_file() && e.path().filename() != "index.cbor") cached = e.path();
+    if (member(e)) cached = e.path();
   }
   auto before = std::filesystem::last_write_time(cached);
   auto fs2 = OpenFs(TestData("tiny_gpt_gz.nemo"), cache.path());
