@@ -53,6 +53,7 @@ std::unique_ptr<Mount> Mount::Start(const std::string& source,
                                     const MountOptions& options) {
   std::unique_ptr<Mount> m(new Mount());
   m->mnt_ = m->dir_.Join("mnt");
+  m->cache_dir_ = options.cache_dir.empty() ? m->dir_.Join("cache") : options.cache_dir;
   ::mkdir(m->mnt_.c_str(), 0755);
   std::vector<std::string> args = {NemofsBinary(),
                                    "mount",
@@ -62,7 +63,7 @@ std::unique_ptr<Mount> Mount::Start(const std::string& source,
                                    "--log-file",
                                    m->dir_.Join("daemon.log"),
                                    "--cache-dir",
-                                   m->dir_.Join("cache"),
+                                   m->cache_dir_,
                                    "--log-level",
                                    "debug"};
   if (!options.writable) {

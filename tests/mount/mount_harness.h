@@ -22,6 +22,7 @@ struct MountOptions {
   // `-o ro` unless a test asks for writes (on a copy).
   bool writable = false;
   std::vector<std::string> env;  // extra "NAME=value" for the daemon
+  std::string cache_dir;         // --cache-dir; empty: a fresh one per mount (CacheDir())
 };
 
 class Mount {
@@ -40,7 +41,7 @@ class Mount {
   std::string Log() const { return ReadFile(dir_.Join("daemon.log")); }
   pid_t pid() const { return pid_; }
   // The daemon's --cache-dir.
-  std::string CacheDir() const { return dir_.Join("cache"); }
+  std::string CacheDir() const { return cache_dir_; }
   // Unmounts now and expects the daemon to exit with status 0.
   void Unmount();
   // For crash tests: sends `sig` to the daemon (only if > 0), waits up to
@@ -52,6 +53,7 @@ class Mount {
   Mount() = default;
   TempDir dir_;
   std::string mnt_;
+  std::string cache_dir_;
   pid_t pid_ = -1;
 };
 

@@ -8,6 +8,8 @@
 
 #include <functional>
 #include <regex>
+#include <sstream>
+#include <sys/stat.h>
 
 #include "mount_harness.h"
 #include "test_util.h"
@@ -461,6 +463,79 @@ TEST(RepackAfterEdits, KeepsOnlyTheLastConfig) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(Sh("tar -tf " + Q(src) + " | grep -c model_config.yaml").out, "1\n");
   EXPECT_EQ(StoredConfig(kind, src), "round: 2\n");
+}
+
+// ---- the extraction cache keeps one entry per compressed source ----------
+
+// The cache entries (directories with a record) under `cache`, with the
+// source each record names.
+std::vector<std::pair<std::string, std::string>> CacheEntries(const std::string& cache) {
+  auto r = Sh("cd " + Q(cache) +
+              " && for f in */nemofs-entry.json; do [ -f \"$f\" ] && "
+              "/usr/bin/python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); "
+              "print(sys.argv[1].split(\"/\")[0], d[\"source\"], d[\"ino\"], d[\"mtime_ns\"])' "
+              "\"$f\"; done; true");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  std::vector<std::pair<std::string, std::string>> out;
+  std::istringstream lines(r.out);
+  std::string name, rest;
+  while (lines >> name && std::getline(lines, rest)) out.emplace_back(name, rest.substr(1));
+  return out;
+}
+
+TEST(CacheAfterSaves, OneEntryPerCompressedSourceRemains) {
+  const SourceKind& kind = Kind("gzip_tar");
+  TempDir dir;
+  std::string src = MakeSource(kind, dir);
+  std::string cache = dir.Join("cache");
+  std::string weights_before;
+  for (int i = 0; i < 3; ++i) {
+    auto m = Mount::Start(src, {}, MountOptions{true, {}, cache});
+    ASSERT_TRUE(m);
+    // Extract a member, so each entry holds more than the listing.
+    std::string weights = ReadFile(m->path() + "/archive/model_weights.ckpt");
+    ASSERT_FALSE(weights.empty());
+    if (i == 0) weights_before = weights;
+    EXPECT_EQ(weights, weights_before);
+    auto r = Sh("echo 'round: " + std::to_string(i) + "' > " + Q(m->path() + "/config.yaml"));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    // The mount's own entry is in use (and the earlier one is gone).
+    auto during = CacheEntries(cache);
+    EXPECT_EQ(during.size(), 1u) << i;
+    m->Unmount();
+  }
+  // The next open of the source (here `nemofs cat`) replaces the entry of
+  // the version the last save superseded.
+  auto r = Sh(Q(NemofsBinary()) + " cat " + Q(src) + " config.yaml --cache-dir " + Q(cache));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "round: 2\n");
+  EXPECT_EQ(StoredConfig(kind, src), "round: 2\n");
+  auto left = CacheEntries(cache);
+  ASSERT_EQ(left.size(), 1u);
+  struct stat st {};
+  ASSERT_EQ(::stat(src.c_str(), &st), 0);
+  EXPECT_EQ(left[0].second,
+            src + " " + std::to_string(st.st_ino) + " " +
+                std::to_string(int64_t{st.st_mtim.tv_sec} * 1000000000 + st.st_mtim.tv_nsec));
+}
+
+TEST(CacheAfterSaves, ASmallCapEvictsTheUnusedEntriesOfOtherSources) {
+  const SourceKind& kind = Kind("gzip_tar");
+  TempDir dir;
+  std::string a = MakeSourceAt(kind, dir.Join("a.nemo"));
+  std::string b = MakeSourceAt(kind, dir.Join("b.nemo"));
+  std::string cache = dir.Join("cache");
+  auto cat = [&](const std::string& src, const std::string& max) {
+    return Sh(Q(NemofsBinary()) + " cat " + Q(src) + " archive/model_weights.ckpt --cache-dir " +
+              Q(cache) + " --cache-max " + max + " > /dev/null");
+  };
+  ASSERT_EQ(cat(a, "0").exit_code, 0);
+  ASSERT_EQ(cat(b, "0").exit_code, 0);
+  EXPECT_EQ(CacheEntries(cache).size(), 2u);  // no cap
+  ASSERT_EQ(cat(b, "1K").exit_code, 0);     // b in use, a evicted
+  auto left = CacheEntries(cache);
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_EQ(left[0].second.substr(0, b.size() + 1), b + " ");
 }
 
 }  // namespace
