@@ -538,5 +538,24 @@ TEST(CacheAfterSaves, ASmallCapEvictsTheUnusedEntriesOfOtherSources) {
   EXPECT_EQ(left[0].second.substr(0, b.size() + 1), b + " ");
 }
 
+TEST(CacheMax, EveryCommandWithACacheDirTakesItAndRefusesABadSize) {
+  TempDir dir;
+  std::string src = MakeSource(Kind("gzip_tar"), dir);
+  std::string cache = " --cache-dir " + Q(dir.Join("cache"));
+  const std::vector<std::string> commands = {
+      "info " + Q(src), "ls " + Q(src), "verify -q " + Q(src), "cat " + Q(src) + " config.yaml",
+      "repack -q -o " + Q(dir.Join("out.nemo")) + " " + Q(src),
+      "mount " + Q(src) + " " + Q(dir.path()) + " -o ro"};
+  for (const auto& c : commands) {
+    auto bad = Sh(Q(NemofsBinary()) + " " + c + cache + " --cache-max 20Q");
+    EXPECT_EQ(bad.exit_code, 2) << c << ": " << bad.err;
+    EXPECT_NE(bad.err.find("--cache-max"), std::string::npos) << c << ": " << bad.err;
+    EXPECT_NE(bad.err.find("20Q"), std::string::npos) << c << ": " << bad.err;
+    if (c.rfind("mount", 0) == 0) continue;  // mounting it is the other tests' business
+    auto good = Sh(Q(NemofsBinary()) + " " + c + cache + " --cache-max 1.5G");
+    EXPECT_EQ(good.exit_code, 0) << c << ": " << good.err;
+  }
+}
+
 }  // namespace
 }  // namespace nemofs::testing
