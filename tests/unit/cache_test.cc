@@ -323,6 +323,57 @@ TEST(SweepCache, ReopeningACompressedSourceAfterARewriteLeavesOneEntry) {
   EXPECT_TRUE(Exists(cache + "/" + left[0] + "/index.cbor"));
 }
 
+// Processes acquiring, filling and releasing entries of the same sources
+// while each sweeps with a cap of 1 byte (every unused entry is evicted):
+// no one ever loses a file of an entry it holds.
+TEST(SweepCache, ConcurrentSweepsNeverRemoveAnEntryWhileItIsHeld) {
+  TempDir dir;
+  std::string cache = dir.Join("cache");
+  std::vector<std::string> sources;
+  for (int i = 0; i < 2; ++i) {
+    sources.push_back(dir.Join("s" + std::to_string(i) + ".nemo"));
+    WriteFile(sources.back(), std::to_string(i));
+  }
+  constexpr int kProcesses = 4, kRounds = 150;
+  std::vector<pid_t> children;
+  for (int p = 0; p < kProcesses; ++p) {
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      int lost = 0;
+      uint64_t evicted = 0;
+      for (int r = 0; r < kRounds; ++r) {
+        const std::string& src = sources[(p + r) % sources.size()];
+        auto entry = CacheEntry::Acquire(cache, IdentityOf(src));
+        if (!entry.ok()) ::_exit(2);
+        std::string mine = entry->dir() + "/m" + std::to_string(p);
+        int fd = ::open(mine.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fd < 0 || ::write(fd, "data", 4) != 4) ::_exit(3);
+        ::close(fd);
+        evicted += SweepCache(cache, 1).evicted;
+        struct stat st {};
+        if (::stat(mine.c_str(), &st) != 0 ||
+            ::stat((entry->dir() + "/" + std::string(kCacheEntryRecord)).c_str(), &st) != 0) {
+          ++lost;
+        }
+      }
+      ::_exit(lost ? 1 : (evicted > 0 ? 0 : 4));
+    }
+    ASSERT_GT(pid, 0);
+    children.push_back(pid);
+  }
+  int evicting = 0;
+  for (pid_t pid : children) {
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFEXITED(status));
+    int code = WEXITSTATUS(status);
+    EXPECT_TRUE(code == 0 || code == 4)
+        << "child exit " << code << " (1: lost a held file, 2: acquire failed, 3: entry gone)";
+    evicting += code == 0;
+  }
+  EXPECT_GT(evicting, 0) << "no sweep evicted anything: the race was not exercised";
+}
+
 TEST(ParseByteSize, SuffixesArePowersOf1024) {
   EXPECT_EQ(*ParseByteSize("0"), 0u);
   EXPECT_EQ(*ParseByteSize("4096"), 4096u);
