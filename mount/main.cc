@@ -192,8 +192,7 @@ void AddCacheOptions(CLI::App* app, CacheArgs* cache, const std::string& dir_hel
 }
 
 Result<std::unique_ptr<Filesystem>> OpenCheckpoint(const std::string& source,
-                                                   const CacheArgs& cache,
-                                                   bool writable = false) {
+                                                   const CacheArgs& cache, bool writable = false) {
   auto real = RealPath(source);
   if (!real) {
     int e = errno;
@@ -333,7 +332,8 @@ int RunMount(const MountArgs& args) {
       lock_refusal = locked.error().message();
     }
   }
-  auto fs = OpenOrPrint(args.source, CacheArgs{*cache_dir, args.cache.max}, !read_only && lock_refusal.empty());
+  auto fs = OpenOrPrint(args.source, CacheArgs{*cache_dir, args.cache.max},
+                        !read_only && lock_refusal.empty());
   if (!fs) return kExitSource;
   const CheckpointInfo& info = fs->info();
   // What changes what the user gets is said here, before returning.
@@ -644,16 +644,16 @@ int RunRepack(const std::string& source, const std::string& out_arg, const Cache
   }
   const bool tty = ::isatty(2) && !quiet;
   int last_pct = -1;
-  auto stats =
-      write::Repack(*real, out, Absolute(cache.dir.empty() ? DefaultCacheDir() : cache.dir),
-                    [&](uint64_t done, uint64_t total) {
-                      int pct = total ? static_cast<int>(done * 100 / total) : 100;
-                      if (tty && pct != last_pct) {
-                        fmt::print(stderr, "\rnemofs repack: {}% of {} bytes", pct, total);
-                        last_pct = pct;
-                      }
-                    },
-                    cache.max);
+  auto stats = write::Repack(
+      *real, out, Absolute(cache.dir.empty() ? DefaultCacheDir() : cache.dir),
+      [&](uint64_t done, uint64_t total) {
+        int pct = total ? static_cast<int>(done * 100 / total) : 100;
+        if (tty && pct != last_pct) {
+          fmt::print(stderr, "\rnemofs repack: {}% of {} bytes", pct, total);
+          last_pct = pct;
+        }
+      },
+      cache.max);
   if (tty) fmt::print(stderr, "\n");
   if (!stats) {
     PrintError(stats.error().message());

@@ -1,13 +1,13 @@
 #include <archive.h>
 #include <archive_entry.h>
 #include <fcntl.h>
+#include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 #include "source/sources_internal.h"
 #include "util/io.h"
@@ -186,12 +186,9 @@ Result<std::unique_ptr<Source>> ArchiveSource::Open(const std::string& path,
   src->cache_root_ = cache_dir;
   src->cache_max_ = cache_max;
   src->cache_dir_ = cache_dir + "/" + CacheEntryName(id);
-  if (auto entry = CacheEntry::Acquire(cache_dir, id)) {
-    src->entry_ = std::move(entry).value();
-  } else {
-    // Not fatal: extraction reports the cache directory's problem if it matters.
-    spdlog::debug("{}", entry.error().message());
-  }
+  // Not fatal without it (an unwritable cache directory): the listing is not
+  // saved, and an extraction reports the directory's problem if one is needed.
+  if (auto entry = CacheEntry::Acquire(cache_dir, id)) src->entry_ = std::move(entry).value();
 
   std::vector<Entry> raw;
   std::vector<std::string> warnings;
@@ -373,8 +370,8 @@ void ArchiveSource::Sweep() const {
   spdlog::info(
       "cache {}: removed {} entr{} of rewritten sources, {} of deleted sources, {} least "
       "recently used (cap {} bytes); {} bytes left, {} entr{} in use",
-      cache_root_, s.superseded, s.superseded == 1 ? "y" : "ies", s.vanished, s.evicted,
-      cache_max_, s.bytes, s.in_use, s.in_use == 1 ? "y" : "ies");
+      cache_root_, s.superseded, s.superseded == 1 ? "y" : "ies", s.vanished, s.evicted, cache_max_,
+      s.bytes, s.in_use, s.in_use == 1 ? "y" : "ies");
 }
 
 Result<ReadPlan> ArchiveSource::Plan(uint32_t blob_index, uint64_t offset, uint64_t length) {

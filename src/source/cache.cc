@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <vector>
 
@@ -30,6 +31,11 @@ uint64_t Fnv1a(std::string_view s) {
   }
   return h;
 }
+
+struct DirClose {
+  void operator()(DIR* d) const { ::closedir(d); }
+};
+using DirPtr = std::unique_ptr<DIR, DirClose>;
 
 bool IsEntryName(std::string_view name) {
   if (name.size() != 16) return false;
@@ -79,7 +85,8 @@ Result<std::string> ReadFd(int fd, std::string_view what) {
 // True when `path` still names the file open as `fd` (it was not removed
 // and recreated while this process waited for the lock).
 bool StillThere(int fd, const std::string& path) {
-  struct stat a {}, b {};
+  struct stat a {
+  }, b{};
   return ::fstat(fd, &a) == 0 && ::stat(path.c_str(), &b) == 0 && a.st_dev == b.st_dev &&
          a.st_ino == b.st_ino;
 }
@@ -87,15 +94,15 @@ bool StillThere(int fd, const std::string& path) {
 // Apparent size of the regular files directly in `dir` (entries are flat).
 uint64_t DirBytes(const std::string& dir) {
   uint64_t total = 0;
-  DIR* d = ::opendir(dir.c_str());
+  DirPtr d(::opendir(dir.c_str()));
   if (!d) return 0;
-  while (dirent* e = ::readdir(d)) {
+  while (dirent* e = ::readdir(d.get())) {
     struct stat st {};
-    if (::fstatat(::dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode)) {
+    if (::fstatat(::dirfd(d.get()), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        S_ISREG(st.st_mode)) {
       total += static_cast<uint64_t>(st.st_size);
     }
   }
-  ::closedir(d);
   return total;
 }
 
@@ -105,15 +112,15 @@ uint64_t DirBytes(const std::string& dir) {
 bool RemoveLockedEntry(const std::string& dir, int record) {
   const std::string record_path = dir + "/" + std::string(kCacheEntryRecord);
   if (!StillThere(record, record_path)) return false;
-  DIR* d = ::opendir(dir.c_str());
+  DirPtr d(::opendir(dir.c_str()));
   if (!d) return false;
   bool ok = true;
-  while (dirent* e = ::readdir(d)) {
+  while (dirent* e = ::readdir(d.get())) {
     std::string_view name = e->d_name;
     if (name == "." || name == ".." || name == kCacheEntryRecord) continue;
-    if (::unlinkat(::dirfd(d), e->d_name, 0) != 0 && errno != ENOENT) ok = false;
+    if (::unlinkat(::dirfd(d.get()), e->d_name, 0) != 0 && errno != ENOENT) ok = false;
   }
-  ::closedir(d);
+  d.reset();
   if (!ok) return false;
   if (::unlink(record_path.c_str()) != 0) return false;
   ::rmdir(dir.c_str());
@@ -173,8 +180,7 @@ Result<CacheEntry> CacheEntry::Acquire(const std::string& cache_dir, const Sourc
       NEMOFS_RETURN_IF_ERROR(WriteFull(fd.get(), text.data(), text.size(), record_path));
       if (::ftruncate(fd.get(), static_cast<off_t>(text.size())) != 0) {
         int e = errno;
-        return Err(e, "{}: cannot write the cache entry record: {}", record_path,
-                   std::strerror(e));
+        return Err(e, "{}: cannot write the cache entry record: {}", record_path, std::strerror(e));
       }
     }
     entry.record_ = std::move(fd);
@@ -191,11 +197,10 @@ void CacheEntry::Touch() const {
 SweepStats SweepCache(const std::string& cache_dir, uint64_t max_bytes) {
   SweepStats stats;
   std::vector<std::string> names;
-  if (DIR* d = ::opendir(cache_dir.c_str())) {
-    while (dirent* e = ::readdir(d)) {
+  if (DirPtr d{::opendir(cache_dir.c_str())}) {
+    while (dirent* e = ::readdir(d.get())) {
       if (IsEntryName(e->d_name)) names.emplace_back(e->d_name);
     }
-    ::closedir(d);
   }
   std::vector<Candidate> unused;
   for (const auto& name : names) {
@@ -276,11 +281,21 @@ Result<uint64_t> ParseByteSize(std::string_view text) {
   int shift = 0;
   if (!unit.empty()) {
     switch (std::toupper(static_cast<unsigned char>(unit[0]))) {
-      case 'K': shift = 10; break;
-      case 'M': shift = 20; break;
-      case 'G': shift = 30; break;
-      case 'T': shift = 40; break;
-      case 'B': shift = 0; break;
+      case 'K':
+        shift = 10;
+        break;
+      case 'M':
+        shift = 20;
+        break;
+      case 'G':
+        shift = 30;
+        break;
+      case 'T':
+        shift = 40;
+        break;
+      case 'B':
+        shift = 0;
+        break;
       default:
         return Err(EINVAL, "'{}': unknown size unit (use K, M, G or T)", text);
     }

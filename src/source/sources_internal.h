@@ -114,7 +114,8 @@ class ArchiveSource final : public Source {
   std::string cache_root_;  // the user's cache dir
   uint64_t cache_max_ = 0;  // its cap (0: none)
   std::string cache_dir_;   // per-source directory under the user's cache dir
-  CacheEntry entry_;        // holds cache_dir_ in use (invalid if it could not be made)
+  CacheEntry entry_;        // holds cache_dir_ in use (invalid if it could not be made); set in
+                            // Open, then only Touch()ed (futimens: safe from any thread)
   std::vector<Blob> blobs_;
   std::unique_ptr<LazyFds> fds_;
   std::mutex extract_mutex_;  // guards extraction; the only lock, taken only on a cache miss

@@ -5,11 +5,11 @@
 // during commits. Crash, full-disk and replaced-source cases are in
 // write_safety_test.cc.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <functional>
 #include <regex>
 #include <sstream>
-#include <sys/stat.h>
 
 #include "mount_harness.h"
 #include "test_util.h"
@@ -532,7 +532,7 @@ TEST(CacheAfterSaves, ASmallCapEvictsTheUnusedEntriesOfOtherSources) {
   ASSERT_EQ(cat(a, "0").exit_code, 0);
   ASSERT_EQ(cat(b, "0").exit_code, 0);
   EXPECT_EQ(CacheEntries(cache).size(), 2u);  // no cap
-  ASSERT_EQ(cat(b, "1K").exit_code, 0);     // b in use, a evicted
+  ASSERT_EQ(cat(b, "1K").exit_code, 0);       // b in use, a evicted
   auto left = CacheEntries(cache);
   ASSERT_EQ(left.size(), 1u);
   EXPECT_EQ(left[0].second.substr(0, b.size() + 1), b + " ");
@@ -543,7 +543,10 @@ TEST(CacheMax, EveryCommandWithACacheDirTakesItAndRefusesABadSize) {
   std::string src = MakeSource(Kind("gzip_tar"), dir);
   std::string cache = " --cache-dir " + Q(dir.Join("cache"));
   const std::vector<std::string> commands = {
-      "info " + Q(src), "ls " + Q(src), "verify -q " + Q(src), "cat " + Q(src) + " config.yaml",
+      "info " + Q(src),
+      "ls " + Q(src),
+      "verify -q " + Q(src),
+      "cat " + Q(src) + " config.yaml",
       "repack -q -o " + Q(dir.Join("out.nemo")) + " " + Q(src),
       "mount " + Q(src) + " " + Q(dir.path()) + " -o ro"};
   for (const auto& c : commands) {

@@ -201,9 +201,9 @@ TEST(SweepCache, NeverTouchesUnsavedOrAnythingWithoutARecord) {
             0);
   SweepStats s = SweepCache(cache, 1);
   EXPECT_EQ(s.superseded + s.vanished + s.evicted + s.in_use, 0u);
-  for (const char* p : {"unsaved/1700000000-42/model_config.yaml", "0123456789abcdef/m0",
-                        "zarr-00000000000000aa/0", "nemofs.log", "fedcba9876543210",
-                        "00000000000000aa/nemofs-entry.json"}) {
+  for (const char* p :
+       {"unsaved/1700000000-42/model_config.yaml", "0123456789abcdef/m0", "zarr-00000000000000aa/0",
+        "nemofs.log", "fedcba9876543210", "00000000000000aa/nemofs-entry.json"}) {
     EXPECT_TRUE(Exists(cache + "/" + p)) << p;
   }
   EXPECT_TRUE(Exists(dir.Join("elsewhere.json")));
