@@ -105,7 +105,7 @@ class Parser {
           ++i_;
           SkipWs();
         }
-        if (Peek() == '[') {
+        if (first && Peek() == '[') {  // `.[` is no key: DOT configKey only
           resolver_ok = false;
           if (!Bracketed(depth)) return false;
         } else {
