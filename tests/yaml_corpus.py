@@ -213,7 +213,7 @@ NEST_LIMIT = 64
 
 
 def m_deep(rng, text):
-    d = rng.choice([2, 10, 32, 50, NEST_LIMIT - 1, 200, 300, 500, 1000, 3000, 10000, 50000])
+    d = rng.choice([2, 10, 32, 50, NEST_LIMIT - 1, 200, 300, 500, 1000, 5000])
     desc, v = _nest(rng, d)
     return desc + " as value of 'deep'", b"deep: " + v + b"\n" + text
 
@@ -278,7 +278,9 @@ INTERP = ["${model.x}", "${oc.env:HOME}", "${}", "${a.b", "${foo:bar,baz}", "${[
           "${a[0]}", "${a.[0]}", "${a.b:c}", "$ {a}", "${{}", "${a}}", "x${a}y", "${a:{}}",
           "${a:{b}}", "${a:{1: 2}}", "${a:[}", "${a:'}", "${a:\\,}", "${a:\\}}", "${oc.select:a,b}",
           "${ a . b }", "${a:${b}}", "${\"a\"}", "${a :b}", "${a.b.c.d}", "${a:b\\ c}", "${a:%}",
-          "${a:@x}", "${a:?}", "${a:x=y}", "${a:=}", "${a b}", "${-a}", "${_a}", "${a..b}"]
+          "${a:@x}", "${a:?}", "${a:x=y}", "${a:=}", "${a b}", "${-a}", "${_a}", "${a..b}",
+          "${a. b}", "${a .b}", "${[ a ]}", "${a[ b]}", "${a [b]}", "${ .a}", "${. a}", "${a: b }",
+          "${ ${a} }", "${a.${ b }}", "${oc.env :x}", "${oc . env:x}", "${a}[0]", "${a[b][c]}"]
 
 
 def m_interp(rng, text):
@@ -338,10 +340,29 @@ def m_indent(rng, text):
     return "reindent line %d (%d)" % (i + 1, how), b"\n".join(ls)
 
 
+def m_onestring(rng, text):
+    """The top level becomes one string (OmegaConf loads a str again as YAML)."""
+    how = rng.randrange(6)
+    ls = _lines(text)
+    if how == 0:
+        return "whole config as a literal block", b"|\n" + b"\n".join(b"  " + l for l in ls)
+    if how == 1:
+        return "whole config as a folded block", b">\n" + b"\n".join(b"  " + l for l in ls)
+    i = rng.randrange(len(ls))
+    line = ls[i].strip()
+    if how == 2:
+        return "line %d alone, double-quoted" % (i + 1), b'"' + line.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"\n'
+    if how == 3:
+        return "line %d alone, single-quoted" % (i + 1), b"'" + line.replace(b"'", b"''") + b"'\n"
+    if how == 4:
+        return "line %d alone, !!str" % (i + 1), b"!!str " + line + b"\n"
+    return "line %d alone" % (i + 1), line + b"\n"
+
+
 MUTATIONS = [("cut", m_cut), ("char", m_char), ("token", m_token), ("crlf", m_crlf), ("bom", m_bom),
              ("long", m_long), ("deep", m_deep), ("dup", m_dup), ("directive", m_directive),
              ("merge", m_merge), ("interp", m_interp), ("hash", m_hash), ("delete", m_delete),
-             ("indent", m_indent)]
+             ("indent", m_indent), ("onestring", m_onestring)]
 
 
 def corpus(configs, n, seed):
@@ -399,7 +420,7 @@ def run_validator(cli, paths):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cli", help="the yaml_check_cli binary")
-    ap.add_argument("--cases", type=int, default=2400)
+    ap.add_argument("--cases", type=int, default=2100)
     ap.add_argument("--seed", type=int, default=16)
     ap.add_argument("--real", default=REAL, help="shared/real-fixtures (optional)")
     ap.add_argument("--emit", help="write a sample and its oracle verdicts here (mount test)")

@@ -146,6 +146,7 @@ Status ParserError(const yaml_parser_t& p, const std::string& what) {
 struct Normalized {
   std::string text;
   bool reserved_directive = false;  // then '---' must follow (PyYAML)
+  std::string bom_stand_in;         // what replaced U+FEFF (empty: none)
 };
 
 bool IsNameChar(char c) {
@@ -250,6 +251,7 @@ Result<Normalized> Normalize(std::string_view in, const std::string& what) {
       }
     }
     t = std::move(r);
+    out.bom_stand_in = rep;
   }
   return out;
 }
@@ -587,10 +589,13 @@ bool IsPathTag(std::string_view t) {
          t == "tag:yaml.org,2002:python/object/apply:pathlib.WindowsPath";
 }
 
+Status ValidateText(std::string_view text, const std::string& what, bool reparse);
+
 class Composer {
  public:
-  Composer(std::string_view text, const std::string& what, bool reserved_directive)
-      : text_(text), what_(what), reserved_directive_(reserved_directive) {}
+  Composer(std::string_view text, const std::string& what, const Normalized& n, bool reparse)
+      : text_(text), what_(what), reserved_directive_(n.reserved_directive),
+        bom_stand_in_(n.bom_stand_in), reparse_(reparse) {}
 
   Status Run() {
     yaml_parser_t p;
@@ -640,6 +645,13 @@ class Composer {
 
  private:
   Status Finish(const yaml_mark_t& mark) {
+    // OmegaConf.create of a str loads it again as YAML: nothing -> empty,
+    // a str s -> {s: None} (one key), a list or mapping -> as is.
+    if (root_ && root_shape_ == Shape::kScalar && root_->kind == Kind::kStr) {
+      if (reparse_) return Ok();
+      return ValidateText(RestoreBoms(root_->value), what_ + " (the config is one string, read again as YAML)",
+                          true);
+    }
     if (!root_) {
       return FailAt(mark, what_, "a config must be a mapping (key: value lines), this is nothing");
     }
@@ -802,7 +814,7 @@ class Composer {
                                 "numbers, booleans, null, lists and mappings)", ShortTag(tag)));
     }
     if (n->kind == Kind::kStr) {
-      if (key) {
+      if (key || stack_.empty()) {  // a top-level str is loaded again (Finish)
         n->value.assign(value);
       } else if (value.find("${") != std::string_view::npos) {
         std::string why;
@@ -876,11 +888,36 @@ class Composer {
   const std::string& what_;
   std::vector<Frame> stack_;
   std::unordered_map<std::string, std::shared_ptr<Node>> anchors_;
+  std::string RestoreBoms(const std::string& v) const {
+    if (bom_stand_in_.empty()) return v;
+    std::string r;
+    for (size_t i = 0; i < v.size();) {
+      if (v.compare(i, bom_stand_in_.size(), bom_stand_in_) == 0) {
+        r += "\xEF\xBB\xBF";
+        i += bom_stand_in_.size();
+      } else {
+        r += v[i++];
+      }
+    }
+    return r;
+  }
+
   bool reserved_directive_ = false;
+  std::string bom_stand_in_;
+  bool reparse_ = false;
   std::shared_ptr<Node> root_;
   Shape root_shape_ = Shape::kScalar;
   bool root_is_map_ = false;
 };
+
+Status ValidateText(std::string_view text, const std::string& what, bool reparse) {
+  NEMOFS_RETURN_IF_ERROR(CheckCharacters(text, what));
+  auto normalized = Normalize(text, what);
+  if (!normalized.ok()) return normalized.error();
+  const std::string& t = normalized->text;
+  NEMOFS_RETURN_IF_ERROR(CheckTabs(t, what));
+  return Composer(t, what, *normalized, reparse).Run();
+}
 
 }  // namespace
 
@@ -889,12 +926,7 @@ Status ValidateConfigYaml(std::string_view text, const std::string& what) {
     return Err(EINVAL, "{}: line 1, column 1: larger than the {} MiB a config may hold", what,
                kMaxConfigText >> 20);
   }
-  NEMOFS_RETURN_IF_ERROR(CheckCharacters(text, what));
-  auto normalized = Normalize(text, what);
-  if (!normalized.ok()) return normalized.error();
-  const std::string& t = normalized->text;
-  NEMOFS_RETURN_IF_ERROR(CheckTabs(t, what));
-  return Composer(t, what, normalized->reserved_directive).Run();
+  return ValidateText(text, what, false);
 }
 
 }  // namespace nemofs::write
