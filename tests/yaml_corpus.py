@@ -340,6 +340,23 @@ def m_indent(rng, text):
     return "reindent line %d (%d)" % (i + 1, how), b"\n".join(ls)
 
 
+# Nested interpolations: OmegaConf's ANTLR parser is recursive too and fails
+# with RecursionError at 150-500 levels (shape- and stack-dependent); nemofs
+# refuses more than 64. Same choice of depths as m_deep.
+def m_interp_deep(rng, text):
+    d = rng.choice([1, 8, 32, 60, 500, 1000])
+    how = rng.randrange(4)
+    if how == 0:
+        v, desc = "${a:" * d + "1" + "}" * d, "nested resolvers"
+    elif how == 1:
+        v, desc = "${" * d + "a" + "}" * d, "nested keys"
+    elif how == 2:
+        v, desc = "${a:" + "[" * d + "]" * d + "}", "nested list argument"
+    else:
+        v, desc = "${a:" + "{a:" * d + "1" + "}" * d + "}", "nested dict argument"
+    return "%s, depth %d" % (desc, d), b"interp: '" + v.encode() + b"'\n" + text
+
+
 def m_onestring(rng, text):
     """The top level becomes one string (OmegaConf loads a str again as YAML)."""
     how = rng.randrange(6)
@@ -362,7 +379,8 @@ def m_onestring(rng, text):
 MUTATIONS = [("cut", m_cut), ("char", m_char), ("token", m_token), ("crlf", m_crlf), ("bom", m_bom),
              ("long", m_long), ("deep", m_deep), ("dup", m_dup), ("directive", m_directive),
              ("merge", m_merge), ("interp", m_interp), ("hash", m_hash), ("delete", m_delete),
-             ("indent", m_indent), ("onestring", m_onestring)]
+             ("indent", m_indent), ("onestring", m_onestring),
+             ("interp_deep", m_interp_deep)]
 
 
 def corpus(configs, n, seed):
