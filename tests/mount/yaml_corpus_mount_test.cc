@@ -14,6 +14,7 @@
 
 #include "mount_harness.h"
 #include "test_util.h"
+#include "util/fd.h"
 #include "write_util.h"
 
 namespace nemofs::testing {
@@ -39,20 +40,17 @@ std::vector<Case> Manifest(const std::string& dir) {
 
 // The errno of the write-and-close of `text` to `path` (0: saved).
 int WriteThrough(const std::string& path, const std::string& text) {
-  int fd = open(path.c_str(), O_WRONLY | O_TRUNC);
-  if (fd < 0) return errno;
+  UniqueFd fd(open(path.c_str(), O_WRONLY | O_TRUNC));
+  if (!fd.valid()) return errno;
   size_t done = 0;
-  int err = 0;
   while (done < text.size()) {
-    ssize_t n = write(fd, text.data() + done, text.size() - done);
-    if (n < 0) {
-      err = errno;
-      break;
-    }
+    ssize_t n = write(fd.get(), text.data() + done, text.size() - done);
+    if (n < 0) return errno;
     done += static_cast<size_t>(n);
   }
-  if (close(fd) != 0 && err == 0) err = errno;
-  return err;
+  // The close that commits is what is tested: its result is needed, which
+  // UniqueFd's destructor drops.
+  return ::close(fd.Release()) == 0 ? 0 : errno;
 }
 
 class YamlCorpusMount : public ::testing::TestWithParam<std::string> {};
@@ -61,7 +59,8 @@ TEST_P(YamlCorpusMount, CloseSucceedsExactlyWhenOmegaConfLoadsTheText) {
   const SourceKind& kind = Kind(GetParam());
   TempDir dir;
   std::string cases = dir.Join("cases");
-  auto gen = Sh("/usr/bin/python3 " + ShellQuote(std::string(NEMOFS_SOURCE_DIR) + "/tests/yaml_corpus.py") +
+  auto gen = Sh("/usr/bin/python3 " +
+                    ShellQuote(std::string(NEMOFS_SOURCE_DIR) + "/tests/yaml_corpus.py") +
                     " --emit " + ShellQuote(cases) + " --sample 200",
                 300);
   ASSERT_EQ(gen.exit_code, 0) << gen.out << gen.err;
@@ -85,7 +84,8 @@ TEST_P(YamlCorpusMount, CloseSucceedsExactlyWhenOmegaConfLoadsTheText) {
     std::string text = ReadFile(cases + "/" + c.id + ".yaml");
     int err = WriteThrough(config, text);
     if (c.accept) {
-      EXPECT_EQ(err, 0) << strerror(err) << "\n" << m->Log().substr(m->Log().size() > 2000 ? m->Log().size() - 2000 : 0);
+      EXPECT_EQ(err, 0) << strerror(err) << "\n"
+                        << m->Log().substr(m->Log().size() > 2000 ? m->Log().size() - 2000 : 0);
       if (err == 0) current = text;
     } else {
       EXPECT_EQ(err, EINVAL) << strerror(err);

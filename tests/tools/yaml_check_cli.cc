@@ -36,7 +36,8 @@ int Check(const std::string& path, bool* refused) {
   for (char& c : msg) {
     if (c == '\n' || c == '\t') c = ' ';
   }
-  std::cout << (st.error().code() == EINVAL ? "EINVAL" : "ERRNO" + std::to_string(st.error().code()))
+  std::cout << (st.error().code() == EINVAL ? "EINVAL"
+                                            : "ERRNO" + std::to_string(st.error().code()))
             << "\t" << path << "\t" << msg << "\n";
   return 0;
 }
