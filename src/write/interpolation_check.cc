@@ -85,6 +85,9 @@ class Parser {
     return true;
   }
 
+  // INTERPOLATION_MODE (OmegaConfGrammarLexer.g4): whitespace only after
+  // "${" and before ':' or '}' (INTER_OPEN, INTER_COLON, INTER_CLOSE); none
+  // around '.', '[' or ']'.
   bool Interpolation(int depth) {
     if (depth > kMaxDepth) return Fail("interpolations nested too deeply");
     i_ += 2;  // ${
@@ -94,18 +97,13 @@ class Parser {
     while (Peek() == '.') {
       ++dots;
       ++i_;
-      SkipWs();
     }
     if (dots) resolver_ok = false;
     bool first = true;
     for (;;) {
-      SkipWs();
       if (first || Peek() == '.') {
-        if (!first) {
-          ++i_;
-          SkipWs();
-        }
-        if (Peek() == '[') {
+        if (!first) ++i_;
+        if (first && Peek() == '[') {  // `.[` is no key: DOT configKey only
           resolver_ok = false;
           if (!Bracketed(depth)) return false;
         } else {
@@ -121,6 +119,7 @@ class Parser {
         if (!Bracketed(depth)) return false;
         continue;
       }
+      SkipWs();
       if (Peek() == '}') {
         ++i_;
         return true;
@@ -137,10 +136,8 @@ class Parser {
 
   bool Bracketed(int depth) {
     ++i_;  // [
-    SkipWs();
     bool id = false;
     if (!Key(depth, &id)) return false;
-    SkipWs();
     if (Peek() != ']') return Fail("expected ']'");
     ++i_;
     return true;

@@ -25,6 +25,14 @@ namespace {
 
 constexpr size_t kMaxConfigText = 64u << 20;  // the config size limit (tree/writes.cc)
 
+// Collections nested deeper than this are refused. OmegaConf has no fixed
+// limit: it builds the config recursively (about 12 Python frames per level)
+// and fails with RecursionError at Python's recursion limit (1000), that is
+// at 80-110 levels when called from a shallow stack (the exact level depends
+// on the shapes and on the caller's stack depth), fewer from deep inside a
+// NeMo restore. 64 levels always load.
+constexpr size_t kMaxNesting = 64;
+
 constexpr const char* kStr = "tag:yaml.org,2002:str";
 constexpr const char* kYamlTag = "tag:yaml.org,2002:";
 
@@ -122,6 +130,130 @@ std::string Friendly(const yaml_parser_t& p) {
 
 Status ParserError(const yaml_parser_t& p, const std::string& what) {
   return FailAt(p.problem_mark, what, Friendly(p));
+}
+
+// What libyaml must be shown so that its grammar is PyYAML's where the two
+// differ outside the token scan:
+// - directives at the start of the stream: PyYAML takes any `%YAML 1.x`
+//   (libyaml only 1.1 and 1.2) and skips a reserved directive (`%FOO ...`)
+//   up to the end of its line (libyaml refuses it). A valid 1.x version is
+//   rewritten to `1.1` (same length), a reserved directive to a comment.
+// - a BOM (U+FEFF) is skipped only at the very start by PyYAML; elsewhere it
+//   is an ordinary character (libyaml skips one at the start of any line). Each
+//   one after the start becomes a character absent from the text (scalar
+//   values keep their distinctness, so duplicate keys are still found).
+// Lengths in characters are kept, so marks are unchanged.
+struct Normalized {
+  std::string text;
+  bool reserved_directive = false;  // then '---' must follow (PyYAML)
+  std::string bom_stand_in;         // what replaced U+FEFF (empty: none)
+};
+
+bool IsNameChar(char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '-' ||
+         c == '_';
+}
+
+Result<Normalized> Normalize(std::string_view in, const std::string& what) {
+  Normalized out;
+  out.text.assign(in);
+  std::string& t = out.text;
+  size_t start = t.compare(0, 3, "\xEF\xBB\xBF") == 0 ? 3 : 0;
+  // Directive prologue: blank, comment and '%' lines before anything else.
+  for (size_t pos = start; pos < t.size();) {
+    size_t eol = t.find_first_of("\r\n", pos);
+    if (eol == std::string::npos) eol = t.size();
+    std::string_view line(t.data() + pos, eol - pos);
+    size_t next = eol < t.size() ? eol + 1 : eol;
+    size_t sp = line.find_first_not_of(' ');
+    if (sp == std::string_view::npos || line[sp] == '#') {
+      pos = next;
+      continue;
+    }
+    if (line[0] != '%') break;
+    size_t n = 1;
+    while (n < line.size() && IsNameChar(line[n])) ++n;
+    if (n == 1 || (n < line.size() && line[n] != ' ')) break;  // libyaml refuses it too
+    std::string_view name = line.substr(1, n - 1);
+    if (name == "TAG") {
+      pos = next;
+      continue;
+    }
+    if (name != "YAML") {
+      t[pos] = '#';
+      out.reserved_directive = true;
+      pos = next;
+      continue;
+    }
+    // PyYAML: ' '* digits '.' digits, then ' ' or the end of the line, then
+    // ' '* and an optional comment.
+    size_t i = n;
+    while (i < line.size() && line[i] == ' ') ++i;
+    size_t from = i, major_end, to;
+    auto digits = [&](size_t* k) {
+      size_t b = *k;
+      while (*k < line.size() && line[*k] >= '0' && line[*k] <= '9') ++*k;
+      return *k > b;
+    };
+    bool ok = digits(&i);
+    major_end = i;
+    ok = ok && i < line.size() && line[i] == '.';
+    if (ok) ++i;
+    ok = ok && digits(&i);
+    to = i;
+    ok = ok && (i == line.size() || line[i] == ' ');
+    while (ok && i < line.size() && line[i] == ' ') ++i;
+    ok = ok && (i == line.size() || line[i] == '#');
+    if (!ok) {
+      return Fail(in, pos + i, what, "while scanning a directive: expected a YAML version "
+                                     "(digits '.' digits), then a comment or a line break")
+          .error();
+    }
+    std::string_view major = line.substr(from, major_end - from);
+    if (major.find_first_not_of('0') == std::string_view::npos ||
+        major.substr(major.find_first_not_of('0')) != "1") {
+      return Fail(in, pos, what, "found incompatible YAML document (version 1.* is required)")
+          .error();
+    }
+    t.replace(pos + from, to - from, "1.1" + std::string(to - from - 3, ' '));
+    pos = next;
+  }
+  if (t.find("\xEF\xBB\xBF", start) != std::string::npos) {
+    // A replacement: the first private-use character the text lacks.
+    std::vector<bool> present(0x110000);
+    for (size_t i = 0; i < in.size();) {
+      uint32_t cp = 0;
+      if (!NextCodePoint(in, &i, &cp)) ++i;
+      else if (cp < present.size()) present[cp] = true;
+    }
+    uint32_t pick = 0;
+    for (uint32_t c = 0xE000; c <= 0xF8FF && !pick; ++c) if (!present[c]) pick = c;
+    for (uint32_t c = 0xF0000; c <= 0xFFFFD && !pick; ++c) if (!present[c]) pick = c;
+    for (uint32_t c = 0x100000; c <= 0x10FFFD && !pick; ++c) if (!present[c]) pick = c;
+    if (!pick) return Fail(in, 0, what, "too many distinct characters").error();
+    std::string rep;
+    if (pick <= 0xFFFF) {
+      rep = {static_cast<char>(0xE0 | (pick >> 12)), static_cast<char>(0x80 | ((pick >> 6) & 0x3F)),
+             static_cast<char>(0x80 | (pick & 0x3F))};
+    } else {
+      rep = {static_cast<char>(0xF0 | (pick >> 18)), static_cast<char>(0x80 | ((pick >> 12) & 0x3F)),
+             static_cast<char>(0x80 | ((pick >> 6) & 0x3F)), static_cast<char>(0x80 | (pick & 0x3F))};
+    }
+    std::string r;
+    r.reserve(t.size() + t.size() / 3);
+    r.append(t, 0, start);
+    for (size_t i = start; i < t.size();) {
+      if (t.compare(i, 3, "\xEF\xBB\xBF") == 0) {
+        r += rep;
+        i += 3;
+      } else {
+        r += t[i++];
+      }
+    }
+    t = std::move(r);
+    out.bom_stand_in = rep;
+  }
+  return out;
 }
 
 // Pass 1: tokens. PyYAML's scanner skips only spaces between tokens (a tab
@@ -429,6 +561,7 @@ struct Node {
   size_t pairs = 0;         // a mapping's key: value pairs as written
   bool merge_list = false;  // a plain sequence of mappings (a `<<` value)
   bool done = false;        // fully composed (an alias to it is not a cycle)
+  size_t height = 0;        // collection levels in it (a scalar: 0)
 };
 
 struct Frame {
@@ -440,6 +573,7 @@ struct Frame {
   bool merge_value = false;              // mapping: the value of a `<<` key
   bool all_str = true;                   // path: every item a str scalar
   size_t items = 0;
+  size_t child_height = 0;               // the highest item's height
   yaml_mark_t mark{};
 };
 
@@ -455,9 +589,13 @@ bool IsPathTag(std::string_view t) {
          t == "tag:yaml.org,2002:python/object/apply:pathlib.WindowsPath";
 }
 
+Status ValidateText(std::string_view text, const std::string& what, bool reparse);
+
 class Composer {
  public:
-  Composer(std::string_view text, const std::string& what) : text_(text), what_(what) {}
+  Composer(std::string_view text, const std::string& what, const Normalized& n, bool reparse)
+      : text_(text), what_(what), reserved_directive_(n.reserved_directive),
+        bom_stand_in_(n.bom_stand_in), reparse_(reparse) {}
 
   Status Run() {
     yaml_parser_t p;
@@ -482,6 +620,10 @@ class Composer {
             return FailAt(e.start_mark, what_,
                           "expected a single document in the stream, but found another document");
           }
+          if (reserved_directive_ && e.data.document_start.implicit) {
+            return FailAt(e.start_mark, what_,
+                          "expected '<document start>' ('---') after the directives");
+          }
           break;
         case YAML_ALIAS_EVENT:
           NEMOFS_RETURN_IF_ERROR(Alias(e));
@@ -503,6 +645,13 @@ class Composer {
 
  private:
   Status Finish(const yaml_mark_t& mark) {
+    // OmegaConf.create of a str loads it again as YAML: nothing -> empty,
+    // a str s -> {s: None} (one key), a list or mapping -> as is.
+    if (root_ && root_shape_ == Shape::kScalar && root_->kind == Kind::kStr) {
+      if (reparse_) return Ok();
+      return ValidateText(RestoreBoms(root_->value), what_ + " (the config is one string, read again as YAML)",
+                          true);
+    }
     if (!root_) {
       return FailAt(mark, what_, "a config must be a mapping (key: value lines), this is nothing");
     }
@@ -536,6 +685,16 @@ class Composer {
       return Ok();
     }
     Frame& f = stack_.back();
+    // A merged mapping (or list of them) does not nest: its entries join f.
+    size_t h = n->height;
+    if (f.shape == Shape::kMapping && f.merge_value && !f.want_key && h > 0) {
+      h -= n->shape == Shape::kSequence ? std::min<size_t>(h, 2) : 1;
+    }
+    if (stack_.size() + h > kMaxNesting) {
+      return FailAt(mark, what_, fmt::format("nested deeper than {} levels (OmegaConf fails with "
+                                             "RecursionError)", kMaxNesting));
+    }
+    f.child_height = std::max(f.child_height, h);
     ++f.items;
     if (f.shape == Shape::kSequence) {
       if (f.tag == "omap" || f.tag == "pairs") {
@@ -655,7 +814,7 @@ class Composer {
                                 "numbers, booleans, null, lists and mappings)", ShortTag(tag)));
     }
     if (n->kind == Kind::kStr) {
-      if (key) {
+      if (key || stack_.empty()) {  // a top-level str is loaded again (Finish)
         n->value.assign(value);
       } else if (value.find("${") != std::string_view::npos) {
         std::string why;
@@ -704,6 +863,10 @@ class Composer {
       root_shape_ = f.shape;
       root_is_map_ = f.tag == "map";
     }
+    if (stack_.size() + 1 > kMaxNesting) {
+      return FailAt(e.start_mark, what_, fmt::format("nested deeper than {} levels (OmegaConf "
+                                                     "fails with RecursionError)", kMaxNesting));
+    }
     stack_.push_back(std::move(f));
     return Ok();
   }
@@ -715,6 +878,7 @@ class Composer {
       return FailAt(f.mark, what_, "a path must be a list of strings");
     }
     f.node->done = true;
+    f.node->height = f.child_height + 1;
     auto n = f.node;
     if (f.shape == Shape::kSequence && f.tag != "seq") n->merge_list = false;
     return Place(n, e.start_mark, false);
@@ -724,10 +888,36 @@ class Composer {
   const std::string& what_;
   std::vector<Frame> stack_;
   std::unordered_map<std::string, std::shared_ptr<Node>> anchors_;
+  std::string RestoreBoms(const std::string& v) const {
+    if (bom_stand_in_.empty()) return v;
+    std::string r;
+    for (size_t i = 0; i < v.size();) {
+      if (v.compare(i, bom_stand_in_.size(), bom_stand_in_) == 0) {
+        r += "\xEF\xBB\xBF";
+        i += bom_stand_in_.size();
+      } else {
+        r += v[i++];
+      }
+    }
+    return r;
+  }
+
+  bool reserved_directive_ = false;
+  std::string bom_stand_in_;
+  bool reparse_ = false;
   std::shared_ptr<Node> root_;
   Shape root_shape_ = Shape::kScalar;
   bool root_is_map_ = false;
 };
+
+Status ValidateText(std::string_view text, const std::string& what, bool reparse) {
+  NEMOFS_RETURN_IF_ERROR(CheckCharacters(text, what));
+  auto normalized = Normalize(text, what);
+  if (!normalized.ok()) return normalized.error();
+  const std::string& t = normalized->text;
+  NEMOFS_RETURN_IF_ERROR(CheckTabs(t, what));
+  return Composer(t, what, *normalized, reparse).Run();
+}
 
 }  // namespace
 
@@ -736,9 +926,7 @@ Status ValidateConfigYaml(std::string_view text, const std::string& what) {
     return Err(EINVAL, "{}: line 1, column 1: larger than the {} MiB a config may hold", what,
                kMaxConfigText >> 20);
   }
-  NEMOFS_RETURN_IF_ERROR(CheckCharacters(text, what));
-  NEMOFS_RETURN_IF_ERROR(CheckTabs(text, what));
-  return Composer(text, what).Run();
+  return ValidateText(text, what, false);
 }
 
 }  // namespace nemofs::write

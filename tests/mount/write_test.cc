@@ -204,7 +204,7 @@ TEST_P(InvalidConfig, IsRefusedWithEINVALAndChangesNothing) {
       {"binary", std::string("a: 1\n\x00\x01\x02\xff\xfe", 10), "line 2, column 1: control character 0x00"},
       {"not_utf8", "a: caf\xe9\n", "line 1, column 7: not valid UTF-8"},
       {"list", "- a\n- b\n", "a config must be a mapping"},
-      {"plain_value", "just text\n", "a config must be a mapping"},
+      {"plain_value", "42\n", "a config must be a mapping"},
       {"duplicate_key", "a: 1\nb:\n  x: 1\n  x: 2\n", "line 4, column 3: key 'x' appears twice"},
   };
   for (const auto& b : bad) {
