@@ -18,6 +18,7 @@
 
 #include "checkpoint/dist_catalog.h"
 #include "nemofs/strings.h"
+#include "util/atomic_replace.h"
 #include "util/fd.h"
 #include "util/io.h"
 
@@ -129,17 +130,12 @@ class ZstdChunk final : public LazyChunk {
     }
     auto slash = cache_path_.rfind('/');
     NEMOFS_RETURN_IF_ERROR(MakeDirs(cache_path_.substr(0, slash)));
-    std::string tmp = fmt::format("{}.tmp.{}", cache_path_, ::getpid());
-    {
-      UniqueFd out(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-      if (!out.valid()) return Err(errno, "{}: cannot create cache file", tmp);
-      NEMOFS_RETURN_IF_ERROR(WriteFull(out.get(), plain.data(), plain.size(), tmp));
-    }
-    if (::rename(tmp.c_str(), cache_path_.c_str()) != 0) {
-      int e = errno;
-      ::unlink(tmp.c_str());
-      return Err(e, "{}: cannot rename cache file", cache_path_);
-    }
+    ReplaceOptions options;  // a cache file: atomic, not durable
+    options.temp_path = fmt::format("{}.tmp.{}", cache_path_, ::getpid());
+    options.durable = false;
+    NEMOFS_RETURN_IF_ERROR(ReplaceFile(cache_path_, options, [&](int out) {
+      return WriteFull(out, plain.data(), plain.size(), options.temp_path);
+    }));
     NEMOFS_ASSIGN_OR_RETURN(fd_, OpenReadOnly(cache_path_));
     return source::FileRange{fd_.get(), 0, expected_};
   }

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "source/sources_internal.h"
+#include "util/atomic_replace.h"
 #include "util/io.h"
 
 namespace nemofs::source {
@@ -295,68 +296,61 @@ Result<int> ArchiveSource::Extract(uint32_t blob_index) {
     return fds_->Install(blob_index, std::move(fd));
   }
   NEMOFS_RETURN_IF_ERROR(MakeDirs(cache_dir_));
-  std::string tmp_path = fmt::format("{}.tmp.{}", final_path, ::getpid());
-  UniqueFd out(::open(tmp_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-  if (!out.valid()) {
-    int e = errno;
-    return Err(e, "{}: cannot create cache file: {}", tmp_path, std::strerror(e));
-  }
-  auto fail = [&](Error error) -> Result<int> {
-    ::unlink(tmp_path.c_str());
-    return error;
-  };
-
-  auto reader = OpenReader(path());
-  if (!reader) return fail(reader.error());
-  archive* a = reader->get();
-  archive_entry* ent = nullptr;
-  for (uint64_t i = 0;; ++i) {
-    int r = archive_read_next_header(a, &ent);
-    if (r != ARCHIVE_OK && r != ARCHIVE_WARN) {
-      return fail(Err(EIO, "{}", ArchiveError(a, path(), "member vanished on re-read")));
-    }
-    if (i == blob.ordinal) break;
-  }
-  if (!archive_entry_size_is_set(ent) ||
-      static_cast<uint64_t>(archive_entry_size(ent)) != blob.size) {
-    return fail(Err(EIO,
-                    "{}: member {} is not the {} bytes the listing recorded (stale index in {}?)",
-                    path(), blob.ordinal, blob.size, cache_dir_));
-  }
-  uint64_t written = 0;
-  for (;;) {
-    const void* buf = nullptr;
-    size_t size = 0;
-    la_int64_t off = 0;
-    int r = archive_read_data_block(a, &buf, &size, &off);
-    if (r == ARCHIVE_EOF) break;
-    if (r != ARCHIVE_OK && r != ARCHIVE_WARN) {
-      return fail(Err(EIO, "{}", ArchiveError(a, path(), "decompression failed")));
-    }
-    const char* p = static_cast<const char*>(buf);
-    size_t left = size;
-    while (left > 0) {
-      ssize_t n = ::pwrite(out.get(), p, left, off);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        int e = errno;
-        return fail(Err(e, "{}: cannot write cache file: {}", tmp_path, std::strerror(e)));
+  // A cache file: replaced atomically (a reader never sees a partial
+  // member) but not fsynced; a lost one only costs another extraction.
+  ReplaceOptions options;
+  options.temp_path = fmt::format("{}.tmp.{}", final_path, ::getpid());
+  options.durable = false;
+  const std::string& tmp_path = options.temp_path;
+  NEMOFS_RETURN_IF_ERROR(ReplaceFile(final_path, options, [&](int out) -> Status {
+    auto reader = OpenReader(path());
+    if (!reader) return reader.error();
+    archive* a = reader->get();
+    archive_entry* ent = nullptr;
+    for (uint64_t i = 0;; ++i) {
+      int r = archive_read_next_header(a, &ent);
+      if (r != ARCHIVE_OK && r != ARCHIVE_WARN) {
+        return Err(EIO, "{}", ArchiveError(a, path(), "member vanished on re-read"));
       }
-      p += n;
-      left -= static_cast<size_t>(n);
-      off += n;
+      if (i == blob.ordinal) break;
     }
-    written = std::max<uint64_t>(written, static_cast<uint64_t>(off));
-  }
-  if (::ftruncate(out.get(), static_cast<off_t>(blob.size)) != 0 || written > blob.size) {
-    return fail(Err(EIO, "{}: member {} decompressed to {} bytes, expected {}", path(),
-                    blob.ordinal, written, blob.size));
-  }
-  out.Reset();
-  if (::rename(tmp_path.c_str(), final_path.c_str()) != 0) {
-    int e = errno;
-    return fail(Err(e, "{}: cannot rename cache file: {}", final_path, std::strerror(e)));
-  }
+    if (!archive_entry_size_is_set(ent) ||
+        static_cast<uint64_t>(archive_entry_size(ent)) != blob.size) {
+      return Err(EIO,
+                 "{}: member {} is not the {} bytes the listing recorded (stale index in {}?)",
+                 path(), blob.ordinal, blob.size, cache_dir_);
+    }
+    uint64_t written = 0;
+    for (;;) {
+      const void* buf = nullptr;
+      size_t size = 0;
+      la_int64_t off = 0;
+      int r = archive_read_data_block(a, &buf, &size, &off);
+      if (r == ARCHIVE_EOF) break;
+      if (r != ARCHIVE_OK && r != ARCHIVE_WARN) {
+        return Err(EIO, "{}", ArchiveError(a, path(), "decompression failed"));
+      }
+      const char* p = static_cast<const char*>(buf);
+      size_t left = size;
+      while (left > 0) {
+        ssize_t n = ::pwrite(out, p, left, off);
+        if (n < 0) {
+          if (errno == EINTR) continue;
+          int e = errno;
+          return Err(e, "{}: cannot write cache file: {}", tmp_path, std::strerror(e));
+        }
+        p += n;
+        left -= static_cast<size_t>(n);
+        off += n;
+      }
+      written = std::max<uint64_t>(written, static_cast<uint64_t>(off));
+    }
+    if (::ftruncate(out, static_cast<off_t>(blob.size)) != 0 || written > blob.size) {
+      return Err(EIO, "{}: member {} decompressed to {} bytes, expected {}", path(),
+                 blob.ordinal, written, blob.size);
+    }
+    return Ok();
+  }));
   NEMOFS_ASSIGN_OR_RETURN(UniqueFd fd, OpenReadOnly(final_path));
   entry_.Touch();
   Sweep();  // the entry grew: evict others if the cache is now over its cap
@@ -446,15 +440,12 @@ void ArchiveSource::SaveIndex(const std::vector<Entry>& raw,
   // Best effort: a cache that cannot be written only costs the next mount time.
   if (!MakeDirs(cache_dir_).ok()) return;
   std::string final_path = cache_dir_ + "/index.cbor";
-  std::string tmp = fmt::format("{}.tmp.{}", final_path, ::getpid());
-  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-  if (!fd.valid()) return;
-  if (!WriteFull(fd.get(), bytes.data(), bytes.size(), tmp).ok()) {
-    ::unlink(tmp.c_str());
-    return;
-  }
-  fd.Reset();
-  if (::rename(tmp.c_str(), final_path.c_str()) != 0) ::unlink(tmp.c_str());
+  ReplaceOptions options;
+  options.temp_path = fmt::format("{}.tmp.{}", final_path, ::getpid());
+  options.durable = false;
+  (void)ReplaceFile(final_path, options, [&](int fd) {
+    return WriteFull(fd, bytes.data(), bytes.size(), options.temp_path);
+  });
 }
 
 bool ArchiveSource::LoadIndex(std::vector<Entry>* raw, std::vector<std::string>* warnings) {

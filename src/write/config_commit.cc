@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "source/sources_internal.h"
+#include "util/atomic_replace.h"
 #include "util/fd.h"
 #include "util/io.h"
 #include "write/fault.h"
@@ -24,12 +25,6 @@ namespace {
 
 FileIdentity FromStat(const struct stat& st) {
   return {st.st_dev, st.st_ino, st.st_size, st.st_mtim.tv_sec, st.st_mtim.tv_nsec};
-}
-
-std::string DirOf(const std::string& path) {
-  auto slash = path.rfind('/');
-  if (slash == std::string::npos) return ".";
-  return slash == 0 ? "/" : path.substr(0, slash);
 }
 
 // Why `path` cannot be written ("" if it can): no write permission bits
@@ -239,37 +234,23 @@ Status ConfigCommitter::ReplaceFolderFile(const std::string& target, const std::
   std::string dir = DirOf(target);
   std::string base = target.substr(target.rfind('/') + 1);
   RemoveStaleTemps(dir, fmt::format(".{}{}", base, source::kCommitTempMarker));
-  std::string tmp = fmt::format("{}/.{}{}{}", dir, base, source::kCommitTempMarker, ::getpid());
-  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode));
-  if (!fd.valid()) {
-    int e = errno;
-    return Err(e, "{}: cannot create: {}", tmp, std::strerror(e));
-  }
-  auto fail = [&](Error e) -> Status {
-    ::unlink(tmp.c_str());
-    return e;
-  };
-  if (::fchmod(fd.get(), mode) != 0) return fail(Err(errno, "{}: chmod failed", tmp));
-  (void)!::fchown(fd.get(), uid, gid);  // best effort (root only)
-  if (auto st = PwriteFull(fd.get(), data, 0, tmp); !st.ok()) return fail(st.error());
-  if (mtime) {
-    struct timespec times[2] = {{0, UTIME_OMIT}, *mtime};
-    if (::futimens(fd.get(), times) != 0) return fail(Err(errno, "{}: cannot set mtime", tmp));
-  }
-  if (auto st = Sync(fd.get(), tmp); !st.ok()) return fail(st.error());
-  fd.Reset();
-  MaybeCrash("folder:written");
-  if (::rename(tmp.c_str(), target.c_str()) != 0) {
-    int e = errno;
-    return fail(Err(e, "{}: cannot replace with {}: {}", target, tmp, std::strerror(e)));
-  }
-  UniqueFd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dfd.valid() && ::fsync(dfd.get()) != 0) {
-    int e = errno;
-    return Err(e, "{}: fsync of the directory failed: {}", dir, std::strerror(e));
-  }
-  MaybeCrash("folder:renamed");
-  return Ok();
+  ReplaceOptions options;
+  options.temp_path = fmt::format("{}/.{}{}{}", dir, base, source::kCommitTempMarker, ::getpid());
+  options.mode = mode;
+  options.owner = std::make_pair(uid, gid);
+  options.folder_sync_is_error = true;
+  options.on_written = [] { MaybeCrash("folder:written"); };
+  options.on_renamed = [] { MaybeCrash("folder:renamed"); };
+  return ReplaceFile(target, options, [&](int fd) -> Status {
+    NEMOFS_RETURN_IF_ERROR(PwriteFull(fd, data, 0, options.temp_path));
+    if (mtime) {
+      struct timespec times[2] = {{0, UTIME_OMIT}, *mtime};
+      if (::futimens(fd, times) != 0) {
+        return Err(errno, "{}: cannot set mtime", options.temp_path);
+      }
+    }
+    return Ok();
+  });
 }
 
 Status ConfigCommitter::StoreFiles(const std::vector<NewFile>& files,

@@ -9,6 +9,7 @@
 #include "source/cache.h"
 #include "source/source.h"
 #include "source/tar_index.h"
+#include "util/atomic_replace.h"
 #include "util/fd.h"
 #include "util/io.h"
 #include "write/fault.h"
@@ -68,76 +69,73 @@ Result<RepackStats> Repack(const std::string& source, const std::string& out,
   NEMOFS_ASSIGN_OR_RETURN(struct stat in_st, Stat(source));
   stats.bytes_in = static_cast<uint64_t>(in_st.st_size);
 
-  std::string dir = out.substr(0, out.rfind('/') == std::string::npos ? 0 : out.rfind('/'));
-  std::string tmp = fmt::format("{}.nemofs-repack.{}", out, ::getpid());
-  UniqueFd fd(::open(tmp.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
-  if (!fd.valid()) {
-    int e = errno;
-    return Err(e, "{}: cannot create: {}", tmp, std::strerror(e));
+  // In place, the archive keeps its mode and owner; a new file gets 0644
+  // under the umask.
+  ReplaceOptions options;
+  options.temp_path = fmt::format("{}.nemofs-repack.{}", out, ::getpid());
+  if (struct stat out_st {}; ::stat(out.c_str(), &out_st) == 0) {
+    options.mode = out_st.st_mode & 07777;
+    options.owner = std::make_pair(out_st.st_uid, out_st.st_gid);
+  } else {
+    mode_t mask = ::umask(0);
+    ::umask(mask);
+    options.mode = 0644 & ~mask;
   }
-  auto fail = [&](Error e) -> Result<RepackStats> {
-    ::unlink(tmp.c_str());
-    return e;
-  };
-  uint64_t at = 0, done = 0;
-  auto emit = [&](const std::string& bytes) -> Status {
-    NEMOFS_RETURN_IF_ERROR(PwriteFull(fd.get(), bytes, at, tmp));
-    at += bytes.size();
-    return Ok();
-  };
-  for (const auto& e : src->entries()) {
-    std::string name = e.path.empty() ? "./" : "./" + e.path;
-    const TarOwner owner{e.uid, e.gid, e.uname, e.gname};
-    Status st;
-    if (e.type == source::EntryType::kDirectory) {
-      st = emit(EntryHeaders(name, '5', 0, e.mtime_sec, e.mtime_nsec, e.mode, "", owner));
-    } else if (e.type == source::EntryType::kSymlink) {
-      st = emit(
-          EntryHeaders(name, '2', 0, e.mtime_sec, e.mtime_nsec, e.mode, e.link_target, owner));
-    } else {
-      st = emit(EntryHeaders(name, '0', e.size, e.mtime_sec, e.mtime_nsec, e.mode, "", owner));
-      // The data: copied in the kernel from the source's descriptor.
-      auto range = src->Locate(e.blob);
-      if (!range) return fail(range.error());
-      uint64_t copied = 0;
-      while (st.ok() && copied < e.size) {
-        loff_t in_off = static_cast<loff_t>(range->offset + copied);
-        loff_t out_off = static_cast<loff_t>(at + copied);
-        ssize_t n = ::copy_file_range(range->fd, &in_off, fd.get(), &out_off,
-                                      std::min<uint64_t>(e.size - copied, 1 << 30), 0);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) {
-          int err = n < 0 ? errno : EIO;
-          st = Err(err, "{}: copying '{}' failed: {}", tmp, e.path, std::strerror(err));
-          break;
+  options.on_written = [] { MaybeCrash("repack:written"); };
+  const std::string& tmp = options.temp_path;
+  NEMOFS_RETURN_IF_ERROR(ReplaceFile(out, options, [&](int fd) -> Status {
+    uint64_t at = 0, done = 0;
+    auto emit = [&](const std::string& bytes) -> Status {
+      NEMOFS_RETURN_IF_ERROR(PwriteFull(fd, bytes, at, tmp));
+      at += bytes.size();
+      return Ok();
+    };
+    for (const auto& e : src->entries()) {
+      std::string name = e.path.empty() ? "./" : "./" + e.path;
+      const TarOwner owner{e.uid, e.gid, e.uname, e.gname};
+      Status st;
+      if (e.type == source::EntryType::kDirectory) {
+        st = emit(EntryHeaders(name, '5', 0, e.mtime_sec, e.mtime_nsec, e.mode, "", owner));
+      } else if (e.type == source::EntryType::kSymlink) {
+        st = emit(
+            EntryHeaders(name, '2', 0, e.mtime_sec, e.mtime_nsec, e.mode, e.link_target, owner));
+      } else {
+        st = emit(EntryHeaders(name, '0', e.size, e.mtime_sec, e.mtime_nsec, e.mode, "", owner));
+        // The data: copied in the kernel from the source's descriptor.
+        auto range = src->Locate(e.blob);
+        if (!range) return range.error();
+        uint64_t copied = 0;
+        while (st.ok() && copied < e.size) {
+          loff_t in_off = static_cast<loff_t>(range->offset + copied);
+          loff_t out_off = static_cast<loff_t>(at + copied);
+          ssize_t n = ::copy_file_range(range->fd, &in_off, fd, &out_off,
+                                        std::min<uint64_t>(e.size - copied, 1 << 30), 0);
+          if (n < 0 && errno == EINTR) continue;
+          if (n <= 0) {
+            int err = n < 0 ? errno : EIO;
+            st = Err(err, "{}: copying '{}' failed: {}", tmp, e.path, std::strerror(err));
+            break;
+          }
+          copied += static_cast<uint64_t>(n);
+          done += static_cast<uint64_t>(n);
+          if (progress) progress(done, total);
         }
-        copied += static_cast<uint64_t>(n);
-        done += static_cast<uint64_t>(n);
-        if (progress) progress(done, total);
+        if (st.ok()) {
+          at += e.size;
+          std::string pad;
+          pad.append((kBlock - e.size % kBlock) % kBlock, '\0');
+          st = emit(pad);
+        }
       }
-      if (st.ok()) {
-        at += e.size;
-        std::string pad;
-        pad.append((kBlock - e.size % kBlock) % kBlock, '\0');
-        st = emit(pad);
-      }
+      if (!st.ok()) return st;
+      ++stats.members;
     }
-    if (!st.ok()) return fail(st.error());
-    ++stats.members;
-  }
-  std::string end(2 * kBlock, '\0');
-  end.append((kRecord - (at + end.size()) % kRecord) % kRecord, '\0');
-  if (auto st = emit(end); !st.ok()) return fail(st.error());
-  if (auto st = Sync(fd.get(), tmp); !st.ok()) return fail(st.error());
-  stats.bytes_out = at;
-  MaybeCrash("repack:written");
-  if (::rename(tmp.c_str(), out.c_str()) != 0) {
-    int e = errno;
-    return fail(Err(e, "{}: cannot replace with {}: {}", out, tmp, std::strerror(e)));
-  }
-  // Make the rename durable.
-  UniqueFd dfd(::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dfd.valid()) ::fsync(dfd.get());
+    std::string end(2 * kBlock, '\0');
+    end.append((kRecord - (at + end.size()) % kRecord) % kRecord, '\0');
+    NEMOFS_RETURN_IF_ERROR(emit(end));
+    stats.bytes_out = at;
+    return Ok();
+  }));
   // The cache entry of a compressed SOURCE replaced in place is superseded now.
   src.reset();
   source::SweepCache(cache_dir, cache_max);

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "source/source.h"
+#include "util/atomic_replace.h"
 #include "util/fd.h"
 #include "util/io.h"
 #include "write/fault.h"
@@ -82,12 +83,6 @@ class ScopedUtf8Locale {
   locale_t utf8_;
   locale_t previous_ = locale_t{};
 };
-
-std::string DirOf(const std::string& path) {
-  size_t slash = path.rfind('/');
-  if (slash == std::string::npos) return ".";
-  return slash == 0 ? "/" : path.substr(0, slash);
-}
 
 // Streams every member of the compressed tar on `in_fd` into `out_fd`,
 // recompressed with the same filters, replacing the content of `member`.
@@ -388,47 +383,25 @@ Result<RewriteResult> RewriteCompressedTar(const std::string& path, const std::s
   NEMOFS_ASSIGN_OR_RETURN(struct stat in_st, FStat(in.get(), path));
   if (!S_ISREG(in_st.st_mode)) return Err(EINVAL, "{}: not a regular file", path);
 
-  std::string tmp = fmt::format("{}.nemofs-rewrite.{}", path, ::getpid());
-  // 0600 until complete: nobody reads a half-written archive.
-  UniqueFd out(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
-  if (!out.valid()) {
-    int e = errno;
-    return Err(e, "{}: cannot create {}: {}", path, tmp, std::strerror(e));
-  }
-  auto written = [&]() -> Result<RewriteResult> {
-    NEMOFS_ASSIGN_OR_RETURN(RewriteResult result,
-                            CopyArchive(in.get(), static_cast<uint64_t>(in_st.st_size), out.get(),
-                                        path, tmp, want, data, mtime, progress, add));
-    // Owner first: chown clears set-id bits that the chmod then restores.
-    // Without the privilege to give the file away it stays ours.
-    if (::fchown(out.get(), in_st.st_uid, in_st.st_gid) != 0) {
-    }
-    if (::fchmod(out.get(), in_st.st_mode & 07777) != 0) {
-      int e = errno;
-      return Err(e, "{}: cannot set the mode of {}: {}", path, tmp, std::strerror(e));
-    }
-    NEMOFS_RETURN_IF_ERROR(Sync(out.get(), tmp));
-    NEMOFS_ASSIGN_OR_RETURN(struct stat out_st, FStat(out.get(), tmp));
+  // The new archive's owner and mode are the old one's; the rename is made
+  // durable, but a failed folder fsync is not a failed rewrite (the new
+  // archive is in place whatever it says).
+  ReplaceOptions options;
+  options.temp_path = fmt::format("{}.nemofs-rewrite.{}", path, ::getpid());
+  options.mode = in_st.st_mode & 07777;
+  options.owner = std::make_pair(in_st.st_uid, in_st.st_gid);
+  options.on_written = [] { MaybeCrash("rewrite:written"); };
+  options.on_renamed = [] { MaybeCrash("rewrite:renamed"); };
+  RewriteResult result;
+  NEMOFS_RETURN_IF_ERROR(ReplaceFile(path, options, [&](int out) -> Status {
+    NEMOFS_ASSIGN_OR_RETURN(result,
+                            CopyArchive(in.get(), static_cast<uint64_t>(in_st.st_size), out, path,
+                                        options.temp_path, want, data, mtime, progress, add));
+    NEMOFS_ASSIGN_OR_RETURN(struct stat out_st, FStat(out, options.temp_path));
     result.bytes_out = static_cast<uint64_t>(out_st.st_size);
-    return result;
-  }();
-  out.Reset();
-  if (!written.ok()) {
-    ::unlink(tmp.c_str());
-    return written.error();
-  }
-  MaybeCrash("rewrite:written");
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int e = errno;
-    ::unlink(tmp.c_str());
-    return Err(e, "{}: cannot replace with {}: {}", path, tmp, std::strerror(e));
-  }
-  // Make the rename durable. The new archive is in place whatever this says,
-  // so a failure here is not reported as a failed rewrite.
-  UniqueFd dir(::open(DirOf(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (dir.valid()) ::fsync(dir.get());
-  MaybeCrash("rewrite:renamed");
-  return written;
+    return Ok();
+  }));
+  return result;
 }
 
 }  // namespace nemofs::write
