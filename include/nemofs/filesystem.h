@@ -10,8 +10,22 @@
 // member it comes from) is one node with nlink 2, like a hard link. Numbers
 // are stable for the life of the Filesystem.
 //
-// Concurrency: after Open the node table is immutable, so every const
-// method may be called from any number of threads at once without locks.
+// Concurrency: every method may be called from any number of threads at
+// once. The node table is immutable after Open, so calls on nodes that are
+// not Volatile (stored bytes: archive/, tensors/, ...) take no lock. Calls
+// that touch what can change (the config, new files, the directories that
+// hold them) take the overlay's locks, const methods such as GetAttr and
+// Read included.
+//
+// Lock order, outermost first; no thread takes a lock while holding one
+// that comes later in this list:
+//   1. Overlay::commit_mu — one commit or store of new files at a time;
+//      held across the commit's I/O on the source.
+//   2. Overlay::mu — staged edits, new files, open handles; held for
+//      in-memory work only, never across I/O or a call into the source.
+//   3. Leaf locks inside the source, held only for their own I/O and never
+//      while taking another lock: ArchiveSource::extract_mutex_ (a member
+//      decompressed into the cache), a zstd zarr chunk's decode mutex.
 #pragma once
 
 #include <cstdint>
