@@ -142,6 +142,11 @@ Status ParserError(const yaml_parser_t& p, const std::string& what) {
 //   is an ordinary character (libyaml skips one at the start of any line). Each
 //   one after the start becomes a character absent from the text (scalar
 //   values keep their distinctness, so duplicate keys are still found).
+// - a surrogate escape (`\uD800`-`\uDFFF`, `\U0000D800`-...) in a double-quoted
+//   scalar: PyYAML makes it a lone surrogate (OmegaConf loads it, JSON tools
+//   write emoji that way), libyaml refuses it. Each becomes the escape of a
+//   private-use character (D8xx -> E0xx ... DFxx -> E7xx), when the text holds
+//   none of that range, so distinct values stay distinct.
 // Lengths in characters are kept, so marks are unchanged.
 struct Normalized {
   std::string text;
@@ -152,6 +157,67 @@ struct Normalized {
 bool IsNameChar(char c) {
   return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '-' ||
          c == '_';
+}
+
+int HexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+// When t[i] starts `\u` + 4 or `\U` + 8 hex digits with a value in
+// [lo, lo + 0x800): the offset of the last four digits ("D800" in \uD800);
+// else npos.
+size_t EscapeInRange(const std::string& t, size_t i, uint32_t lo) {
+  if (t[i] != '\\' || i + 1 >= t.size()) return std::string::npos;
+  size_t n = t[i + 1] == 'u' ? 4 : t[i + 1] == 'U' ? 8 : 0;
+  if (n == 0 || i + 2 + n > t.size()) return std::string::npos;
+  uint32_t v = 0;
+  for (size_t k = 0; k < n; ++k) {
+    int h = HexValue(t[i + 2 + k]);
+    if (h < 0) return std::string::npos;
+    v = v * 16 + static_cast<uint32_t>(h);
+  }
+  if (v < lo || v >= lo + 0x800) return std::string::npos;
+  return i + 2 + n - 4;
+}
+
+// Maps every surrogate escape to the escape of a private-use character of
+// the first block of 0x800 (U+E000, U+E800, U+F000) the text uses neither
+// as a character nor as an escape. Returns the block's end (where other
+// stand-ins may start), 0xE000 when nothing was mapped.
+uint32_t MapSurrogateEscapes(std::string* text) {
+  std::string& t = *text;
+  auto escapes_in = [&](uint32_t lo) {
+    for (size_t i = t.find('\\'); i != std::string::npos; i = t.find('\\', i + 1)) {
+      if (EscapeInRange(t, i, lo) != std::string::npos) return true;
+    }
+    return false;
+  };
+  if (!escapes_in(0xD800)) return 0xE000;
+  for (uint32_t block : {0xE000u, 0xE800u, 0xF000u}) {
+    if (escapes_in(block)) continue;
+    // The block in UTF-8: lead byte, then a second byte in [lo, lo + 0x1F].
+    const auto lead = static_cast<unsigned char>(0xE0 | (block >> 12));
+    const auto second = static_cast<unsigned char>(0x80 | ((block >> 6) & 0x3F));
+    bool used = false;
+    for (size_t i = 0; i + 1 < t.size() && !used; ++i) {
+      auto b = static_cast<unsigned char>(t[i + 1]);
+      used = static_cast<unsigned char>(t[i]) == lead && b >= second && b <= second + 0x1F;
+    }
+    if (used) continue;
+    for (size_t i = t.find('\\'); i != std::string::npos; i = t.find('\\', i + 1)) {
+      size_t d = EscapeInRange(t, i, 0xD800);
+      if (d == std::string::npos) continue;
+      uint32_t v = 0;
+      for (size_t k = 0; k < 4; ++k) v = v * 16 + static_cast<uint32_t>(HexValue(t[d + k]));
+      std::string hex = fmt::format("{:04x}", block + (v - 0xD800));
+      t.replace(d, 4, hex);
+    }
+    return block + 0x800;
+  }
+  return 0xE000;  // every block is in use: libyaml refuses the escape
 }
 
 Result<Normalized> Normalize(std::string_view in, const std::string& what) {
@@ -218,6 +284,7 @@ Result<Normalized> Normalize(std::string_view in, const std::string& what) {
     t.replace(pos + from, to - from, "1.1" + std::string(to - from - 3, ' '));
     pos = next;
   }
+  const uint32_t stand_ins_from = MapSurrogateEscapes(&t);
   if (t.find("\xEF\xBB\xBF", start) != std::string::npos) {
     // A replacement: the first private-use character the text lacks.
     std::vector<bool> present(0x110000);
@@ -227,7 +294,9 @@ Result<Normalized> Normalize(std::string_view in, const std::string& what) {
       else if (cp < present.size()) present[cp] = true;
     }
     uint32_t pick = 0;
-    for (uint32_t c = 0xE000; c <= 0xF8FF && !pick; ++c) if (!present[c]) pick = c;
+    for (uint32_t c = stand_ins_from; c <= 0xF8FF && !pick; ++c) {
+      if (!present[c]) pick = c;
+    }
     for (uint32_t c = 0xF0000; c <= 0xFFFFD && !pick; ++c) if (!present[c]) pick = c;
     for (uint32_t c = 0x100000; c <= 0x10FFFD && !pick; ++c) if (!present[c]) pick = c;
     if (!pick) return Fail(in, 0, what, "too many distinct characters").error();

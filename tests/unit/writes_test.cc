@@ -83,7 +83,12 @@ TEST(ValidateConfigYaml, MatchesOmegaConfWhereLibyamlDiffers) {
       "text\n", "\"a: 1\"\n", "|\n  a: 1\n  b: [1, 2]\n", "'${a'\n", "'\"\"'\n",
       // 64 levels of nesting load.
       std::string(63, '[') + "1" + std::string(63, ']') + "\n",  // "a: " + it: root + 63 = 64
-      "a: ${ x }\nb: ${a :b}\nc: ${ ${a} }\n"};
+      "a: ${ x }\nb: ${a :b}\nc: ${ ${a} }\n",
+      // Surrogate escapes: PyYAML makes lone surrogates (libyaml refuses them).
+      "n: \"\\ud800\"\n", "n: \"\\ud83d\\ude00\"\n", "n: \"\\U0000DFFF x\"\n",
+      "a: \"\\ud800\"\nb: \"\\ue000\"\n",  // a stand-in block in use: the next one
+      "\"\\ud800\": 1\n\"\\udc00\": 2\n",   // two different keys
+      "a: \"\\ud800\\ufeff\"\nb: \"\xef\xbb\xbf x\"\n"};
   for (std::string text : loaded) {
     if (text[0] == '[') text = "a: " + text;
     auto st = write::ValidateConfigYaml(text, "cfg");
@@ -109,7 +114,9 @@ TEST(ValidateConfigYaml, MatchesOmegaConfWhereLibyamlDiffers) {
        "nested deeper than 64 levels"},  // through an alias
       {"a: ${a. b}\n", "invalid interpolation"}, {"a: ${a .b}\n", "invalid interpolation"},
       {"a: ${[ a ]}\n", "invalid interpolation"}, {"a: ${a.[0]}\n", "invalid interpolation"},
-      {"a: ${. a}\n", "invalid interpolation"}};
+      {"a: ${. a}\n", "invalid interpolation"},
+      {"\"\\ud800\": 1\n\"\\uD800\": 2\n", "line 2, column 1: key"},  // the same key
+      {"n: \"\\ud80\"\n", "line 1"}};
   for (const auto& [text, message] : refused) {
     auto st = write::ValidateConfigYaml(text, "cfg");
     ASSERT_FALSE(st.ok()) << text;
