@@ -4,10 +4,11 @@
 #include <fcntl.h>
 #include <linux/openat2.h>
 #include <signal.h>
-#include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include <spdlog/spdlog.h>
 
 #include <cerrno>
 #include <cstring>
@@ -44,16 +45,7 @@ Result<UniqueFd> OpenFolderBeneath(int root_fd, const std::string& shown_root,
                                    const std::string& rel, bool create, mode_t mkdir_mode,
                                    std::optional<std::pair<uid_t, gid_t>> owner) {
   const std::string shown = Shown(shown_root, rel);
-  std::vector<std::string> parts;
   if (!rel.empty() && rel[0] == '/') return BeneathError(EXDEV, shown);
-  for (size_t start = 0; start <= rel.size();) {
-    size_t slash = rel.find('/', start);
-    if (slash == std::string::npos) slash = rel.size();
-    std::string part = rel.substr(start, slash - start);
-    if (part == "..") return BeneathError(EXDEV, shown);
-    if (!part.empty() && part != ".") parts.push_back(std::move(part));
-    start = slash + 1;
-  }
   struct open_how how {};
   how.flags = O_RDONLY | O_DIRECTORY | O_CLOEXEC;
   how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
@@ -64,6 +56,23 @@ Result<UniqueFd> OpenFolderBeneath(int root_fd, const std::string& shown_root,
     if (errno == EINTR || errno == EAGAIN) continue;
     if (errno == ENOSYS || (errno == ENOENT && create)) break;
     return BeneathError(errno, shown);
+  }
+  return OpenFolderBeneathByWalk(root_fd, shown_root, rel, create, mkdir_mode, owner);
+}
+
+Result<UniqueFd> OpenFolderBeneathByWalk(int root_fd, const std::string& shown_root,
+                                         const std::string& rel, bool create, mode_t mkdir_mode,
+                                         std::optional<std::pair<uid_t, gid_t>> owner) {
+  const std::string shown = Shown(shown_root, rel);
+  std::vector<std::string> parts;
+  if (!rel.empty() && rel[0] == '/') return BeneathError(EXDEV, shown);
+  for (size_t start = 0; start <= rel.size();) {
+    size_t slash = rel.find('/', start);
+    if (slash == std::string::npos) slash = rel.size();
+    std::string part = rel.substr(start, slash - start);
+    if (part == "..") return BeneathError(EXDEV, shown);
+    if (!part.empty() && part != ".") parts.push_back(std::move(part));
+    start = slash + 1;
   }
   // One component at a time, never following a symbolic link: the same
   // result without openat2, and the way to make the missing folders.

@@ -53,6 +53,13 @@ Result<UniqueFd> OpenFolderBeneath(int root_fd, const std::string& shown_root,
                                    mode_t mkdir_mode = 0755,
                                    std::optional<std::pair<uid_t, gid_t>> owner = std::nullopt);
 
+// What OpenFolderBeneath does without openat2 (ENOSYS), or to make missing
+// folders: one O_NOFOLLOW openat (and mkdirat) per component. Exposed for
+// tests.
+Result<UniqueFd> OpenFolderBeneathByWalk(
+    int root_fd, const std::string& shown_root, const std::string& rel, bool create,
+    mode_t mkdir_mode = 0755, std::optional<std::pair<uid_t, gid_t>> owner = std::nullopt);
+
 // ReplaceFile relative to the open folder `dirfd`: options.temp_path and
 // `name` are plain names in it (no '/'); `shown_dir` names the folder in
 // errors. Nothing is resolved by path: the temp is created with
