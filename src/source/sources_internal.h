@@ -49,6 +49,9 @@ class DirectorySource final : public Source {
   std::string Kind() const override { return "directory"; }
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
   Result<FileRange> Locate(uint32_t blob) override;
+  // The folder's O_PATH descriptor, opened with the source: writes into the
+  // folder resolve beneath it (util/atomic_replace.h OpenFolderBeneath).
+  int root_fd() const { return root_fd_.get(); }
 
  private:
   explicit DirectorySource(std::string path) : Source(std::move(path)) {}

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "nemofs/result.h"
+#include "util/fd.h"
 
 namespace nemofs {
 
@@ -37,12 +38,49 @@ struct ReplaceOptions {
   std::function<void()> on_renamed;
 };
 
+// Opens the folder `rel` (relative to `root_fd`; "" or "." is the root
+// itself) to write into it, for a root process writing into a folder that
+// someone else owns: no component may be a symbolic link (ELOOP), ".." or
+// anything else leading outside `root_fd` is refused (EXDEV), each with an
+// error naming `shown_root`/`rel`. openat2(RESOLVE_BENEATH |
+// RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS), or, without openat2, an
+// O_NOFOLLOW walk. With `create`, missing folders are made (mkdirat, one
+// component at a time, each opened O_NOFOLLOW before the next) with
+// `mkdir_mode` and, best effort, `owner`. The descriptor is O_RDONLY (it
+// can be fsynced and listed).
+Result<UniqueFd> OpenFolderBeneath(int root_fd, const std::string& shown_root,
+                                   const std::string& rel, bool create = false,
+                                   mode_t mkdir_mode = 0755,
+                                   std::optional<std::pair<uid_t, gid_t>> owner = std::nullopt);
+
+// What OpenFolderBeneath does without openat2 (ENOSYS), or to make missing
+// folders: one O_NOFOLLOW openat (and mkdirat) per component. Exposed for
+// tests.
+Result<UniqueFd> OpenFolderBeneathByWalk(
+    int root_fd, const std::string& shown_root, const std::string& rel, bool create,
+    mode_t mkdir_mode = 0755, std::optional<std::pair<uid_t, gid_t>> owner = std::nullopt);
+
+// ReplaceFile relative to the open folder `dirfd`: options.temp_path and
+// `name` are plain names in it (no '/'); `shown_dir` names the folder in
+// errors. Nothing is resolved by path: the temp is created with
+// openat(O_EXCL | O_NOFOLLOW), renamed with renameat, the folder fsynced
+// through `dirfd`.
+Status ReplaceFileAt(int dirfd, const std::string& shown_dir, const std::string& name,
+                     const ReplaceOptions& options, const std::function<Status(int fd)>& write);
+
+// Removes `<prefix><pid>` files in the open folder `dirfd` whose process is
+// gone: what a save interrupted by a crash left behind. Best effort;
+// `shown_dir` names the folder in the log.
+void RemoveStaleTempsAt(int dirfd, const std::string& shown_dir, const std::string& prefix);
+
 // Creates options.temp_path (O_EXCL, never following a symlink; the name
 // holds the caller's pid and callers serialize replacements of one target,
 // so a file of that name is a leftover of a dead process with a reused pid
 // and is removed first), lets `write` fill it
 // through its descriptor, finishes it (owner, mode, fsync) and renames it
 // over `target`. On any error the temp is removed and `target` is untouched.
+// The temp must be in the target's folder: that folder is opened once and
+// the rest is ReplaceFileAt.
 Status ReplaceFile(const std::string& target, const ReplaceOptions& options,
                    const std::function<Status(int fd)>& write);
 

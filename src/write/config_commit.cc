@@ -49,25 +49,11 @@ std::string WhyReadOnly(const std::string& path, bool need_dir) {
   return "";
 }
 
-// Removes `<dir>/<prefix><pid>` files whose process is gone: what a save
-// interrupted by a crash left behind. Best effort.
+// Removes `<dir>/<prefix><pid>` files whose process is gone (the archive
+// kinds: the folder holding the archive file). Best effort.
 void RemoveStaleTemps(const std::string& dir, const std::string& prefix) {
-  std::unique_ptr<DIR, int (*)(DIR*)> d(::opendir(dir.c_str()), &::closedir);
-  if (!d) return;
-  while (const dirent* e = ::readdir(d.get())) {
-    std::string_view name = e->d_name;
-    if (name.size() <= prefix.size() || name.substr(0, prefix.size()) != prefix) continue;
-    std::string_view digits = name.substr(prefix.size());
-    if (digits.find_first_not_of("0123456789") != std::string_view::npos || digits.size() > 9) {
-      continue;
-    }
-    pid_t pid = static_cast<pid_t>(std::stol(std::string(digits)));
-    if (pid == ::getpid() || ::kill(pid, 0) == 0 || errno != ESRCH) continue;
-    std::string path = dir + "/" + std::string(name);
-    if (::unlink(path.c_str()) == 0) {
-      spdlog::info("removed {}: left behind by a save that was interrupted", path);
-    }
-  }
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (fd.valid()) RemoveStaleTempsAt(fd.get(), dir, prefix);
 }
 
 }  // namespace
@@ -120,10 +106,22 @@ Result<std::unique_ptr<ConfigCommitter>> ConfigCommitter::Create(const source::S
     c->kind_ = Kind::kCompressedTar;
     NEMOFS_ASSIGN_OR_RETURN(c->target_, real_path(src.path()));
     c->filter_ = src.Kind();
-  } else if (dynamic_cast<const source::DirectorySource*>(&src)) {
+  } else if (const auto* dir = dynamic_cast<const source::DirectorySource*>(&src)) {
     c->kind_ = Kind::kFolder;
     NEMOFS_ASSIGN_OR_RETURN(c->folder_root_, real_path(src.path()));
+    c->folder_root_fd_ = UniqueFd(::fcntl(dir->root_fd(), F_DUPFD_CLOEXEC, 0));
+    if (!c->folder_root_fd_.valid()) {
+      return Err(errno, "{}: {}", c->folder_root_, std::strerror(errno));
+    }
     NEMOFS_ASSIGN_OR_RETURN(c->target_, real_path(src.path() + "/" + config));
+    // Commits write relative to the folder's descriptor: the config (a link
+    // to it followed once, here) must be inside the folder.
+    const std::string& root = c->folder_root_;
+    const std::string prefix = root == "/" ? root : root + "/";
+    if (c->target_.compare(0, prefix.size(), prefix) != 0) {
+      return Err(EROFS, "{}: {} is outside the source folder", src.path(), c->target_);
+    }
+    c->config_rel_ = c->target_.substr(prefix.size());
     NEMOFS_ASSIGN_OR_RETURN(struct stat st, Stat(c->target_));
     c->identity_ = FromStat(st);
     c->mode_ = st.st_mode & 07777;
@@ -219,34 +217,69 @@ Status ConfigCommitter::AppendToPlainTar(std::vector<NewMember> members) {
   return Ok();
 }
 
+Result<UniqueFd> ConfigCommitter::OpenFolder(const std::string& rel, bool create) const {
+  struct stat root_st {};
+  if (::fstat(folder_root_fd_.get(), &root_st) != 0) {
+    return Err(errno, "{}: {}", folder_root_, std::strerror(errno));
+  }
+  return OpenFolderBeneath(folder_root_fd_.get(), folder_root_, rel, create, 0755,
+                           std::make_pair(root_st.st_uid, root_st.st_gid));
+}
+
+namespace {
+
+std::string BaseOf(const std::string& path) { return path.substr(path.rfind('/') + 1); }
+
+std::string FolderOf(const std::string& rel) {
+  return rel.find('/') == std::string::npos ? "" : DirOf(rel);
+}
+
+std::string JoinShown(const std::string& root, const std::string& rel) {
+  return rel.empty() ? root : root + "/" + rel;
+}
+
+}  // namespace
+
 Status ConfigCommitter::CommitFolder(const std::string& text) {
-  NEMOFS_ASSIGN_OR_RETURN(struct stat orig, Stat(target_));
+  const std::string parent = FolderOf(config_rel_);
+  const std::string base = BaseOf(config_rel_);
+  NEMOFS_ASSIGN_OR_RETURN(UniqueFd dir, OpenFolder(parent, false));
+  struct stat orig {};
+  if (::fstatat(dir.get(), base.c_str(), &orig, AT_SYMLINK_NOFOLLOW) != 0) {
+    return Err(errno, "{}: {}", target_, std::strerror(errno));
+  }
   NEMOFS_RETURN_IF_ERROR(CheckIdentity(FromStat(orig)));
-  NEMOFS_RETURN_IF_ERROR(
-      ReplaceFolderFile(target_, text, mode_, orig.st_uid, orig.st_gid, nullptr));
-  NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
+  const std::string shown = JoinShown(folder_root_, parent);
+  NEMOFS_RETURN_IF_ERROR(ReplaceFolderFile(dir.get(), shown, base, text, mode_, orig.st_uid,
+                                           orig.st_gid, nullptr));
+  struct stat now {};
+  if (::fstatat(dir.get(), base.c_str(), &now, AT_SYMLINK_NOFOLLOW) != 0) {
+    return Err(errno, "{}: {}", target_, std::strerror(errno));
+  }
+  identity_ = FromStat(now);
   return Ok();
 }
 
-Status ConfigCommitter::ReplaceFolderFile(const std::string& target, const std::string& data,
+Status ConfigCommitter::ReplaceFolderFile(int dirfd, const std::string& shown_dir,
+                                          const std::string& name, const std::string& data,
                                           uint32_t mode, uid_t uid, gid_t gid,
                                           const struct timespec* mtime) {
-  std::string dir = DirOf(target);
-  std::string base = target.substr(target.rfind('/') + 1);
-  RemoveStaleTemps(dir, fmt::format(".{}{}", base, source::kCommitTempMarker));
+  const std::string prefix = fmt::format(".{}{}", name, source::kCommitTempMarker);
+  RemoveStaleTempsAt(dirfd, shown_dir, prefix);
   ReplaceOptions options;
-  options.temp_path = fmt::format("{}/.{}{}{}", dir, base, source::kCommitTempMarker, ::getpid());
+  options.temp_path = fmt::format("{}{}", prefix, ::getpid());
   options.mode = mode;
   options.owner = std::make_pair(uid, gid);
   options.folder_sync_is_error = true;
   options.on_written = [] { MaybeCrash("folder:written"); };
   options.on_renamed = [] { MaybeCrash("folder:renamed"); };
-  return ReplaceFile(target, options, [&](int fd) -> Status {
-    NEMOFS_RETURN_IF_ERROR(PwriteFull(fd, data, 0, options.temp_path));
+  const std::string tmp_shown = shown_dir + "/" + options.temp_path;
+  return ReplaceFileAt(dirfd, shown_dir, name, options, [&](int fd) -> Status {
+    NEMOFS_RETURN_IF_ERROR(PwriteFull(fd, data, 0, tmp_shown));
     if (mtime) {
       struct timespec times[2] = {{0, UTIME_OMIT}, *mtime};
       if (::futimens(fd, times) != 0) {
-        return Err(errno, "{}: cannot set mtime", options.temp_path);
+        return Err(errno, "{}: cannot set mtime", tmp_shown);
       }
     }
     return Ok();
@@ -279,19 +312,25 @@ Status ConfigCommitter::StoreFiles(const std::vector<NewFile>& files,
       return Ok();
     }
     case Kind::kFolder: {
-      const std::string& root = folder_root_;
-      NEMOFS_ASSIGN_OR_RETURN(struct stat root_st, Stat(root));
+      struct stat root_st {};
+      if (::fstat(folder_root_fd_.get(), &root_st) != 0) {
+        return Err(errno, "{}: {}", folder_root_, std::strerror(errno));
+      }
       for (const auto& f : files) {
-        std::string target = root + "/" + f.path;
+        const std::string parent = FolderOf(f.path);
+        const std::string base = BaseOf(f.path);
+        const std::string target = JoinShown(folder_root_, f.path);
+        NEMOFS_ASSIGN_OR_RETURN(UniqueFd dir, OpenFolder(parent, true));
         struct stat st {};
-        if (!f.stored_before && ::lstat(target.c_str(), &st) == 0) {
+        if (!f.stored_before && ::fstatat(dir.get(), base.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
           return Err(EEXIST, "{}: exists already (created beside the mount?); not replaced",
                      target);
         }
         struct timespec mtime {
           f.mtime_sec, static_cast<long>(f.mtime_nsec)
         };
-        NEMOFS_RETURN_IF_ERROR(ReplaceFolderFile(target, f.data, f.mode & 07777, root_st.st_uid,
+        NEMOFS_RETURN_IF_ERROR(ReplaceFolderFile(dir.get(), JoinShown(folder_root_, parent), base,
+                                                 f.data, f.mode & 07777, root_st.st_uid,
                                                  root_st.st_gid, &mtime));
       }
       return Ok();

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "nemofs/result.h"
+#include "util/fd.h"
 #include "write/tar_append.h"
 
 namespace nemofs::source {
@@ -86,9 +87,14 @@ class ConfigCommitter {
   Status AppendToPlainTar(std::vector<NewMember> members);
   Status CommitFolder(const std::string& text);
   // The one "temp file beside it, fsync, rename over, fsync the directory"
-  // of the folder kind: writes `data` as `target`.
-  static Status ReplaceFolderFile(const std::string& target, const std::string& data, uint32_t mode,
-                                  uid_t uid, gid_t gid, const struct timespec* mtime);
+  // of the folder kind: writes `data` as `name` in the open folder `dirfd`
+  // (`shown_dir` in errors), never resolving a path.
+  static Status ReplaceFolderFile(int dirfd, const std::string& shown_dir, const std::string& name,
+                                  const std::string& data, uint32_t mode, uid_t uid, gid_t gid,
+                                  const struct timespec* mtime);
+  // Folder: opens the folder `rel` beneath the source folder, never
+  // following a symbolic link (ELOOP) or leaving it (EXDEV).
+  Result<UniqueFd> OpenFolder(const std::string& rel, bool create) const;
   Status CheckIdentity(const FileIdentity& now) const;
 
   Kind kind_ = Kind::kPlainTar;
@@ -99,7 +105,9 @@ class ConfigCommitter {
   uint64_t end_ = 0;  // plain tar: offset of the end-of-archive marker
   uint64_t member_header_ = 0;  // plain tar: offset of the replaced member's ustar header
   std::string filter_;
-  std::string folder_root_;  // folder: the source folder's real path
+  std::string folder_root_;  // folder: the source folder's real path (for messages)
+  UniqueFd folder_root_fd_;  // folder: the source folder, opened with the source
+  std::string config_rel_;   // folder: the config file, relative to the folder
   FileIdentity identity_;
 };
 
