@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "nemofs/source_lock.h"
 #include "util/fd.h"
 
 namespace nemofs {
@@ -45,12 +46,16 @@ Status ReplaceFile(const std::string& target, const ReplaceOptions& options,
     int e = errno;
     return fail(Err(e, "{}: fsync failed: {}", tmp, std::strerror(e)));
   }
+  // A source this process holds the lock of (a writable mount's archive,
+  // an in-place repack): the new file is locked before it takes the path.
+  LockHandover handover(target, fd.get());
   fd.Reset();
   if (options.on_written) options.on_written();
   if (::rename(tmp.c_str(), target.c_str()) != 0) {
     int e = errno;
     return fail(Err(e, "{}: cannot replace with {}: {}", target, tmp, std::strerror(e)));
   }
+  handover.Commit();
   if (options.durable) {
     const std::string dir = DirOf(target);
     UniqueFd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
