@@ -52,15 +52,49 @@ std::string Basename(const std::string& p) {
   return slash == std::string::npos ? p : p.substr(slash + 1);
 }
 
+// Undoes mountinfo's octal escapes ("\040" for a space).
+std::string Unescape(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    auto digit = [&](size_t k) { return s[k] >= '0' && s[k] <= '7'; };
+    if (s[i] == '\\' && i + 3 < s.size() && digit(i + 1) && digit(i + 2) && digit(i + 3)) {
+      out.push_back(static_cast<char>(std::stoi(s.substr(i + 1, 3), nullptr, 8)));
+      i += 3;
+    } else {
+      out.push_back(s[i]);
+    }
+  }
+  return out;
+}
+
+// The mount points of the fuse.nemofs mounts the kernel lists.
+std::vector<std::string> NemofsMountPoints() {
+  std::vector<std::string> points;
+  std::istringstream info(ReadProcFile("/proc/self/mountinfo"));
+  for (std::string line; std::getline(info, line);) {
+    std::istringstream f(line);
+    std::string id, parent, devno, root, point, word, type;
+    f >> id >> parent >> devno >> root >> point;
+    while (f >> word && word != "-") {
+    }
+    f >> type;
+    if (type == "fuse.nemofs") points.push_back(Unescape(point));
+  }
+  return points;
+}
+
 // The mount point of a `nemofs mount SOURCE MOUNTPOINT ...` command line (or
-// the fstab form `nemofs SOURCE MOUNTPOINT -o ...`); empty if it is none.
+// the fstab form `nemofs SOURCE MOUNTPOINT -o ...`), only if the kernel
+// lists a nemofs mount there (a command line is whatever its process wrote);
+// empty otherwise.
 std::string MountPointOf(const std::vector<std::string>& argv) {
   if (argv.size() < 3 || Basename(argv[0]).rfind("nemofs", 0) != 0) return {};
   size_t i = 1;
-  if (argv[1] == "mount")
+  if (argv[1] == "mount") {
     ++i;
-  else if (argv[1].empty() || argv[1][0] == '-' || argv[1] == "repack")
+  } else if (argv[1].empty() || argv[1][0] == '-') {
     return {};
+  }
   static const char* const kWithValue[] = {"-o", "--cache-dir", "--cache-max", "--log-level",
                                            "--log-file"};
   std::vector<std::string> positional;
@@ -72,31 +106,23 @@ std::string MountPointOf(const std::vector<std::string>& argv) {
     }
     positional.push_back(a);
   }
-  if (positional.size() < 2) return {};
-  const std::string& mnt = positional[1];
-  if (!mnt.empty() && mnt[0] == '/') return mnt;
-  // Relative to where the mount was run (the daemon has left it): the
-  // fuse.nemofs mount whose path ends with it, when there is exactly one.
-  std::istringstream info(ReadProcFile("/proc/self/mountinfo"));
-  std::string line, found;
+  if (positional.size() != 2) return {};
+  std::string mnt = positional[1];
+  while (mnt.size() > 1 && mnt.back() == '/') mnt.pop_back();
+  // A relative one is relative to where the mount was run (the daemon has
+  // left it): the nemofs mount whose path ends with it, if only one does.
+  const std::string tail = "/" + mnt;
+  std::string found;
   int matches = 0;
-  while (std::getline(info, line)) {
-    std::istringstream f(line);
-    std::string id, parent, devno, root, point, word;
-    f >> id >> parent >> devno >> root >> point;
-    while (f >> word && word != "-") {
-    }
-    std::string type;
-    f >> type;
-    if (type != "fuse.nemofs") continue;
-    std::string tail = "/" + mnt;
-    if (point.size() >= tail.size() &&
+  for (const auto& point : NemofsMountPoints()) {
+    if (point == mnt) return point;
+    if (mnt[0] != '/' && point.size() > tail.size() &&
         point.compare(point.size() - tail.size(), tail.size(), tail) == 0) {
       found = point;
       ++matches;
     }
   }
-  return matches == 1 ? found : mnt;
+  return matches == 1 ? found : std::string();
 }
 
 }  // namespace
@@ -198,7 +224,8 @@ Result<std::unique_ptr<SourceLock>> SourceLock::Acquire(const std::string& sourc
 }
 
 bool SourceLock::ClaimForThisProcess() {
-  std::lock_guard<std::mutex> g(RegistryMutex());
+  // No registry mutex: right after a fork another (now absent) thread may
+  // have held it; fd_ does not change before the daemon serves.
   // A conversion replaces the lock with one of this process; EX -> SH can
   // not fail, and no nemofs takes LOCK_SH, so SH -> EX fails only for a
   // foreign LOCK_SH holder (and then loses the lock: retake SH).

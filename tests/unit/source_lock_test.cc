@@ -245,5 +245,42 @@ TEST(SourceLock, ClaimAfterForkNamesTheChild) {
   ::waitpid(child, &status, 0);
 }
 
+// A holder whose command line claims to be `nemofs mount SRC /mnt/fake` is
+// not called a mount unless the kernel lists a nemofs mount there.
+TEST(SourceLock, AForgedNemofsCommandLineIsNotCalledAMount) {
+  TempDir dir;
+  std::string file = dir.Join("src.nemo");
+  WriteText(file, "x");
+  std::string ready = dir.Join("ready");
+  // The script is named `mount` so that argv reads "nemofs mount SRC MNT".
+  WriteText(dir.Join("mount"),
+            "import fcntl, sys, time\n"
+            "f = open(sys.argv[1])\n"
+            "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "open(sys.argv[3], 'w').close()\n"
+            "time.sleep(30)\n");
+  std::string fake = dir.Join("fake-mnt");
+  pid_t child = ::fork();
+  if (child == 0) {
+    if (::chdir(dir.path().c_str()) != 0) ::_exit(2);
+    ::execl("/usr/bin/python3", "nemofs", "mount", file.c_str(), fake.c_str(), ready.c_str(),
+            static_cast<char*>(nullptr));
+    ::_exit(3);
+  }
+  ASSERT_GT(child, 0);
+  struct stat st {};
+  for (int i = 0; i < 500 && ::stat(ready.c_str(), &st) != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  auto lock = SourceLock::Acquire(file);
+  ::kill(child, SIGKILL);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  ASSERT_FALSE(lock.ok());
+  const std::string& m = lock.error().message();
+  EXPECT_NE(m.find("is in use: process " + std::to_string(child) + " ("), std::string::npos) << m;
+  EXPECT_EQ(m.find("nemofs mount"), std::string::npos) << m;
+}
+
 }  // namespace
 }  // namespace nemofs::testing
