@@ -755,6 +755,7 @@ int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {
       std::_Exit(AwaitDaemon(pipefd[0], child, config.mountpoint));  // the daemon owns the mount now
     }
     ::close(pipefd[0]);
+    if (config.in_daemon) config.in_daemon();
     ::setsid();
     if (::chdir("/") != 0) spdlog::debug("chdir /: {}", std::strerror(errno));
     int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);

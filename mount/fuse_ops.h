@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,8 @@ struct FuseMountConfig {
   std::vector<std::string> fuse_options;  // -o values passed to libfuse
   bool foreground = false;
   bool read_only = true;
+  // Called in the daemon right after the daemonizing fork.
+  std::function<void()> in_daemon;
 };
 
 // statfs numbers in 4 KiB blocks: used = the checkpoint, free/avail = the

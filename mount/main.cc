@@ -320,12 +320,13 @@ int RunMount(const MountArgs& args) {
   }
   RaiseFileLimit();
   // A writable mount holds the source's lock for its life (the daemon
-  // inherits the descriptor); a second one falls back to read-only.
+  // inherits the descriptor and retakes it in its own name); a second one
+  // falls back to read-only.
   std::unique_ptr<SourceLock> lock;
   std::string lock_refusal;
   auto real_source = RealPath(args.source);
   if (!read_only && real_source) {
-    auto locked = SourceLock::Acquire(*real_source, "a writable nemofs mount at " + *mnt);
+    auto locked = SourceLock::Acquire(*real_source);
     if (locked) {
       lock = std::move(locked).value();
     } else {
@@ -366,6 +367,15 @@ int RunMount(const MountArgs& args) {
   config.read_only = !fs->writable();
   config.mountpoint = *mnt;
   config.source = info.source;
+  if (lock) {
+    config.in_daemon = [&lock, source = info.source] {
+      if (!lock->ClaimForThisProcess()) {
+        spdlog::warn("{}: the source's lock is held shared only (another process took a shared "
+                     "lock on it)",
+                     source);
+      }
+    };
+  }
   return MountAndServe(*fs, config);
 }
 
@@ -637,7 +647,7 @@ int RunRepack(const std::string& source, const std::string& out_arg, const Cache
   std::string out = out_arg.empty() ? *real : Absolute(out_arg);
   // A writable mount of SOURCE would fail its next save (ESTALE) after the
   // rename: refuse while one holds the source's lock.
-  auto lock = SourceLock::Acquire(*real, "nemofs repack");
+  auto lock = SourceLock::Acquire(*real);
   if (!lock && lock.error().code() == EBUSY) {
     PrintError(fmt::format("refusing to repack: {}; unmount it first", lock.error().message()));
     return kExitFailure;

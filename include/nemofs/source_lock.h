@@ -2,15 +2,23 @@
 // second writable mount of the same source falls back to read-only, and
 // `nemofs repack` refuses, both naming the holder.
 //
-// The lock is flock(2) on a lock file in /run/lock (else $TMPDIR or /tmp),
-// named after a hash of the source's real path, not on the source itself:
-// a commit of a compressed archive renames a new file over the source, which
-// would leave a lock on the old inode behind. The file holds one line naming
-// the holder (pid and mount point) for the other side's message. It is never
-// deleted (deleting lock files races with lockers); it is a few bytes.
+// The lock is flock(2) LOCK_EX on a descriptor of the source itself (the
+// file, or the folder opened O_DIRECTORY): it belongs to the inode, so a hard
+// link, a bind mount or a symlink of the source is the same lock, and there
+// is no lock file to forge, hold or leave behind. The holder is named from
+// what the kernel says (/proc/locks: the pid; /proc/PID/cmdline), never from
+// anything a user can write.
+//
+// A replacement of the source file by this process (a compressed archive's
+// commit, an in-place repack: util/atomic_replace) renames a new inode over
+// the path; ReplaceFile locks the new file before the rename and hands the
+// lock over to it (LockHandover below), so the lock follows the path.
 #pragma once
 
+#include <sys/types.h>
+
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "nemofs/result.h"
@@ -23,20 +31,64 @@ class SourceLock {
   SourceLock(const SourceLock&) = delete;
   SourceLock& operator=(const SourceLock&) = delete;
 
-  // Takes the lock for `source` (a real path) without waiting; `holder`
-  // describes this process ("mount at /mnt/x"). EBUSY when another process
-  // holds it, with its description in the message.
-  static Result<std::unique_ptr<SourceLock>> Acquire(const std::string& source,
-                                                     const std::string& holder);
-  const std::string& path() const { return path_; }
+  // Locks `source` (a path of a file or folder) without waiting. EBUSY when
+  // another open file description holds it, with the holder described.
+  static Result<std::unique_ptr<SourceLock>> Acquire(const std::string& source);
+
+  // In a child after fork (the mount's daemon): the lock is inherited, but
+  // /proc/locks names the process that took it, which is about to exit.
+  // Retakes it in this process's name (shared, then exclusive on the same
+  // descriptor: another nemofs cannot take LOCK_EX in between). False if
+  // the exclusive lock could not be retaken (a foreign LOCK_SH holder came
+  // in between); the shared lock still keeps every other writer out.
+  bool ClaimForThisProcess();
+
+  dev_t dev() const;
+  ino_t ino() const;
 
  private:
-  SourceLock(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  friend class LockHandover;
+  explicit SourceLock(int fd);
   int fd_;
-  std::string path_;
 };
 
-// The lock file used for `source` (for tests and messages).
-std::string SourceLockPath(const std::string& source);
+// One FLOCK line of /proc/locks: "N: FLOCK  ADVISORY  WRITE PID MM:mm:INODE 0 EOF".
+struct FlockEntry {
+  bool write = false;
+  pid_t pid = 0;
+  unsigned major = 0;  // in hex in the file
+  unsigned minor = 0;
+  uint64_t inode = 0;
+};
+
+// Parses one line of /proc/locks; nullopt for other lock kinds and for
+// blocked waiters ("N: -> FLOCK ...").
+std::optional<FlockEntry> ParseFlockLine(const std::string& line);
+
+// The pid of the process that holds a write flock on dev:ino, per `locks`
+// (the text of /proc/locks).
+std::optional<pid_t> FlockHolder(const std::string& locks, dev_t dev, ino_t ino);
+
+// "a writable nemofs mount at /mnt/x (pid N)", "nemofs repack (pid N)" or
+// "process N (comm)", from /proc/PID; "another process" if it has exited.
+std::string DescribeLockHolder(pid_t pid);
+
+// Used by ReplaceFile: when this process holds the SourceLock of `target`,
+// the constructor locks `new_fd` (the complete temp that is about to be
+// renamed over it); Commit() after the rename makes that the lock's
+// descriptor and releases the old inode. Without Commit() the temp's lock
+// is dropped. Does nothing for a target nobody in this process locked.
+class LockHandover {
+ public:
+  LockHandover(const std::string& target, int new_fd);
+  ~LockHandover();
+  LockHandover(const LockHandover&) = delete;
+  LockHandover& operator=(const LockHandover&) = delete;
+  void Commit();
+
+ private:
+  SourceLock* lock_ = nullptr;
+  int fd_ = -1;
+};
 
 }  // namespace nemofs

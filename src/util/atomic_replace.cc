@@ -16,6 +16,9 @@
 #include <string_view>
 #include <vector>
 
+#include "nemofs/source_lock.h"
+#include "util/fd.h"
+
 namespace nemofs {
 
 std::string DirOf(const std::string& path) {
@@ -163,12 +166,16 @@ Status ReplaceFileAt(int dirfd, const std::string& shown_dir, const std::string&
     int e = errno;
     return fail(Err(e, "{}: fsync failed: {}", tmp, std::strerror(e)));
   }
+  // A source this process holds the lock of (a writable mount's archive,
+  // an in-place repack): the new file is locked before it takes the path.
+  LockHandover handover(target, fd.get());
   fd.Reset();
   if (options.on_written) options.on_written();
   if (::renameat(dirfd, tmp_name.c_str(), dirfd, name.c_str()) != 0) {
     int e = errno;
     return fail(Err(e, "{}: cannot replace with {}: {}", target, tmp, std::strerror(e)));
   }
+  handover.Commit();
   if (options.durable && ::fsync(dirfd) != 0 && options.folder_sync_is_error) {
     int e = errno;
     return Err(e, "{}: fsync of the directory failed: {}", shown_dir, std::strerror(e));

@@ -11,7 +11,11 @@
 
 #include <chrono>
 #include <filesystem>
+#include <set>
 #include <thread>
+#include <vector>
+#include <algorithm>
+#include <iterator>
 
 #include "mount_harness.h"
 #include "test_util.h"
@@ -417,6 +421,143 @@ TEST(SharedMount, SecondWritableMountIsReadOnlyAndRepackRefuses) {
   r = Sh(Bin() + " repack -q " + Q(src));
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(CatConfig(src).find("extra_key: 1"), std::string::npos);
+}
+
+// The lock is on the source's inode: a hard link of a mounted source is the
+// same source (the old lock file, named after the path, let both mount rw).
+TEST(SharedMount, HardLinkOfAMountedSourceIsReadOnlyAndRepackViaItRefuses) {
+  TempDir dir;
+  std::string src = dir.Join("a.nemo");
+  std::string link = dir.Join("b.nemo");
+  ASSERT_EQ(
+      Sh("cp " + Q(TestData("tiny_gpt.nemo")) + " " + Q(src) + " && ln " + Q(src) + " " + Q(link))
+          .exit_code,
+      0);
+  BgMount first;
+  ASSERT_EQ(first.Start(src).exit_code, 0);
+  ASSERT_GT(first.pid(), 0);
+  // Named by the daemon's pid (the lock is retaken in its name after the fork).
+  std::string holder =
+      "a writable nemofs mount at " + first.mnt() + " (pid " + std::to_string(first.pid()) + ")";
+  BgMount second;
+  auto r = second.Start(link);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("mounted read-only: " + link + " is in use: " + holder), std::string::npos)
+      << r.err;
+  r = Sh("echo 'x: 1' >> " + Q(second.mnt() + "/config.yaml"));
+  EXPECT_NE(r.err.find("Read-only file system"), std::string::npos) << r.err;
+  r = Sh(Bin() + " repack -q " + Q(link));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("refusing to repack: " + link + " is in use: " + holder), std::string::npos)
+      << r.err;
+  second.Stop();
+  first.Stop();
+  r = Sh(Bin() + " repack -q " + Q(link));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+}
+
+// A compressed archive's commit renames a new file over the source: the
+// lock moves to it, so a mount started after the commit is still refused.
+TEST(SharedMount, LockFollowsACompressedArchiveCommit) {
+  TempDir dir;
+  std::string src = dir.Join("a.nemo");
+  ASSERT_EQ(Sh("cp " + Q(TestData("tiny_gpt_gz.nemo")) + " " + Q(src)).exit_code, 0);
+  BgMount first;
+  ASSERT_EQ(first.Start(src).exit_code, 0);
+  struct stat before {};
+  ASSERT_EQ(::stat(src.c_str(), &before), 0);
+  auto r = Sh("/bin/echo 'extra_key: 1' >> " + Q(first.mnt() + "/config.yaml"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  struct stat after {};
+  ASSERT_EQ(::stat(src.c_str(), &after), 0);
+  ASSERT_NE(before.st_ino, after.st_ino) << "the commit did not replace the archive";
+  BgMount second;
+  r = second.Start(src);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("mounted read-only: " + src + " is in use: a writable nemofs mount at " +
+                       first.mnt()),
+            std::string::npos)
+      << r.err;
+  r = Sh(Bin() + " repack -q " + Q(src));
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  // The first mount still saves (another rewrite, another handover).
+  r = Sh("/bin/echo 'extra_key2: 2' >> " + Q(first.mnt() + "/config.yaml"));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  second.Stop();
+  first.Stop();
+  EXPECT_NE(CatConfig(src).find("extra_key2: 2"), std::string::npos);
+}
+
+std::set<std::string> RunLockFiles() {
+  std::set<std::string> names;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/run/lock", ec)) {
+    std::string n = e.path().filename().string();
+    if (n.rfind("nemofs-", 0) == 0) names.insert(e.path().string());
+  }
+  return names;
+}
+
+TEST(SharedMount, SourceLockCreatesNoFilesInRunLock) {
+  TempDir dir;
+  std::string src = dir.Join("fresh-" + std::to_string(::getpid()) + ".nemo");
+  ASSERT_EQ(Sh("cp " + Q(TestData("tiny_gpt.nemo")) + " " + Q(src)).exit_code, 0);
+  auto before = RunLockFiles();
+  {
+    BgMount first;
+    ASSERT_EQ(first.Start(src).exit_code, 0);
+    BgMount second;
+    auto r = second.Start(src);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.err.find("mounted read-only: "), std::string::npos) << r.err;
+    EXPECT_EQ(Sh(Bin() + " repack -q " + Q(src)).exit_code, 1);
+  }
+  EXPECT_EQ(Sh(Bin() + " repack -q " + Q(src)).exit_code, 0);
+  auto after = RunLockFiles();
+  std::vector<std::string> created;
+  std::set_difference(after.begin(), after.end(), before.begin(), before.end(),
+                      std::back_inserter(created));
+  EXPECT_TRUE(created.empty()) << created.front();
+}
+
+// A user who cannot read the source cannot open it, so cannot flock it:
+// nothing they can lock (the source, any file in /run/lock) makes root's
+// mount read-only.
+TEST(SharedMount, UserWhoCannotReadTheSourceCannotMakeAMountReadOnly) {
+  TempDir dir;
+  ::chmod(dir.path().c_str(), 0755);
+  std::string src = dir.Join("private-" + std::to_string(::getpid()) + ".nemo");
+  ASSERT_EQ(
+      Sh("cp " + Q(TestData("tiny_gpt.nemo")) + " " + Q(src) + " && chmod 600 " + Q(src)).exit_code,
+      0);
+  // A writable mount once (the old design left its lock file behind here).
+  auto before = RunLockFiles();
+  {
+    BgMount once;
+    ASSERT_EQ(once.Start(src).exit_code, 0);
+  }
+  auto after = RunLockFiles();
+  std::string targets = Q(src);
+  for (const auto& f : after) {
+    if (!before.count(f)) targets += " " + Q(f);
+  }
+  // The user tries to hold every candidate for 8 s.
+  std::string tries = dir.Join("tries");
+  ASSERT_EQ(Sh("touch " + Q(tries) + " && chmod 666 " + Q(tries)).exit_code, 0);
+  auto r = Sh(AsNobody("for f in " + targets + "; do (flock -x -n \"$f\" sh -c 'echo held " +
+                       "\"$0\"; sleep 8' \"$f\" || echo refused \"$f\") >> " + Q(tries) +
+                       " 2>/dev/null & done; true"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  BgMount m;
+  r = m.Start(src);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.err.find("mounted read-only"), std::string::npos) << r.err << ReadFile(tries);
+  r = Sh("/bin/echo 'extra_key: 1' >> " + Q(m.mnt() + "/config.yaml"));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  std::string log = ReadFile(tries);
+  EXPECT_NE(log.find("refused " + src), std::string::npos) << log;
+  EXPECT_EQ(log.find("held " + src), std::string::npos) << log;
 }
 
 }  // namespace
