@@ -286,6 +286,17 @@ int RunMount(const MountArgs& args) {
   config.foreground = args.foreground;
   bool read_only = false;
   config.fuse_options = ParseMountOptions(args.options, &read_only);
+  // nemofs names its mounts itself (fuse.nemofs, nemofs:SOURCE): `umount`,
+  // `ls` of mounts and fstab find them by these.
+  for (const auto& o : config.fuse_options) {
+    if ((o.rfind("subtype=", 0) == 0 && o != "subtype=nemofs") || o.rfind("fsname=", 0) == 0) {
+      PrintError(fmt::format(
+          "-o {}: nemofs sets the mount's {} itself (type fuse.nemofs, source nemofs:SOURCE), "
+          "so that `nemofs umount` knows the mount; leave this option out",
+          o, o.substr(0, o.find('='))));
+      return kExitUsage;
+    }
+  }
   auto cache_dir = ResolveCacheDir(args.cache.dir, true);
   if (!cache_dir) {
     PrintError(cache_dir.error().message());

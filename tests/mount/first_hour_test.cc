@@ -232,6 +232,30 @@ TEST(MountTruth, CacheDirThatIsNotAWritableDirectoryIsRefusedAtMount) {
   Sh("umount " + Q(dir.Join("ro")));
 }
 
+// nemofs names its mounts (fuse.nemofs): a user subtype= or fsname= would
+// leave a mount `nemofs umount` does not recognise, so it is refused.
+TEST(MountTruth, SubtypeAndFsnameOptionsAreRefused) {
+  TempDir dir;
+  std::string mnt = dir.Join("mnt");
+  std::filesystem::create_directory(mnt);
+  for (const std::string opt : {"subtype=y", "fsname=mine", "ro,subtype=y", "fsname=nemofs:x"}) {
+    auto r = Sh(Bin() + " mount " + Q(TestData("tiny_gpt.nemo")) + " " + Q(mnt) + " -o " + opt, 30);
+    bool mounted = IsMounted(mnt);
+    if (mounted) Sh("fusermount3 -u " + Q(mnt), 10);
+    EXPECT_EQ(r.exit_code, 2) << opt << ": " << r.err;
+    EXPECT_FALSE(mounted) << opt;
+    std::string given = opt.substr(opt.rfind(',') == std::string::npos ? 0 : opt.rfind(',') + 1);
+    EXPECT_NE(r.err.find("-o " + given + ": nemofs sets the mount's"), std::string::npos)
+        << opt << ": " << r.err;
+  }
+  // Its own subtype (what a `mount -t fuse.nemofs` may pass) is fine.
+  BgMount m;
+  auto r = m.Start(TestData("tiny_gpt.nemo"), "-o ro,subtype=nemofs");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Sh(Bin() + " umount " + Q(m.mnt()), 30);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+}
+
 TEST(MountTruth, UnknownCommandIsNamed) {
   auto r = Sh(Bin() + " frobnicate");
   EXPECT_EQ(r.exit_code, 2);
