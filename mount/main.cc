@@ -789,6 +789,13 @@ int RunLs(const std::string& source, const std::string& glob, bool all, bool jso
   if (!fs) return kExitSource;
   for (const auto& e : fs->info().weight_errors) PrintError(e);
   if (!fs->info().weight_errors.empty() && fs->info().tensors == 0) return kExitSource;
+  // Malformed tensors are not listed; each is named, with why, on stderr.
+  constexpr std::string_view kUnreadable = "unreadable: ";
+  for (const auto& [name, why] : fs->info().safetensors_omitted) {
+    if (why.rfind(kUnreadable, 0) != 0) continue;
+    PrintWarning(fmt::format("tensor {} is omitted (it cannot be read): {}", name,
+                             why.substr(kUnreadable.size())));
+  }
   std::vector<TensorEntry> rows;
   for (auto& t : fs->ListTensors()) {
     bool model = t.path.rfind("tensors/", 0) == 0;
