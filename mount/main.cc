@@ -20,16 +20,16 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
-#include <mutex>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <set>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <thread>
 
 #include "exit_codes.h"
@@ -565,8 +565,8 @@ std::string MountPointPath(const std::string& arg) {
 int RunUmount(const std::string& mountpoint, double timeout_s) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
-  const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
-                                    std::chrono::duration<double>(timeout_s));
+  const auto deadline =
+      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
   // The time actually waited, for the messages ("2.0 s").
   auto waited = [&] {
     return fmt::format("{:.1f} s", std::chrono::duration<double>(Clock::now() - start).count());
@@ -608,9 +608,8 @@ int RunUmount(const std::string& mountpoint, double timeout_s) {
   // fusermount3 itself does not wait for the daemon; it gets a few seconds
   // of its own when the daemon used up the budget.
   std::string said;
-  int rc = RunCommand({"fusermount3", "-u", path}, std::max(deadline, Clock::now() +
-                                                                     std::chrono::seconds(5)),
-                      &said);
+  int rc = RunCommand({"fusermount3", "-u", path},
+                      std::max(deadline, Clock::now() + std::chrono::seconds(5)), &said);
   if (pid == 0 && rc == 0) {
     PrintError(fmt::format(
         "{}: unmounted, but its daemon did not answer within {} (stopped or hung?); it exits "
@@ -628,16 +627,16 @@ int RunUmount(const std::string& mountpoint, double timeout_s) {
   if (rc != 0) {
     bool busy = said.find("busy") != std::string::npos;
     PrintError(fmt::format("{}: not unmounted: {}", mountpoint,
-                           rc < 0  ? "cannot run fusermount3"
-                           : busy  ? "it is in use (a process has a file open or its working "
-                                     "directory in it)"
-                                   : "fusermount3 failed (is a process still using it?)"));
+                           rc < 0 ? "cannot run fusermount3"
+                           : busy ? "it is in use (a process has a file open or its working "
+                                    "directory in it)"
+                                  : "fusermount3 failed (is a process still using it?)"));
     return kExitFailure;
   }
   while (pid > 0 && !ProcessGone(pid)) {
     if (Clock::now() > deadline) {
-      PrintError(fmt::format("{}: unmounted, but daemon {} did not exit within {}", mountpoint,
-                             pid, waited()));
+      PrintError(fmt::format("{}: unmounted, but daemon {} did not exit within {}", mountpoint, pid,
+                             waited()));
       return kExitFailure;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));

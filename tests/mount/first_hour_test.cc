@@ -152,8 +152,8 @@ TEST(MountTruth, UmountTimeoutDetachesAStoppedDaemon) {
     // A process waiting inside the mount keeps it busy; `exec` makes $! its pid.
     pid_t waiter = 0;
     if (c.busy) {
-      auto w = Sh("(cd " + Q(m.mnt() + "/archive") + " && exec sleep 30) >/dev/null 2>&1 & echo $!",
-                  5);
+      auto w =
+          Sh("(cd " + Q(m.mnt() + "/archive") + " && exec sleep 30) >/dev/null 2>&1 & echo $!", 5);
       waiter = static_cast<pid_t>(std::atol(w.out.c_str()));
       ASSERT_GT(waiter, 0) << w.out;
     }

@@ -516,13 +516,14 @@ TEST(Cli, MalformedOnlyTensorGivesAnEmptyTensorsDirAndIsNamed) {
   EXPECT_EQ(ls.exit_code, 0) << ls.err;
   EXPECT_EQ(ls.out, "0\n") << ls.err;
   // model.safetensors: no tensors; its __metadata__ names the omitted one.
-  auto st = Sh("/usr/bin/python3 -c 'import json,sys,struct\n"
-               "f = open(sys.argv[1], \"rb\")\n"
-               "n = struct.unpack(\"<Q\", f.read(8))[0]\n"
-               "h = json.loads(f.read(n))\n"
-               "rest = f.read()\n"
-               "print(sorted(h), len(rest), sorted(json.loads(h[\"__metadata__\"][\"nemofs.omitted\"])))' " +
-               Q(mnt + "/model.safetensors"));
+  auto st = Sh(
+      "/usr/bin/python3 -c 'import json,sys,struct\n"
+      "f = open(sys.argv[1], \"rb\")\n"
+      "n = struct.unpack(\"<Q\", f.read(8))[0]\n"
+      "h = json.loads(f.read(n))\n"
+      "rest = f.read()\n"
+      "print(sorted(h), len(rest), sorted(json.loads(h[\"__metadata__\"][\"nemofs.omitted\"])))' " +
+      Q(mnt + "/model.safetensors"));
   EXPECT_EQ(st.exit_code, 0) << st.err;
   EXPECT_EQ(st.out, "['__metadata__'] 0 ['w']\n") << st.err;
   auto um = Sh(Q(NemofsBinary()) + " umount " + Q(mnt));
