@@ -1,6 +1,7 @@
 // nemofs: mount NeMo / Megatron / PyTorch checkpoints as a filesystem.
 // Command line (DESIGN.md §3): mount, umount, info, cat. Exit codes: exit_codes.h.
 #define FUSE_USE_VERSION 314
+#include <fcntl.h>
 #include <fnmatch.h>
 #include <fuse3/fuse_lowlevel.h>
 #include <signal.h>
@@ -19,16 +20,16 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
-#include <mutex>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <set>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 #include <thread>
 
 #include "exit_codes.h"
@@ -285,6 +286,17 @@ int RunMount(const MountArgs& args) {
   config.foreground = args.foreground;
   bool read_only = false;
   config.fuse_options = ParseMountOptions(args.options, &read_only);
+  // nemofs names its mounts itself (fuse.nemofs, nemofs:SOURCE): `umount`,
+  // `ls` of mounts and fstab find them by these.
+  for (const auto& o : config.fuse_options) {
+    if ((o.rfind("subtype=", 0) == 0 && o != "subtype=nemofs") || o.rfind("fsname=", 0) == 0) {
+      PrintError(fmt::format(
+          "-o {}: nemofs sets the mount's {} itself (type fuse.nemofs, source nemofs:SOURCE), "
+          "so that `nemofs umount` knows the mount; leave this option out",
+          o, o.substr(0, o.find('='))));
+      return kExitUsage;
+    }
+  }
   auto cache_dir = ResolveCacheDir(args.cache.dir, true);
   if (!cache_dir) {
     PrintError(cache_dir.error().message());
@@ -389,31 +401,80 @@ bool ProcessGone(pid_t pid) {
   return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'Z';
 }
 
+// Closes a file descriptor it owns.
+struct OwnedFd {
+  int fd = -1;
+  OwnedFd() = default;
+  OwnedFd(const OwnedFd&) = delete;
+  OwnedFd& operator=(const OwnedFd&) = delete;
+  ~OwnedFd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
 // Runs argv; waits until `deadline` at most. Returns the exit code, -1 if
 // it could not run, or -2 if it was still running at the deadline (it is
-// then killed).
+// then killed). Its stdout and stderr go to `*output` (not to the user's
+// terminal: the caller says what happened in its own words).
 int RunCommand(const std::vector<std::string>& argv_in,
-               std::chrono::steady_clock::time_point deadline) {
+               std::chrono::steady_clock::time_point deadline, std::string* output = nullptr) {
   std::vector<char*> argv;
   std::vector<std::string> storage = argv_in;
   for (auto& s : storage) argv.push_back(s.data());
   argv.push_back(nullptr);
+  OwnedFd read_end, write_end;
+  {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) return -1;
+    read_end.fd = fds[0];
+    write_end.fd = fds[1];
+  }
+  posix_spawn_file_actions_t actions;
+  if (posix_spawn_file_actions_init(&actions) != 0) return -1;
+  posix_spawn_file_actions_adddup2(&actions, write_end.fd, STDOUT_FILENO);
+  posix_spawn_file_actions_adddup2(&actions, write_end.fd, STDERR_FILENO);
   pid_t pid;
-  if (posix_spawnp(&pid, argv[0], nullptr, nullptr, argv.data(), environ) != 0) return -1;
+  int spawned = posix_spawnp(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (spawned != 0) return -1;
+  ::close(std::exchange(write_end.fd, -1));
+  std::string captured;
+  auto drain = [&] {
+    char buf[512];
+    ssize_t n;
+    while ((n = ::read(read_end.fd, buf, sizeof buf)) > 0) {
+      if (captured.size() < 64 * 1024) captured.append(buf, static_cast<size_t>(n));
+    }
+  };
   int status = 0;
+  int result = 0;
   for (;;) {
+    drain();
     pid_t r = ::waitpid(pid, &status, WNOHANG);
-    if (r == pid) break;
-    if (r < 0 && errno != EINTR) return -1;
+    if (r == pid) {
+      result = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+      break;
+    }
+    if (r < 0 && errno != EINTR) {
+      result = -1;
+      break;
+    }
     if (std::chrono::steady_clock::now() > deadline) {
       ::kill(pid, SIGKILL);
       while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
       }
-      return -2;
+      result = -2;
+      break;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  drain();
+  while (!captured.empty() && (captured.back() == '\n' || captured.back() == ' ')) {
+    captured.pop_back();
+  }
+  if (!captured.empty()) spdlog::debug("{}: {}", argv_in[0], captured);
+  if (output) *output = std::move(captured);
+  return result;
 }
 
 // Runs `call` on a detached thread and waits at most `wait` for its answer,
@@ -479,7 +540,8 @@ std::string ForceDetach(const std::string& path, const MountEntry& m) {
       std::filesystem::is_empty("/sys/fs/fuse/connections/")) {
     // fusectl is not mounted (containers): mount it to reach the abort file.
     auto soon = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    RunCommand({"mount", "-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"}, soon);
+    std::string said;
+    RunCommand({"mount", "-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"}, soon, &said);
   }
   if (colon != std::string::npos) {
     std::string abort_path = "/sys/fs/fuse/connections/" + m.device.substr(colon + 1) + "/abort";
@@ -488,8 +550,9 @@ std::string ForceDetach(const std::string& path, const MountEntry& m) {
     if (f) done.push_back("aborted its FUSE connection (" + abort_path + ")");
   }
   auto soon = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  if (RunCommand({"fusermount3", "-u", "-z", path}, soon) == 0 ||
-      RunCommand({"umount", "-l", path}, soon) == 0) {
+  std::string said;  // their stderr: what happened is said below, in nemofs's words
+  if (RunCommand({"fusermount3", "-u", "-z", path}, soon, &said) == 0 ||
+      RunCommand({"umount", "-l", path}, soon, &said) == 0) {
     done.push_back("detached the mount (lazy unmount)");
   }
   if (done.empty()) return "could not detach it (run: fusermount3 -u -z " + path + ")";
@@ -511,8 +574,13 @@ std::string MountPointPath(const std::string& arg) {
 
 int RunUmount(const std::string& mountpoint, double timeout_s) {
   using Clock = std::chrono::steady_clock;
-  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                            std::chrono::duration<double>(timeout_s));
+  const auto start = Clock::now();
+  const auto deadline =
+      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+  // The time actually waited, for the messages ("2.0 s").
+  auto waited = [&] {
+    return fmt::format("{:.1f} s", std::chrono::duration<double>(Clock::now() - start).count());
+  };
   std::string path = MountPointPath(mountpoint);
   auto m = FindMount(path);
   if (!m) {
@@ -524,14 +592,16 @@ int RunUmount(const std::string& mountpoint, double timeout_s) {
     return kExitFailure;
   }
   auto remaining = [&] {
-    return std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+    return std::max(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()),
+                    std::chrono::milliseconds(0));
   };
-  pid_t pid = AskDaemonPid(path, std::clamp(remaining(), std::chrono::milliseconds(0),
-                                            std::chrono::milliseconds(2000)));
+  // The whole --timeout is the daemon's to answer (pid, then the store),
+  // before a mount is detached under it.
+  pid_t pid = AskDaemonPid(path, remaining());
   // New files go into the checkpoint first: a failure is reported here and
   // the mount stays, with the files (README "Writes").
   if (pid > 0) {
-    int err = AskDaemonStore(path, std::max(remaining(), std::chrono::milliseconds(0)));
+    int err = AskDaemonStore(path, remaining());
     if (err > 0) {
       PrintError(fmt::format(
           "{}: could not store the new files in the checkpoint: {}; still mounted, the files are "
@@ -540,34 +610,43 @@ int RunUmount(const std::string& mountpoint, double timeout_s) {
       return kExitFailure;
     }
     if (err < 0) {
-      PrintError(fmt::format("{}: the daemon is still storing new files after {} s; not unmounted",
-                             mountpoint, timeout_s));
+      PrintError(fmt::format("{}: the daemon is still storing new files after {}; not unmounted",
+                             mountpoint, waited()));
       return kExitFailure;
     }
   }
-  int rc = RunCommand({"fusermount3", "-u", path}, deadline);
+  // fusermount3 itself does not wait for the daemon; it gets a few seconds
+  // of its own when the daemon used up the budget.
+  std::string said;
+  int rc = RunCommand({"fusermount3", "-u", path},
+                      std::max(deadline, Clock::now() + std::chrono::seconds(5)), &said);
   if (pid == 0 && rc == 0) {
     PrintError(fmt::format(
-        "{}: unmounted, but its daemon did not answer within {} s (stopped or hung?); it exits "
+        "{}: unmounted, but its daemon did not answer within {} (stopped or hung?); it exits "
         "once it runs again",
-        mountpoint, timeout_s));
+        mountpoint, waited()));
     return kExitFailure;
   }
   if (rc == -2 || (pid == 0 && rc != 0)) {
-    PrintError(fmt::format("{}: the daemon{} did not answer within {} s: {}", mountpoint,
-                           pid > 0 ? fmt::format(" (pid {})", pid) : std::string(), timeout_s,
+    std::string when = waited();
+    PrintError(fmt::format("{}: the daemon{} did not answer within {}: {}", mountpoint,
+                           pid > 0 ? fmt::format(" (pid {})", pid) : std::string(), when,
                            ForceDetach(path, *m)));
     return kExitFailure;
   }
   if (rc != 0) {
-    PrintError(fmt::format("{}: unmount failed{} (is a process still using it?)", mountpoint,
-                           rc < 0 ? ": cannot run fusermount3" : ""));
+    bool busy = said.find("busy") != std::string::npos;
+    PrintError(fmt::format("{}: not unmounted: {}", mountpoint,
+                           rc < 0 ? "cannot run fusermount3"
+                           : busy ? "it is in use (a process has a file open or its working "
+                                    "directory in it)"
+                                  : "fusermount3 failed (is a process still using it?)"));
     return kExitFailure;
   }
   while (pid > 0 && !ProcessGone(pid)) {
     if (Clock::now() > deadline) {
-      PrintError(fmt::format("{}: unmounted, but daemon {} did not exit within {} s", mountpoint,
-                             pid, timeout_s));
+      PrintError(fmt::format("{}: unmounted, but daemon {} did not exit within {}", mountpoint, pid,
+                             waited()));
       return kExitFailure;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -719,6 +798,13 @@ int RunLs(const std::string& source, const std::string& glob, bool all, bool jso
   if (!fs) return kExitSource;
   for (const auto& e : fs->info().weight_errors) PrintError(e);
   if (!fs->info().weight_errors.empty() && fs->info().tensors == 0) return kExitSource;
+  // Malformed tensors are not listed; each is named, with why, on stderr.
+  constexpr std::string_view kUnreadable = "unreadable: ";
+  for (const auto& [name, why] : fs->info().safetensors_omitted) {
+    if (why.rfind(kUnreadable, 0) != 0) continue;
+    PrintWarning(fmt::format("tensor {} is omitted (it cannot be read): {}", name,
+                             why.substr(kUnreadable.size())));
+  }
   std::vector<TensorEntry> rows;
   for (auto& t : fs->ListTensors()) {
     bool model = t.path.rfind("tensors/", 0) == 0;

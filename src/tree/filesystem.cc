@@ -128,9 +128,10 @@ void Filesystem::AddTensorViews(Impl& impl, uint64_t root, int64_t sec, uint32_t
   auto add_dir = [&](uint64_t parent, const std::string& name) {
     return EnsureDir(nodes, parent, name, sec, nsec);
   };
-  // Weights that cannot be read still give an (empty) tensors/: the error is
-  // printed and logged by `mount`, listed by `info` and `verify`.
-  if (!cat.tensors.empty() || !cat.errors.empty()) {
+  // Weights that cannot be read (a whole file, or malformed tensors) still
+  // give an (empty) tensors/: the error is printed and logged by `mount`,
+  // listed by `info`, `verify` and `ls`.
+  if (!cat.tensors.empty() || !cat.errors.empty() || !cat.bad.empty()) {
     add_tensors(add_dir(root, "tensors"), cat.tensors);
   }
   if (!cat.optimizer.empty()) add_tensors(add_dir(root, "optimizer"), cat.optimizer);
@@ -138,7 +139,7 @@ void Filesystem::AddTensorViews(Impl& impl, uint64_t root, int64_t sec, uint32_t
     uint64_t ranks = add_dir(root, "ranks");
     for (const auto& r : cat.ranks) add_tensors(add_dir(ranks, r.name), r.tensors);
   }
-  if (cat.tensors.empty() && cat.optimizer.empty() && cat.ranks.empty() &&
+  if (cat.tensors.empty() && cat.optimizer.empty() && cat.ranks.empty() && cat.bad.empty() &&
       cat.checkpoint_json.empty()) {
     return;
   }
@@ -164,8 +165,9 @@ void Filesystem::AddTensorViews(Impl& impl, uint64_t root, int64_t sec, uint32_t
   if (!cat.checkpoint_json.empty()) add_text("checkpoint.json", cat.checkpoint_json);
 
   // model.safetensors over tensors/. Nothing is left out silently: what it
-  // cannot hold is named in its __metadata__ and in info().
-  if (cat.tensors.empty()) return;
+  // cannot hold is named in its __metadata__ and in info(); when every
+  // tensor is malformed it is an empty one that names them.
+  if (cat.tensors.empty() && cat.bad.empty()) return;
   Safetensors& st = impl.safetensors;
   auto& omitted = impl.info.safetensors_omitted;
   for (const auto& t : cat.tensors) {

@@ -2,7 +2,10 @@
 # Test Docs.ReadmePaths: the README does not point at things that are not there.
 #  1. Every repository path it names (scripts/..., tests/..., packaging/...,
 #     src/..., include/..., mount/..., and relative Markdown links) exists.
-#  2. Every package of its dependency table is installed by scripts/setup.sh.
+#     A Markdown file it names (FORMATS.md, tests/data/README.md) is in the
+#     repository.
+#  2. Every package of its dependency table is installed by scripts/setup.sh,
+#     and every package scripts/setup.sh installs has a row.
 #  3. Every find_package / pkg_check_modules of the CMakeLists.txt files has a
 #     row: the package is found by asking dpkg which package owns the file
 #     CMake found (from BUILD_DIR/CMakeCache.txt), and the row must name that
@@ -35,6 +38,24 @@ done
 echo "checked $n paths named by README.md"
 ((n >= 10)) || fail "found only $n paths in README.md: the extraction is broken"
 
+# A Markdown file named bare (`FORMATS.md §4`) must be one the repository has:
+# a user cannot follow a pointer to design notes kept outside it.
+md=$(grep -oE '(^|[^A-Za-z0-9_./-])[A-Za-z0-9_./-]*[A-Za-z0-9_-]\.md\b' "$readme" |
+  sed -E 's/^[^A-Za-z0-9_.]//' | sort -u)
+nmd=0
+for p in $md; do
+  nmd=$((nmd + 1))
+  if [[ $p == */* ]]; then
+    [[ -e $src/$p ]] || fail "README names $p, which is not in the repository"
+  else
+    # A bare name is any file of that name in the repository.
+    [[ -n $(cd "$src" && git ls-files -- "$p" "*/$p" 2>/dev/null | head -n1) || -e $src/$p ]] ||
+      fail "README names $p, which is not in the repository"
+  fi
+done
+echo "checked $nmd Markdown file names in README.md"
+((nmd >= 1)) || fail "found no *.md name in README.md: the extraction is broken"
+
 # ---- 2. dependency table ⊆ setup.sh ---------------------------------------------
 table=$(awk '/^## Dependencies/ { on = 1; next } on && /^## / { on = 0 } on && /^\| `/' "$readme" |
   cut -d'|' -f2 | grep -oE '`[^`]+`' | tr -d '`' | sort -u)
@@ -46,6 +67,12 @@ for p in $table; do
   grep -qx -- "$p" <<<"$setup_packages" || fail "README dependency table lists $p; scripts/setup.sh does not install it"
 done
 echo "checked $(wc -w <<<"$table") packages of the dependency table against scripts/setup.sh"
+
+# ---- 2b. setup.sh ⊆ dependency table ---------------------------------------------
+for p in $setup_packages; do
+  grep -qx -- "$p" <<<"$table" || fail "scripts/setup.sh installs $p; the README dependency table has no row naming it"
+done
+echo "checked $(wc -w <<<"$setup_packages") packages of scripts/setup.sh against the dependency table"
 
 # ---- 3. CMake dependencies ⊆ dependency table --------------------------------------
 cache_get() { sed -n "s/^$1:[A-Z]*=//p" "$cache" | head -n1; }

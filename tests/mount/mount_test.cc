@@ -496,6 +496,55 @@ TEST(Cli, UnreadableWeightsGiveAnEmptyTensorsDirAndAPrintedWarning) {
   }
 }
 
+// A torch file whose only tensor is malformed: tensors/ is there and empty,
+// model.safetensors is an empty one naming it, and `mount` and `ls` say so.
+TEST(Cli, MalformedOnlyTensorGivesAnEmptyTensorsDirAndIsNamed) {
+  TempDir dir;
+  std::string mnt = dir.Join("mnt");
+  std::filesystem::create_directory(mnt);
+  std::string src = TestData("torch/hostile/negative_stride.pt");
+  auto r = Sh(Q(NemofsBinary()) + " mount " + Q(src) + " " + Q(mnt) + " -o ro --log-file " +
+              Q(dir.Join("log")) + " --cache-dir " + Q(dir.Join("c")));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  ASSERT_TRUE(IsMounted(mnt));
+  auto pid_r = Sh("getfattr --only-values -n user.nemofs.pid " + Q(mnt));
+  pid_t pid = std::atoi(pid_r.out.c_str());
+  EXPECT_NE(r.err.find("warning"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("tensor w is not shown: negative size or stride"), std::string::npos)
+      << r.err;
+  auto ls = Sh("ls -A " + Q(mnt + "/tensors") + " | wc -l; test -d " + Q(mnt + "/tensors"));
+  EXPECT_EQ(ls.exit_code, 0) << ls.err;
+  EXPECT_EQ(ls.out, "0\n") << ls.err;
+  // model.safetensors: no tensors; its __metadata__ names the omitted one.
+  auto st = Sh(
+      "/usr/bin/python3 -c 'import json,sys,struct\n"
+      "f = open(sys.argv[1], \"rb\")\n"
+      "n = struct.unpack(\"<Q\", f.read(8))[0]\n"
+      "h = json.loads(f.read(n))\n"
+      "rest = f.read()\n"
+      "print(sorted(h), len(rest), sorted(json.loads(h[\"__metadata__\"][\"nemofs.omitted\"])))' " +
+      Q(mnt + "/model.safetensors"));
+  EXPECT_EQ(st.exit_code, 0) << st.err;
+  EXPECT_EQ(st.out, "['__metadata__'] 0 ['w']\n") << st.err;
+  auto um = Sh(Q(NemofsBinary()) + " umount " + Q(mnt));
+  EXPECT_EQ(um.exit_code, 0) << um.err;
+  if (IsMounted(mnt)) {  // cleanup on failure: only the daemon this test started
+    Sh("fusermount3 -u " + Q(mnt));
+    if (pid > 0) ::kill(pid, SIGKILL);
+  }
+  // `nemofs ls` names the omitted tensor and why, on stderr.
+  r = Sh(Q(NemofsBinary()) + " ls " + Q(src));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("0 tensors, 0 bytes"), std::string::npos) << r.out;
+  EXPECT_NE(r.err.find("tensor w is omitted (it cannot be read): negative size or stride"),
+            std::string::npos)
+      << r.err;
+  r = Sh(Q(NemofsBinary()) + " ls --json " + Q(src));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "[]\n");
+  EXPECT_NE(r.err.find("tensor w is omitted"), std::string::npos) << r.err;
+}
+
 TEST(Cli, VerifyFindsAFlippedGzipTrailerCrc) {
   // gzip -t is the oracle: the copy fails it, the original passes it.
   TempDir dir;
