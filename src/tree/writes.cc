@@ -47,8 +47,9 @@ Status WriteInto(std::string* buf, uint64_t offset, std::string_view data) {
 bool AllOf(std::string_view s, bool (*pred)(char)) {
   return !s.empty() && std::all_of(s.begin(), s.end(), pred);
 }
-bool IsDigit(char c) { return c >= '0' && c <= '9'; }
-bool IsAlnum(char c) { return IsDigit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
+bool IsAlnum(char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
 
 size_t Digest(const std::string& data, uint32_t mode, int64_t sec, uint32_t nsec) {
   size_t h = std::hash<std::string>{}(data);
@@ -111,17 +112,52 @@ std::shared_ptr<ScratchFile> NewScratchLocked(Overlay& o, uint64_t parent, std::
 
 }  // namespace
 
-bool IsEditorTempName(std::string_view n) {
-  if (n.empty()) return false;
-  if (n.back() == '~') return true;                                                     // backup
-  if (n.size() >= 5 && n[0] == '.' && n.substr(n.size() - 4, 3) == ".sw") return true;  // vim swap
-  if (AllOf(n, IsDigit)) return true;  // vim's 4913 probe
-  if (n.size() == 9 && n.substr(0, 3) == "sed" && AllOf(n.substr(3), IsAlnum)) return true;
-  if (n.rfind(".goutputstream-", 0) == 0) return true;                    // GLib
-  if (n.size() >= 2 && n.front() == '#' && n.back() == '#') return true;  // emacs auto-save
-  if (n.rfind(".#", 0) == 0) return true;                                 // emacs lock
-  if (source::IsCommitTempName(n)) return true;
-  return false;
+// Only temp files that can still exist when the mount goes away (the
+// editor still open, or crashed) need a rule: a file an editor creates and
+// deletes or renames at once (vim's 4913 probe, sed -i's sedXXXXXX) is gone
+// before any fsync or unmount, so it costs nothing without one. Every rule
+// is narrow, and a file it matches is named at unmount (UnstoredTempFiles).
+std::string_view EditorTempKind(std::string_view n) {
+  if (n.size() < 2) return {};
+  // vim's swap file (also nano's lock file): ".NAME.swp", then .swo, .swn...
+  // (".NAME.sw" + a letter).
+  if (n.size() >= 5 && n[0] == '.' && n.substr(n.size() - 4, 3) == ".sw" &&
+      n.back() >= 'a' && n.back() <= 'z') {
+    return "an editor's swap file";
+  }
+  // emacs's auto-save file "#NAME#" and lock ".#NAME".
+  if (n.size() >= 3 && n.front() == '#' && n.back() == '#') return "emacs's auto-save file";
+  if (n.size() >= 3 && n.rfind(".#", 0) == 0) return "emacs's lock file";
+  // GLib's (gedit's) ".goutputstream-XXXXXX".
+  constexpr std::string_view kGio = ".goutputstream-";
+  if (n.size() == kGio.size() + 6 && n.rfind(kGio, 0) == 0 &&
+      AllOf(n.substr(kGio.size()), IsAlnum)) {
+    return "GLib's (gedit's) temp file";
+  }
+  // A backup copy "NAME~" (emacs, vim's 'backup'), numbered "NAME.~1~" too.
+  if (n.back() == '~') return "an editor's backup copy";
+  if (source::IsCommitTempName(n)) return "a nemofs commit's temp file";
+  return {};
+}
+
+bool IsEditorTempName(std::string_view n) { return !EditorTempKind(n).empty(); }
+
+std::vector<std::string> Filesystem::UnstoredTempFiles() const {
+  const Overlay& o = impl_->overlay;
+  std::vector<std::string> out;
+  if (!o.writable) return out;
+  std::lock_guard<std::mutex> lock(o.mu);
+  for (const auto& [ino, f] : o.scratch) {
+    if (!f->linked) continue;
+    std::string_view kind = EditorTempKind(f->name);
+    if (kind.empty()) continue;
+    std::string where = f->parent == kRootIno ? "" : "archive/" + StorePath(o, f->parent, "");
+    out.push_back(fmt::format(
+        "not stored: {}{} ({}; copy it out before unmounting if you need it)", where, f->name,
+        kind));
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 Status Filesystem::Impl::EnableWrites(const write::FileIdentity& identity,
@@ -411,14 +447,7 @@ Status Filesystem::Fsync(uint64_t ino, uint64_t fh) {
 Status Filesystem::StoreNewFiles() {
   Overlay& o = impl_->overlay;
   if (!o.writable) return Ok();
-  {
-    std::lock_guard<std::mutex> lock(o.mu);
-    for (const auto& [ino, f] : o.scratch) {
-      if (f->linked && IsEditorTempName(f->name)) {
-        spdlog::info("'{}' is an editor's temp file: not stored in the checkpoint", f->name);
-      }
-    }
-  }
+  for (const std::string& line : UnstoredTempFiles()) spdlog::warn("{}", line);
   return impl_->StoreNewFiles(0, "at unmount");
 }
 
@@ -478,8 +507,9 @@ Result<std::pair<NodeAttr, OpenedFile>> Filesystem::Create(uint64_t parent, std:
   if (!o.writable) return Err(EROFS, "the tree is read-only");
   if (!o.scratch_dirs.count(parent)) {
     return Err(EPERM,
-               "cannot create '{}': only editors' scratch files next to config.yaml may be "
-               "created, and nothing is created in this directory",
+               "cannot create '{}': new files can be created only in the mount's root and in "
+               "config.yaml's archive/ directory (where they are stored in the checkpoint); "
+               "not in this directory in this version",
                name);
   }
   if (name.size() > kMaxName) return Err(ENAMETOOLONG, "name too long");
