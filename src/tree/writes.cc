@@ -299,17 +299,27 @@ Status Filesystem::Impl::CommitConfig(const std::string& text, uint64_t generati
                                       std::string_view why) {
   Overlay& o = overlay;
   std::string what = "config.yaml (" + o.config_name + ")";
-  NEMOFS_RETURN_IF_ERROR(write::ValidateConfigYaml(text, what + " is not valid YAML, not saved"));
+  const bool time_only = generation == kTimeOnly;
+  if (!time_only) {  // the saved text again: as it is
+    NEMOFS_RETURN_IF_ERROR(write::ValidateConfigYaml(text, what + " is not valid YAML, not saved"));
+  }
   std::lock_guard<std::mutex> commit_lock(o.commit_mu);
+  struct timespec now = Now();
+  struct timespec mtime = now;
+  bool staged = false;
   {
     std::lock_guard<std::mutex> lock(o.mu);
-    if (*o.committed == text) {
+    if (*o.committed == text && !o.mtime_staged) {
       if (generation != 0 && generation == o.generation) o.dirty = false;
       return Ok();  // nothing to write
     }
+    if (o.mtime_staged) {
+      staged = true;
+      mtime.tv_sec = o.staged_mtime_sec;
+      mtime.tv_nsec = o.staged_mtime_nsec;
+    }
   }
   auto start = std::chrono::steady_clock::now();
-  struct timespec now = Now();
   int last_percent = -1;
   auto progress = [&](uint64_t done, uint64_t total) {
     int percent = total ? static_cast<int>(done * 100 / total) : 100;
@@ -319,25 +329,45 @@ Status Filesystem::Impl::CommitConfig(const std::string& text, uint64_t generati
                  percent, static_cast<double>(done) / (1 << 20),
                  static_cast<double>(total) / (1 << 20));
   };
-  Status st = o.committer->Commit(text, now.tv_sec, progress);
+  Status st = o.committer->Commit(text, mtime, progress);
   if (!st.ok()) return st;
   {
     std::lock_guard<std::mutex> lock(o.mu);
     o.committed = std::make_shared<const std::string>(text);
-    if (o.editing && generation != 0 && generation == o.generation) o.dirty = false;
-    if (o.editing && generation == 0) {  // a rename over the config: it wins
+    if (time_only) {
+      // nothing of the edit changes
+    } else if (o.editing && generation != 0 && generation == o.generation) {
+      o.dirty = false;
+    } else if (o.editing && generation == 0) {  // a rename over the config: it wins
       o.working = text;
       o.dirty = false;
     }
+    // A time set again while this commit ran stays staged.
+    if (staged && o.mtime_staged && o.staged_mtime_sec == mtime.tv_sec &&
+        o.staged_mtime_nsec == static_cast<uint32_t>(mtime.tv_nsec)) {
+      o.mtime_staged = false;
+    }
     o.mtime_set = o.commit_mtime_set = true;
-    o.mtime_sec = o.commit_mtime_sec = now.tv_sec;
-    o.mtime_nsec = o.commit_mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+    o.mtime_sec = o.commit_mtime_sec = mtime.tv_sec;
+    o.mtime_nsec = o.commit_mtime_nsec = static_cast<uint32_t>(mtime.tv_nsec);
   }
   double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
                   .count();
-  spdlog::info("saved {} ({} bytes, {}, {}) in {:.1f} ms", what, text.size(),
-               o.committer->Describe(), why, ms);
+  spdlog::info("saved {} ({} bytes, {}, {}{}) in {:.1f} ms", what, text.size(),
+               o.committer->Describe(), why, staged ? ", with the time set on it" : "", ms);
   return Ok();
+}
+
+Status Filesystem::Impl::CommitStagedMtime(std::string_view why) {
+  Overlay& o = overlay;
+  if (!o.writable) return Ok();
+  std::shared_ptr<const std::string> text;
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    if (!o.mtime_staged) return Ok();
+    text = o.committed;
+  }
+  return CommitConfig(*text, kTimeOnly, why);
 }
 
 Status Filesystem::Impl::CheckStorePathLocked(uint64_t dir, std::string_view name,
@@ -448,7 +478,9 @@ Status Filesystem::StoreNewFiles() {
   Overlay& o = impl_->overlay;
   if (!o.writable) return Ok();
   for (const std::string& line : UnstoredTempFiles()) spdlog::warn("{}", line);
-  return impl_->StoreNewFiles(0, "at unmount");
+  Status timed = impl_->CommitStagedMtime("time only, at unmount");
+  Status stored = impl_->StoreNewFiles(0, "at unmount");
+  return timed.ok() ? stored : timed;
 }
 
 bool Filesystem::writable() const { return impl_->overlay.writable; }
@@ -582,6 +614,7 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
     o.mtime_set = true;
     o.mtime_sec = now.tv_sec;
     o.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+    o.mtime_staged = false;  // the text changed after the time was set: the save's time wins
   }
   return data.size();
 }
@@ -609,10 +642,14 @@ Status Filesystem::Flush(uint64_t ino, uint64_t fh) {
                  "failed ({})",
                  o.config_name, h->second.failed->message());
     }
-    if (h == o.handles.end() || !h->second.writer || !o.editing || !o.dirty) return Ok();
-    text = o.working;
-    generation = o.generation;
+    if (h == o.handles.end() || !h->second.writer || !o.editing || !o.dirty) {
+      generation = Impl::kTimeOnly;  // no edit to save: perhaps a time set on it
+    } else {
+      text = o.working;
+      generation = o.generation;
+    }
   }
+  if (generation == Impl::kTimeOnly) return impl_->CommitStagedMtime("time only, on close/fsync");
   return impl_->CommitConfig(text, generation, "on close/fsync");
 }
 
@@ -684,13 +721,18 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
           commit_text.resize(change.size, '\0');
           commit_now = true;
         }
+        o.mtime_staged = false;  // a change of the text: its save's time wins
       }
       if (change.set_mtime) {
-        // touch -d: shown from now on, and kept across later saves for the
-        // mount's life (a save sets it to the time of the save).
+        // touch -d: shown from now on, and written into the source by the
+        // next commit (the next save, or the time alone at the next close
+        // or fsync of a config handle, or at unmount).
         o.mtime_set = o.commit_mtime_set = true;
         o.mtime_sec = o.commit_mtime_sec = change.mtime_sec;
         o.mtime_nsec = o.commit_mtime_nsec = change.mtime_nsec;
+        o.mtime_staged = true;
+        o.staged_mtime_sec = change.mtime_sec;
+        o.staged_mtime_nsec = change.mtime_nsec;
       }
       generation = 0;
     } else {
@@ -815,6 +857,7 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
     {
       std::lock_guard<std::mutex> lock(o.mu);
       text = src->data;
+      o.mtime_staged = false;  // a new text: its save's time wins
     }
     NEMOFS_RETURN_IF_ERROR(impl_->CommitConfig(text, 0, "renamed over it"));
     std::lock_guard<std::mutex> lock(o.mu);

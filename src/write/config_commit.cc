@@ -155,18 +155,19 @@ Status ConfigCommitter::CheckIdentity(const FileIdentity& now) const {
              target_, identity_.size, now.size, identity_.ino, now.ino);
 }
 
-Status ConfigCommitter::Commit(const std::string& text, int64_t mtime,
+Status ConfigCommitter::Commit(const std::string& text, const struct timespec& mtime,
                                const std::function<void(uint64_t, uint64_t)>& progress) {
   switch (kind_) {
     case Kind::kPlainTar:
-      return CommitPlainTar(text, mtime);
+      return CommitPlainTar(text, mtime.tv_sec);
     case Kind::kFolder:
-      return CommitFolder(text);
+      return CommitFolder(text, mtime);
     case Kind::kCompressedTar: {
       NEMOFS_ASSIGN_OR_RETURN(FileIdentity now, IdentityOf(target_));
       NEMOFS_RETURN_IF_ERROR(CheckIdentity(now));
       RemoveStaleTemps(DirOf(target_), target_.substr(target_.rfind('/') + 1) + ".nemofs-rewrite.");
-      NEMOFS_RETURN_IF_ERROR(RewriteCompressedTar(target_, config_, text, mtime, progress));
+      NEMOFS_RETURN_IF_ERROR(
+          RewriteCompressedTar(target_, config_, text, mtime.tv_sec, progress));
       NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
       return Ok();
     }
@@ -219,11 +220,11 @@ Status ConfigCommitter::AppendToPlainTar(std::vector<NewMember> members) {
   return Ok();
 }
 
-Status ConfigCommitter::CommitFolder(const std::string& text) {
+Status ConfigCommitter::CommitFolder(const std::string& text, const struct timespec& mtime) {
   NEMOFS_ASSIGN_OR_RETURN(struct stat orig, Stat(target_));
   NEMOFS_RETURN_IF_ERROR(CheckIdentity(FromStat(orig)));
   NEMOFS_RETURN_IF_ERROR(
-      ReplaceFolderFile(target_, text, mode_, orig.st_uid, orig.st_gid, nullptr));
+      ReplaceFolderFile(target_, text, mode_, orig.st_uid, orig.st_gid, &mtime));
   NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
   return Ok();
 }

@@ -315,6 +315,54 @@ TEST_P(NewFiles, ASwapFileLeftAtUnmountIsNamedByUmount) {
   EXPECT_EQ(Members(kind, src), before);
 }
 
+// G4: a time set on the config (touch -d) is written into the source by
+// the next commit: at the close of touch's own descriptor, or, set by path
+// (os.utime), at unmount. The text stays byte for byte; after a remount
+// stat shows the time, and so does the format's own tool (tar -tv, stat).
+std::string StoredConfigTime(const SourceKind& kind, const std::string& src) {
+  auto r = kind.tar ? Sh("TZ=UTC tar -tvf " + Q(src) + " --full-time | grep -F " +
+                         Q(kind.member) + " | tail -1")
+                    : Sh("TZ=UTC stat -c %y " + Q(src + "/" + kind.member));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out;
+}
+
+TEST_P(NewFiles, ATimeSetOnTheConfigIsStoredAndTheTextIsUnchanged) {
+  const SourceKind& kind = Kind(GetParam());
+  TempDir dir;
+  std::string src = MakeSource(kind, dir);
+  const std::string text = StoredConfig(kind, src);
+  struct Case {
+    std::string set;   // run in the mount
+    std::string time;  // as the stored time prints (UTC)
+    std::string epoch;
+  };
+  const std::vector<Case> cases = {
+      {"TZ=UTC touch -d '2020-01-01 00:00:00' config.yaml", "2020-01-01 00:00:00", "1577836800"},
+      {"/usr/bin/python3 -c \"import os; os.utime('config.yaml', (1500000000, 1500000000))\"",
+       "2017-07-14 02:40:00", "1500000000"}};
+  for (const Case& c : cases) {
+    auto m = Mount::StartWritable(src);
+    ASSERT_TRUE(m);
+    auto r = Sh("cd " + Q(m->path()) + " && " + c.set + " && stat -c %Y config.yaml");
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(r.out, c.epoch + "\n") << c.set;
+    r = Sh(Q(NemofsBinary()) + " umount " + Q(m->path()));
+    EXPECT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+    m->Unmount();
+    EXPECT_EQ(StoredConfig(kind, src), text) << c.set;  // byte for byte
+    EXPECT_NE(StoredConfigTime(kind, src).find(c.time), std::string::npos)
+        << c.set << ": " << StoredConfigTime(kind, src);
+    auto again = Mount::Start(src);
+    ASSERT_TRUE(again);
+    r = Sh("stat -c %Y " + Q(again->path() + "/config.yaml"));
+    EXPECT_EQ(r.out, c.epoch + "\n") << c.set << r.err;
+    EXPECT_EQ(ReadFile(again->path() + "/config.yaml"), text);
+  }
+  auto r = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+}
+
 INSTANTIATE_TEST_SUITE_P(Kinds, NewFiles, ::testing::ValuesIn(StoreKinds()), KindParamName);
 
 TEST(NewFilesFailedStore, UmountReportsItKeepsTheMountAndACopyInTheCache) {
