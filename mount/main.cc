@@ -551,7 +551,8 @@ int RunUmount(const std::string& mountpoint, double timeout_s) {
     }
     // Never silently: each new file the temp-file rule leaves out is named.
     std::string unstored = AskDaemonUnstored(
-        path, std::clamp(remaining(), std::chrono::milliseconds(0), std::chrono::milliseconds(2000)));
+        path,
+        std::clamp(remaining(), std::chrono::milliseconds(0), std::chrono::milliseconds(2000)));
     for (size_t at = 0; at < unstored.size();) {
       size_t end = unstored.find('\n', at);
       if (end == std::string::npos) end = unstored.size();

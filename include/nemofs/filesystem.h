@@ -164,10 +164,10 @@ class Filesystem {
   // a member at the checkpoint's top level (from the root) or beside the
   // config (from its archive/ directory). Editors' temp files that can
   // outlive the editor's run (IsEditorTempName: swap, auto-save, backup)
-  // are never stored; unmount names them (UnstoredTempFiles). A config edit is committed, after YAML
-  // validation (EINVAL when invalid, nothing written), when a writing
-  // handle is flushed (close) or fsynced, when a scratch file is renamed
-  // over the config, or on truncate(2) by path. Every method is thread-safe.
+  // are never stored; unmount names them (UnstoredTempFiles). A config edit is committed, after
+  // YAML validation (EINVAL when invalid, nothing written), when a writing handle is flushed
+  // (close) or fsynced, when a scratch file is renamed over the config, or on truncate(2) by path.
+  // Every method is thread-safe.
   bool writable() const;
   // Opens `ino` with open(2) `flags` (CheckOpen's rules). O_TRUNC on the
   // config starts an empty edit; nothing is committed before close/fsync.

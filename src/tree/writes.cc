@@ -121,8 +121,8 @@ std::string_view EditorTempKind(std::string_view n) {
   if (n.size() < 2) return {};
   // vim's swap file (also nano's lock file): ".NAME.swp", then .swo, .swn...
   // (".NAME.sw" + a letter).
-  if (n.size() >= 5 && n[0] == '.' && n.substr(n.size() - 4, 3) == ".sw" &&
-      n.back() >= 'a' && n.back() <= 'z') {
+  if (n.size() >= 5 && n[0] == '.' && n.substr(n.size() - 4, 3) == ".sw" && n.back() >= 'a' &&
+      n.back() <= 'z') {
     return "an editor's swap file";
   }
   // emacs's auto-save file "#NAME#" and lock ".#NAME".
@@ -152,9 +152,8 @@ std::vector<std::string> Filesystem::UnstoredTempFiles() const {
     std::string_view kind = EditorTempKind(f->name);
     if (kind.empty()) continue;
     std::string where = f->parent == kRootIno ? "" : "archive/" + StorePath(o, f->parent, "");
-    out.push_back(fmt::format(
-        "not stored: {}{} ({}; copy it out before unmounting if you need it)", where, f->name,
-        kind));
+    out.push_back(fmt::format("not stored: {}{} ({}; copy it out before unmounting if you need it)",
+                              where, f->name, kind));
   }
   std::sort(out.begin(), out.end());
   return out;

@@ -166,8 +166,7 @@ Status ConfigCommitter::Commit(const std::string& text, const struct timespec& m
       NEMOFS_ASSIGN_OR_RETURN(FileIdentity now, IdentityOf(target_));
       NEMOFS_RETURN_IF_ERROR(CheckIdentity(now));
       RemoveStaleTemps(DirOf(target_), target_.substr(target_.rfind('/') + 1) + ".nemofs-rewrite.");
-      NEMOFS_RETURN_IF_ERROR(
-          RewriteCompressedTar(target_, config_, text, mtime.tv_sec, progress));
+      NEMOFS_RETURN_IF_ERROR(RewriteCompressedTar(target_, config_, text, mtime.tv_sec, progress));
       NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
       return Ok();
     }
@@ -223,8 +222,7 @@ Status ConfigCommitter::AppendToPlainTar(std::vector<NewMember> members) {
 Status ConfigCommitter::CommitFolder(const std::string& text, const struct timespec& mtime) {
   NEMOFS_ASSIGN_OR_RETURN(struct stat orig, Stat(target_));
   NEMOFS_RETURN_IF_ERROR(CheckIdentity(FromStat(orig)));
-  NEMOFS_RETURN_IF_ERROR(
-      ReplaceFolderFile(target_, text, mode_, orig.st_uid, orig.st_gid, &mtime));
+  NEMOFS_RETURN_IF_ERROR(ReplaceFolderFile(target_, text, mode_, orig.st_uid, orig.st_gid, &mtime));
   NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
   return Ok();
 }

@@ -297,8 +297,7 @@ TEST_P(NewFiles, ASwapFileLeftAtUnmountIsNamedByUmount) {
                   Q(dir.Join("vim.pid")) +
                   ") && for i in $(seq 100); do [ -e .config.yaml.swp ] && break; sleep 0.1;"
                   " done && kill -9 $(cat " +
-                  Q(dir.Join("vim.pid")) +
-                  ") && sleep 0.3 && ls -A && echo x > archive/'#draft#'",
+                  Q(dir.Join("vim.pid")) + ") && sleep 0.3 && ls -A && echo x > archive/'#draft#'",
               60);
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   ASSERT_NE(r.out.find(".config.yaml.swp\n"), std::string::npos) << r.out;
@@ -320,8 +319,8 @@ TEST_P(NewFiles, ASwapFileLeftAtUnmountIsNamedByUmount) {
 // (os.utime), at unmount. The text stays byte for byte; after a remount
 // stat shows the time, and so does the format's own tool (tar -tv, stat).
 std::string StoredConfigTime(const SourceKind& kind, const std::string& src) {
-  auto r = kind.tar ? Sh("TZ=UTC tar -tvf " + Q(src) + " --full-time | grep -F " +
-                         Q(kind.member) + " | tail -1")
+  auto r = kind.tar ? Sh("TZ=UTC tar -tvf " + Q(src) + " --full-time | grep -F " + Q(kind.member) +
+                         " | tail -1")
                     : Sh("TZ=UTC stat -c %y " + Q(src + "/" + kind.member));
   EXPECT_EQ(r.exit_code, 0) << r.err;
   return r.out;
@@ -470,10 +469,27 @@ TEST(EditorTempNames, AreRecognisedAndOrdinaryNamesAreNot) {
   }
   // vim's 4913 probe and sed -i's sedXXXXXX are deleted or renamed at once:
   // no rule, so a file the user names so is stored like any other.
-  for (const char* n :
-       {"notes.txt", "config.yaml.bak", "sed.txt", "sedimentary", "sediments", "sedAb12Cd", "4913",
-        "5036", "2024", "x.swp", ".x.sw1", ".x.swP", "2024-notes", ".hidden", "a#b", "#", "~",
-        ".#", ".goutputstream-foo", ".goutputstream-XY12ZW.txt", "config.yaml.save"}) {
+  for (const char* n : {"notes.txt",
+                        "config.yaml.bak",
+                        "sed.txt",
+                        "sedimentary",
+                        "sediments",
+                        "sedAb12Cd",
+                        "4913",
+                        "5036",
+                        "2024",
+                        "x.swp",
+                        ".x.sw1",
+                        ".x.swP",
+                        "2024-notes",
+                        ".hidden",
+                        "a#b",
+                        "#",
+                        "~",
+                        ".#",
+                        ".goutputstream-foo",
+                        ".goutputstream-XY12ZW.txt",
+                        "config.yaml.save"}) {
     EXPECT_FALSE(IsEditorTempName(n)) << n;
   }
 }
