@@ -410,6 +410,33 @@ TEST(NewFilesTouchD, TheTimeIsStoredWithTheFile) {
   EXPECT_EQ(r.out, "1500000000\n") << r.err;
 }
 
+// The refusals say what is true: new regular files in the root and
+// archive/ are stored; directories cannot be made there, and tensors/
+// takes no new file in this version (EPERM, named in the log).
+TEST(NewFilesRefusals, MkdirAndACreateInTensorsSayWhatIsAllowed) {
+  TempDir dir;
+  std::string src = MakeSource(Kind("plain_tar"), dir);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("mkdir " + Q(m->path() + "/newdir"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("Operation not permitted"), std::string::npos) << r.err;
+  r = Sh("touch " + Q(m->path() + "/tensors/new.bin"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("Operation not permitted"), std::string::npos) << r.err;
+  m->Unmount();
+  std::string log = m->Log();
+  EXPECT_NE(log.find("mkdir: directories, links and device nodes cannot be created in the tree "
+                     "(new regular files in the root and archive/ can, and are stored) "
+                     "(Operation not permitted)"),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find("cannot create 'new.bin': new files can be created only in the mount's root"),
+            std::string::npos)
+      << log;
+  EXPECT_EQ(log.find("scratch files"), std::string::npos) << log;
+}
+
 // A crash inside the store at unmount leaves the checkpoint without the new
 // files or with all of them (a folder: with one file, old or new), never
 // broken; `verify` passes either way.
