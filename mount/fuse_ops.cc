@@ -352,11 +352,14 @@ void OpRename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t ne
 
 // Directories, links and device nodes are never created. Reply: fuse_reply_err.
 void RefuseCreate(fuse_req_t req, const char* op, fuse_ino_t parent) {
-  int code = Ctx(req)->fs->writable() ? EPERM : EROFS;
+  bool writable = Ctx(req)->fs->writable();
+  int code = writable ? EPERM : EROFS;
   ReplyError(req, op, parent,
-             Error(code, fmt::format("{}: only plain scratch files next to config.yaml can be "
-                                     "created in the tree",
-                                     op)));
+             Error(code, writable ? fmt::format("{}: directories, links and device nodes cannot "
+                                                "be created in the tree (new regular files in the "
+                                                "root and archive/ can, and are stored)",
+                                                op)
+                                  : fmt::format("{}: the tree is read-only", op)));
 }
 void OpMknod(fuse_req_t req, fuse_ino_t parent, const char*, mode_t, dev_t) {
   RefuseCreate(req, "mknod", parent);
@@ -511,11 +514,25 @@ void ReplyXattr(fuse_req_t req, const std::string& value, size_t size) {
   }
 }
 
-// The root also carries user.nemofs.pid (this daemon), which `nemofs umount` reads.
+// The root also carries user.nemofs.pid (this daemon) and
+// user.nemofs.unstored (the editors' temp files unmount leaves out, one
+// line each), which `nemofs umount` reads.
 void OpGetXattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
   Guard(req, "getxattr", ino, [&] {
     if (ino == Filesystem::kRootIno && std::strcmp(name, "user.nemofs.pid") == 0) {
       return ReplyXattr(req, std::to_string(::getpid()), size);
+    }
+    if (ino == Filesystem::kRootIno && std::strcmp(name, "user.nemofs.unstored") == 0) {
+      // An xattr value holds at most 64 KiB: the rest is counted.
+      auto all = Ctx(req)->fs->UnstoredTempFiles();
+      std::string lines;
+      size_t n = 0;
+      for (; n < all.size() && lines.size() + all[n].size() < 60000; ++n) lines += all[n] + "\n";
+      if (n < all.size()) {
+        lines += fmt::format("not stored: {} more editors' temp files (see the daemon's log)\n",
+                             all.size() - n);
+      }
+      return ReplyXattr(req, lines, size);
     }
     auto value = Ctx(req)->fs->GetXattr(ino, name);
     if (!value) return ReplyError(req, "getxattr", ino, value.error());

@@ -529,6 +529,21 @@ int AskDaemonStore(const std::string& path, std::chrono::milliseconds wait) {
   return err.value_or(-1);
 }
 
+// The daemon's list of new files it leaves out as editors' temp files
+// (user.nemofs.unstored on the root, one line each), asked with a deadline;
+// empty when none, or when it did not answer.
+std::string AskDaemonUnstored(const std::string& path, std::chrono::milliseconds wait) {
+  auto lines = CallWithDeadline<std::string>(
+      [path] {
+        std::string buf(64 << 10, '\0');  // the daemon keeps it below 64 KiB
+        ssize_t n = ::getxattr(path.c_str(), "user.nemofs.unstored", buf.data(), buf.size());
+        buf.resize(n > 0 ? static_cast<size_t>(n) : 0);
+        return buf;
+      },
+      wait);
+  return lines.value_or(std::string());
+}
+
 // Detaches a mount whose daemon does not answer: aborts its FUSE
 // connection (root: /sys/fs/fuse/connections/N/abort, N = the minor device
 // number) so that every waiting process gets ENOTCONN, then lazily unmounts.
@@ -613,6 +628,16 @@ int RunUmount(const std::string& mountpoint, double timeout_s) {
       PrintError(fmt::format("{}: the daemon is still storing new files after {}; not unmounted",
                              mountpoint, waited()));
       return kExitFailure;
+    }
+    // Never silently: each new file the temp-file rule leaves out is named.
+    std::string unstored = AskDaemonUnstored(
+        path,
+        std::clamp(remaining(), std::chrono::milliseconds(0), std::chrono::milliseconds(2000)));
+    for (size_t at = 0; at < unstored.size();) {
+      size_t end = unstored.find('\n', at);
+      if (end == std::string::npos) end = unstored.size();
+      if (end > at) PrintWarning(fmt::format("{}: {}", mountpoint, unstored.substr(at, end - at)));
+      at = end + 1;
     }
   }
   // fusermount3 itself does not wait for the daemon; it gets a few seconds

@@ -176,11 +176,12 @@ class Filesystem {
   // created next to either name: they live in memory until they are
   // stored in the checkpoint (Fsync, StoreNewFiles; README "Writes"), as
   // a member at the checkpoint's top level (from the root) or beside the
-  // config (from its archive/ directory). Editors' temp files
-  // (IsEditorTempName) are never stored. A config edit is committed, after YAML
-  // validation (EINVAL when invalid, nothing written), when a writing
-  // handle is flushed (close) or fsynced, when a scratch file is renamed
-  // over the config, or on truncate(2) by path. Every method is thread-safe.
+  // config (from its archive/ directory). Editors' temp files that can
+  // outlive the editor's run (IsEditorTempName: swap, auto-save, backup)
+  // are never stored; unmount names them (UnstoredTempFiles). A config edit is committed, after
+  // YAML validation (EINVAL when invalid, nothing written), when a writing handle is flushed
+  // (close) or fsynced, when a scratch file is renamed over the config, or on truncate(2) by path.
+  // Every method is thread-safe.
   bool writable() const;
   // Opens `ino` with open(2) `flags` (CheckOpen's rules). O_TRUNC on the
   // config starts an empty edit; nothing is committed before close/fsync.
@@ -200,6 +201,10 @@ class Filesystem {
   // what unmount calls. On failure the files stay in memory and are also
   // written under <cache_dir>/unsaved/; the error names that folder.
   Status StoreNewFiles();
+  // The new files StoreNewFiles leaves out because an editor's temp-file
+  // rule (IsEditorTempName) matches them, one line each for the user:
+  // "not stored: <path in the mount> (<what it is>; copy it out ...)".
+  std::vector<std::string> UnstoredTempFiles() const;
   // Forgets a handle; an edit that was never committed is dropped.
   void Release(uint64_t ino, uint64_t fh);
   Result<NodeAttr> SetAttr(uint64_t ino, uint64_t fh, const AttrChange& change);
@@ -240,11 +245,13 @@ class Filesystem {
   std::unique_ptr<Impl> impl_;
 };
 
-// Names of editors' temporary files, never stored in the checkpoint:
-// vim swap files (".x.swp", ".x.swo", ... ".x.swx", any ".*.sw?"), backups
-// ("x~"), vim's write probe and other all-digit names ("4913"), sed -i's
-// "sedXXXXXX" (sed + 6 letters or digits), ".goutputstream-*" (GLib), emacs
-// auto-save "#x#" and lock ".#x", and nemofs's own ".*.nemofs-tmp.*".
+// Names of editors' temp files that can outlive the editor's run (it is
+// still open, or crashed), never stored in the checkpoint: vim swap files
+// (".x.swp", ".x.swo", ... any ".x.sw" + a lowercase letter; nano's lock
+// file too), emacs auto-save "#x#" and lock ".#x", GLib's
+// ".goutputstream-XXXXXX", backups "x~", and nemofs's own ".*.nemofs-tmp.*".
+// Temp files an editor deletes or renames at once (vim's 4913, sed -i's
+// sedXXXXXX) need no rule: gone before any store.
 bool IsEditorTempName(std::string_view name);
 
 // "nemofs 0.1.0 (libarchive 3.6.2 ..., yaml-cpp ..., spdlog ..., zstd ...)": the

@@ -92,6 +92,13 @@ struct Overlay {
   bool commit_mtime_set = false;
   int64_t commit_mtime_sec = 0;
   uint32_t commit_mtime_nsec = 0;
+  // A time set on the config (touch -d) and not written into the source
+  // yet: the next config commit writes it (a change of the text after it
+  // drops it: that save's own time wins). A time alone is committed at the
+  // next close or fsync of a config handle, or at unmount.
+  bool mtime_staged = false;
+  int64_t staged_mtime_sec = 0;
+  uint32_t staged_mtime_nsec = 0;
   std::map<uint64_t, std::shared_ptr<ScratchFile>> scratch;        // by inode
   std::map<std::pair<uint64_t, std::string>, uint64_t, std::less<>> scratch_names;
   uint64_t next_ino = 0;
@@ -160,6 +167,10 @@ struct Filesystem::Impl {
   // Validates and commits `text`; `generation` is the edit generation it
   // came from (clears `dirty` if no write came in meanwhile), or 0.
   Status CommitConfig(const std::string& text, uint64_t generation, std::string_view why);
+  // `generation` for a commit of the saved text with a staged time only.
+  static constexpr uint64_t kTimeOnly = ~0ull;
+  // Commits a staged config time alone (the saved text again), if one is.
+  Status CommitStagedMtime(std::string_view why);
   // Stores the new files (all, or only inode `only`) that are not editors'
   // temp files and changed since their last store. On failure their content
   // is written under <cache_dir>/unsaved/ and the error names that folder.

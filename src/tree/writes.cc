@@ -47,8 +47,9 @@ Status WriteInto(std::string* buf, uint64_t offset, std::string_view data) {
 bool AllOf(std::string_view s, bool (*pred)(char)) {
   return !s.empty() && std::all_of(s.begin(), s.end(), pred);
 }
-bool IsDigit(char c) { return c >= '0' && c <= '9'; }
-bool IsAlnum(char c) { return IsDigit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
+bool IsAlnum(char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
 
 size_t Digest(const std::string& data, uint32_t mode, int64_t sec, uint32_t nsec) {
   size_t h = std::hash<std::string>{}(data);
@@ -111,17 +112,51 @@ std::shared_ptr<ScratchFile> NewScratchLocked(Overlay& o, uint64_t parent, std::
 
 }  // namespace
 
-bool IsEditorTempName(std::string_view n) {
-  if (n.empty()) return false;
-  if (n.back() == '~') return true;                                                     // backup
-  if (n.size() >= 5 && n[0] == '.' && n.substr(n.size() - 4, 3) == ".sw") return true;  // vim swap
-  if (AllOf(n, IsDigit)) return true;  // vim's 4913 probe
-  if (n.size() == 9 && n.substr(0, 3) == "sed" && AllOf(n.substr(3), IsAlnum)) return true;
-  if (n.rfind(".goutputstream-", 0) == 0) return true;                    // GLib
-  if (n.size() >= 2 && n.front() == '#' && n.back() == '#') return true;  // emacs auto-save
-  if (n.rfind(".#", 0) == 0) return true;                                 // emacs lock
-  if (source::IsCommitTempName(n)) return true;
-  return false;
+// Only temp files that can still exist when the mount goes away (the
+// editor still open, or crashed) need a rule: a file an editor creates and
+// deletes or renames at once (vim's 4913 probe, sed -i's sedXXXXXX) is gone
+// before any fsync or unmount, so it costs nothing without one. Every rule
+// is narrow, and a file it matches is named at unmount (UnstoredTempFiles).
+std::string_view EditorTempKind(std::string_view n) {
+  if (n.size() < 2) return {};
+  // vim's swap file (also nano's lock file): ".NAME.swp", then .swo, .swn...
+  // (".NAME.sw" + a letter).
+  if (n.size() >= 5 && n[0] == '.' && n.substr(n.size() - 4, 3) == ".sw" && n.back() >= 'a' &&
+      n.back() <= 'z') {
+    return "an editor's swap file";
+  }
+  // emacs's auto-save file "#NAME#" and lock ".#NAME".
+  if (n.size() >= 3 && n.front() == '#' && n.back() == '#') return "emacs's auto-save file";
+  if (n.size() >= 3 && n.rfind(".#", 0) == 0) return "emacs's lock file";
+  // GLib's (gedit's) ".goutputstream-XXXXXX".
+  constexpr std::string_view kGio = ".goutputstream-";
+  if (n.size() == kGio.size() + 6 && n.rfind(kGio, 0) == 0 &&
+      AllOf(n.substr(kGio.size()), IsAlnum)) {
+    return "GLib's (gedit's) temp file";
+  }
+  // A backup copy "NAME~" (emacs, vim's 'backup'), numbered "NAME.~1~" too.
+  if (n.back() == '~') return "an editor's backup copy";
+  if (source::IsCommitTempName(n)) return "a nemofs commit's temp file";
+  return {};
+}
+
+bool IsEditorTempName(std::string_view n) { return !EditorTempKind(n).empty(); }
+
+std::vector<std::string> Filesystem::UnstoredTempFiles() const {
+  const Overlay& o = impl_->overlay;
+  std::vector<std::string> out;
+  if (!o.writable) return out;
+  std::lock_guard<std::mutex> lock(o.mu);
+  for (const auto& [ino, f] : o.scratch) {
+    if (!f->linked) continue;
+    std::string_view kind = EditorTempKind(f->name);
+    if (kind.empty()) continue;
+    std::string where = f->parent == kRootIno ? "" : "archive/" + StorePath(o, f->parent, "");
+    out.push_back(fmt::format("not stored: {}{} ({}; copy it out before unmounting if you need it)",
+                              where, f->name, kind));
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 Status Filesystem::Impl::EnableWrites(const write::FileIdentity& identity,
@@ -263,17 +298,27 @@ Status Filesystem::Impl::CommitConfig(const std::string& text, uint64_t generati
                                       std::string_view why) {
   Overlay& o = overlay;
   std::string what = "config.yaml (" + o.config_name + ")";
-  NEMOFS_RETURN_IF_ERROR(write::ValidateConfigYaml(text, what + " is not valid YAML, not saved"));
+  const bool time_only = generation == kTimeOnly;
+  if (!time_only) {  // the saved text again: as it is
+    NEMOFS_RETURN_IF_ERROR(write::ValidateConfigYaml(text, what + " is not valid YAML, not saved"));
+  }
   std::lock_guard<std::mutex> commit_lock(o.commit_mu);
+  struct timespec now = Now();
+  struct timespec mtime = now;
+  bool staged = false;
   {
     std::lock_guard<std::mutex> lock(o.mu);
-    if (*o.committed == text) {
+    if (*o.committed == text && !o.mtime_staged) {
       if (generation != 0 && generation == o.generation) o.dirty = false;
       return Ok();  // nothing to write
     }
+    if (o.mtime_staged) {
+      staged = true;
+      mtime.tv_sec = o.staged_mtime_sec;
+      mtime.tv_nsec = o.staged_mtime_nsec;
+    }
   }
   auto start = std::chrono::steady_clock::now();
-  struct timespec now = Now();
   int last_percent = -1;
   auto progress = [&](uint64_t done, uint64_t total) {
     int percent = total ? static_cast<int>(done * 100 / total) : 100;
@@ -283,25 +328,45 @@ Status Filesystem::Impl::CommitConfig(const std::string& text, uint64_t generati
                  percent, static_cast<double>(done) / (1 << 20),
                  static_cast<double>(total) / (1 << 20));
   };
-  Status st = o.committer->Commit(text, now.tv_sec, progress);
+  Status st = o.committer->Commit(text, mtime, progress);
   if (!st.ok()) return st;
   {
     std::lock_guard<std::mutex> lock(o.mu);
     o.committed = std::make_shared<const std::string>(text);
-    if (o.editing && generation != 0 && generation == o.generation) o.dirty = false;
-    if (o.editing && generation == 0) {  // a rename over the config: it wins
+    if (time_only) {
+      // nothing of the edit changes
+    } else if (o.editing && generation != 0 && generation == o.generation) {
+      o.dirty = false;
+    } else if (o.editing && generation == 0) {  // a rename over the config: it wins
       o.working = text;
       o.dirty = false;
     }
+    // A time set again while this commit ran stays staged.
+    if (staged && o.mtime_staged && o.staged_mtime_sec == mtime.tv_sec &&
+        o.staged_mtime_nsec == static_cast<uint32_t>(mtime.tv_nsec)) {
+      o.mtime_staged = false;
+    }
     o.mtime_set = o.commit_mtime_set = true;
-    o.mtime_sec = o.commit_mtime_sec = now.tv_sec;
-    o.mtime_nsec = o.commit_mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+    o.mtime_sec = o.commit_mtime_sec = mtime.tv_sec;
+    o.mtime_nsec = o.commit_mtime_nsec = static_cast<uint32_t>(mtime.tv_nsec);
   }
   double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
                   .count();
-  spdlog::info("saved {} ({} bytes, {}, {}) in {:.1f} ms", what, text.size(),
-               o.committer->Describe(), why, ms);
+  spdlog::info("saved {} ({} bytes, {}, {}{}) in {:.1f} ms", what, text.size(),
+               o.committer->Describe(), why, staged ? ", with the time set on it" : "", ms);
   return Ok();
+}
+
+Status Filesystem::Impl::CommitStagedMtime(std::string_view why) {
+  Overlay& o = overlay;
+  if (!o.writable) return Ok();
+  std::shared_ptr<const std::string> text;
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    if (!o.mtime_staged) return Ok();
+    text = o.committed;
+  }
+  return CommitConfig(*text, kTimeOnly, why);
 }
 
 Status Filesystem::Impl::CheckStorePathLocked(uint64_t dir, std::string_view name,
@@ -411,15 +476,10 @@ Status Filesystem::Fsync(uint64_t ino, uint64_t fh) {
 Status Filesystem::StoreNewFiles() {
   Overlay& o = impl_->overlay;
   if (!o.writable) return Ok();
-  {
-    std::lock_guard<std::mutex> lock(o.mu);
-    for (const auto& [ino, f] : o.scratch) {
-      if (f->linked && IsEditorTempName(f->name)) {
-        spdlog::info("'{}' is an editor's temp file: not stored in the checkpoint", f->name);
-      }
-    }
-  }
-  return impl_->StoreNewFiles(0, "at unmount");
+  for (const std::string& line : UnstoredTempFiles()) spdlog::warn("{}", line);
+  Status timed = impl_->CommitStagedMtime("time only, at unmount");
+  Status stored = impl_->StoreNewFiles(0, "at unmount");
+  return timed.ok() ? stored : timed;
 }
 
 bool Filesystem::writable() const { return impl_->overlay.writable; }
@@ -478,8 +538,9 @@ Result<std::pair<NodeAttr, OpenedFile>> Filesystem::Create(uint64_t parent, std:
   if (!o.writable) return Err(EROFS, "the tree is read-only");
   if (!o.scratch_dirs.count(parent)) {
     return Err(EPERM,
-               "cannot create '{}': only editors' scratch files next to config.yaml may be "
-               "created, and nothing is created in this directory",
+               "cannot create '{}': new files can be created only in the mount's root and in "
+               "config.yaml's archive/ directory (where they are stored in the checkpoint); "
+               "not in this directory in this version",
                name);
   }
   if (name.size() > kMaxName) return Err(ENAMETOOLONG, "name too long");
@@ -552,6 +613,7 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
     o.mtime_set = true;
     o.mtime_sec = now.tv_sec;
     o.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+    o.mtime_staged = false;  // the text changed after the time was set: the save's time wins
   }
   return data.size();
 }
@@ -579,10 +641,14 @@ Status Filesystem::Flush(uint64_t ino, uint64_t fh) {
                  "failed ({})",
                  o.config_name, h->second.failed->message());
     }
-    if (h == o.handles.end() || !h->second.writer || !o.editing || !o.dirty) return Ok();
-    text = o.working;
-    generation = o.generation;
+    if (h == o.handles.end() || !h->second.writer || !o.editing || !o.dirty) {
+      generation = Impl::kTimeOnly;  // no edit to save: perhaps a time set on it
+    } else {
+      text = o.working;
+      generation = o.generation;
+    }
   }
+  if (generation == Impl::kTimeOnly) return impl_->CommitStagedMtime("time only, on close/fsync");
   return impl_->CommitConfig(text, generation, "on close/fsync");
 }
 
@@ -654,13 +720,18 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
           commit_text.resize(change.size, '\0');
           commit_now = true;
         }
+        o.mtime_staged = false;  // a change of the text: its save's time wins
       }
       if (change.set_mtime) {
-        // touch -d: shown from now on, and kept across later saves for the
-        // mount's life (a save sets it to the time of the save).
+        // touch -d: shown from now on, and written into the source by the
+        // next commit (the next save, or the time alone at the next close
+        // or fsync of a config handle, or at unmount).
         o.mtime_set = o.commit_mtime_set = true;
         o.mtime_sec = o.commit_mtime_sec = change.mtime_sec;
         o.mtime_nsec = o.commit_mtime_nsec = change.mtime_nsec;
+        o.mtime_staged = true;
+        o.staged_mtime_sec = change.mtime_sec;
+        o.staged_mtime_nsec = change.mtime_nsec;
       }
       generation = 0;
     } else {
@@ -785,6 +856,7 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
     {
       std::lock_guard<std::mutex> lock(o.mu);
       text = src->data;
+      o.mtime_staged = false;  // a new text: its save's time wins
     }
     NEMOFS_RETURN_IF_ERROR(impl_->CommitConfig(text, 0, "renamed over it"));
     std::lock_guard<std::mutex> lock(o.mu);

@@ -153,18 +153,18 @@ Status ConfigCommitter::CheckIdentity(const FileIdentity& now) const {
              target_, identity_.size, now.size, identity_.ino, now.ino);
 }
 
-Status ConfigCommitter::Commit(const std::string& text, int64_t mtime,
+Status ConfigCommitter::Commit(const std::string& text, const struct timespec& mtime,
                                const std::function<void(uint64_t, uint64_t)>& progress) {
   switch (kind_) {
     case Kind::kPlainTar:
-      return CommitPlainTar(text, mtime);
+      return CommitPlainTar(text, mtime.tv_sec);
     case Kind::kFolder:
-      return CommitFolder(text);
+      return CommitFolder(text, mtime);
     case Kind::kCompressedTar: {
       NEMOFS_ASSIGN_OR_RETURN(FileIdentity now, IdentityOf(target_));
       NEMOFS_RETURN_IF_ERROR(CheckIdentity(now));
       RemoveStaleTemps(DirOf(target_), target_.substr(target_.rfind('/') + 1) + ".nemofs-rewrite.");
-      NEMOFS_RETURN_IF_ERROR(RewriteCompressedTar(target_, config_, text, mtime, progress));
+      NEMOFS_RETURN_IF_ERROR(RewriteCompressedTar(target_, config_, text, mtime.tv_sec, progress));
       NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
       return Ok();
     }
@@ -240,7 +240,7 @@ std::string JoinShown(const std::string& root, const std::string& rel) {
 
 }  // namespace
 
-Status ConfigCommitter::CommitFolder(const std::string& text) {
+Status ConfigCommitter::CommitFolder(const std::string& text, const struct timespec& mtime) {
   const std::string parent = FolderOf(config_rel_);
   const std::string base = BaseOf(config_rel_);
   NEMOFS_ASSIGN_OR_RETURN(UniqueFd dir, OpenFolder(parent, false));
@@ -251,7 +251,7 @@ Status ConfigCommitter::CommitFolder(const std::string& text) {
   NEMOFS_RETURN_IF_ERROR(CheckIdentity(FromStat(orig)));
   const std::string shown = JoinShown(folder_root_, parent);
   NEMOFS_RETURN_IF_ERROR(ReplaceFolderFile(dir.get(), shown, base, text, mode_, orig.st_uid,
-                                           orig.st_gid, nullptr));
+                                           orig.st_gid, &mtime));
   struct stat now {};
   if (::fstatat(dir.get(), base.c_str(), &now, AT_SYMLINK_NOFOLLOW) != 0) {
     return Err(errno, "{}: {}", target_, std::strerror(errno));

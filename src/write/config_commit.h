@@ -12,6 +12,7 @@
 #pragma once
 
 #include <sys/types.h>
+#include <time.h>
 
 #include <cstdint>
 #include <functional>
@@ -51,9 +52,12 @@ class ConfigCommitter {
                                                          const FileIdentity& identity);
   ~ConfigCommitter();
 
-  // Writes `text` as the config. Progress (done, total bytes) is reported
-  // for the O(archive) rewrite only. On failure the source is unchanged.
-  Status Commit(const std::string& text, int64_t mtime,
+  // Writes `text` as the config, with modification time `mtime`: the
+  // appended member's (plain tar, whole seconds), the rewritten member's
+  // (compressed tar, whole seconds) or the file's (folder, futimens).
+  // Progress (done, total bytes) is reported for the O(archive) rewrite
+  // only. On failure the source is unchanged.
+  Status Commit(const std::string& text, const struct timespec& mtime,
                 const std::function<void(uint64_t, uint64_t)>& progress);
 
   // A file the user created, to store in the checkpoint (issue 16 §5).
@@ -85,7 +89,7 @@ class ConfigCommitter {
   // Appends `members` to the plain tar in one commit (write/tar_append.h),
   // putting the file back as it was when that fails.
   Status AppendToPlainTar(std::vector<NewMember> members);
-  Status CommitFolder(const std::string& text);
+  Status CommitFolder(const std::string& text, const struct timespec& mtime);
   // The one "temp file beside it, fsync, rename over, fsync the directory"
   // of the folder kind: writes `data` as `name` in the open folder `dirfd`
   // (`shown_dir` in errors), never resolving a path.

@@ -74,10 +74,16 @@ TEST(ValidateConfigYaml, MatchesOmegaConfWhereLibyamlDiffers) {
   const std::vector<std::string> loaded = {
       // PyYAML takes any %YAML 1.x and skips reserved directives.
       "%YAML 1.3\n---\na: 1\n", "%YAML 1.0\n---\na: 1\n", "%YAML 1.10 # c\n---\na: 1\n",
-      "%YAML  01.1  \r\n---\r\na: 1\r\n", "%FOO bar\tbaz\n---\na: 1\n", "# c\n%FOO\n%YAML 1.2\n---\na: 1\n",
+      "%YAML  01.1  \r\n---\r\na: 1\r\n", "%FOO bar\tbaz\n---\na: 1\n",
+      "# c\n%FOO\n%YAML 1.2\n---\na: 1\n",
       // A BOM after the start is an ordinary character (here: part of a key).
-      "a: 1\n\xef\xbb\xbf" "b: 2\n", "a: x\xef\xbb\xbfy\n", "\xef\xbb\xbf\xef\xbb\xbf" "a: 1\n",
-      "a: 1\n\xef\xbb\xbf" "a: 2\n",  // two different keys
+      "a: 1\n\xef\xbb\xbf"
+      "b: 2\n",
+      "a: x\xef\xbb\xbfy\n",
+      "\xef\xbb\xbf\xef\xbb\xbf"
+      "a: 1\n",
+      "a: 1\n\xef\xbb\xbf"
+      "a: 2\n",                            // two different keys
       "a:\n  b: 1\n\xef\xbb\xbf  c: 2\n",  // a top-level key "\ufeff  c", not a.c
       // A top-level string is loaded again as YAML (OmegaConf.create).
       "text\n", "\"a: 1\"\n", "|\n  a: 1\n  b: [1, 2]\n", "'${a'\n", "'\"\"'\n",
@@ -100,20 +106,24 @@ TEST(ValidateConfigYaml, MatchesOmegaConfWhereLibyamlDiffers) {
       {"%YAML 1.1\n%YAML 1.3\n---\na: 1\n", "duplicate"},
       {"%FOO\na: 1\n", "expected '<document start>'"},
       {"a:\n\xef\xbb\xbf- 1\n", "cfg: line "},
-      {"'[1, 2]'\n", "read again as YAML): line 1, column 1: a config must be a mapping (key: value "
-                      "lines), this is a list"},
+      {"'[1, 2]'\n",
+       "read again as YAML): line 1, column 1: a config must be a mapping (key: value "
+       "lines), this is a list"},
       {"'{}'\n", "this is an empty mapping"},
       {"!!str 123\n", "this is a plain value"},
       {"\"x: ${a\"\n", "read again as YAML): line 1, column 4: invalid interpolation"},
       // nemofs's bound, not OmegaConf's verdict: from a shallow stack OmegaConf
       // still loads 65-80 levels, inside a NeMo restore fewer (README).
-      {"a: " + std::string(64, '[') + "1" + std::string(64, ']') + "\n", "nested deeper than 64 levels"},
+      {"a: " + std::string(64, '[') + "1" + std::string(64, ']') + "\n",
+       "nested deeper than 64 levels"},
       {"a: " + std::string(100000, '[') + "\n", "nested deeper than 64 levels"},
-      {"x: &x " + std::string(40, '[') + std::string(40, ']') + "\ny: " + std::string(30, '[') + "*x" +
-           std::string(30, ']') + "\n",
+      {"x: &x " + std::string(40, '[') + std::string(40, ']') + "\ny: " + std::string(30, '[') +
+           "*x" + std::string(30, ']') + "\n",
        "nested deeper than 64 levels"},  // through an alias
-      {"a: ${a. b}\n", "invalid interpolation"}, {"a: ${a .b}\n", "invalid interpolation"},
-      {"a: ${[ a ]}\n", "invalid interpolation"}, {"a: ${a.[0]}\n", "invalid interpolation"},
+      {"a: ${a. b}\n", "invalid interpolation"},
+      {"a: ${a .b}\n", "invalid interpolation"},
+      {"a: ${[ a ]}\n", "invalid interpolation"},
+      {"a: ${a.[0]}\n", "invalid interpolation"},
       {"a: ${. a}\n", "invalid interpolation"},
       {"\"\\ud800\": 1\n\"\\uD800\": 2\n", "line 2, column 1: key"},  // the same key
       {"n: \"\\ud80\"\n", "line 1"}};
