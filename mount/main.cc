@@ -363,7 +363,9 @@ int RunMount(const MountArgs& args) {
                                                                 : info.read_only_reason));
   }
   for (const auto& e : info.weight_errors) warnings.push_back(e);
-  for (const auto& w : info.warnings) warnings.push_back(fmt::format("{}: {}", info.source, w));
+  for (const auto& w : info.warnings) {  // named by the source, once
+    warnings.push_back(w.rfind(info.source, 0) == 0 ? w : fmt::format("{}: {}", info.source, w));
+  }
   for (const auto& line : OmittedLines(info, kOmittedShown)) warnings.push_back(line);
   for (const auto& w : warnings) {
     if (args.foreground) {

@@ -512,6 +512,7 @@ TEST(Cli, MalformedOnlyTensorGivesAnEmptyTensorsDirAndIsNamed) {
   EXPECT_NE(r.err.find("warning"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("tensor w is not shown: negative size or stride"), std::string::npos)
       << r.err;
+  EXPECT_EQ(r.err.find(src + ": " + src), std::string::npos) << r.err;  // the source named once
   auto ls = Sh("ls -A " + Q(mnt + "/tensors") + " | wc -l; test -d " + Q(mnt + "/tensors"));
   EXPECT_EQ(ls.exit_code, 0) << ls.err;
   EXPECT_EQ(ls.out, "0\n") << ls.err;
