@@ -286,7 +286,7 @@ void OpWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t
              struct fuse_file_info* fi) {
   Guard(req, "write", ino, [&] {
     auto n = Ctx(req)->fs->Write(ino, fi->fh, static_cast<uint64_t>(off),
-                                 std::string_view(buf, size));
+                                 std::string_view(buf, size), fuse_req_ctx(req)->pid);
     if (!n) return ReplyError(req, "write", ino, n.error());
     fuse_reply_write(req, *n);
   });
@@ -296,7 +296,7 @@ void OpWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t
 // EINVAL for invalid YAML, is what close returns). Valid reply: fuse_reply_err.
 void OpFlush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
   Guard(req, "flush", ino, [&] {
-    auto st = Ctx(req)->fs->Flush(ino, fi->fh);
+    auto st = Ctx(req)->fs->Flush(ino, fi->fh, fuse_req_ctx(req)->pid);
     if (!st) return ReplyError(req, "flush", ino, st.error());
     fuse_reply_err(req, 0);
   });

@@ -190,10 +190,15 @@ class Filesystem {
   Result<std::pair<NodeAttr, OpenedFile>> Create(uint64_t parent, std::string_view name,
                                                  uint32_t mode, int flags);
   // Writes into the config's edit or a scratch file; EBADF for a handle
-  // not opened for writing, EFBIG past the size limit.
-  Result<uint64_t> Write(uint64_t ino, uint64_t fh, uint64_t offset, std::string_view data);
+  // not opened for writing, EFBIG past the size limit. `pid`: the writing
+  // thread (FUSE's), 0 when unknown; its process is remembered for Flush.
+  Result<uint64_t> Write(uint64_t ino, uint64_t fh, uint64_t offset, std::string_view data,
+                         int pid = 0);
   // Commits the config edit of a writing handle, if it changed anything.
-  Status Flush(uint64_t ino, uint64_t fh);
+  // `pid`: the closing thread, 0 when unknown. A close by a process that
+  // did not write through the handle (a child's copy of the descriptor,
+  // closed at its exec) stores at most a staged time, never the edit.
+  Status Flush(uint64_t ino, uint64_t fh, int pid = 0);
   // fsync(2): commits the config edit (as Flush), or stores a new file in
   // the checkpoint now (nothing for an editor's temp file).
   Status Fsync(uint64_t ino, uint64_t fh);

@@ -50,6 +50,10 @@ struct ScratchFile {
   uint64_t stored_version = 0;
   bool stored = false;
   size_t stored_digest = 0;  // of what was stored (data, mode, mtime): equal = nothing to do
+  // Set by a failed write into it (EFBIG, ENOSPC): its content is not what
+  // was meant, so it is not stored (fsync fails, unmount names it) until it
+  // is rewritten from scratch (an O_TRUNC open or a truncate to 0 clears it).
+  std::optional<Error> write_failed;
 };
 
 struct OpenHandle {
@@ -60,6 +64,12 @@ struct OpenHandle {
   // Set by a failed write (or ftruncate) on this handle: its flush and
   // fsync then commit nothing and return this error (issue 16 §4).
   std::optional<Error> failed;
+  // The config: this handle wrote into (or ftruncated) the shared edit. Only
+  // such a handle's close/fsync saves the edit; any other one (touch's
+  // O_WRONLY|O_CREAT open, a reader) stores at most a staged time.
+  bool wrote = false;
+  // The processes (thread group ids) that wrote through it; empty = unknown.
+  std::set<int> writer_tgids;
 };
 
 // Mutable state of a writable Filesystem (writes.cc). `mu` guards all of it

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -150,8 +151,13 @@ std::vector<std::string> Filesystem::UnstoredTempFiles() const {
   for (const auto& [ino, f] : o.scratch) {
     if (!f->linked) continue;
     std::string_view kind = EditorTempKind(f->name);
-    if (kind.empty()) continue;
     std::string where = f->parent == kRootIno ? "" : "archive/" + StorePath(o, f->parent, "");
+    if (kind.empty() && f->write_failed) {
+      out.push_back(fmt::format("not stored: {}{} (a write to it failed: {})", where, f->name,
+                                std::strerror(f->write_failed->code())));
+      continue;
+    }
+    if (kind.empty()) continue;
     out.push_back(fmt::format("not stored: {}{} ({}; copy it out before unmounting if you need it)",
                               where, f->name, kind));
   }
@@ -402,6 +408,13 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
     std::lock_guard<std::mutex> lock(o.mu);
     for (const auto& [ino, f] : o.scratch) {
       if (!f->linked || (only && ino != only) || IsEditorTempName(f->name)) continue;
+      if (f->write_failed) {  // not what was meant: never stored (unmount names it)
+        if (only) {
+          return Err(f->write_failed->code(), "'{}' is not stored: a write to it failed ({})",
+                     f->name, f->write_failed->message());
+        }
+        continue;
+      }
       if (f->version == f->stored_version) continue;
       if (f->stored && Digest(*f) == f->stored_digest) {  // changed back, or only touched alike
         f->stored_version = f->version;
@@ -511,6 +524,7 @@ Result<OpenedFile> Filesystem::OpenFile(uint64_t ino, int flags) {
         o.working.clear();
         o.dirty = true;
         ++o.generation;
+        h.wrote = true;
       }
       ++o.writers;
     } else {
@@ -523,6 +537,7 @@ Result<OpenedFile> Filesystem::OpenFile(uint64_t ino, int flags) {
     if (h.writer && (flags & O_TRUNC)) {
       o.scratch_bytes -= h.scratch->data.size();
       h.scratch->data.clear();
+      h.scratch->write_failed.reset();  // rewritten from scratch
       ++h.scratch->version;
     }
     ++h.scratch->handles;
@@ -569,6 +584,24 @@ Result<std::pair<NodeAttr, OpenedFile>> Filesystem::Create(uint64_t parent, std:
   return std::make_pair(a, f);
 }
 
+// The process (thread group) of thread `tid`, from /proc; `tid` itself when
+// that cannot be read, 0 for 0 (unknown).
+static int ThreadGroupOf(int tid) {
+  if (tid <= 0) return 0;
+  std::ifstream in(fmt::format("/proc/{}/status", tid));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("Tgid:", 0) == 0) {
+      try {
+        return std::stoi(line.substr(5));
+      } catch (...) {
+        break;
+      }
+    }
+  }
+  return tid;
+}
+
 // Is inode `ino` one of a writable handle's? Called with `mu` held.
 static Result<OpenHandle*> WriterHandle(Overlay& o, uint64_t ino, uint64_t fh) {
   auto h = o.handles.find(fh);
@@ -580,9 +613,10 @@ static Result<OpenHandle*> WriterHandle(Overlay& o, uint64_t ino, uint64_t fh) {
 }
 
 Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
-                                   std::string_view data) {
+                                   std::string_view data, int pid) {
   Overlay& o = impl_->overlay;
   if (!impl_->IsOverlayIno(ino)) return Err(EROFS, "inode {} is read-only", ino);
+  const int tgid = ino == o.config_ino ? ThreadGroupOf(pid) : 0;
   std::lock_guard<std::mutex> lock(o.mu);
   NEMOFS_ASSIGN_OR_RETURN(OpenHandle * h, WriterHandle(o, ino, fh));
   if (h->failed) return *h->failed;  // poisoned: nothing more goes into this edit
@@ -592,11 +626,14 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
     uint64_t before = f.data.size();
     uint64_t grow = offset + data.size() > before ? offset + data.size() - before : 0;
     if (o.scratch_bytes + grow > kMaxScratchBytes) {
-      return Err(ENOSPC, "scratch files hold {} MiB in memory already (the limit)",
-                 o.scratch_bytes >> 20);
+      Error e(ENOSPC, fmt::format("scratch files hold {} MiB in memory already (the limit)",
+                                  o.scratch_bytes >> 20));
+      f.write_failed = e;
+      return e;
     }
     if (Status st = WriteInto(&f.data, offset, data); !st.ok()) {
       h->failed = st.error();
+      f.write_failed = st.error();
       return st.error();
     }
     o.scratch_bytes += f.data.size() - before;
@@ -608,6 +645,8 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
       PoisonConfigHandleLocked(o, h, st.error());
       return st.error();
     }
+    h->wrote = true;
+    if (tgid) h->writer_tgids.insert(tgid);
     o.dirty = true;
     ++o.generation;
     o.mtime_set = true;
@@ -618,9 +657,10 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
   return data.size();
 }
 
-Status Filesystem::Flush(uint64_t ino, uint64_t fh) {
+Status Filesystem::Flush(uint64_t ino, uint64_t fh, int pid) {
   Overlay& o = impl_->overlay;
   if (!impl_->IsOverlayIno(ino)) return Ok();
+  const int tgid = ino == o.config_ino ? ThreadGroupOf(pid) : 0;
   if (ino != o.config_ino) {
     std::lock_guard<std::mutex> lock(o.mu);
     auto h = o.handles.find(fh);
@@ -641,8 +681,14 @@ Status Filesystem::Flush(uint64_t ino, uint64_t fh) {
                  "failed ({})",
                  o.config_name, h->second.failed->message());
     }
-    if (h == o.handles.end() || !h->second.writer || !o.editing || !o.dirty) {
-      generation = Impl::kTimeOnly;  // no edit to save: perhaps a time set on it
+    const bool other_process = h != o.handles.end() && tgid && !h->second.writer_tgids.empty() &&
+                               !h->second.writer_tgids.count(tgid);
+    if (h == o.handles.end() || !h->second.writer || !h->second.wrote || other_process ||
+        !o.editing || !o.dirty) {
+      // No edit of this handle's to save (touch's open, a reader): perhaps a
+      // time set on it, stored with the committed text, never another
+      // handle's half-written edit.
+      generation = Impl::kTimeOnly;
     } else {
       text = o.working;
       generation = o.generation;
@@ -709,6 +755,7 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
           return e;
         }
         if (h.ok() && *h) {  // ftruncate on a writing handle: part of its edit
+          (*h)->wrote = true;
           o.working.resize(change.size, '\0');
           o.dirty = true;
           ++o.generation;
@@ -750,6 +797,7 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
         o.scratch_bytes += change.size;
         o.scratch_bytes -= f.data.size();
         f.data.resize(change.size, '\0');
+        if (change.size == 0) f.write_failed.reset();  // rewritten from scratch
         f.mtime_sec = now.tv_sec;
         f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
       }

@@ -394,6 +394,72 @@ TEST(NewFilesFailedStore, UmountReportsItKeepsTheMountAndACopyInTheCache) {
   m->Unmount();
 }
 
+// A touch -d by another process while a writer's edit is half written
+// stores the time with the COMMITTED text, never the writer's buffer; the
+// writer's own close then stores its whole text.
+TEST(TouchDDuringAnEdit, StoresTheCommittedTextNotTheHalfWrittenBuffer) {
+  const SourceKind& kind = Kind("plain_tar");
+  TempDir dir;
+  std::string src = MakeSource(kind, dir);
+  const std::string old = StoredConfig(kind, src);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  // The prefix alone is valid YAML: before the fix, touch's close saved it.
+  std::string script =
+      "import os, shutil, subprocess, sys\n"
+      "prefix = b'written_by_test: 1\\n'\n"
+      "old = open(sys.argv[1], 'rb').read()\n"
+      "f = open('config.yaml', 'wb')\n"
+      "f.write(prefix)\n"
+      "f.flush()\n"
+      "subprocess.run(['touch', '-d', '2004-04-04', 'config.yaml'], check=True, timeout=30)\n"
+      "shutil.copy(sys.argv[2], sys.argv[3])\n"
+      "f.write(old)\n"
+      "f.close()\n"
+      "print('done')\n";
+  WriteFile(dir.Join("edit.py"), script);
+  WriteFile(dir.Join("old.yaml"), old);
+  auto r = Sh("cd " + Q(m->path()) + " && /usr/bin/python3 " + Q(dir.Join("edit.py")) + " " +
+                  Q(dir.Join("old.yaml")) + " " + Q(src) + " " + Q(dir.Join("mid.tar")),
+              60);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+  EXPECT_EQ(r.out, "done\n");
+  EXPECT_EQ(StoredConfig(kind, dir.Join("mid.tar")), old) << m->Log();
+  EXPECT_NE(StoredConfigTime(kind, dir.Join("mid.tar")).find("2004-04-04"), std::string::npos)
+      << StoredConfigTime(kind, dir.Join("mid.tar"));
+  m->Unmount();
+  EXPECT_EQ(StoredConfig(kind, src), "written_by_test: 1\n" + old);
+}
+
+// A new file whose write failed (EFBIG past the per-file cap) is not
+// stored, truncated, at unmount; umount names it; a file beside it is stored.
+TEST(NewFileFailedWrite, IsNotStoredAndUmountNamesIt) {
+  const SourceKind& kind = Kind("plain_tar");
+  TempDir dir;
+  std::string src = MakeSource(kind, dir);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("head -c 70000000 /dev/urandom > " + Q(dir.Join("big.bin")) + " && cp " +
+                  Q(dir.Join("big.bin")) + " " + Q(m->path() + "/big.bin"),
+              120);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("File too large"), std::string::npos) << r.err;
+  r = Sh("echo small > " + Q(m->path() + "/small.txt"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Sh("cd " + Q(m->path()) + " && /usr/bin/python3 -c \"import os; fd = os.open('big.bin', "
+         "os.O_WRONLY); os.fsync(fd)\"");
+  EXPECT_NE(r.exit_code, 0) << "fsync of a failed file must fail";
+  r = Sh(Q(NemofsBinary()) + " umount " + Q(m->path()), 120);
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+  EXPECT_NE(r.err.find("not stored: big.bin (a write to it failed: File too large)"),
+            std::string::npos)
+      << r.err;
+  m->Unmount();
+  std::string members = Members(kind, src);
+  EXPECT_EQ(members.find("big.bin"), std::string::npos) << members;
+  EXPECT_NE(members.find("small.txt\n"), std::string::npos) << members;
+}
+
 TEST(NewFilesTouchD, TheTimeIsStoredWithTheFile) {
   TempDir dir;
   std::string src = MakeSource(Kind("plain_tar"), dir);
