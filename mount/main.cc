@@ -334,15 +334,20 @@ int RunMount(const MountArgs& args) {
   // A writable mount holds the source's lock for its life (the daemon
   // inherits the descriptor and retakes it in its own name); a second one
   // falls back to read-only.
+  // Only a holder makes it read-only: where the lock cannot be taken at all
+  // (NFS without flock) the mount is writable and says it is unguarded.
   std::unique_ptr<SourceLock> lock;
   std::string lock_refusal;
+  std::string lock_unavailable;
   auto real_source = RealPath(args.source);
   if (!read_only && real_source) {
     auto locked = SourceLock::Acquire(*real_source);
     if (locked) {
       lock = std::move(locked).value();
-    } else {
+    } else if (locked.error().code() == EBUSY) {
       lock_refusal = locked.error().message();
+    } else {
+      lock_unavailable = locked.error().message();
     }
   }
   auto fs = OpenOrPrint(args.source, CacheArgs{*cache_dir, args.cache.max},
@@ -361,6 +366,10 @@ int RunMount(const MountArgs& args) {
     warnings.push_back(fmt::format("mounted read-only: {}", info.read_only_reason.empty()
                                                                 ? "the source cannot be written"
                                                                 : info.read_only_reason));
+  }
+  if (!lock_unavailable.empty() && fs->writable()) {
+    warnings.push_back(
+        fmt::format("{}: a second writable mount of it would not be detected", lock_unavailable));
   }
   for (const auto& e : info.weight_errors) warnings.push_back(e);
   for (const auto& w : info.warnings) {  // named by the source, once
@@ -757,6 +766,25 @@ int RunRepack(const std::string& source, const std::string& out_arg, const Cache
   if (!lock && lock.error().code() == EBUSY) {
     PrintError(fmt::format("refusing to repack: {}; unmount it first", lock.error().message()));
     return kExitFailure;
+  }
+  if (!lock) {
+    PrintWarning(fmt::format("{}: a writable mount of it would not be detected",
+                             lock.error().message()));
+  }
+  // Repacking into the path of another mounted source replaces it just the
+  // same: its lock is checked too.
+  std::optional<Result<std::unique_ptr<SourceLock>>> out_lock;
+  struct stat out_st {};
+  if (out != *real && ::stat(out.c_str(), &out_st) == 0) {
+    auto real_out = RealPath(out);
+    if (real_out && *real_out != *real) {
+      out_lock.emplace(SourceLock::Acquire(*real_out));
+      if (!*out_lock && out_lock->error().code() == EBUSY) {
+        PrintError(fmt::format("refusing to repack into {}: {}; unmount it first", out,
+                               out_lock->error().message()));
+        return kExitFailure;
+      }
+    }
   }
   const bool tty = ::isatty(2) && !quiet;
   int last_pct = -1;

@@ -32,7 +32,11 @@ class SourceLock {
   SourceLock& operator=(const SourceLock&) = delete;
 
   // Locks `source` (a path of a file or folder) without waiting. EBUSY when
-  // another open file description holds it, with the holder described.
+  // another open file description holds it, with the holder described;
+  // any other code when the lock cannot be taken here at all (NFS without
+  // flock support, a folder on NFS): the message is "cannot lock SOURCE
+  // (reason)". On EBADF a regular file is reopened O_RDWR and retried (NFS
+  // wants a file opened for writing for an exclusive flock).
   static Result<std::unique_ptr<SourceLock>> Acquire(const std::string& source);
 
   // In a child after fork (the mount's daemon): the lock is inherited, but

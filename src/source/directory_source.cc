@@ -6,6 +6,8 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <vector>
 #include <filesystem>
 
 #include "source/sources_internal.h"
@@ -27,12 +29,74 @@ int LazyFds::Install(size_t i, UniqueFd fd) {
   return expected;  // another thread won; `fd` closes ours
 }
 
+namespace {
+
+// What openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) does, for kernels
+// without it (ENOSYS) or a seccomp filter refusing it (EPERM): one component
+// at a time beneath `root_fd`, never following a link blindly; a relative
+// link is resolved by hand and may not climb above the root, an absolute one
+// is refused (as RESOLVE_BENEATH refuses it). -1 with errno set on failure.
+int OpenBeneathByWalk(int root_fd, const std::string& rel, int flags) {
+  std::deque<std::string> todo;
+  auto push_front = [&todo](const std::string& path) {
+    std::vector<std::string> parts;
+    for (size_t start = 0; start <= path.size();) {
+      size_t slash = path.find('/', start);
+      if (slash == std::string::npos) slash = path.size();
+      std::string part = path.substr(start, slash - start);
+      if (!part.empty() && part != ".") parts.push_back(std::move(part));
+      start = slash + 1;
+    }
+    todo.insert(todo.begin(), parts.begin(), parts.end());
+  };
+  if (!rel.empty() && rel[0] == '/') return errno = EXDEV, -1;
+  push_front(rel);
+  std::vector<UniqueFd> dirs;  // the folders below the root walked into
+  auto top = [&] { return dirs.empty() ? root_fd : dirs.back().get(); };
+  int links = 0;
+  while (!todo.empty()) {
+    std::string part = std::move(todo.front());
+    todo.pop_front();
+    if (part == "..") {
+      if (dirs.empty()) return errno = EXDEV, -1;
+      dirs.pop_back();
+      if (todo.empty()) return ::openat(top(), ".", flags);
+      continue;
+    }
+    struct stat st {};
+    if (::fstatat(top(), part.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) return -1;
+    if (S_ISLNK(st.st_mode)) {
+      if (++links > 40) return errno = ELOOP, -1;
+      std::string target(static_cast<size_t>(st.st_size) + 1, '\0');
+      ssize_t n = ::readlinkat(top(), part.c_str(), target.data(), target.size());
+      if (n < 0) return -1;
+      if (static_cast<size_t>(n) >= target.size()) return errno = ELOOP, -1;  // changed under us
+      target.resize(static_cast<size_t>(n));
+      if (target.empty()) return errno = ENOENT, -1;
+      if (target[0] == '/') return errno = EXDEV, -1;
+      push_front(target);
+      continue;
+    }
+    if (todo.empty()) return ::openat(top(), part.c_str(), flags | O_NOFOLLOW);
+    UniqueFd next(::openat(top(), part.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!next.valid()) return -1;
+    dirs.push_back(std::move(next));
+  }
+  return ::openat(top(), ".", flags);  // "", or a walk that ended on a folder
+}
+
+}  // namespace
+
 Result<UniqueFd> DirectorySource::OpenBeneath(const std::string& rel) const {
   struct open_how how {};
   how.flags = O_RDONLY | O_CLOEXEC | O_NOCTTY;
   how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
   for (;;) {
     long fd = ::syscall(SYS_openat2, root_fd_.get(), rel.c_str(), &how, sizeof how);
+    if (fd < 0 && (errno == ENOSYS || errno == EPERM)) {
+      // No openat2 here (kernel < 5.6, or a seccomp filter): the same walk by hand.
+      fd = OpenBeneathByWalk(root_fd_.get(), rel, static_cast<int>(how.flags));
+    }
     if (fd >= 0) return UniqueFd(static_cast<int>(fd));
     if (errno == EINTR || errno == EAGAIN) continue;
     int e = errno;

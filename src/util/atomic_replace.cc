@@ -57,7 +57,7 @@ Result<UniqueFd> OpenFolderBeneath(int root_fd, const std::string& shown_root,
     long fd = ::syscall(SYS_openat2, root_fd, path.c_str(), &how, sizeof how);
     if (fd >= 0) return UniqueFd(static_cast<int>(fd));
     if (errno == EINTR || errno == EAGAIN) continue;
-    if (errno == ENOSYS || (errno == ENOENT && create)) break;
+    if (errno == ENOSYS || errno == EPERM || (errno == ENOENT && create)) break;
     return BeneathError(errno, shown);
   }
   return OpenFolderBeneathByWalk(root_fd, shown_root, rel, create, mkdir_mode, owner);

@@ -53,7 +53,8 @@ Result<UniqueFd> OpenFolderBeneath(int root_fd, const std::string& shown_root,
                                    mode_t mkdir_mode = 0755,
                                    std::optional<std::pair<uid_t, gid_t>> owner = std::nullopt);
 
-// What OpenFolderBeneath does without openat2 (ENOSYS), or to make missing
+// What OpenFolderBeneath does without openat2 (ENOSYS, or EPERM from a
+// seccomp filter), or to make missing
 // folders: one O_NOFOLLOW openat (and mkdirat) per component. Exposed for
 // tests.
 Result<UniqueFd> OpenFolderBeneathByWalk(

@@ -202,19 +202,34 @@ ino_t SourceLock::ino() const {
 }
 
 Result<std::unique_ptr<SourceLock>> SourceLock::Acquire(const std::string& source) {
-  // O_RDONLY is enough for flock; O_NONBLOCK so that a FIFO given as a
-  // source does not hang here (the source's own open refuses it).
+  // O_RDONLY is enough for flock locally; O_NONBLOCK so that a FIFO given as
+  // a source does not hang here (the source's own open refuses it).
   int fd = ::open(source.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   if (fd < 0) {
     int e = errno;
-    return Err(e, "{}: cannot open it to lock it: {}", source, std::strerror(e));
+    return Err(e, "cannot lock {} (cannot open it: {})", source, std::strerror(e));
   }
-  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    int e = errno;
-    struct stat st {};
-    bool have_id = ::fstat(fd, &st) == 0;
+  int rc = ::flock(fd, LOCK_EX | LOCK_NB);
+  int e = rc == 0 ? 0 : errno;
+  struct stat st {};
+  bool have_id = ::fstat(fd, &st) == 0;
+  if (rc != 0 && e == EBADF && have_id && S_ISREG(st.st_mode)) {
+    // NFS wants a file opened for writing for an exclusive flock (flock(2));
+    // a writable mount needs write access to a file source anyway.
+    int wfd = ::open(source.c_str(), O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    if (wfd >= 0) {
+      ::close(fd);
+      fd = wfd;
+      rc = ::flock(fd, LOCK_EX | LOCK_NB);
+      e = rc == 0 ? 0 : errno;
+      have_id = ::fstat(fd, &st) == 0;
+    }
+  }
+  if (rc != 0) {
     ::close(fd);
-    if (e != EWOULDBLOCK) return Err(e, "{}: cannot lock it: {}", source, std::strerror(e));
+    // Only a holder makes EBUSY; anything else (EBADF for a folder on NFS,
+    // ENOLCK, EOPNOTSUPP...) means the lock cannot be had here at all.
+    if (e != EWOULDBLOCK) return Err(e, "cannot lock {} ({})", source, std::strerror(e));
     std::optional<pid_t> pid;
     if (have_id) pid = FlockHolder(ReadProcFile("/proc/locks"), st.st_dev, st.st_ino);
     return Err(EBUSY, "{} is in use: {}", source,

@@ -470,6 +470,32 @@ TEST(SharedMount, SecondWritableMountIsReadOnlyAndRepackRefuses) {
   EXPECT_NE(CatConfig(src).find("extra_key: 1"), std::string::npos);
 }
 
+// Repacking another checkpoint into the path of a mounted writable source
+// would replace it under the mount (its next save: ESTALE): refused, naming
+// the mount, and the mount keeps saving; once unmounted it works.
+TEST(SharedMount, RepackIntoAMountedSourceRefuses) {
+  TempDir dir;
+  std::string mounted = dir.Join("a.nemo");
+  std::string other = dir.Join("b.nemo");
+  Sh("cp " + Q(TestData("tiny_gpt.nemo")) + " " + Q(mounted) + " && cp " +
+     Q(TestData("tiny_gpt.nemo")) + " " + Q(other));
+  BgMount m;
+  ASSERT_EQ(m.Start(mounted).exit_code, 0);
+  auto r = Sh(Bin() + " repack -q " + Q(other) + " -o " + Q(mounted));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("refusing to repack into " + mounted + ": " + mounted +
+                       " is in use: a writable nemofs mount at " + m.mnt()),
+            std::string::npos)
+      << r.err;
+  r = Sh("/bin/echo 'extra_key: 1' >> " + Q(m.mnt() + "/config.yaml"));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  m.Stop();
+  EXPECT_NE(CatConfig(mounted).find("extra_key: 1"), std::string::npos);
+  r = Sh(Bin() + " repack -q " + Q(other) + " -o " + Q(mounted));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(CatConfig(mounted).find("extra_key: 1"), std::string::npos);
+}
+
 // The lock is on the source's inode: a hard link of a mounted source is the
 // same source (the old lock file, named after the path, let both mount rw).
 TEST(SharedMount, HardLinkOfAMountedSourceIsReadOnlyAndRepackViaItRefuses) {
