@@ -570,5 +570,38 @@ TEST(Cli, VerifyFindsAFlippedGzipTrailerCrc) {
 }
 
 
+// Kernels without openat2 (before 5.6) or seccomp profiles that refuse it:
+// folder sources still read, beneath the folder, by a component walk; and a
+// source lock that cannot be taken at all (NFS without locks: ENOLCK) only
+// warns. The failures are injected into the real syscalls with strace.
+TEST(Cli, WithoutOpenat2OrLocksFoldersReadAndRepackWarns) {
+  if (Sh("strace -o /dev/null true").exit_code != 0) {
+    GTEST_SKIP() << "strace cannot trace here (no ptrace); it injects the syscall failures";
+  }
+  const std::string folder = TestData("nemo2_tiny");
+  auto plain = Sh(Q(NemofsBinary()) + " cat " + Q(folder) + " config.yaml | sha256sum");
+  ASSERT_EQ(plain.exit_code, 0) << plain.err;
+  for (const char* err : {"ENOSYS", "EPERM"}) {
+    std::string strace = std::string("timeout 120 strace -f -o /dev/null -e inject=openat2:error=") +
+                         err + " " + Q(NemofsBinary());
+    auto r = Sh(strace + " cat " + Q(folder) + " config.yaml | sha256sum");
+    EXPECT_EQ(r.exit_code, 0) << err << ": " << r.err;
+    EXPECT_EQ(r.out, plain.out) << err;
+    // Every file and tensor byte of a NeMo 2 folder with weights (.distcp).
+    r = Sh(strace + " verify -q " + Q(TestData("dist/nemo2")));
+    EXPECT_EQ(r.exit_code, 0) << err << ": " << r.out << r.err;
+    EXPECT_NE(r.out.find(": OK"), std::string::npos) << r.out;
+  }
+  TempDir dir;
+  const std::string copy = dir.Join("t.nemo");
+  ASSERT_EQ(Sh("cp " + Q(TestData("tiny_gpt.nemo")) + " " + Q(copy)).exit_code, 0);
+  auto r = Sh("timeout 120 strace -f -o /dev/null -e inject=flock:error=ENOLCK " +
+              Q(NemofsBinary()) + " repack " + Q(copy) + " --cache-dir " + Q(dir.Join("c")));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("cannot lock " + copy + " (No locks available)"), std::string::npos)
+      << r.err;
+  EXPECT_EQ(Sh(Q(NemofsBinary()) + " verify -q " + Q(copy)).exit_code, 0);
+}
+
 }  // namespace
 }  // namespace nemofs::testing
