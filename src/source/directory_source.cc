@@ -146,6 +146,7 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
     struct stat lst {};
     if (::lstat(p.c_str(), &lst) != 0) {
       warnings.push_back(fmt::format("skipped '{}': {}", rel, std::strerror(errno)));
+      src->AddHidden(rel);
       continue;
     }
     struct stat st = lst;
@@ -158,14 +159,17 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
       if (target && !inside) {
         warnings.push_back(fmt::format(
             "skipped '{}': symbolic link to '{}' leaves the source folder", rel, shown));
+        src->AddHidden(rel);
         continue;
       }
       if (::stat(p.c_str(), &st) != 0) {
         warnings.push_back(fmt::format("skipped '{}': dangling symbolic link", rel));
+        src->AddHidden(rel);
         continue;
       }
       if (S_ISDIR(st.st_mode)) {
         warnings.push_back(fmt::format("skipped '{}': symbolic link to a directory", rel));
+        src->AddHidden(rel);
         continue;
       }
     }
@@ -186,6 +190,7 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
       src->sizes_.push_back(e.size);
     } else {
       warnings.push_back(fmt::format("skipped '{}': not a regular file or directory", rel));
+      src->AddHidden(rel);
       continue;
     }
     raw.push_back(std::move(e));

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -86,6 +87,12 @@ class Source {
 
   // Finds an entry by normalised path; nullptr if absent.
   const Entry* Find(std::string_view path) const;
+  // Whether `path` is taken in the stored source: shown (Find) or present
+  // but hidden (a folder's symlink out of it, to a directory, a socket...).
+  // A new file of that name could not be stored.
+  bool Taken(std::string_view path) const {
+    return Find(path) != nullptr || hidden_.count(std::string(path)) != 0;
+  }
 
   // Reads a whole file entry into memory (configs, small metadata);
   // refuses files larger than `max_bytes`.
@@ -95,11 +102,14 @@ class Source {
   explicit Source(std::string path) : path_(std::move(path)) {}
   // Normalises `raw` (see the path rules above) into entries_ and warnings_.
   void SetEntries(std::vector<Entry> raw, std::vector<std::string> warnings);
+  // Paths present in the source but not shown (see Taken).
+  void AddHidden(std::string path) { hidden_.insert(std::move(path)); }
 
  private:
   std::string path_;
   std::vector<Entry> entries_;
   std::vector<std::string> warnings_;
+  std::set<std::string> hidden_;
 };
 
 struct OpenOptions {

@@ -385,6 +385,12 @@ Status Filesystem::Impl::CheckStorePathLocked(uint64_t dir, std::string_view nam
                "'{}' would be stored as '{}', which the checkpoint has already (see archive/)",
                name, path);
   }
+  if (src->Taken(path)) {  // e.g. a folder's symlink that is not shown
+    return Err(EEXIST,
+               "'{}' would be stored as '{}', which the source has already but does not show "
+               "(see the mount's warnings)",
+               name, path);
+  }
   for (uint64_t other : o.scratch_dirs) {
     const std::string& prefix = o.store_prefix.at(other);
     if (path.size() <= prefix.size() || path.compare(0, prefix.size(), prefix) != 0) continue;

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <filesystem>
 #include <map>
 
 #include "mount_harness.h"
@@ -585,6 +586,35 @@ TEST(EditorTempNames, AreRecognisedAndOrdinaryNamesAreNot) {
                         "config.yaml.save"}) {
     EXPECT_FALSE(IsEditorTempName(n)) << n;
   }
+}
+
+
+// A folder entry the mount does not show (a symlink out of the folder, to a
+// directory) still takes its name: a new file of that name is refused at
+// create with EEXIST, and the other new files are stored as usual.
+TEST(NewFilesHiddenName, IsRefusedAtCreateAndTheOthersAreStored) {
+  TempDir dir;
+  std::string src = dir.Join("ckpt");
+  ASSERT_EQ(Sh("cp -r " + Q(TestData("nemo2_tiny")) + " " + Q(src) + " && echo victim > " +
+               Q(dir.Join("victim")) + " && ln -s " + Q(dir.Join("victim")) + " " +
+               Q(src + "/context/evil") + " && ln -s . " + Q(src + "/context/loop"))
+                .exit_code,
+            0);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  const std::string ctx = m->path() + "/archive/context";
+  for (const char* name : {"evil", "loop"}) {
+    auto r = Sh("echo pwn > " + Q(ctx + "/" + name));
+    EXPECT_NE(r.exit_code, 0) << name;
+    EXPECT_NE(r.err.find("File exists"), std::string::npos) << name << ": " << r.err;
+  }
+  ASSERT_EQ(Sh("echo ok > " + Q(ctx + "/ok.txt")).exit_code, 0);
+  auto r = Sh(Q(NemofsBinary()) + " umount " + Q(m->path()));
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+  m->Unmount();
+  EXPECT_EQ(ReadFile(src + "/context/ok.txt"), "ok\n");
+  EXPECT_EQ(ReadFile(dir.Join("victim")), "victim\n");
+  EXPECT_TRUE(std::filesystem::is_symlink(src + "/context/evil"));
 }
 
 }  // namespace
