@@ -120,6 +120,11 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
   };
   std::vector<Entry> raw;
   std::vector<std::string> warnings;
+  // An entry not shown: warned about, and its name kept (Source::Taken).
+  auto skip = [&](const std::string& rel, std::string_view why) {
+    warnings.push_back(fmt::format("skipped '{}': {}", rel, why));
+    src->AddHidden(rel);
+  };
   NEMOFS_ASSIGN_OR_RETURN(struct stat root_st, Stat(path));
   Entry root;
   root.type = EntryType::kDirectory;
@@ -145,8 +150,7 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
     if (IsCommitTempName(p.filename().native())) continue;
     struct stat lst {};
     if (::lstat(p.c_str(), &lst) != 0) {
-      warnings.push_back(fmt::format("skipped '{}': {}", rel, std::strerror(errno)));
-      src->AddHidden(rel);
+      skip(rel, std::strerror(errno));
       continue;
     }
     struct stat st = lst;
@@ -157,19 +161,15 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
       std::string shown = target ? target : "";
       std::free(target);
       if (target && !inside) {
-        warnings.push_back(fmt::format(
-            "skipped '{}': symbolic link to '{}' leaves the source folder", rel, shown));
-        src->AddHidden(rel);
+        skip(rel, fmt::format("symbolic link to '{}' leaves the source folder", shown));
         continue;
       }
       if (::stat(p.c_str(), &st) != 0) {
-        warnings.push_back(fmt::format("skipped '{}': dangling symbolic link", rel));
-        src->AddHidden(rel);
+        skip(rel, "dangling symbolic link");
         continue;
       }
       if (S_ISDIR(st.st_mode)) {
-        warnings.push_back(fmt::format("skipped '{}': symbolic link to a directory", rel));
-        src->AddHidden(rel);
+        skip(rel, "symbolic link to a directory");
         continue;
       }
     }
@@ -189,8 +189,7 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
       src->files_.push_back(rel);
       src->sizes_.push_back(e.size);
     } else {
-      warnings.push_back(fmt::format("skipped '{}': not a regular file or directory", rel));
-      src->AddHidden(rel);
+      skip(rel, "not a regular file or directory");
       continue;
     }
     raw.push_back(std::move(e));
