@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
@@ -58,6 +59,55 @@ void RaiseReadahead(Context& ctx) {
     if (!f) spdlog::debug("could not raise read_ahead_kb of bdi {}", ctx.bdi);
   });
 }
+
+// Drops the kernel's cached pages and attributes of nodes a commit changed
+// (Filesystem::SetInvalidator). fuse_lowlevel_notify_inval_inode must not
+// run in the path of a request on the same inode (the kernel may wait for
+// that request: a deadlock), so a thread of its own sends them.
+class Invalidator {
+ public:
+  explicit Invalidator(fuse_session* se) : se_(se), thread_([this] { Run(); }) {}
+  ~Invalidator() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_one();
+    thread_.join();
+  }
+  void Add(const std::vector<uint64_t>& inos) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.insert(queue_.end(), inos.begin(), inos.end());
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void Run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping, nothing left
+      std::vector<uint64_t> batch(queue_.begin(), queue_.end());
+      queue_.clear();
+      lock.unlock();
+      for (uint64_t ino : batch) {
+        int rc = fuse_lowlevel_notify_inval_inode(se_, ino, 0, 0);
+        if (rc != 0 && rc != -ENOENT) {
+          spdlog::debug("invalidating inode {}: {}", ino, std::strerror(-rc));
+        }
+      }
+      lock.lock();
+    }
+  }
+  fuse_session* se_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<uint64_t> queue_;
+  bool stop_ = false;
+  std::thread thread_;
+};
 
 Context* Ctx(fuse_req_t req) { return static_cast<Context*>(fuse_req_userdata(req)); }
 
@@ -787,11 +837,16 @@ int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {
   }
   spdlog::info("mounted {} on {} ({} nodes)", config.source, config.mountpoint, fs.node_count());
 
+  // After the fork: the daemon's own thread.
+  auto invalidator = std::make_unique<Invalidator>(se.get());
+  fs.SetInvalidator([inv = invalidator.get()](const std::vector<uint64_t>& inos) { inv->Add(inos); });
   std::unique_ptr<fuse_loop_config, LoopConfigDeleter> loop(fuse_loop_cfg_create());
   fuse_loop_cfg_set_clone_fd(loop.get(), 1);
   fuse_loop_cfg_set_idle_threads(loop.get(), 4);
   fuse_loop_cfg_set_max_threads(loop.get(), 16);
   int rc = fuse_session_loop_mt(se.get(), loop.get());
+  fs.SetInvalidator(nullptr);
+  invalidator.reset();
   fuse_session_unmount(se.get());
   fuse_remove_signal_handlers(se.get());
   // New files still in memory go into the checkpoint before the daemon

@@ -192,8 +192,9 @@ void AddCacheOptions(CLI::App* app, CacheArgs* cache, const std::string& dir_hel
       ->type_name("SIZE");
 }
 
-Result<std::unique_ptr<Filesystem>> OpenCheckpoint(const std::string& source,
-                                                   const CacheArgs& cache, bool writable = false) {
+Result<std::unique_ptr<Filesystem>> OpenCheckpoint(
+    const std::string& source, const CacheArgs& cache, bool writable = false,
+    JournalPolicy journal = JournalPolicy::kRollBack) {
   auto real = RealPath(source);
   if (!real) {
     int e = errno;
@@ -204,13 +205,15 @@ Result<std::unique_ptr<Filesystem>> OpenCheckpoint(const std::string& source,
   options.cache_dir = Absolute(cache.dir.empty() ? DefaultCacheDir() : cache.dir);
   options.cache_max = cache.max;
   options.writable = writable;
+  options.journal = journal;
   return Filesystem::Open(options);
 }
 
 // Opens SOURCE, or prints the one-line error and returns null (exit code 3).
 std::unique_ptr<Filesystem> OpenOrPrint(const std::string& source, const CacheArgs& cache,
-                                        bool writable = false) {
-  auto fs = OpenCheckpoint(source, cache, writable);
+                                        bool writable = false,
+                                        JournalPolicy journal = JournalPolicy::kRollBack) {
+  auto fs = OpenCheckpoint(source, cache, writable, journal);
   if (!fs) {
     PrintError(fs.error().message());
     return nullptr;
@@ -350,8 +353,15 @@ int RunMount(const MountArgs& args) {
       lock_unavailable = locked.error().message();
     }
   }
+  // A hot journal: rolled back under the lock this mount holds; refused
+  // for -o ro; left alone when another writable mount holds the lock (its
+  // write may be in progress).
+  const JournalPolicy journal = read_only               ? JournalPolicy::kRefuse
+                                : !lock_refusal.empty() ? JournalPolicy::kLeave
+                                : lock                  ? JournalPolicy::kRollBackLocked
+                                                        : JournalPolicy::kRollBack;
   auto fs = OpenOrPrint(args.source, CacheArgs{*cache_dir, args.cache.max},
-                        !read_only && lock_refusal.empty());
+                        !read_only && lock_refusal.empty(), journal);
   if (!fs) return kExitSource;
   const CheckpointInfo& info = fs->info();
   // What changes what the user gets is said here, before returning.
@@ -974,7 +984,8 @@ int Main(int argc, char** argv) {
   mount->add_option("MOUNTPOINT", margs.mountpoint, "existing empty directory")->required();
   mount->add_flag("-f,--foreground", margs.foreground, "stay in the foreground (log to stderr)");
   mount->add_option("-o", margs.options, "mount options, comma separated: ro (no writes at all; the default "
-                    "is rw: config.yaml can be edited), allow_other, any FUSE option")
+                    "is rw: config.yaml, tensor files and new files can be written), allow_other, "
+                    "any FUSE option")
       ->allow_extra_args(false);
   AddCacheOptions(mount, &margs.cache,
                   "extraction cache for compressed archives "

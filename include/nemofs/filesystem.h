@@ -69,6 +69,15 @@ inline constexpr uint64_t kDefaultCacheMax = uint64_t{50} << 30;
 // optional "i" and "B" are accepted: "20GiB", "20GB"). EINVAL otherwise.
 Result<uint64_t> ParseByteSize(std::string_view text);
 
+// What Open does with a hot rollback journal beside/inside the source (an
+// in-place write interrupted by a crash, write/journal.h).
+enum class JournalPolicy {
+  kRollBack,        // roll it back, under the source lock (taken for it)
+  kRollBackLocked,  // roll it back; the caller holds the source lock (a writable mount)
+  kRefuse,          // -o ro: EROFS saying what to run
+  kLeave,           // another writable mount holds the lock: its write may be in progress
+};
+
 struct FilesystemOptions {
   std::string source;     // path of the checkpoint (file or directory)
   std::string cache_dir;  // extraction cache for compressed archives
@@ -79,6 +88,7 @@ struct FilesystemOptions {
   // a source that cannot be written (no write permission, read-only file
   // system) opens read-only; writable() tells.
   bool writable = false;
+  JournalPolicy journal = JournalPolicy::kRollBack;
 };
 
 // What an open(2) of a node needs from the front end.
@@ -217,6 +227,12 @@ class Filesystem {
   // RENAME_NOREPLACE is honoured; RENAME_EXCHANGE is EINVAL.
   Status Rename(uint64_t parent, std::string_view name, uint64_t new_parent,
                 std::string_view new_name, unsigned int flags);
+  // Sets what drops the front end's cached pages and attributes of nodes
+  // whose bytes a commit changed (or whose staged bytes were dropped):
+  // tensor files, the archive/ files they are stored in, model.safetensors.
+  // Called after the commit, without any lock held, from the committing
+  // thread: it must not wait for another request of the file system.
+  void SetInvalidator(std::function<void(const std::vector<uint64_t>&)> fn);
   // True when the node's attributes or content can change (the config,
   // scratch files, directories holding scratch files): front ends must not
   // cache them. Everything else is immutable for the Filesystem's life.

@@ -75,6 +75,7 @@ Tensor FromStored(const std::string& key, const StoredTensor& s, uint32_t blob) 
   c.sizes = s.shape;
   c.blob = blob;
   c.byte_offset = s.data_start();
+  c.record = s.record;
   if (!s.contiguous()) c.strides = s.strides;
   t.chunks.push_back(std::move(c));
   return t;
@@ -214,7 +215,7 @@ Result<Loaded> LoadWeightFile(source::Source& src, const WeightFile& wf) {
   Loaded l;
   l.wf = &wf;
   l.blob = e->blob;
-  l.name = src.Kind() == "file" ? src.path() : src.path() + ":" + wf.path;
+  l.name = src.storage() == source::Storage::kFile ? src.path() : src.path() + ":" + wf.path;
   NEMOFS_ASSIGN_OR_RETURN(auto reader, src.MetadataReader(e->blob));
   NEMOFS_ASSIGN_OR_RETURN(l.file, torch::LoadTorchFile(*reader, l.name));
   return l;

@@ -195,6 +195,7 @@ class DistCatalogBuilder {
             } else {
               c.blob = f.blob;
               c.byte_offset = dc.storage->offset + st.data_start();
+              c.record = st.record.Shifted(dc.storage->offset);
               if (!st.contiguous()) {
                 if (st.shape == dc.sizes) {
                   c.strides = st.strides;
@@ -267,6 +268,7 @@ class DistCatalogBuilder {
         for (size_t k = 0; k < d; ++k) b.offsets[k] = c.offsets[k] * local[k] + off[k];
         b.blob = c.blob;
         b.missing = c.missing;
+        b.record = c.record;
         b.byte_offset = c.byte_offset + static_cast<uint64_t>(flat - s) * item;
         out.chunks.push_back(std::move(b));
       }

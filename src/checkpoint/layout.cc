@@ -306,11 +306,11 @@ std::string StripArtifactPrefix(const std::string& name) {
 
 Result<Layout> Recognize(Source& src) {
   Layout layout;
-  if (src.Kind() == "file") {
+  if (src.storage() == source::Storage::kFile) {
     NEMOFS_RETURN_IF_ERROR(RecognizeFile(src, &layout));
     return layout;
   }
-  const bool is_dir = src.Kind() == "directory";
+  const bool is_dir = src.storage() == source::Storage::kFolder;
 
   if (IsFile(src, "model_config.yaml")) {
     layout.format = is_dir ? Format::kNemoFolder : Format::kNemo;

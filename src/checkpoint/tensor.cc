@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <map>
 
 #include "util/io.h"
@@ -99,12 +100,11 @@ Status ValidateChunks(const Tensor& t) {
   return Ok();
 }
 
-Result<ReadPlan> PlanTensorRead(const Tensor& t, source::Source& src, uint64_t offset,
-                                uint64_t length) {
-  ReadPlan plan;
+Status MapTensorRange(const Tensor& t, uint64_t offset, uint64_t length,
+                      const std::function<Status(const StoredRun&)>& fn) {
   const uint64_t item = torch::Info(t.dtype).itemsize;
   const uint64_t total = t.nbytes();
-  if (offset >= total || length == 0) return plan;
+  if (offset >= total || length == 0) return Ok();
   const uint64_t end = offset + std::min(length, total - offset);
   const size_t nd = t.shape.size();
 
@@ -113,7 +113,6 @@ Result<ReadPlan> PlanTensorRead(const Tensor& t, source::Source& src, uint64_t o
   for (size_t d = nd; d-- > 1;) gstride[d - 1] = gstride[d] * static_cast<uint64_t>(t.shape[d]);
 
   std::vector<int64_t> idx(nd);
-  std::vector<source::FileRange> located(t.chunks.size(), source::FileRange{-2, 0, 0});
   size_t hint = 0;
   for (uint64_t p = offset; p < end;) {
     uint64_t elem = p / item;
@@ -136,17 +135,6 @@ Result<ReadPlan> PlanTensorRead(const Tensor& t, source::Source& src, uint64_t o
     }
     hint = ci;
     const Chunk& c = t.chunks[ci];
-    const bool fill = !c.fill.empty();
-    if (!fill && !c.lazy && c.blob == source::kNoBlob) {
-      return Err(EIO, "tensor {}: {}", t.key, c.missing);
-    }
-    if (!fill && located[ci].fd == -2) {
-      if (c.lazy) {
-        NEMOFS_ASSIGN_OR_RETURN(located[ci], c.lazy->Get(src));
-      } else {
-        NEMOFS_ASSIGN_OR_RETURN(located[ci], src.Locate(c.blob));
-      }
-    }
 
     // Run of elements contiguous both in the global order and in the chunk.
     uint64_t run_elems = 1;
@@ -176,24 +164,111 @@ Result<ReadPlan> PlanTensorRead(const Tensor& t, source::Source& src, uint64_t o
       }
     }
     uint64_t run = std::min(run_elems * item - within, end - p);
-    if (fill) {  // a chunk that was never written: fill_value repeated
-      auto bytes = std::make_shared<std::string>();
-      bytes->reserve(run);
-      for (uint64_t b = within; bytes->size() < run; ++b) bytes->push_back(c.fill[b % item]);
-      plan.AddMemory(bytes->data(), bytes->size());
-      plan.keepalive.push_back(bytes);
-      p += run;
-      continue;
-    }
-    uint64_t src_off = c.byte_offset + src_elem * item + within;
-    if (src_off + run > located[ci].length) {
-      return Err(EIO, "tensor {}: chunk {} needs bytes up to {} but its file has {}", t.key, ci,
-                 src_off + run, located[ci].length);
-    }
-    plan.AddFd(located[ci].fd, located[ci].offset + src_off, run);
+    NEMOFS_RETURN_IF_ERROR(fn(StoredRun{ci, p, c.byte_offset + src_elem * item + within, run}));
     p += run;
   }
+  return Ok();
+}
+
+Result<ReadPlan> PlanTensorRead(const Tensor& t, source::Source& src, uint64_t offset,
+                                uint64_t length) {
+  ReadPlan plan;
+  const uint64_t item = torch::Info(t.dtype).itemsize;
+  std::vector<source::FileRange> located(t.chunks.size(), source::FileRange{-2, 0, 0});
+  NEMOFS_RETURN_IF_ERROR(MapTensorRange(t, offset, length, [&](const StoredRun& r) -> Status {
+    const Chunk& c = t.chunks[r.chunk];
+    const bool fill = !c.fill.empty();
+    if (fill) {  // a chunk that was never written: fill_value repeated
+      auto bytes = std::make_shared<std::string>();
+      bytes->reserve(r.length);
+      for (uint64_t b = r.tensor_offset % item; bytes->size() < r.length; ++b) {
+        bytes->push_back(c.fill[b % item]);
+      }
+      plan.AddMemory(bytes->data(), bytes->size());
+      plan.keepalive.push_back(bytes);
+      return Ok();
+    }
+    if (!c.lazy && c.blob == source::kNoBlob) return Err(EIO, "tensor {}: {}", t.key, c.missing);
+    if (located[r.chunk].fd == -2) {
+      if (c.lazy) {
+        NEMOFS_ASSIGN_OR_RETURN(located[r.chunk], c.lazy->Get(src));
+      } else {
+        NEMOFS_ASSIGN_OR_RETURN(located[r.chunk], src.Locate(c.blob));
+      }
+    }
+    if (r.chunk_offset + r.length > located[r.chunk].length) {
+      return Err(EIO, "tensor {}: chunk {} needs bytes up to {} but its file has {}", t.key,
+                 r.chunk, r.chunk_offset + r.length, located[r.chunk].length);
+    }
+    plan.AddFd(located[r.chunk].fd, located[r.chunk].offset + r.chunk_offset, r.length);
+    return Ok();
+  }));
   return Gather(std::move(plan));
+}
+
+Result<std::vector<BlobWrite>> PlanTensorWrite(const Tensor& t, uint64_t offset,
+                                               std::string_view data) {
+  for (const auto& c : t.chunks) {
+    if (c.lazy) return Err(EROFS, "tensor {}: a chunk of it is stored compressed", t.key);
+    if (!c.fill.empty()) {
+      return Err(EROFS, "tensor {}: a chunk of it was never written (zarr fill value)", t.key);
+    }
+    if (c.blob == source::kNoBlob) return Err(EROFS, "tensor {}: {}", t.key, c.missing);
+  }
+  if (offset + data.size() > t.nbytes() || offset + data.size() < offset) {
+    return Err(EINVAL, "tensor {}: a write up to byte {} is past its {} bytes", t.key,
+               offset + data.size(), t.nbytes());
+  }
+  // A chunk with a stride 0 (an expanded view) stores one byte for several
+  // tensor bytes: they must all be written, with one value.
+  bool aliasing = false;
+  for (const auto& c : t.chunks) {
+    for (size_t d = 0; d < c.strides.size(); ++d) {
+      aliasing = aliasing || (c.strides[d] == 0 && c.sizes[d] > 1);
+    }
+  }
+  if (aliasing && (offset != 0 || data.size() != t.nbytes())) {
+    return Err(EINVAL,
+               "tensor {} is an expanded view (several elements share one stored value): only "
+               "a write of the whole tensor can be stored, and this one covers bytes {}..{} of {}",
+               t.key, offset, offset + data.size(), t.nbytes());
+  }
+  std::vector<BlobWrite> out;
+  NEMOFS_RETURN_IF_ERROR(MapTensorRange(t, offset, data.size(), [&](const StoredRun& r) -> Status {
+    const uint32_t blob = t.chunks[r.chunk].blob;
+    std::string_view bytes = data.substr(r.tensor_offset - offset, r.length);
+    if (!out.empty() && out.back().blob == blob &&
+        out.back().offset + out.back().bytes.size() == r.chunk_offset) {
+      out.back().bytes.append(bytes);
+    } else {
+      out.push_back(BlobWrite{blob, r.chunk_offset, std::string(bytes)});
+    }
+    return Ok();
+  }));
+  std::sort(out.begin(), out.end(), [](const BlobWrite& a, const BlobWrite& b) {
+    return a.blob != b.blob ? a.blob < b.blob : a.offset < b.offset;
+  });
+  // Merge what overlaps (views: a stored byte reached twice) and check that
+  // every stored byte gets one value.
+  std::vector<BlobWrite> merged;
+  for (auto& w : out) {
+    if (!merged.empty() && merged.back().blob == w.blob &&
+        merged.back().offset + merged.back().bytes.size() >= w.offset) {
+      BlobWrite& m = merged.back();
+      const uint64_t at = w.offset - m.offset;
+      const uint64_t overlap = std::min<uint64_t>(m.bytes.size() - at, w.bytes.size());
+      if (m.bytes.compare(at, overlap, w.bytes, 0, overlap) != 0) {
+        return Err(EINVAL,
+                   "tensor {}: the write gives two different values to one stored byte (an "
+                   "expanded or overlapping view); nothing written",
+                   t.key);
+      }
+      m.bytes.append(w.bytes, overlap, std::string::npos);
+    } else {
+      merged.push_back(std::move(w));
+    }
+  }
+  return merged;
 }
 
 }  // namespace nemofs::checkpoint

@@ -11,6 +11,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <string_view>
 #include <memory>
 #include <string>
 #include <vector>
@@ -19,6 +21,7 @@
 #include "nemofs/result.h"
 #include "source/source.h"
 #include "torch/dtype.h"
+#include "torch/zip_reader.h"
 
 namespace nemofs::checkpoint {
 
@@ -40,6 +43,9 @@ struct Chunk {
   std::string missing;              // why the bytes are unavailable, for kNoBlob
   std::shared_ptr<LazyChunk> lazy;  // set: bytes come from lazy->Get, not from `blob`
   std::string fill;                 // non-empty: every element is these bytes (zarr fill_value)
+  // The torch.save zip record holding the bytes (offsets within the blob),
+  // whose CRC-32 a write updates; not present for raw bytes (zarr, legacy).
+  torch::ZipRecordPos record;
 };
 
 struct Tensor {
@@ -63,5 +69,37 @@ Status ValidateChunks(const Tensor& tensor);
 // bytes.
 Result<ReadPlan> PlanTensorRead(const Tensor& tensor, source::Source& src, uint64_t offset,
                                 uint64_t length);
+
+// The range map reads and writes share: `length` bytes of the tensor's
+// C-order bytes from `tensor_offset` lie in chunk `chunk` at byte
+// `chunk_offset` of its bytes (of the blob, byte_offset included; of the
+// decoded bytes for a lazy chunk; for a fill chunk the pattern position is
+// tensor_offset % itemsize).
+struct StoredRun {
+  size_t chunk = 0;
+  uint64_t tensor_offset = 0;
+  uint64_t chunk_offset = 0;
+  uint64_t length = 0;
+};
+// Calls `fn` for every run of [offset, offset+length) (clamped to nbytes)
+// in tensor order, stopping at its first error; EIO if an element is in no
+// chunk. Work is proportional to the number of runs.
+Status MapTensorRange(const Tensor& tensor, uint64_t offset, uint64_t length,
+                      const std::function<Status(const StoredRun&)>& fn);
+
+// The stored bytes that give tensor bytes [offset, offset+data.size()) the
+// value `data` (the range map, scattered): sorted by (blob, offset), runs
+// that touch or overlap merged. EROFS naming the tensor for chunks that
+// cannot be patched in place (compressed, never written, missing); EINVAL
+// for a write past the end, for two values given to one stored byte, and
+// for a partial write of an expanded view (stride 0: it would change the
+// other copies of the values it writes).
+struct BlobWrite {
+  uint32_t blob = source::kNoBlob;
+  uint64_t offset = 0;  // within the blob
+  std::string bytes;
+};
+Result<std::vector<BlobWrite>> PlanTensorWrite(const Tensor& tensor, uint64_t offset,
+                                               std::string_view data);
 
 }  // namespace nemofs::checkpoint

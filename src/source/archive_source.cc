@@ -501,3 +501,15 @@ bool ArchiveSource::LoadIndex(std::vector<Entry>* raw, std::vector<std::string>*
 }
 
 }  // namespace nemofs::source
+
+namespace nemofs::source {
+
+Result<StoredPlace> ArchiveSource::PlaceOf(uint32_t) const {
+  return Err(EROFS,
+             "{}: a member of a {}-compressed tar has no fixed place to patch; only config.yaml and "
+             "new files can be written into it (rewriting it for tensor writes is not supported "
+             "yet; `gunzip` it to a plain .nemo to patch tensors in place)",
+             path(), filter_);
+}
+
+}  // namespace nemofs::source

@@ -148,6 +148,9 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
     // A config commit's temp file that a crash left behind (see
     // write/config_commit.h): never part of the checkpoint.
     if (IsCommitTempName(p.filename().native())) continue;
+    // The rollback journal of a patch in progress (rolled back before any
+    // open, so only a live mount's own): not part of the checkpoint either.
+    if (rel == kFolderJournalName) continue;
     struct stat lst {};
     if (::lstat(p.c_str(), &lst) != 0) {
       skip(rel, std::strerror(errno));
@@ -249,6 +252,20 @@ namespace nemofs::source {
 Result<FileRange> FileSource::Locate(uint32_t blob) {
   if (blob != 0) return Err(EINVAL, "{}: no blob {}", path(), blob);
   return FileRange{fd_.get(), 0, size_};
+}
+
+}  // namespace nemofs::source
+
+namespace nemofs::source {
+
+Result<StoredPlace> DirectorySource::PlaceOf(uint32_t blob) const {
+  if (blob >= files_.size()) return Err(EINVAL, "{}: no blob {}", path(), blob);
+  return StoredPlace{files_[blob], 0};
+}
+
+Result<StoredPlace> FileSource::PlaceOf(uint32_t blob) const {
+  if (blob != 0) return Err(EINVAL, "{}: no blob {}", path(), blob);
+  return StoredPlace{"", 0};
 }
 
 }  // namespace nemofs::source

@@ -37,6 +37,25 @@ struct FileRange {
 
 enum class EntryType { kFile, kDirectory, kSymlink };
 
+// What kind of storage a source is, for the writer (write/config_commit.h):
+// how a change of its bytes is committed.
+enum class Storage {
+  kPlainTar,       // members are byte ranges of one uncompressed tar: patched in place
+  kCompressedTar,  // gzip/xz/zstd/bzip2 tar: members have no fixed place; rewrite
+  kFolder,         // a directory of files: each patched in place or replaced
+  kFile,           // one file (a torch.save .ckpt/.pt): patched in place
+};
+
+// Where a blob's bytes are stored, for patching them in place: `file`,
+// relative to the source folder (kFolder; "" for the source file itself:
+// kPlainTar, kFile), from byte `offset` on.
+struct StoredPlace {
+  std::string file;
+  uint64_t offset = 0;
+};
+
+struct TarIndex;
+
 struct Entry {
   std::string path;  // normalised, "" = root
   EntryType type = EntryType::kFile;
@@ -59,8 +78,18 @@ class Source {
  public:
   virtual ~Source() = default;
 
-  // "directory", "tar", "tar (gzip)", "file", ...
+  // "directory", "tar", "tar (gzip)", "file", ... (for messages; decisions
+  // use storage()).
   virtual std::string Kind() const = 0;
+  virtual Storage storage() const = 0;
+  // Where blob `blob` lies, to patch it in place; EROFS naming the source
+  // for storage that has no fixed place for its bytes (a compressed tar).
+  virtual Result<StoredPlace> PlaceOf(uint32_t blob) const = 0;
+  // kPlainTar: the tar's member index; nullptr otherwise.
+  virtual const TarIndex* tar_index() const { return nullptr; }
+  // kFolder: the folder's O_PATH descriptor, opened with the source; -1
+  // otherwise. Writes into the folder resolve beneath it.
+  virtual int folder_fd() const { return -1; }
   // The path the source was opened from.
   const std::string& path() const { return path_; }
 
@@ -133,5 +162,11 @@ inline constexpr std::string_view kCommitTempMarker = ".nemofs-tmp.";
 inline bool IsCommitTempName(std::string_view base) {
   return !base.empty() && base[0] == '.' && base.find(kCommitTempMarker) != std::string_view::npos;
 }
+
+// The rollback journal of an in-place patch (write/journal.h):
+// "<file>.nemofs-journal" beside a file source, ".nemofs-journal" inside a
+// folder source (which does not show it).
+inline constexpr std::string_view kJournalSuffix = ".nemofs-journal";
+inline constexpr std::string_view kFolderJournalName = ".nemofs-journal";
 
 }  // namespace nemofs::source

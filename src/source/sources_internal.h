@@ -47,11 +47,13 @@ class DirectorySource final : public Source {
  public:
   static Result<std::unique_ptr<Source>> Open(const std::string& path);
   std::string Kind() const override { return "directory"; }
+  Storage storage() const override { return Storage::kFolder; }
+  Result<StoredPlace> PlaceOf(uint32_t blob) const override;
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
   Result<FileRange> Locate(uint32_t blob) override;
   // The folder's O_PATH descriptor, opened with the source: writes into the
   // folder resolve beneath it (util/atomic_replace.h OpenFolderBeneath).
-  int root_fd() const { return root_fd_.get(); }
+  int folder_fd() const override { return root_fd_.get(); }
 
  private:
   explicit DirectorySource(std::string path) : Source(std::move(path)) {}
@@ -67,9 +69,11 @@ class TarSource final : public Source {
  public:
   static Result<std::unique_ptr<Source>> Open(const std::string& path, UniqueFd fd, uint64_t size);
   std::string Kind() const override;
+  Storage storage() const override { return Storage::kPlainTar; }
+  Result<StoredPlace> PlaceOf(uint32_t blob) const override;
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
   Result<FileRange> Locate(uint32_t blob) override;
-  const TarIndex& index() const { return index_; }
+  const TarIndex* tar_index() const override { return &index_; }
 
  private:
   explicit TarSource(std::string path) : Source(std::move(path)) {}
@@ -87,6 +91,8 @@ class ArchiveSource final : public Source {
                                               const struct stat& st, const std::string& cache_dir,
                                               uint64_t cache_max);
   std::string Kind() const override { return "tar (" + filter_ + ")"; }
+  Storage storage() const override { return Storage::kCompressedTar; }
+  Result<StoredPlace> PlaceOf(uint32_t blob) const override;
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
   Result<FileRange> Locate(uint32_t blob) override;
   Result<std::shared_ptr<const ByteReader>> MetadataReader(uint32_t blob) override;
@@ -130,6 +136,8 @@ class FileSource final : public Source {
   static Result<std::unique_ptr<Source>> Open(const std::string& path, UniqueFd fd,
                                               const struct stat& st);
   std::string Kind() const override { return "file"; }
+  Storage storage() const override { return Storage::kFile; }
+  Result<StoredPlace> PlaceOf(uint32_t blob) const override;
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
   Result<FileRange> Locate(uint32_t blob) override;
 

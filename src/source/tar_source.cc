@@ -100,3 +100,12 @@ Result<FileRange> TarSource::Locate(uint32_t blob) {
 }
 
 }  // namespace nemofs::source
+
+namespace nemofs::source {
+
+Result<StoredPlace> TarSource::PlaceOf(uint32_t blob) const {
+  if (blob >= blob_member_.size()) return Err(EINVAL, "{}: no blob {}", path(), blob);
+  return StoredPlace{"", index_.members[blob_member_[blob]].data_offset};
+}
+
+}  // namespace nemofs::source

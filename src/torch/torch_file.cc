@@ -37,6 +37,7 @@ bool Dangerous(std::string_view module, std::string_view name) {
 struct StorageRecord {
   uint64_t start = 0;  // relative to the file range
   uint64_t bytes = 0;
+  ZipRecordPos record;
 };
 
 // Reads an int tuple (sizes / strides); false if not a tuple of ints.
@@ -209,6 +210,7 @@ void ResolveTensors(TorchFile* file, const std::string& name,
         } else {
           t.storage_start = rec->start;
           t.storage_bytes = rec->bytes;
+          t.record = rec->record;
           CheckView(&t, &why);
         }
       }
@@ -256,7 +258,9 @@ Result<TorchFile> LoadZip(const ByteReader& reader, const std::string& name,
       return Err(EINVAL, "storage record data/{} has {} bytes, its persistent id says {}", pid.key,
                  rec->size, want);
     }
-    return StorageRecord{rec->data_offset, rec->size};
+    ZipRecordPos pos{true, rec->local_header_offset, rec->cd_offset, rec->data_offset, rec->size,
+                     rec->flags};
+    return StorageRecord{rec->data_offset, rec->size, pos};
   });
   return file;
 }

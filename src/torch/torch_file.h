@@ -23,6 +23,7 @@
 #include "nemofs/result.h"
 #include "torch/dtype.h"
 #include "torch/pickle.h"
+#include "torch/zip_reader.h"
 #include "util/byte_reader.h"
 
 namespace nemofs::torch {
@@ -35,6 +36,7 @@ struct StoredTensor {
   std::string storage_key;
   uint64_t storage_start = 0;  // byte offset of storage element 0, relative to the file range
   uint64_t storage_bytes = 0;
+  ZipRecordPos record;  // the storage's zip record (relative to the file range), for writes
 
   uint64_t numel() const;
   uint64_t nbytes() const { return numel() * Info(dtype).itemsize; }

@@ -101,6 +101,7 @@ Result<ZipArchive> ZipArchive::Open(const ByteReader& reader, std::string name) 
     }
     ZipEntry e;
     e.cd_offset = cd_offset + pos;
+    e.flags = U16(c + pos + 8);
     e.method = U16(c + pos + 10);
     e.crc32 = U32(c + pos + 16);
     e.compressed_size = U32(c + pos + 20);

@@ -27,6 +27,7 @@ namespace nemofs::torch {
 
 struct ZipEntry {
   std::string name;
+  uint16_t flags = 0;   // general purpose bits (central directory); bit 3: data descriptor
   uint16_t method = 0;  // 0 = stored (all torch.save records)
   uint32_t crc32 = 0;
   uint64_t compressed_size = 0;
@@ -34,6 +35,26 @@ struct ZipEntry {
   uint64_t local_header_offset = 0;  // relative to the range
   uint64_t data_offset = 0;          // relative to the range
   uint64_t cd_offset = 0;            // of its central-directory entry, relative to the range
+};
+
+// Where a stored record and the fields holding its CRC-32 lie, for a patch
+// of its bytes (FORMATS.md §3.4): offsets relative to the byte range of the
+// blob (source file or member) the record is in. `size` = 0 with
+// `present` false: not in a zip (a legacy torch.save storage).
+struct ZipRecordPos {
+  bool present = false;
+  uint64_t local_header = 0;  // "PK\3\4"; its CRC at +14 is the real one unless bit 3 is set
+  uint64_t central = 0;       // central-directory entry; its CRC at +16
+  uint64_t data = 0;          // first byte of the record
+  uint64_t size = 0;
+  uint16_t flags = 0;         // bit 3: a data descriptor follows the data
+  ZipRecordPos Shifted(uint64_t by) const {
+    ZipRecordPos p = *this;
+    p.local_header += by;
+    p.central += by;
+    p.data += by;
+    return p;
+  }
 };
 
 class ZipArchive {

@@ -222,6 +222,15 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   // The source's identity before reading it: a commit refuses to write if
   // anything else changed it since (ESTALE).
   write::FileIdentity identity;
+  // The hot-journal hook: an interrupted patch is undone before anything
+  // reads the source.
+  std::string rolled_back;
+  if (options.journal != JournalPolicy::kLeave) {
+    NEMOFS_ASSIGN_OR_RETURN(
+        rolled_back, write::RollBackInterruptedPatch(
+                         options.source, options.journal != JournalPolicy::kRefuse,
+                         options.journal == JournalPolicy::kRollBackLocked));
+  }
   if (options.writable) {
     NEMOFS_ASSIGN_OR_RETURN(identity, write::IdentityOf(options.source));
   }
@@ -418,7 +427,16 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
     }
     for (uint64_t ino = first_view; ino <= nodes.size(); ++ino) {
       tree::Node* n = nodes.Get(ino);
-      set_access(n, n->tensor ? tensor_access(*n->tensor, root_access) : all, 0);
+      // A tensor file may be written where every file its bytes are in may be
+      // (tensor writes: tree/tensor_writes.cc).
+      uint32_t tensor_write = 0;
+      if (n->tensor) {
+        tensor_write = folder ? 0222u : archive_write;
+        for (const auto& c : n->tensor->chunks) {
+          if (folder && c.blob < blob_access.size()) tensor_write &= blob_access[c.blob].mode;
+        }
+      }
+      set_access(n, n->tensor ? tensor_access(*n->tensor, root_access) : all, tensor_write);
     }
   }
   nodes.Finish();
@@ -429,6 +447,7 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   info.description = layout.description;
   info.weights = layout.weights;
   info.warnings = src.warnings();
+  if (!rolled_back.empty()) info.warnings.push_back(rolled_back);
   info.warnings.insert(info.warnings.end(), layout.warnings.begin(), layout.warnings.end());
   const checkpoint::Catalog& cat = impl->catalog;
   info.warnings.insert(info.warnings.end(), cat.warnings.begin(), cat.warnings.end());
@@ -458,7 +477,13 @@ Filesystem::~Filesystem() = default;
 Result<NodeAttr> Filesystem::GetAttr(uint64_t ino) const {
   if (impl_->IsOverlayIno(ino)) return impl_->OverlayAttr(ino);
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
-  return impl_->Attr(ino, *n);
+  NodeAttr a = impl_->Attr(ino, *n);
+  if (n->tensor) impl_->StagedAttr(ino, &a);
+  return a;
+}
+
+void Filesystem::SetInvalidator(std::function<void(const std::vector<uint64_t>&)> fn) {
+  impl_->invalidate = std::move(fn);
 }
 
 Result<NodeAttr> Filesystem::Lookup(uint64_t parent, std::string_view name) const {
@@ -501,9 +526,12 @@ Status Filesystem::CheckOpen(uint64_t ino, int flags) const {
   if (n->type == NodeType::kDirectory && (flags & O_ACCMODE) != O_RDONLY) {
     return Err(EISDIR, "inode {} is a directory", ino);
   }
-  if (((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC)) && !impl_->IsOverlayIno(ino)) {
+  if (((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC)) && !impl_->IsOverlayIno(ino) &&
+      !impl_->IsTensorIno(ino)) {
     return Err(EROFS, "inode {} is read-only{}", ino,
-               impl_->overlay.writable ? " (only config.yaml can be written)" : "");
+               impl_->overlay.writable
+                   ? " (config.yaml, tensor files and new files can be written)"
+                   : "");
   }
   return Ok();
 }
@@ -514,6 +542,12 @@ Result<ReadPlan> Filesystem::Read(uint64_t ino, uint64_t offset, uint64_t size,
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
   if (n->type == NodeType::kDirectory) return Err(EISDIR, "inode {} is a directory", ino);
   if (n->type != NodeType::kFile) return Err(EINVAL, "inode {} is not a regular file", ino);
+  // A tensor being written, read through a writing handle: its staged bytes.
+  if (n->tensor && impl_->IsTensorIno(ino)) {
+    if (auto staged = impl_->ReadStagedTensor(ino, fh, offset, size); staged) {
+      return std::move(*staged);
+    }
+  }
   if (offset >= n->size) return ReadPlan{};
   size = std::min(size, n->size - offset);
   if (n->data) {
@@ -522,9 +556,12 @@ Result<ReadPlan> Filesystem::Read(uint64_t ino, uint64_t offset, uint64_t size,
     plan.keepalive.push_back(n->data);
     return plan;
   }
-  if (n->tensor) return checkpoint::PlanTensorRead(*n->tensor, *impl_->src, offset, size);
-  if (n->safetensors) return impl_->ReadSafetensors(offset, size);
-  return impl_->src->Plan(n->blob, offset, size);
+  Result<ReadPlan> plan = n->tensor         ? checkpoint::PlanTensorRead(*n->tensor, *impl_->src,
+                                                                         offset, size)
+                          : n->safetensors ? impl_->ReadSafetensors(offset, size)
+                                           : impl_->src->Plan(n->blob, offset, size);
+  if (plan.ok()) impl_->HoldForRead(&*plan);
+  return plan;
 }
 
 Result<std::string> Filesystem::ReadLink(uint64_t ino) const {
@@ -620,7 +657,7 @@ std::vector<std::string> Filesystem::Verify(
     }
   }
   for (const source::Entry* e : zips) {
-    std::string what = src.path() + (src.Kind() == "file" ? "" : ":" + e->path);
+    std::string what = src.path() + (src.storage() == source::Storage::kFile ? "" : ":" + e->path);
     auto range = src.Locate(e->blob);
     if (!range) {
       problems.push_back(range.error().message());

@@ -7,7 +7,11 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <atomic>
+#include <functional>
 #include <set>
+#include <shared_mutex>
+#include <vector>
 #include <string>
 #include <utility>
 
@@ -117,6 +121,41 @@ struct Overlay {
   uint64_t next_fh = 1;
 };
 
+// A tensor file opened for writing (issue 10): its staged bytes as sparse
+// extents over the stored content, shared by its writing handles, until a
+// commit (fsync, close, the last release) patches them into the source.
+struct StagedTensor {
+  const checkpoint::Tensor* tensor = nullptr;
+  // offset -> bytes; non-overlapping. Copied on write while a commit holds them.
+  std::map<uint64_t, std::shared_ptr<std::string>> extents;
+  uint64_t size = 0;        // the file's size as staged
+  uint64_t keep_below = 0;  // stored bytes show below this (a truncate); zeros above
+  bool dirty = false;       // differs from what is stored
+  uint64_t generation = 0;  // bumped by every change
+  int handles = 0;
+  int64_t mtime_sec = 0;  // of the last change
+  uint32_t mtime_nsec = 0;
+};
+
+struct TensorHandle {
+  uint64_t ino = 0;
+  bool wrote = false;  // this handle's close commits
+  std::optional<Error> failed;
+};
+
+// Writes of tensor files (tree/tensor_writes.cc). `mu` guards the maps;
+// `patch_mu` is held exclusively while stored bytes are patched and shared
+// by every read of stored bytes of a writable mount (through the read
+// plan's life), so that a read sees a patch whole or not at all.
+struct TensorWrites {
+  mutable std::mutex mu;
+  std::map<uint64_t, std::shared_ptr<StagedTensor>> staged;  // by inode
+  std::map<uint64_t, TensorHandle> handles;                  // by fh
+  uint64_t next_fh = uint64_t{1} << 62;  // apart from the overlay's handles
+  std::atomic<size_t> staged_count{0};   // staged.size(), read without `mu`
+  mutable std::shared_mutex patch_mu;
+};
+
 struct Filesystem::Impl {
   std::unique_ptr<source::Source> src;
   checkpoint::Catalog catalog;  // tensors the nodes point into; never resized after build
@@ -124,6 +163,10 @@ struct Filesystem::Impl {
   tree::NodeTable nodes;
   CheckpointInfo info;
   Overlay overlay;
+  TensorWrites tensor_writes;
+  // Drops the kernel's cached pages and attributes of nodes (the FUSE
+  // front end's; none elsewhere). Called without any lock held.
+  std::function<void(const std::vector<uint64_t>&)> invalidate;
 
   Result<ReadPlan> ReadSafetensors(uint64_t offset, uint64_t size) const {
     ReadPlan plan;
@@ -189,6 +232,31 @@ struct Filesystem::Impl {
   // where a checkpoint file or another new file (not inode `ignore`) is or
   // will be. `overlay.mu` held.
   Status CheckStorePathLocked(uint64_t dir, std::string_view name, uint64_t ignore) const;
+
+  // ---- tensor_writes.cc
+  // A tensor file of a writable tree (tensors/, optimizer/, ranks/).
+  bool IsTensorIno(uint64_t ino) const {
+    if (!overlay.writable) return false;
+    const tree::Node* n = nodes.Get(ino);
+    return n && n->tensor;
+  }
+  Result<OpenedFile> OpenTensor(uint64_t ino, int flags);
+  Result<uint64_t> WriteTensor(uint64_t ino, uint64_t fh, uint64_t offset, std::string_view data);
+  // The staged bytes, for a handle opened for writing; nullopt: read stored.
+  std::optional<Result<ReadPlan>> ReadStagedTensor(uint64_t ino, uint64_t fh, uint64_t offset,
+                                                   uint64_t size) const;
+  Status FlushTensor(uint64_t ino, uint64_t fh, bool fsync);
+  void ReleaseTensor(uint64_t ino, uint64_t fh);
+  Result<NodeAttr> SetTensorAttr(uint64_t ino, uint64_t fh, const AttrChange& change);
+  // The staged size and time of a tensor being written (else the node's).
+  void StagedAttr(uint64_t ino, NodeAttr* attr) const;
+  Status CommitTensor(uint64_t ino, std::string_view why);
+  // Gives tensor files the write bits their stored files grant.
+  void EnableTensorWrites();
+  // Every node whose bytes come from one of `blobs`.
+  std::vector<uint64_t> NodesOfBlobs(const std::set<uint32_t>& blobs) const;
+  // A shared hold of patch_mu for a read plan of stored bytes (writable only).
+  void HoldForRead(ReadPlan* plan) const;
 
   Result<const tree::Node*> Node(uint64_t ino) const {
     const tree::Node* n = nodes.Get(ino);

@@ -168,16 +168,20 @@ std::vector<std::string> Filesystem::UnstoredTempFiles() const {
 Status Filesystem::Impl::EnableWrites(const write::FileIdentity& identity,
                                       const std::string& config_path, uint64_t root,
                                       uint64_t config_dir, uint64_t config_ino) {
-  if (!config_ino) {
-    info.read_only_reason = "the source has no config to edit";
-    spdlog::info("{}: no config to edit: the tree is read-only", info.source);
-    return Ok();
-  }
-  auto committer = write::ConfigCommitter::Create(*src, config_path, identity);
+  auto committer = write::ConfigCommitter::Create(*src, config_ino ? config_path : "", identity);
   if (!committer) {
     if (committer.error().code() != EROFS) return committer.error();
     info.read_only_reason = committer.error().message();
     spdlog::info("read-only: {}", committer.error().message());
+    return Ok();
+  }
+  if (!config_ino) {
+    // No config: tensor files are the only writable ones.
+    overlay.writable = true;
+    overlay.committer = std::move(*committer);
+    overlay.next_ino = nodes.size() + 1;
+    EnableTensorWrites();
+    spdlog::debug("tensor files are writable: a commit is an in-place patch");
     return Ok();
   }
   const source::Entry* entry = src->Find(config_path);
@@ -209,6 +213,14 @@ void Filesystem::Impl::SetUpWrites(std::unique_ptr<write::ConfigCommitter> commi
   // Write bits as the source grants them (tree/access.h).
   nodes.Get(config_ino)->perm |= nodes.Get(config_ino)->write_perm;
   for (uint64_t dir : o.scratch_dirs) nodes.Get(dir)->perm |= nodes.Get(dir)->write_perm;
+  EnableTensorWrites();
+}
+
+void Filesystem::Impl::EnableTensorWrites() {
+  for (uint64_t ino = 1; ino <= nodes.size(); ++ino) {
+    tree::Node* n = nodes.Get(ino);
+    if (n->tensor) n->perm |= n->write_perm;
+  }
 }
 
 Result<NodeAttr> Filesystem::Impl::OverlayAttr(uint64_t ino) const {
@@ -486,6 +498,7 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
 }
 
 Status Filesystem::Fsync(uint64_t ino, uint64_t fh) {
+  if (impl_->IsTensorIno(ino)) return impl_->FlushTensor(ino, fh, true);
   Overlay& o = impl_->overlay;
   NEMOFS_RETURN_IF_ERROR(Flush(ino, fh));  // the config's commit, or a poisoned handle's error
   if (!impl_->IsOverlayIno(ino) || ino == o.config_ino) return Ok();
@@ -510,6 +523,7 @@ bool Filesystem::Volatile(uint64_t ino) const {
 }
 
 Result<OpenedFile> Filesystem::OpenFile(uint64_t ino, int flags) {
+  if (impl_->IsTensorIno(ino)) return impl_->OpenTensor(ino, flags);
   if (!impl_->IsOverlayIno(ino)) {
     NEMOFS_RETURN_IF_ERROR(CheckOpen(ino, flags));
     return OpenedFile{};
@@ -621,6 +635,7 @@ static Result<OpenHandle*> WriterHandle(Overlay& o, uint64_t ino, uint64_t fh) {
 Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
                                    std::string_view data, int pid) {
   Overlay& o = impl_->overlay;
+  if (impl_->IsTensorIno(ino)) return impl_->WriteTensor(ino, fh, offset, data);
   if (!impl_->IsOverlayIno(ino)) return Err(EROFS, "inode {} is read-only", ino);
   const int tgid = ino == o.config_ino ? ThreadGroupOf(pid) : 0;
   std::lock_guard<std::mutex> lock(o.mu);
@@ -665,6 +680,7 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
 
 Status Filesystem::Flush(uint64_t ino, uint64_t fh, int pid) {
   Overlay& o = impl_->overlay;
+  if (impl_->IsTensorIno(ino)) return impl_->FlushTensor(ino, fh, false);
   if (!impl_->IsOverlayIno(ino)) return Ok();
   const int tgid = ino == o.config_ino ? ThreadGroupOf(pid) : 0;
   if (ino != o.config_ino) {
@@ -705,6 +721,7 @@ Status Filesystem::Flush(uint64_t ino, uint64_t fh, int pid) {
 }
 
 void Filesystem::Release(uint64_t ino, uint64_t fh) {
+  if (impl_->IsTensorIno(ino)) return impl_->ReleaseTensor(ino, fh);
   Overlay& o = impl_->overlay;
   if (!impl_->IsOverlayIno(ino)) return;
   std::lock_guard<std::mutex> lock(o.mu);
@@ -734,6 +751,7 @@ void Filesystem::Release(uint64_t ino, uint64_t fh) {
 }
 
 Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange& change) {
+  if (impl_->IsTensorIno(ino)) return impl_->SetTensorAttr(ino, fh, change);
   Overlay& o = impl_->overlay;
   if (!impl_->IsOverlayIno(ino)) {
     NEMOFS_ASSIGN_OR_RETURN(NodeAttr a, GetAttr(ino));
@@ -741,7 +759,7 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
       return Err(EROFS, "the tree's directories are read-only");
     }
     return Err(EROFS, "inode {} is read-only{}", ino,
-               o.writable ? " (only config.yaml can be written)" : "");
+               o.writable ? " (config.yaml, tensor files and new files can be written)" : "");
   }
   std::string commit_text;
   bool commit_now = false;

@@ -11,11 +11,14 @@
 
 #include <cstring>
 
-#include "source/sources_internal.h"
+#include "source/source.h"
+#include "source/tar_index.h"
 #include "util/atomic_replace.h"
 #include "util/fd.h"
 #include "util/io.h"
 #include "write/fault.h"
+#include "write/journal.h"
+#include "nemofs/source_lock.h"
 #include "write/rewrite.h"
 #include "write/tar_append.h"
 #include "write/tar_writer.h"
@@ -79,10 +82,10 @@ Result<std::unique_ptr<ConfigCommitter>> ConfigCommitter::Create(const source::S
     std::free(real);
     return out;
   };
-  if (const auto* tar = dynamic_cast<const source::TarSource*>(&src)) {
+  if (src.storage() == source::Storage::kPlainTar) {
     c->kind_ = Kind::kPlainTar;
     NEMOFS_ASSIGN_OR_RETURN(c->target_, real_path(src.path()));
-    const source::TarIndex& index = tar->index();
+    const source::TarIndex& index = *src.tar_index();
     const source::TarMember* member = nullptr;
     for (const auto& m : index.members) {
       std::string norm;
@@ -91,27 +94,38 @@ Result<std::unique_ptr<ConfigCommitter>> ConfigCommitter::Create(const source::S
         member = &m;
       }
     }
-    if (!member) return Err(EROFS, "{}: no regular member '{}' to replace", src.path(), config);
-    if (!index.has_end_marker) {
+    if (config.empty()) {
+      // Only in-place patches: no member to supersede, nothing appended.
+    } else if (!member) {
+      return Err(EROFS, "{}: no regular member '{}' to replace", src.path(), config);
+    } else if (!index.has_end_marker) {
       return Err(EROFS,
                  "{}: the archive has no end-of-archive marker, so nothing can be appended "
                  "safely (`nemofs repack` writes a complete copy)",
                  src.path());
     }
-    c->member_name_ = member->name;
-    c->mode_ = member->mode ? member->mode & 07777 : 0644;
+    if (member) {
+      c->member_name_ = member->name;
+      c->mode_ = member->mode ? member->mode & 07777 : 0644;
+      c->member_header_ = member->data_offset - kBlock;  // the ustar header precedes the data
+    }
     c->end_ = index.end_offset;
-    c->member_header_ = member->data_offset - kBlock;  // the ustar header precedes the data
-  } else if (dynamic_cast<const source::ArchiveSource*>(&src)) {
+  } else if (src.storage() == source::Storage::kCompressedTar) {
     c->kind_ = Kind::kCompressedTar;
     NEMOFS_ASSIGN_OR_RETURN(c->target_, real_path(src.path()));
     c->filter_ = src.Kind();
-  } else if (const auto* dir = dynamic_cast<const source::DirectorySource*>(&src)) {
+  } else if (src.storage() == source::Storage::kFolder) {
     c->kind_ = Kind::kFolder;
     NEMOFS_ASSIGN_OR_RETURN(c->folder_root_, real_path(src.path()));
-    c->folder_root_fd_ = UniqueFd(::fcntl(dir->root_fd(), F_DUPFD_CLOEXEC, 0));
+    c->folder_root_fd_ = UniqueFd(::fcntl(src.folder_fd(), F_DUPFD_CLOEXEC, 0));
     if (!c->folder_root_fd_.valid()) {
       return Err(errno, "{}: {}", c->folder_root_, std::strerror(errno));
+    }
+    if (config.empty()) {
+      c->target_ = c->folder_root_;
+      std::string why = WhyReadOnly(c->target_, true);
+      if (!why.empty()) return Err(EROFS, "{}", why);
+      return c;
     }
     NEMOFS_ASSIGN_OR_RETURN(c->target_, real_path(src.path() + "/" + config));
     // Commits write relative to the folder's descriptor: the config (a link
@@ -125,10 +139,14 @@ Result<std::unique_ptr<ConfigCommitter>> ConfigCommitter::Create(const source::S
     NEMOFS_ASSIGN_OR_RETURN(struct stat st, Stat(c->target_));
     c->identity_ = FromStat(st);
     c->mode_ = st.st_mode & 07777;
+  } else if (src.storage() == source::Storage::kFile && config.empty()) {
+    c->kind_ = Kind::kFile;
+    NEMOFS_ASSIGN_OR_RETURN(c->target_, real_path(src.path()));
   } else {
     return Err(EROFS, "{}: a {} source has no config to write", src.path(), src.Kind());
   }
-  std::string why = WhyReadOnly(c->target_, c->kind_ != Kind::kPlainTar);
+  // The journal of a patch goes beside a file source (write/journal.h).
+  std::string why = WhyReadOnly(c->target_, c->kind_ != Kind::kPlainTar || config.empty());
   if (!why.empty()) return Err(EROFS, "{}", why);
   return c;
 }
@@ -141,6 +159,8 @@ std::string ConfigCommitter::Describe() const {
       return "rewrite of the " + filter_;
     case Kind::kFolder:
       return "file replace in the folder";
+    case Kind::kFile:
+      return "in-place patch of the file";
   }
   return "";
 }
@@ -168,8 +188,10 @@ Status ConfigCommitter::Commit(const std::string& text, const struct timespec& m
       NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
       return Ok();
     }
+    case Kind::kFile:
+      break;
   }
-  return Err(EINVAL, "unknown commit kind");
+  return Err(EROFS, "{}: has no config to write", target_);
 }
 
 Status ConfigCommitter::CommitPlainTar(const std::string& text, int64_t mtime) {
@@ -311,6 +333,8 @@ Status ConfigCommitter::StoreFiles(const std::vector<NewFile>& files,
       NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
       return Ok();
     }
+    case Kind::kFile:
+      return Err(EROFS, "{}: new files cannot be stored in a single-file checkpoint", target_);
     case Kind::kFolder: {
       struct stat root_st {};
       if (::fstat(folder_root_fd_.get(), &root_st) != 0) {
@@ -337,6 +361,102 @@ Status ConfigCommitter::StoreFiles(const std::vector<NewFile>& files,
     }
   }
   return Err(EINVAL, "unknown commit kind");
+}
+
+Status ConfigCommitter::PatchInPlace(const std::vector<Patch>& data,
+                                     const std::vector<Patch>& meta) {
+  if (data.empty() && meta.empty()) return Ok();
+  PatchRoot root;
+  UniqueFd dir;
+  std::string file_name;  // the source file's name in `dir` (file kinds)
+  switch (kind_) {
+    case Kind::kCompressedTar:
+      return Err(EROFS, "{}: a compressed archive cannot be patched in place", target_);
+    case Kind::kFolder: {
+      NEMOFS_ASSIGN_OR_RETURN(dir, OpenFolder("", false));
+      root.shown_dir = folder_root_;
+      root.journal_name = std::string(source::kFolderJournalName);
+      break;
+    }
+    case Kind::kPlainTar:
+    case Kind::kFile: {
+      NEMOFS_ASSIGN_OR_RETURN(FileIdentity now, IdentityOf(target_));
+      NEMOFS_RETURN_IF_ERROR(CheckIdentity(now));
+      root.shown_dir = DirOf(target_);
+      dir = UniqueFd(::open(root.shown_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+      if (!dir.valid()) {
+        return Err(errno, "{}: cannot open the folder: {}", root.shown_dir, std::strerror(errno));
+      }
+      file_name = BaseOf(target_);
+      root.journal_name = file_name + std::string(source::kJournalSuffix);
+      break;
+    }
+  }
+  root.dir_fd = dir.get();
+  auto regions = [&](const std::vector<Patch>& patches) {
+    std::vector<Region> out;
+    out.reserve(patches.size());
+    for (const auto& p : patches) {
+      out.push_back(Region{p.file.empty() ? file_name : p.file, p.offset, p.bytes});
+    }
+    return out;
+  };
+  Status st = ApplyPatch(root, regions(data), regions(meta));
+  if (kind_ != Kind::kFolder) {
+    // Our own change of the file (its mtime) is not someone else's.
+    if (auto now = IdentityOf(target_); now.ok()) identity_ = *now;
+  }
+  return st;
+}
+
+Result<std::string> RollBackInterruptedPatch(const std::string& source_path, bool may_write,
+                                             bool lock_held) {
+  NEMOFS_ASSIGN_OR_RETURN(struct stat st, Stat(source_path));
+  char* real = ::realpath(source_path.c_str(), nullptr);
+  if (!real) return Err(errno, "{}: {}", source_path, std::strerror(errno));
+  const std::string path = real;
+  std::free(real);
+  PatchRoot root;
+  if (S_ISDIR(st.st_mode)) {
+    root.shown_dir = path;
+    root.journal_name = std::string(source::kFolderJournalName);
+  } else {
+    root.shown_dir = DirOf(path);
+    root.journal_name = BaseOf(path) + std::string(source::kJournalSuffix);
+  }
+  UniqueFd dir(::open(root.shown_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir.valid()) {
+    return Err(errno, "{}: cannot open the folder: {}", root.shown_dir, std::strerror(errno));
+  }
+  root.dir_fd = dir.get();
+  NEMOFS_ASSIGN_OR_RETURN(bool hot, HasHotJournal(root));
+  if (!hot) return std::string();
+  const std::string journal = root.shown_dir + "/" + root.journal_name;
+  std::string why = may_write ? WhyReadOnly(path, true) : "it was opened read-only";
+  if (!why.empty()) {
+    return Err(EROFS,
+               "{}: a write into it was interrupted (hot journal {}) and must be rolled back "
+               "before it can be read, but {}. Run `nemofs verify {}` as a user who can write it "
+               "(or mount it without -o ro) to roll it back.",
+               source_path, journal, why, source_path);
+  }
+  std::unique_ptr<SourceLock> lock;
+  if (!lock_held) {
+    auto locked = SourceLock::Acquire(path);
+    if (locked) {
+      lock = std::move(locked).value();
+    } else if (locked.error().code() == EBUSY) {
+      spdlog::warn("{}: a write into it is in progress ({}); reading it meanwhile may show part "
+                   "of that write",
+                   source_path, locked.error().message());
+      return std::string();
+    }  // a lock that cannot be taken here at all (NFS): nobody else can hold it either
+  }
+  NEMOFS_ASSIGN_OR_RETURN(std::string done, RollBackHotJournal(root));
+  std::string msg = fmt::format("{}: an interrupted write was rolled back ({}): {}", source_path,
+                                journal, done);
+  spdlog::warn("{}", msg);
+  return msg;
 }
 
 }  // namespace nemofs::write

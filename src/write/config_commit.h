@@ -41,9 +41,10 @@ struct FileIdentity {
 
 class ConfigCommitter {
  public:
-  enum class Kind { kPlainTar, kCompressedTar, kFolder };
+  enum class Kind { kPlainTar, kCompressedTar, kFolder, kFile };
 
-  // For the config at normalised path `config` of `src`. `identity` is the
+  // For the config at normalised path `config` of `src` ("" for a source
+  // without one: only its stored bytes can be patched). `identity` is the
   // identity of the source path taken before `src` was opened (for folders
   // it is ignored: the config file's own identity is taken here). Fails
   // with EROFS when the source cannot be written (the reason in the message).
@@ -76,6 +77,23 @@ class ConfigCommitter {
   // (a file there that an earlier store did not write is EEXIST).
   Status StoreFiles(const std::vector<NewFile>& files,
                     const std::function<void(uint64_t, uint64_t)>& progress);
+
+  // One same-size change of stored bytes (tensor writes): `bytes` at
+  // `offset` of `file` (source::StoredPlace: relative to the source folder,
+  // "" = the source file itself).
+  struct Patch {
+    std::string file;
+    uint64_t offset = 0;
+    std::string bytes;
+  };
+  // Patches the stored files in place under a rollback journal
+  // (write/journal.h): `data` first, then `meta` (the CRC-32 fields of the
+  // zip records the data is in). Refused with ESTALE when the source file
+  // changed behind the mount. On failure the files are as before (or a hot
+  // journal is left that the next open rolls back; the error says so).
+  Status PatchInPlace(const std::vector<Patch>& data, const std::vector<Patch>& meta);
+  // Whether the config can be committed (false for a source without one).
+  bool has_config() const { return !config_.empty(); }
 
   Kind kind() const { return kind_; }
   // "append to plain tar", "rewrite of the gzip tar", "file replace in folder".
@@ -114,6 +132,18 @@ class ConfigCommitter {
   std::string config_rel_;   // folder: the config file, relative to the folder
   FileIdentity identity_;
 };
+
+// The hook every open of a source runs first (mount, ls, cat, info,
+// verify, repack): a hot journal beside/inside `source_path` (a crash
+// interrupted an in-place patch) is rolled back and "" or a message saying
+// what was done is returned (also logged). Without `may_write` (-o ro), or
+// when the source cannot be written, a hot journal is EROFS with a message
+// saying what to run.
+// The rollback takes the source lock (nemofs/source_lock.h) unless
+// `lock_held` (the caller, a writable mount, holds it); when a writable
+// mount holds it, its own write may be in progress: nothing is done.
+Result<std::string> RollBackInterruptedPatch(const std::string& source_path, bool may_write,
+                                             bool lock_held);
 
 // Identity of `path` (following symlinks).
 Result<FileIdentity> IdentityOf(const std::string& path);

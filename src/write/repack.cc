@@ -12,6 +12,7 @@
 #include "util/atomic_replace.h"
 #include "util/fd.h"
 #include "util/io.h"
+#include "write/config_commit.h"
 #include "write/fault.h"
 #include "write/tar_writer.h"
 
@@ -53,11 +54,13 @@ Result<RepackStats> Repack(const std::string& source, const std::string& out,
                            const std::string& cache_dir,
                            const std::function<void(uint64_t, uint64_t)>& progress,
                            uint64_t cache_max) {
+  // The hot-journal hook (the caller, `nemofs repack`, holds the source lock).
+  if (auto rolled = RollBackInterruptedPatch(source, true, true); !rolled) return rolled.error();
   source::OpenOptions so;
   so.cache_dir = cache_dir;
   so.cache_max = cache_max;
   NEMOFS_ASSIGN_OR_RETURN(auto src, source::OpenSource(source, so));
-  if (src->Kind() == "directory" || src->Kind() == "file") {
+  if (src->storage() == source::Storage::kFolder || src->storage() == source::Storage::kFile) {
     return Err(EINVAL, "{}: repack rewrites tar archives (.nemo); this is a {}", source,
                src->Kind());
   }

@@ -80,7 +80,7 @@ std::string PaxRecord(const std::string& key, const std::string& value) {
 
 void Pad(std::string* s, uint64_t to) { s->append((to - s->size() % to) % to, '\0'); }
 
-Status PwriteFull(int fd, const std::string& bytes, uint64_t offset, const std::string& what) {
+Status PwriteFull(int fd, std::string_view bytes, uint64_t offset, std::string_view what) {
   size_t done = 0;
   while (done < bytes.size()) {
     ssize_t n =

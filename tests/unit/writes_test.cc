@@ -411,13 +411,28 @@ TEST_F(WritableFs, ScratchFilesAreLimitedTo64MiBEach256MiBAnd10000Files) {
   EXPECT_EQ(files + 6, 10000);  // besides big~, s0 (again), s1..s4 (s4 created, not filled)
 }
 
-TEST(ReadOnlyFs, ASourceWithoutAConfigOrOnAReadOnlyFileSystemOpensReadOnly) {
+TEST(ReadOnlyFs, ASourceWithoutAConfigWritesTensorsOnlyOneOnAReadOnlyFileSystemNothing) {
   FilesystemOptions o;
-  o.source = TestData("torch/dtypes.pt");
+  TempDir copy;
+  ASSERT_EQ(Sh("cp " + ShellQuote(TestData("torch/dtypes.pt")) + " " +
+               ShellQuote(copy.Join("d.pt")))
+                .exit_code,
+            0);
+  o.source = copy.Join("d.pt");
   o.writable = true;
   auto fs = Filesystem::Open(o);
   ASSERT_TRUE(fs.ok());
-  EXPECT_FALSE((*fs)->writable());
+  EXPECT_TRUE((*fs)->writable());  // its tensor files
+  auto created = (*fs)->Create(Filesystem::kRootIno, "notes.txt", 0644, O_WRONLY);
+  EXPECT_FALSE(created.ok()) << "no new files beside a single-file checkpoint";
+  auto tensors = (*fs)->Resolve("tensors");
+  ASSERT_TRUE(tensors.ok());
+  uint64_t first = 0;
+  ASSERT_TRUE((*fs)->ReadDir(*tensors, 0, [&](const DirEntry& e, uint64_t) {
+                      first = e.ino;
+                      return false;
+                    }).ok());
+  EXPECT_TRUE((*fs)->CheckOpen(first, O_WRONLY).ok());
 
   TempDir dir;
   std::string mnt = dir.Join("ro");

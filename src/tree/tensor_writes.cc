@@ -1,0 +1,512 @@
+// Tensor files written through the tree (issue 10, DESIGN.md §4): staged
+// per inode as sparse extents, committed at fsync, close or the last
+// release as an in-place patch of the stored bytes under a rollback
+// journal, with the CRC-32 of every enclosing zip record updated from the
+// old and new bytes alone.
+#include <fcntl.h>
+#include <time.h>
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "checkpoint/tensor.h"
+#include "tree/filesystem_impl.h"
+#include "util/io.h"
+#include "write/crc_patch.h"
+
+namespace nemofs {
+namespace {
+
+constexpr uint64_t kZeroChunk = 1 << 20;
+
+const std::shared_ptr<const std::string>& Zeros() {
+  static const auto zeros = std::make_shared<const std::string>(kZeroChunk, '\0');
+  return zeros;
+}
+
+struct timespec NowTs() {
+  struct timespec ts {};
+  ::clock_gettime(CLOCK_REALTIME, &ts);
+  return ts;
+}
+
+// How far a tensor file may grow while staged: a wrong-size rewrite is
+// EINVAL at its commit, not EFBIG on the way, unless it is absurd.
+uint64_t MaxStaged(uint64_t nbytes) { return 2 * nbytes + (64u << 20); }
+
+// Why the tensor cannot be patched in place ("" if it can).
+std::string WhyNotWritable(const checkpoint::Tensor& t, const source::Source& src) {
+  for (const auto& c : t.chunks) {
+    if (c.lazy) return "a chunk of it is stored compressed";
+    if (!c.fill.empty()) return "a chunk of it was never written (zarr fill value)";
+    if (c.blob == source::kNoBlob) return c.missing.empty() ? "its bytes are missing" : c.missing;
+    auto place = src.PlaceOf(c.blob);
+    if (!place) return place.error().message();
+  }
+  return "";
+}
+
+// Puts `data` at `offset` into the extents, merging what it overlaps or
+// touches. An append to the extent it continues (cp, dd) is amortised O(n).
+void AddExtent(StagedTensor& s, uint64_t offset, std::string_view data) {
+  auto& ex = s.extents;
+  const uint64_t end = offset + data.size();
+  auto it = ex.upper_bound(offset);
+  if (it != ex.begin()) {
+    auto prev = std::prev(it);
+    if (prev->first + prev->second->size() >= offset) it = prev;
+  }
+  if (it == ex.end() || it->first > end) {
+    ex.emplace(offset, std::make_shared<std::string>(data));
+    return;
+  }
+  // Fast path: extends one extent at its end (nothing after it to merge).
+  auto next = std::next(it);
+  if (it->first <= offset && (next == ex.end() || next->first > end) &&
+      it->second.use_count() == 1) {
+    std::string& b = *it->second;
+    const uint64_t at = offset - it->first;
+    if (at + data.size() > b.size()) b.resize(at + data.size());
+    std::memcpy(b.data() + at, data.data(), data.size());
+    return;
+  }
+  // General: one new extent from the first to the last one it touches.
+  const uint64_t start = std::min(it->first, offset);
+  uint64_t stop = end;
+  auto last = it;
+  for (auto j = it; j != ex.end() && j->first <= end; ++j) {
+    stop = std::max(stop, j->first + j->second->size());
+    last = j;
+  }
+  auto merged = std::make_shared<std::string>(stop - start, '\0');
+  for (auto j = it;; ++j) {
+    std::memcpy(merged->data() + (j->first - start), j->second->data(), j->second->size());
+    if (j == last) break;
+  }
+  std::memcpy(merged->data() + (offset - start), data.data(), data.size());
+  ex.erase(it, std::next(last));
+  ex.emplace(start, std::move(merged));
+}
+
+// Drops everything at and past `size` (a truncate).
+void TruncateExtents(StagedTensor& s, uint64_t size) {
+  auto& ex = s.extents;
+  auto it = ex.lower_bound(size);
+  ex.erase(it, ex.end());
+  if (!ex.empty()) {
+    auto last = std::prev(ex.end());
+    if (last->first + last->second->size() > size) {
+      auto cut = std::make_shared<std::string>(*last->second, 0, size - last->first);
+      last->second = std::move(cut);
+    }
+  }
+  s.keep_below = std::min(s.keep_below, size);
+  s.size = size;
+}
+
+uint32_t Le32(const char* p) {
+  const auto* u = reinterpret_cast<const unsigned char*>(p);
+  return uint32_t{u[0]} | uint32_t{u[1]} << 8 | uint32_t{u[2]} << 16 | uint32_t{u[3]} << 24;
+}
+std::string Le32Bytes(uint32_t v) {
+  std::string b(4, '\0');
+  for (int i = 0; i < 4; ++i) b[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+  return b;
+}
+
+}  // namespace
+
+void Filesystem::Impl::HoldForRead(ReadPlan* plan) const {
+  if (!overlay.writable) return;
+  auto hold = std::make_shared<std::shared_lock<std::shared_mutex>>(tensor_writes.patch_mu);
+  plan->keepalive.push_back(std::move(hold));
+}
+
+Result<OpenedFile> Filesystem::Impl::OpenTensor(uint64_t ino, int flags) {
+  const tree::Node* n = nodes.Get(ino);
+  const bool write = (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC);
+  if (!write) return OpenedFile{};
+  if (!(n->perm & 0222)) {
+    return Err(EROFS, "tensor {} is read-only: {}", n->tensor->key,
+               info.read_only_reason.empty() ? "its files have no write permission"
+                                             : info.read_only_reason);
+  }
+  if (std::string why = WhyNotWritable(*n->tensor, *src); !why.empty()) {
+    return Err(EROFS, "tensor {} cannot be written in place: {}", n->tensor->key, why);
+  }
+  TensorWrites& w = tensor_writes;
+  std::lock_guard<std::mutex> lock(w.mu);
+  auto& staged = w.staged[ino];
+  if (!staged) {
+    staged = std::make_shared<StagedTensor>();
+    staged->tensor = n->tensor;
+    staged->size = n->tensor->nbytes();
+    staged->keep_below = staged->size;
+    staged->mtime_sec = n->mtime_sec;
+    staged->mtime_nsec = n->mtime_nsec;
+    w.staged_count.store(w.staged.size());
+  }
+  TensorHandle h;
+  h.ino = ino;
+  if (flags & O_TRUNC) {
+    TruncateExtents(*staged, 0);
+    staged->dirty = true;
+    ++staged->generation;
+    h.wrote = true;
+  }
+  ++staged->handles;
+  uint64_t fh = w.next_fh++;
+  w.handles.emplace(fh, h);
+  return OpenedFile{fh, false};
+}
+
+Result<uint64_t> Filesystem::Impl::WriteTensor(uint64_t ino, uint64_t fh, uint64_t offset,
+                                               std::string_view data) {
+  TensorWrites& w = tensor_writes;
+  std::lock_guard<std::mutex> lock(w.mu);
+  auto h = w.handles.find(fh);
+  if (h == w.handles.end() || h->second.ino != ino) {
+    return Err(EBADF, "handle {} was not opened for writing on inode {}", fh, ino);
+  }
+  if (h->second.failed) return *h->second.failed;
+  StagedTensor& s = *w.staged.at(ino);
+  const uint64_t nbytes = s.tensor->nbytes();
+  if (offset + data.size() > MaxStaged(nbytes) || offset + data.size() < offset) {
+    Error e(EFBIG, fmt::format("tensor {} has {} bytes; a write up to byte {} cannot be staged "
+                               "(changing a tensor's size is not supported)",
+                               s.tensor->key, nbytes, offset + data.size()));
+    h->second.failed = e;
+    return e;
+  }
+  if (data.empty()) return 0;
+  if (offset > s.size) {
+    // A hole past the end reads as zeros: past keep_below already.
+    s.keep_below = std::min(s.keep_below, s.size);
+  }
+  AddExtent(s, offset, data);
+  s.size = std::max(s.size, offset + data.size());
+  s.dirty = true;
+  ++s.generation;
+  struct timespec now = NowTs();
+  s.mtime_sec = now.tv_sec;
+  s.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+  h->second.wrote = true;
+  return data.size();
+}
+
+std::optional<Result<ReadPlan>> Filesystem::Impl::ReadStagedTensor(uint64_t ino, uint64_t fh,
+                                                                   uint64_t offset,
+                                                                   uint64_t size) const {
+  if (tensor_writes.staged_count.load() == 0) return std::nullopt;
+  std::shared_ptr<StagedTensor> s;
+  std::map<uint64_t, std::shared_ptr<std::string>> extents;
+  uint64_t fsize = 0, keep = 0;
+  {
+    std::lock_guard<std::mutex> lock(tensor_writes.mu);
+    if (!tensor_writes.handles.count(fh)) return std::nullopt;  // a reader: the stored bytes
+    auto it = tensor_writes.staged.find(ino);
+    if (it == tensor_writes.staged.end()) return std::nullopt;
+    s = it->second;
+    fsize = s->size;
+    keep = s->keep_below;
+    // Only the extents the read touches (shared, not copied).
+    auto e = s->extents.upper_bound(offset);
+    if (e != s->extents.begin()) --e;
+    for (; e != s->extents.end() && e->first < offset + size; ++e) extents.insert(*e);
+  }
+  ReadPlan plan;
+  if (offset >= fsize) return plan;
+  const uint64_t end = std::min(fsize, offset + size);
+  uint64_t p = offset;
+  auto add_stored_or_zero = [&](uint64_t from, uint64_t to) -> Status {
+    if (from < keep) {
+      uint64_t stop = std::min(to, keep);
+      NEMOFS_ASSIGN_OR_RETURN(ReadPlan part,
+                              checkpoint::PlanTensorRead(*s->tensor, *src, from, stop - from));
+      for (const auto& piece : part.pieces) {
+        if (piece.fd >= 0) {
+          plan.AddFd(piece.fd, piece.offset, piece.length);
+        } else {
+          plan.AddMemory(piece.data, piece.length);
+        }
+      }
+      plan.keepalive.insert(plan.keepalive.end(), part.keepalive.begin(), part.keepalive.end());
+      from = stop;
+    }
+    while (from < to) {
+      uint64_t n = std::min<uint64_t>(to - from, kZeroChunk);
+      plan.AddMemory(Zeros()->data(), n);
+      from += n;
+    }
+    if (to > offset) plan.keepalive.push_back(Zeros());
+    return Ok();
+  };
+  for (const auto& [at, bytes] : extents) {
+    const uint64_t e_end = at + bytes->size();
+    if (e_end <= p) continue;
+    if (at >= end) break;
+    if (at > p) {
+      if (Status st = add_stored_or_zero(p, at); !st.ok()) return Result<ReadPlan>(st.error());
+      p = at;
+    }
+    const uint64_t stop = std::min(end, e_end);
+    plan.AddMemory(bytes->data() + (p - at), stop - p);
+    plan.keepalive.push_back(bytes);
+    p = stop;
+  }
+  if (p < end) {
+    if (Status st = add_stored_or_zero(p, end); !st.ok()) return Result<ReadPlan>(st.error());
+  }
+  HoldForRead(&plan);
+  return plan;
+}
+
+void Filesystem::Impl::StagedAttr(uint64_t ino, NodeAttr* attr) const {
+  if (tensor_writes.staged_count.load() == 0) return;
+  std::lock_guard<std::mutex> lock(tensor_writes.mu);
+  auto it = tensor_writes.staged.find(ino);
+  if (it == tensor_writes.staged.end()) return;
+  attr->size = it->second->size;
+  if (it->second->dirty) {
+    attr->mtime_sec = it->second->mtime_sec;
+    attr->mtime_nsec = it->second->mtime_nsec;
+  }
+}
+
+Result<NodeAttr> Filesystem::Impl::SetTensorAttr(uint64_t ino, uint64_t fh,
+                                                 const AttrChange& change) {
+  const tree::Node* n = nodes.Get(ino);
+  if (change.set_mode) {
+    return Err(EPERM, "tensor {}: the mode of a tensor file cannot be changed", n->tensor->key);
+  }
+  if (change.set_size) {
+    bool commit_now = false;
+    {
+      std::lock_guard<std::mutex> lock(tensor_writes.mu);
+      auto it = tensor_writes.staged.find(ino);
+      if (it == tensor_writes.staged.end()) {
+        // truncate(2) by path with no descriptor open: to the same size it
+        // changes nothing; any other size cannot be committed.
+        if (change.size != n->tensor->nbytes()) {
+          return Err(EINVAL, "tensor {} has {} bytes; it cannot be truncated to {} (changing a "
+                             "tensor's size is not supported)",
+                     n->tensor->key, n->tensor->nbytes(), change.size);
+        }
+      } else {
+        StagedTensor& s = *it->second;
+        if (change.size > MaxStaged(s.tensor->nbytes())) {
+          return Err(EFBIG, "tensor {} has {} bytes; {} cannot be staged", s.tensor->key,
+                     s.tensor->nbytes(), change.size);
+        }
+        if (change.size < s.size) {
+          TruncateExtents(s, change.size);
+        } else {
+          s.keep_below = std::min(s.keep_below, s.size);
+          s.size = change.size;
+        }
+        s.dirty = true;
+        ++s.generation;
+        if (auto h = tensor_writes.handles.find(fh); h != tensor_writes.handles.end()) {
+          h->second.wrote = true;
+        }
+        commit_now = s.handles == 0;
+      }
+    }
+    if (commit_now) NEMOFS_RETURN_IF_ERROR(CommitTensor(ino, "on truncate"));
+  }
+  NodeAttr a = Attr(ino, *n);
+  StagedAttr(ino, &a);
+  return a;
+}
+
+Status Filesystem::Impl::FlushTensor(uint64_t ino, uint64_t fh, bool fsync) {
+  {
+    std::lock_guard<std::mutex> lock(tensor_writes.mu);
+    auto h = tensor_writes.handles.find(fh);
+    if (h == tensor_writes.handles.end()) return Ok();  // a reader
+    if (h->second.failed) {
+      return Err(h->second.failed->code(), "tensor not saved: a write on this descriptor failed "
+                 "({})", h->second.failed->message());
+    }
+    if (!fsync && !h->second.wrote) return Ok();
+  }
+  return CommitTensor(ino, fsync ? "on fsync" : "on close");
+}
+
+void Filesystem::Impl::ReleaseTensor(uint64_t ino, uint64_t fh) {
+  bool last = false;
+  {
+    std::lock_guard<std::mutex> lock(tensor_writes.mu);
+    auto h = tensor_writes.handles.find(fh);
+    if (h == tensor_writes.handles.end()) return;
+    tensor_writes.handles.erase(h);
+    auto it = tensor_writes.staged.find(ino);
+    if (it == tensor_writes.staged.end()) return;
+    last = --it->second->handles == 0;
+  }
+  if (!last) return;
+  // Writes through a shared mapping can come after the last close: what
+  // is still staged is committed now (the error only logged: nobody is
+  // left to tell), then the staging is dropped.
+  Status st = CommitTensor(ino, "at the last release");
+  if (!st.ok()) {
+    spdlog::error("tensor {}: the staged write is dropped: {}", nodes.Get(ino)->tensor->key,
+                  st.error().message());
+  }
+  {
+    std::lock_guard<std::mutex> lock(tensor_writes.mu);
+    auto it = tensor_writes.staged.find(ino);
+    if (it != tensor_writes.staged.end() && it->second->handles == 0) {
+      tensor_writes.staged.erase(it);
+      tensor_writes.staged_count.store(tensor_writes.staged.size());
+    }
+  }
+  if (invalidate) invalidate({ino});  // the kernel's pages of the staged bytes
+}
+
+std::vector<uint64_t> Filesystem::Impl::NodesOfBlobs(const std::set<uint32_t>& blobs) const {
+  std::vector<uint64_t> out;
+  for (uint64_t ino = 1; ino <= nodes.size(); ++ino) {
+    const tree::Node* n = nodes.Get(ino);
+    if (n->type != NodeType::kFile) continue;
+    bool hit = n->safetensors || (n->blob != source::kNoBlob && blobs.count(n->blob));
+    if (!hit && n->tensor) {
+      for (const auto& c : n->tensor->chunks) hit = hit || blobs.count(c.blob);
+    }
+    if (hit) out.push_back(ino);
+  }
+  return out;
+}
+
+Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
+  const checkpoint::Tensor& t = *nodes.Get(ino)->tensor;
+  std::lock_guard<std::mutex> commit(overlay.commit_mu);
+  std::map<uint64_t, std::shared_ptr<std::string>> extents;
+  uint64_t size = 0, keep = 0, generation = 0;
+  {
+    std::lock_guard<std::mutex> lock(tensor_writes.mu);
+    auto it = tensor_writes.staged.find(ino);
+    if (it == tensor_writes.staged.end() || !it->second->dirty) return Ok();
+    const StagedTensor& s = *it->second;
+    extents = s.extents;  // shared: a write meanwhile copies the extent it changes
+    size = s.size;
+    keep = s.keep_below;
+    generation = s.generation;
+  }
+  const uint64_t nbytes = t.nbytes();
+  const std::string shown = fmt::format("tensor {}", t.key);
+  if (size != nbytes) {
+    std::string shape;
+    for (int64_t d : t.shape) shape += (shape.empty() ? "" : "x") + std::to_string(d);
+    return Err(EINVAL,
+               "tensor {}: the file has {} bytes, the tensor {} ({} [{}]); nothing written "
+               "(changing a tensor's size or shape is not supported)",
+               t.key, size, nbytes, torch::Info(t.dtype).name, shape);
+  }
+  // What changes: the extents, and zeros where a truncate left a hole.
+  std::vector<std::pair<uint64_t, std::shared_ptr<const std::string>>> ranges;
+  uint64_t p = keep;
+  for (const auto& [at, bytes] : extents) {
+    while (p < at && p < nbytes) {
+      uint64_t n = std::min(at, nbytes) - p;
+      ranges.emplace_back(p, std::make_shared<const std::string>(n, '\0'));
+      p += n;
+    }
+    ranges.emplace_back(at, bytes);
+    p = std::max(p, at + bytes->size());
+  }
+  if (p < nbytes) ranges.emplace_back(p, std::make_shared<const std::string>(nbytes - p, '\0'));
+  std::sort(ranges.begin(), ranges.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+
+  // Tensor bytes -> stored bytes (the read plan's map, scattered).
+  std::vector<checkpoint::BlobWrite> writes;
+  for (const auto& [at, bytes] : ranges) {
+    NEMOFS_ASSIGN_OR_RETURN(auto part, checkpoint::PlanTensorWrite(t, at, *bytes));
+    for (auto& w : part) writes.push_back(std::move(w));
+  }
+  std::vector<write::ConfigCommitter::Patch> data, meta;
+  std::set<uint32_t> blobs;
+  // CRC fields: (file, offset) -> current value, patched write by write.
+  std::map<std::pair<std::string, uint64_t>, uint32_t> crcs;
+  uint64_t changed = 0;
+  for (auto& w : writes) {
+    NEMOFS_ASSIGN_OR_RETURN(source::StoredPlace place, src->PlaceOf(w.blob));
+    NEMOFS_ASSIGN_OR_RETURN(source::FileRange range, src->Locate(w.blob));
+    if (w.offset + w.bytes.size() > range.length) {
+      return Err(EIO, "{}: a write past the end of its stored file", shown);
+    }
+    std::string old(w.bytes.size(), '\0');
+    NEMOFS_RETURN_IF_ERROR(
+        PreadFull(range.fd, old.data(), old.size(), range.offset + w.offset, info.source));
+    if (old == w.bytes) continue;  // nothing to patch
+    // The zip record the bytes lie in (a chunk of this tensor in that blob).
+    const torch::ZipRecordPos* rec = nullptr;
+    for (const auto& c : t.chunks) {
+      if (c.blob == w.blob && c.record.present && c.record.data <= w.offset &&
+          w.offset + w.bytes.size() <= c.record.data + c.record.size) {
+        rec = &c.record;
+        break;
+      }
+    }
+    if (rec) {
+      // The fields holding the record's CRC-32 (FORMATS.md §3.4): the
+      // central directory's, the data descriptor's, and the local
+      // header's when no descriptor follows. A 0 (not computed) stays 0.
+      std::vector<uint64_t> fields{rec->central + 16};
+      if (rec->flags & 0x8) {
+        char sig[4];
+        NEMOFS_RETURN_IF_ERROR(PreadFull(range.fd, sig, 4,
+                                         range.offset + rec->data + rec->size, info.source));
+        fields.push_back(rec->data + rec->size + (Le32(sig) == 0x08074b50 ? 4 : 0));
+      } else {
+        fields.push_back(rec->local_header + 14);
+      }
+      for (uint64_t f : fields) {
+        auto key = std::make_pair(place.file, place.offset + f);
+        auto it = crcs.find(key);
+        if (it == crcs.end()) {
+          char b[4];
+          NEMOFS_RETURN_IF_ERROR(PreadFull(range.fd, b, 4, range.offset + f, info.source));
+          it = crcs.emplace(key, Le32(b)).first;
+        }
+        if (it->second != 0) {
+          it->second = write::Crc32Patch(it->second, rec->size, w.offset - rec->data, old,
+                                         w.bytes);
+        }
+      }
+    }
+    changed += w.bytes.size();
+    blobs.insert(w.blob);
+    data.push_back({place.file, place.offset + w.offset, std::move(w.bytes)});
+  }
+  for (const auto& [key, value] : crcs) {
+    if (value != 0) meta.push_back({key.first, key.second, Le32Bytes(value)});
+  }
+  spdlog::info("{}: {} bytes changed in {} region(s), {} CRC field(s) {}", shown, changed,
+               data.size(), meta.size(), why);
+  Status st = Ok();
+  if (!data.empty()) {
+    std::unique_lock<std::shared_mutex> hold(tensor_writes.patch_mu);
+    st = overlay.committer->PatchInPlace(data, meta);
+  }
+  if (!st.ok()) {
+    return Err(st.error().code(), "{} not saved: {}", shown, st.error().message());
+  }
+  {
+    std::lock_guard<std::mutex> lock(tensor_writes.mu);
+    auto it = tensor_writes.staged.find(ino);
+    if (it != tensor_writes.staged.end() && it->second->generation == generation) {
+      StagedTensor& s = *it->second;
+      s.extents.clear();
+      s.keep_below = s.size;
+      s.dirty = false;
+    }
+  }
+  if (invalidate && !blobs.empty()) invalidate(NodesOfBlobs(blobs));
+  return Ok();
+}
+
+}  // namespace nemofs

@@ -1,0 +1,260 @@
+#!/usr/bin/python3
+"""Writes tensors through a writable nemofs mount, then checks the result.
+
+    check_tensor_writes.py write MOUNT STATE METHOD [--all]
+    check_tensor_writes.py check MOUNT STATE SOURCE [--expect old|new]
+
+`write` picks tensor files of MOUNT (the largest and the smallest non-empty
+file of tensors/ and optimizer/; every one with --all; ranks/ files alias
+the merged tensors/ ones and are checked through torch.load of the ranks),
+computes new bytes (each byte of a span XOR 0x01: valid for every dtype,
+bool included) and writes them with METHOD:
+  pwrite  os.pwrite of a span in the middle, fsync, close
+  dd      dd conv=notrunc of a span
+  cp      cp of a whole new file over it (O_TRUNC + full rewrite)
+  mmap    numpy.memmap mode r+, change the span, flush (msync), close
+It records, in STATE (json), the sha256 of every tensor file before and the
+expected bytes after, then exits 0; the caller unmounts.
+
+`check` (MOUNT is a fresh mount of SOURCE) compares every tensor file with
+what STATE expects (`--expect old`: the write must not have happened, e.g.
+after a rollback), and checks the stored files with their own readers:
+Python zipfile testzip() (CRC-32 of every record) of every torch.save zip
+of SOURCE (tar members and folder files), and torch.load of each changed
+tensor where SOURCE (or a tar member of it) holds it as a whole tensor
+under the same key, or, for per-rank files, the concatenation of the
+ranks' shards along some dimension. Prints FAIL lines; exit 1 on any.
+"""
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+failures = []
+
+
+def fail(msg):
+    failures.append(msg)
+    print("FAIL:", msg)
+
+
+def sha(b):
+    return hashlib.sha256(b).hexdigest()
+
+
+def tensor_files(mnt):
+    out = []
+    for top in ("tensors", "optimizer", "ranks"):
+        root = os.path.join(mnt, top)
+        if not os.path.isdir(root):
+            continue
+        for dirpath, _, names in os.walk(root):
+            for n in sorted(names):
+                p = os.path.join(dirpath, n)
+                out.append(os.path.relpath(p, mnt))
+    return sorted(out)
+
+
+def key_of(mnt, rel):
+    return os.getxattr(os.path.join(mnt, rel), "user.nemofs.key").decode()
+
+
+def flip(b):
+    return bytes(x ^ 1 for x in b)
+
+
+def do_write(mnt, state, method, every):
+    files = tensor_files(mnt)
+    before = {}
+    for rel in files:
+        with open(os.path.join(mnt, rel), "rb") as f:
+            before[rel] = f.read()
+    # ranks/ files alias the merged tensors/ ones: written through tensors/,
+    # checked by torch.load of the rank files.
+    sized = [r for r in files if len(before[r]) > 0 and not r.startswith("ranks/")]
+    if not sized:
+        print("FAIL: no tensor files in", mnt)
+        return 1
+    if every:
+        chosen = sized
+    else:
+        by_size = sorted(sized, key=lambda r: (len(before[r]), r))
+        chosen = sorted({by_size[0], by_size[-1]})
+    # The state first: a write that kills the daemon (crash tests) still
+    # leaves the expectations behind.
+    expected, plans = {}, []
+    for rel in chosen:
+        old = before[rel]
+        n = len(old)
+        lo, hi = (0, n) if method == "cp" or n < 8 else (n // 4, n - n // 4)
+        new = old[:lo] + flip(old[lo:hi]) + old[hi:]
+        expected[rel] = {"key": key_of(mnt, rel), "new": new.hex(), "old": old.hex()}
+        plans.append((rel, lo, hi, new))
+    with open(state, "w") as f:
+        json.dump({"before": {r: sha(b) for r, b in before.items()}, "changed": expected}, f)
+    for rel, lo, hi, new in plans:
+        path = os.path.join(mnt, rel)
+        if method == "pwrite":
+            fd = os.open(path, os.O_WRONLY)
+            assert os.pwrite(fd, new[lo:hi], lo) == hi - lo
+            os.fsync(fd)
+            os.close(fd)
+        elif method == "dd":
+            tmp = state + ".span"
+            with open(tmp, "wb") as f:
+                f.write(new[lo:hi])
+            subprocess.run(["dd", "if=" + tmp, "of=" + path, "bs=1", "seek=%d" % lo,
+                            "conv=notrunc", "status=none"], check=True)
+        elif method == "cp":
+            tmp = state + ".whole"
+            with open(tmp, "wb") as f:
+                f.write(new)
+            subprocess.run(["cp", tmp, path], check=True)
+        elif method == "mmap":
+            import numpy as np
+            m = np.memmap(path, dtype=np.uint8, mode="r+")
+            m[lo:hi] ^= 1
+            m.flush()
+            del m
+        else:
+            raise SystemExit("unknown method " + method)
+    print("wrote %d tensor file(s) with %s" % (len(expected), method))
+    return 0
+
+
+def zips_of(source):
+    """(name, bytes) of every torch.save zip stored in SOURCE."""
+    out = []
+    if os.path.isdir(source):
+        for dirpath, _, names in os.walk(source):
+            for n in names:
+                p = os.path.join(dirpath, n)
+                with open(p, "rb") as f:
+                    head = f.read(4)
+                if head == b"PK\x03\x04":
+                    with open(p, "rb") as f:
+                        out.append((p, f.read()))
+    elif tarfile.is_tarfile(source):
+        with tarfile.open(source) as t:
+            for m in t.getmembers():
+                if m.isfile():
+                    b = t.extractfile(m).read()
+                    if b[:4] == b"PK\x03\x04":
+                        out.append((source + ":" + m.name, b))
+    else:
+        with open(source, "rb") as f:
+            b = f.read()
+        if b[:4] == b"PK\x03\x04":
+            out.append((source, b))
+    return out
+
+
+def tensors_in(obj, prefix=""):
+    import torch
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tensors_in(v, prefix + ("." if prefix else "") + str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensors_in(v, prefix + ("." if prefix else "") + str(i))
+
+
+def raw(t):
+    import torch
+    t = t.detach().contiguous()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def do_check(mnt, state, source, expect):
+    with open(state) as f:
+        st = json.load(f)
+    changed = st["changed"]
+    for rel, digest in st["before"].items():
+        p = os.path.join(mnt, rel)
+        with open(p, "rb") as f:
+            got = f.read()
+        if rel in changed:
+            want = bytes.fromhex(changed[rel][expect])
+            if got != want:
+                fail("%s: not the %s bytes after the remount" % (rel, expect))
+        elif sha(got) != digest and not rel.startswith("ranks/"):
+            fail("%s: changed, but nothing was written to it" % rel)
+    zips = zips_of(source)
+    for name, b in zips:
+        try:
+            bad = zipfile.ZipFile(io.BytesIO(b)).testzip()
+        except zipfile.BadZipFile as e:
+            bad = str(e)
+        if bad is not None:
+            fail("%s: zipfile testzip: bad CRC-32 in %s" % (name, bad))
+    try:
+        import torch
+    except ImportError:
+        print("torch not importable: torch.load cross-check skipped")
+        return
+    loaded = []
+    for name, b in zips:
+        try:
+            obj = torch.load(io.BytesIO(b), map_location="cpu")
+        except Exception as e:  # a non-tensor zip (DCP item) is not an error here
+            print("note: torch.load(%s): %s" % (name, e))
+            continue
+        loaded.append((name, dict(tensors_in(obj))))
+    if not os.path.isdir(source) and not tarfile.is_tarfile(source) and not zips:
+        obj = torch.load(source, map_location="cpu")  # legacy torch.save
+        loaded.append((source, dict(tensors_in(obj))))
+    for rel, c in changed.items():
+        want = bytes.fromhex(c[expect])
+        key = c["key"]
+        shards = []
+        for name, ts in loaded:
+            for k, t in ts.items():
+                if k == key or k.endswith("." + key) or key.endswith("." + k):
+                    shards.append(t)
+        if not shards:
+            print("note: %s (%s): no torch.save file holds it under that key" % (rel, key))
+            continue
+        if any(raw(t) == want for t in shards):
+            continue
+        import torch
+        ok = False
+        if len(shards) > 1:
+            for d in range(shards[0].dim()):
+                try:
+                    if raw(torch.cat(shards, d)) == want:
+                        ok = True
+                except RuntimeError:
+                    pass
+            # SwiGLU fc1 (FORMATS.md §6): each rank holds [gate_i; up_i].
+            try:
+                halves = [torch.chunk(t, 2, 0) for t in shards]
+                gated = torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
+                ok = ok or raw(gated) == want
+            except RuntimeError:
+                pass
+        if not ok:
+            fail("%s (%s): torch.load does not give the %s bytes" % (rel, key, expect))
+
+
+def main():
+    cmd = sys.argv[1]
+    if cmd == "write":
+        return do_write(sys.argv[2], sys.argv[3], sys.argv[4], "--all" in sys.argv)
+    expect = "new"
+    if "--expect" in sys.argv:
+        expect = sys.argv[sys.argv.index("--expect") + 1]
+    do_check(sys.argv[2], sys.argv[3], sys.argv[4], expect)
+    print("%d failures" % len(failures))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+// Tensor files written through real mounts (issue 10): every source kind
+// that can be patched in place, every way of writing (pwrite, dd, cp,
+// numpy.memmap), a crash at every step of the commit, and the hot-journal
+// hook of the next open. The oracle is tests/mount/check_tensor_writes.py:
+// a fresh mount, Python zipfile's CRC check and torch.load of the files.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+
+#include "mount_harness.h"
+#include "test_util.h"
+
+namespace nemofs::testing {
+namespace {
+
+std::string Q(const std::string& s) { return ShellQuote(s); }
+
+std::string Checker() { return std::string(NEMOFS_SOURCE_DIR) + "/tests/mount/check_tensor_writes.py"; }
+
+// A private copy of tests/data/<fixture> (file or folder) in `dir`.
+std::string Copy(const std::string& fixture, const TempDir& dir) {
+  std::string to = dir.Join(std::filesystem::path(fixture).filename().string());
+  auto r = Sh("cp -a " + Q(TestData(fixture)) + " " + Q(to) + " && chmod -R u+w " + Q(to));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return to;
+}
+
+CommandResult WriteThrough(const Mount& m, const std::string& state, const std::string& method) {
+  return Sh("/usr/bin/python3 " + Q(Checker()) + " write " + Q(m.path()) + " " + Q(state) + " " +
+                method,
+            300);
+}
+
+// A fresh read-only mount of `src` holds what `state` expects, and the
+// stored files pass zipfile's CRC check and torch.load.
+void ExpectStored(const std::string& src, const std::string& state,
+                  const std::string& expect = "new") {
+  auto m = Mount::Start(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("/usr/bin/python3 " + Q(Checker()) + " check " + Q(m->path()) + " " + Q(state) +
+                  " " + Q(src) + " --expect " + expect,
+              300);
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("0 failures"), std::string::npos) << r.out;
+  m->Unmount();
+}
+
+std::string Journals(const std::string& src) {
+  return Sh("find " + Q(std::filesystem::path(src).parent_path().string()) +
+            " -name '*nemofs-journal*'")
+      .out;
+}
+
+struct Case {
+  std::string fixture;
+  std::string method;
+};
+
+std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
+  return TestName(info.param.fixture + "_" + info.param.method);
+}
+
+class TensorWrite : public ::testing::TestWithParam<Case> {};
+
+TEST_P(TensorWrite, RoundTripsAndLeavesEveryOtherTensorAlone) {
+  const Case& c = GetParam();
+  TempDir dir;
+  std::string src = Copy(c.fixture, dir);
+  std::string state = dir.Join("state.json");
+  {
+    auto m = Mount::StartWritable(src);
+    ASSERT_TRUE(m);
+    auto r = WriteThrough(*m, state, c.method);
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+    m->Unmount();
+  }
+  ExpectStored(src, state);
+  EXPECT_EQ(Journals(src), "");
+  auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Kinds, TensorWrite,
+    ::testing::Values(Case{"tiny_gpt.nemo", "pwrite"}, Case{"tiny_gpt.nemo", "dd"},
+                      Case{"tiny_gpt.nemo", "cp"}, Case{"tiny_gpt.nemo", "mmap"},
+                      Case{"tiny_gpt_gnu.nemo", "pwrite"}, Case{"tiny_gpt_tp2.nemo", "cp"},
+                      Case{"torch/tiny_gpt_swiglu_tp2.nemo", "pwrite"},
+                      Case{"torch/tiny_gpt_tp2pp2.nemo", "cp"},
+                      Case{"torch/lightning.ckpt", "pwrite"}, Case{"torch/dtypes.pt", "cp"},
+                      Case{"torch/dtypes_legacy.pt", "pwrite"},
+                      Case{"torch/megatron_lm_tp2", "dd"}, Case{"dist/nemo2", "pwrite"},
+                      Case{"dist/torch_dist_v23", "cp"}, Case{"dist/zarr", "pwrite"}),
+    CaseName);
+
+// A crash (NEMOFS_FAULT: _exit at that step) at every step of a commit:
+// the next open rolls back, the tensor is bit-exactly the old value, the
+// CRCs are valid, the journal is gone.
+class TensorWriteCrash : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TensorWriteCrash, NextOpenRollsBack) {
+  const std::string step = GetParam();
+  TempDir dir;
+  std::string src = Copy("tiny_gpt.nemo", dir);
+  std::string state = dir.Join("state.json");
+  const std::string digest = Sh("sha256sum < " + Q(src)).out;
+  {
+    auto m = Mount::StartWritable(src, {"NEMOFS_FAULT=" + step});
+    ASSERT_TRUE(m);
+    // The write's fsync commits and the daemon dies at `step`: the python
+    // writer sees an error (ENOTCONN) or is cut off; either way it fails.
+    WriteThrough(*m, state, "pwrite");
+    int status = m->ExpectDeath();
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 77)
+        << "status " << status << "\n" << m->Log();
+  }
+  ASSERT_TRUE(std::filesystem::exists(state)) << "the writer did not get to write its state";
+  const bool journal_written = step != "journal:before-fsync";
+  if (journal_written) {
+    EXPECT_NE(Journals(src), "") << "no hot journal after a crash at " << step;
+  }
+  // `nemofs verify` is an open of the source: it rolls back and says so.
+  auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+  EXPECT_EQ(Journals(src), "");
+  if (journal_written) {
+    EXPECT_NE((v.out + v.err).find("rolled back"), std::string::npos) << v.out << v.err;
+  }
+  EXPECT_EQ(Sh("sha256sum < " + Q(src)).out, digest) << "not byte-identical after the rollback";
+  ExpectStored(src, state, "old");
+  // And it is writable again.
+  std::string state2 = dir.Join("state2.json");
+  {
+    auto m = Mount::StartWritable(src);
+    ASSERT_TRUE(m);
+    auto r = WriteThrough(*m, state2, "pwrite");
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    m->Unmount();
+  }
+  ExpectStored(src, state2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Steps, TensorWriteCrash,
+                         ::testing::Values("journal:before-fsync", "patch:half",
+                                           "patch:before-meta", "patch:before-delete"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return TestName(info.param);
+                         });
+
+// A hot journal and a read-only open (-o ro): refused, saying what to run.
+TEST(TensorWriteJournal, ReadOnlyOpenOfAHotJournalSaysWhatToRun) {
+  TempDir dir;
+  std::string src = Copy("tiny_gpt.nemo", dir);
+  std::string state = dir.Join("state.json");
+  {
+    auto m = Mount::StartWritable(src, {"NEMOFS_FAULT=patch:half"});
+    ASSERT_TRUE(m);
+    WriteThrough(*m, state, "pwrite");
+    m->ExpectDeath();
+  }
+  ASSERT_NE(Journals(src), "");
+  TempDir mnt;
+  auto r = Sh("timeout 30 " + Q(NemofsBinary()) + " mount -o ro " + Q(src) + " " + Q(mnt.path()));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("nemofs verify"), std::string::npos) << r.err;
+  Sh("fusermount3 -u " + Q(mnt.path()) + " 2>/dev/null");
+  EXPECT_NE(Journals(src), "") << "a read-only open must not roll back";
+  auto ls = Sh(Q(NemofsBinary()) + " ls " + Q(src));  // may write: rolls back
+  EXPECT_EQ(ls.exit_code, 0) << ls.err;
+  EXPECT_EQ(Journals(src), "");
+  ExpectStored(src, state, "old");
+}
+
+// Sizes: a rewrite of another size is EINVAL at close, nothing written;
+// creating or removing tensor files stays EPERM; a compressed source says
+// why it cannot patch.
+TEST(TensorWriteRules, WrongSizeIsEinvalAndNothingIsWritten) {
+  TempDir dir;
+  std::string src = Copy("tiny_gpt.nemo", dir);
+  const std::string digest = Sh("sha256sum < " + Q(src)).out;
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto files = Sh("ls " + Q(m->path() + "/tensors") + " | head -1");
+  std::string name = files.out.substr(0, files.out.find('\n'));
+  std::string path = m->path() + "/tensors/" + name;
+  auto r = Sh("head -c 3 /dev/zero > " + Q(path));
+  EXPECT_NE(r.exit_code, 0) << "a 3-byte rewrite of a tensor must fail at close";
+  EXPECT_NE(r.err.find("Invalid argument"), std::string::npos) << r.err;
+  auto rm = Sh("rm -f " + Q(path));
+  EXPECT_NE(rm.exit_code, 0);
+  auto touch = Sh("touch " + Q(m->path() + "/tensors/new_tensor"));
+  EXPECT_NE(touch.exit_code, 0);
+  m->Unmount();
+  EXPECT_EQ(Sh("sha256sum < " + Q(src)).out, digest);
+}
+
+TEST(TensorWriteRules, CompressedSourceRefusesWithTheReason) {
+  TempDir dir;
+  std::string src = Copy("tiny_gpt_gz.nemo", dir);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto files = Sh("ls " + Q(m->path() + "/tensors") + " | head -1");
+  std::string name = files.out.substr(0, files.out.find('\n'));
+  auto r = Sh("printf x | dd of=" + Q(m->path() + "/tensors/" + name) + " conv=notrunc status=none");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("Read-only file system"), std::string::npos) << r.err;
+  m->Unmount();
+  EXPECT_NE(m->Log().find("compressed"), std::string::npos) << m->Log();
+}
+
+// A reader that has the tensor file mapped sees the new bytes after a
+// commit by another process: the commit drops the kernel's cached pages
+// (keep_cache and long attribute timeouts are on for tensor files).
+TEST(TensorWriteCoherence, MappedReaderSeesTheCommit) {
+  TempDir dir;
+  std::string src = Copy("tiny_gpt.nemo", dir);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto files = Sh("ls -S " + Q(m->path() + "/tensors") + " | head -1");
+  std::string path = m->path() + "/tensors/" + files.out.substr(0, files.out.find('\n'));
+  int fd = ::open(path.c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  off_t size = ::lseek(fd, 0, SEEK_END);
+  ASSERT_GT(size, 0);
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+  ASSERT_NE(map, MAP_FAILED);
+  const unsigned char* bytes = static_cast<const unsigned char*>(map);
+  const unsigned char before = bytes[0];  // faults the page in: cached
+  char hex[8];
+  std::snprintf(hex, sizeof hex, "%02x", static_cast<unsigned>(before ^ 0xff));
+  auto r = Sh(std::string("printf '\\x") + hex + "' | dd of=" + Q(path) +
+              " conv=notrunc status=none");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  bool seen = false;
+  for (int i = 0; i < 200 && !seen; ++i) {  // the invalidation is asynchronous
+    seen = *static_cast<volatile const unsigned char*>(bytes) == (before ^ 0xff);
+    if (!seen) ::usleep(10000);
+  }
+  EXPECT_TRUE(seen) << "the mapping still shows the old byte after the commit";
+  ::munmap(map, size);
+  ::close(fd);
+  m->Unmount();
+}
+
+}  // namespace
+}  // namespace nemofs::testing
