@@ -57,6 +57,24 @@ Result<ReadPlan> Gather(ReadPlan plan) {
   return gathered;
 }
 
+// Whether distinct elements of the chunk are distinct stored elements: with
+// the dims of size > 1 sorted by stride, each stride must exceed the span of
+// all smaller ones.
+bool Injective(const Chunk& c) {
+  if (c.strides.empty()) return true;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (size_t d = 0; d < c.strides.size(); ++d) {
+    if (c.sizes[d] > 1) dims.emplace_back(c.strides[d], c.sizes[d]);
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // largest offset reachable with the smaller dims
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return false;
+    span += stride * (size - 1);
+  }
+  return true;
+}
+
 }  // namespace
 
 uint64_t Tensor::numel() const {
@@ -219,17 +237,15 @@ Result<std::vector<BlobWrite>> PlanTensorWrite(const Tensor& t, uint64_t offset,
     return Err(EINVAL, "tensor {}: a write up to byte {} is past its {} bytes", t.key,
                offset + data.size(), t.nbytes());
   }
-  // A chunk with a stride 0 (an expanded view) stores one byte for several
-  // tensor bytes: they must all be written, with one value.
+  // A chunk whose strides map two elements to one stored element (an
+  // expanded view, stride 0; an as_strided overlap) stores one byte for
+  // several tensor bytes: they must all be written, with one value.
   bool aliasing = false;
-  for (const auto& c : t.chunks) {
-    for (size_t d = 0; d < c.strides.size(); ++d) {
-      aliasing = aliasing || (c.strides[d] == 0 && c.sizes[d] > 1);
-    }
-  }
+  for (const auto& c : t.chunks) aliasing = aliasing || !Injective(c);
   if (aliasing && (offset != 0 || data.size() != t.nbytes())) {
     return Err(EINVAL,
-               "tensor {} is an expanded view (several elements share one stored value): only "
+               "tensor {} is an expanded or overlapping view (several elements share one stored "
+               "value): only "
                "a write of the whole tensor can be stored, and this one covers bytes {}..{} of {}",
                t.key, offset, offset + data.size(), t.nbytes());
   }

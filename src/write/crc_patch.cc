@@ -4,11 +4,17 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 
 namespace nemofs::write {
 
 uint32_t Crc32Patch(uint32_t old_crc, uint64_t record_len, uint64_t at, std::string_view old_bytes,
                     std::string_view new_bytes) {
+  // Callers pass spans of one record: equal lengths, inside it.
+  if (new_bytes.size() != old_bytes.size() || at > record_len ||
+      old_bytes.size() > record_len - at) {
+    std::abort();
+  }
   const uint64_t n = old_bytes.size();
   constexpr size_t kStep = 64 << 10;
   static const std::array<unsigned char, kStep> zeros{};

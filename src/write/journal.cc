@@ -318,8 +318,11 @@ Result<std::string> RollBackHotJournal(const PatchRoot& root) {
   Files files(root);
   std::set<std::string> names;
   for (const auto& r : parsed.regions) {
-    NEMOFS_ASSIGN_OR_RETURN(int fd, files.Get(r.file));
-    (void)fd;
+    auto fd = files.Get(r.file);
+    if (!fd) {
+      return Err(EIO, "{}: cannot roll back into {}/{} ({}); left in place", journal,
+                 root.shown_dir, r.file, fd.error().message());
+    }
     if (r.offset + r.bytes.size() > files.Size(r.file)) {
       return Err(EIO, "{}: names bytes {}..{} of {}/{}, which has {}; left in place", journal,
                  r.offset, r.offset + r.bytes.size(), root.shown_dir, r.file, files.Size(r.file));

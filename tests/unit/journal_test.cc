@@ -153,6 +153,59 @@ TEST(Journal, ACutOffJournalChangesNothingAndABadRecordIsAnErrorThatStays) {
   EXPECT_EQ(ReadFile(f.dir.Join("a.bin")), patched);
 }
 
+// A crash in the middle of a rollback, then another rollback: the old bytes.
+TEST(Journal, ARollbackCutOffHalfwayIsDoneAgain) {
+  Folder f;
+  const std::string old(4096, 'o');
+  WriteFile(f.dir.Join("a.bin"), old);
+  auto crash_at = [&](const char* step, bool rollback) {
+    pid_t pid = ::fork();
+    if (pid == 0) {
+      ::setenv("NEMOFS_FAULT", step, 1);
+      if (rollback) {
+        (void)RollBackHotJournal(f.root());
+      } else {
+        (void)ApplyPatch(f.root(), {{"a.bin", 10, std::string(3000, 'n')}}, {});
+      }
+      ::_exit(1);
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  };
+  ASSERT_EQ(crash_at("patch:before-delete", false), 77);
+  ASSERT_EQ(crash_at("rollback:half", true), 77);
+  const std::string half = ReadFile(f.dir.Join("a.bin"));
+  EXPECT_NE(half, old) << "the rollback was to stop halfway";
+  ASSERT_TRUE(*HasHotJournal(f.root()));
+  ASSERT_TRUE(RollBackHotJournal(f.root()).ok());
+  EXPECT_EQ(ReadFile(f.dir.Join("a.bin")), old);
+  EXPECT_FALSE(*HasHotJournal(f.root()));
+}
+
+// A full disk while the journal is written: ENOSPC, the file byte-identical,
+// no journal left.
+TEST(Journal, AFullDiskWhileJournalingIsENOSPCAndChangesNothing) {
+  TempDir dir;
+  const std::string fs_dir = dir.Join("small");
+  auto r = testing::Sh("mkdir " + testing::ShellQuote(fs_dir) + " && mount -t tmpfs -o size=2m tmpfs " +
+                       testing::ShellQuote(fs_dir));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string file = fs_dir + "/a.bin";
+  const std::string old(1536 * 1024, 'o');
+  WriteFile(file, old);
+  {
+    UniqueFd fd(::open(fs_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    PatchRoot root{fd.get(), fs_dir, "a.bin.nemofs-journal"};
+    auto st = ApplyPatch(root, {{"a.bin", 0, std::string(1024 * 1024, 'n')}}, {});
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.error().code(), ENOSPC) << st.error().message();
+    EXPECT_FALSE(*HasHotJournal(root));
+  }
+  EXPECT_EQ(ReadFile(file), old);
+  testing::Sh("umount -l " + testing::ShellQuote(fs_dir));
+}
+
 TEST(Journal, ParseSurvivesRandomBytes) {
   std::mt19937 rng(3);
   for (int i = 0; i < 2000; ++i) {
@@ -211,6 +264,47 @@ TEST(PlanTensorWrite, ExpandedViewNeedsOneValuePerStoredByte) {
   EXPECT_EQ((*ok)[0].bytes, "xy");
   EXPECT_EQ(PlanTensorWrite(t, 0, "xyxyxz").error().code(), EINVAL);
   EXPECT_EQ(PlanTensorWrite(t, 2, "xy").error().code(), EINVAL);
+}
+
+TEST(PlanTensorWrite, OverlappingStridesAreTreatedLikeAnExpand) {
+  Tensor t = Make({3, 2});  // rows overlap: row i starts at element i
+  Chunk c{{0, 0}, {3, 2}, 0, 0, {1, 1}, "", nullptr, "", {}};
+  t.chunks = {c};
+  EXPECT_EQ(PlanTensorWrite(t, 0, "ab").error().code(), EINVAL);  // partial
+  auto whole = PlanTensorWrite(t, 0, "abbccd");                     // consistent
+  ASSERT_TRUE(whole.ok()) << whole.error().message();
+  EXPECT_EQ((*whole)[0].bytes, "abcd");
+  EXPECT_EQ(PlanTensorWrite(t, 0, "abxccd").error().code(), EINVAL);
+}
+
+// The runs of the range map tile any range exactly, in order, for random
+// box-chunked tensors.
+TEST(MapTensorRange, RunsTileTheRange) {
+  std::mt19937 rng(11);
+  for (int round = 0; round < 200; ++round) {
+    const int64_t rows = 1 + rng() % 7, cols = 1 + rng() % 9;
+    Tensor t = Make({rows, cols});
+    t.dtype = round % 2 ? torch::DType::kFloat32 : torch::DType::kUInt8;
+    const int64_t split_r = rng() % rows, split_c = rng() % cols;
+    uint32_t blob = 0;
+    for (auto [r0, r1] : {std::pair<int64_t, int64_t>{0, split_r}, {split_r, rows}}) {
+      for (auto [c0, c1] : {std::pair<int64_t, int64_t>{0, split_c}, {split_c, cols}}) {
+        if (r1 > r0 && c1 > c0) {
+          t.chunks.push_back(Chunk{{r0, c0}, {r1 - r0, c1 - c0}, blob++, 0, {}, "", nullptr, "", {}});
+        }
+      }
+    }
+    const uint64_t n = t.nbytes();
+    const uint64_t off = rng() % n, len = 1 + rng() % (n - off);
+    uint64_t next = off;
+    ASSERT_TRUE(MapTensorRange(t, off, len, [&](const StoredRun& r) -> Status {
+                  EXPECT_EQ(r.tensor_offset, next);
+                  EXPECT_GT(r.length, 0u);
+                  next += r.length;
+                  return Ok();
+                }).ok());
+    EXPECT_EQ(next, off + len) << "round " << round;
+  }
 }
 
 TEST(PlanTensorWrite, CompressedOrMissingChunksAreEROFS) {
