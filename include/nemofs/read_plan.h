@@ -46,6 +46,17 @@ struct ReadPlan {
     if (length == 0) return;
     pieces.push_back(ReadPiece{-1, 0, length, data});
   }
+  // Appends another plan's pieces (and what keeps them alive).
+  void Append(const ReadPlan& part) {
+    for (const auto& piece : part.pieces) {
+      if (piece.fd >= 0) {
+        AddFd(piece.fd, piece.offset, piece.length);
+      } else {
+        AddMemory(piece.data, piece.length);
+      }
+    }
+    keepalive.insert(keepalive.end(), part.keepalive.begin(), part.keepalive.end());
+  }
 };
 
 // Executes a plan into `out` (plan.size() bytes) with pread; for the CLI and

@@ -187,14 +187,7 @@ struct Filesystem::Impl {
       uint64_t to = std::min(end, seg_end);
       NEMOFS_ASSIGN_OR_RETURN(ReadPlan part, checkpoint::PlanTensorRead(
                                                  *it->tensor, *src, from - it->start, to - from));
-      for (const auto& piece : part.pieces) {
-        if (piece.fd >= 0) {
-          plan.AddFd(piece.fd, piece.offset, piece.length);
-        } else {
-          plan.AddMemory(piece.data, piece.length);
-        }
-      }
-      plan.keepalive.insert(plan.keepalive.end(), part.keepalive.begin(), part.keepalive.end());
+      plan.Append(part);
     }
     return plan;
   }

@@ -225,14 +225,7 @@ std::optional<Result<ReadPlan>> Filesystem::Impl::ReadStagedTensor(uint64_t ino,
       uint64_t stop = std::min(to, keep);
       NEMOFS_ASSIGN_OR_RETURN(ReadPlan part,
                               checkpoint::PlanTensorRead(*s->tensor, *src, from, stop - from));
-      for (const auto& piece : part.pieces) {
-        if (piece.fd >= 0) {
-          plan.AddFd(piece.fd, piece.offset, piece.length);
-        } else {
-          plan.AddMemory(piece.data, piece.length);
-        }
-      }
-      plan.keepalive.insert(plan.keepalive.end(), part.keepalive.begin(), part.keepalive.end());
+      plan.Append(part);
       from = stop;
     }
     while (from < to) {
@@ -480,7 +473,8 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
     }
     changed += w.bytes.size();
     blobs.insert(w.blob);
-    data.push_back({place.file, place.offset + w.offset, std::move(w.bytes)});
+    // The old bytes go along: the journal needs them, no second read.
+    data.push_back({place.file, place.offset + w.offset, std::move(w.bytes), std::move(old)});
   }
   for (const auto& [key, value] : crcs) {
     if (value != 0) meta.push_back({key.first, key.second, Le32Bytes(value)});

@@ -397,7 +397,7 @@ Status ConfigCommitter::PatchInPlace(const std::vector<Patch>& data,
     std::vector<Region> out;
     out.reserve(patches.size());
     for (const auto& p : patches) {
-      out.push_back(Region{p.file.empty() ? file_name : p.file, p.offset, p.bytes});
+      out.push_back(Region{p.file.empty() ? file_name : p.file, p.offset, p.bytes, p.old});
     }
     return out;
   };

@@ -85,6 +85,7 @@ class ConfigCommitter {
     std::string file;
     uint64_t offset = 0;
     std::string bytes;
+    std::string old;  // the bytes there now, if already read ("" = read them)
   };
   // Patches the stored files in place under a rollback journal
   // (write/journal.h): `data` first, then `meta` (the CRC-32 fields of the

@@ -225,6 +225,10 @@ Status ApplyPatch(const PatchRoot& root, const std::vector<Region>& data,
                  root.shown_dir, r.file, r.offset, r.offset + r.bytes.size(), files.Size(r.file));
     }
     spans[r.file].emplace_back(r.offset, r.offset + r.bytes.size());
+    if (!r.old.empty() && r.old.size() == r.bytes.size()) {
+      old[i] = r.old;
+      continue;
+    }
     old[i].resize(r.bytes.size());
     NEMOFS_RETURN_IF_ERROR(
         PreadFull(fd, old[i].data(), old[i].size(), r.offset, root.shown_dir + "/" + r.file));

@@ -29,6 +29,9 @@ struct Region {
   std::string file;  // relative to the folder: "x.nemo", "weights/__0_0.distcp"
   uint64_t offset = 0;
   std::string bytes;  // new bytes (ApplyPatch) or old ones (a parsed journal)
+  // ApplyPatch: the bytes there now, when the caller has read them already
+  // (same size as `bytes`); empty: ApplyPatch reads them.
+  std::string old;
 };
 
 struct PatchRoot {

@@ -57,6 +57,13 @@ std::string Journals(const std::string& src) {
       .out;
 }
 
+// The path of a tensor file of the mount: the first by name, or with
+// `ls_flags` "-S" the largest.
+std::string TensorFile(const Mount& m, const std::string& ls_flags = "") {
+  auto files = Sh("ls " + ls_flags + " " + Q(m.path() + "/tensors") + " | head -1");
+  return m.path() + "/tensors/" + files.out.substr(0, files.out.find('\n'));
+}
+
 struct Case {
   std::string fixture;
   std::string method;
@@ -185,9 +192,7 @@ TEST(TensorWriteRules, WrongSizeIsEinvalAndNothingIsWritten) {
   const std::string digest = Sh("sha256sum < " + Q(src)).out;
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
-  auto files = Sh("ls " + Q(m->path() + "/tensors") + " | head -1");
-  std::string name = files.out.substr(0, files.out.find('\n'));
-  std::string path = m->path() + "/tensors/" + name;
+  std::string path = TensorFile(*m);
   auto r = Sh("head -c 3 /dev/zero > " + Q(path));
   EXPECT_NE(r.exit_code, 0) << "a 3-byte rewrite of a tensor must fail at close";
   EXPECT_NE(r.err.find("Invalid argument"), std::string::npos) << r.err;
@@ -204,9 +209,7 @@ TEST(TensorWriteRules, CompressedSourceRefusesWithTheReason) {
   std::string src = Copy("tiny_gpt_gz.nemo", dir);
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
-  auto files = Sh("ls " + Q(m->path() + "/tensors") + " | head -1");
-  std::string name = files.out.substr(0, files.out.find('\n'));
-  auto r = Sh("printf x | dd of=" + Q(m->path() + "/tensors/" + name) + " conv=notrunc status=none");
+  auto r = Sh("printf x | dd of=" + Q(TensorFile(*m)) + " conv=notrunc status=none");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("Read-only file system"), std::string::npos) << r.err;
   m->Unmount();
@@ -221,8 +224,7 @@ TEST(TensorWriteCoherence, MappedReaderSeesTheCommit) {
   std::string src = Copy("tiny_gpt.nemo", dir);
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
-  auto files = Sh("ls -S " + Q(m->path() + "/tensors") + " | head -1");
-  std::string path = m->path() + "/tensors/" + files.out.substr(0, files.out.find('\n'));
+  std::string path = TensorFile(*m, "-S");
   int fd = ::open(path.c_str(), O_RDONLY);
   ASSERT_GE(fd, 0);
   off_t size = ::lseek(fd, 0, SEEK_END);
