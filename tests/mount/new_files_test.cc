@@ -292,11 +292,14 @@ TEST_P(NewFiles, ASwapFileLeftAtUnmountIsNamedByUmount) {
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
   // vim really makes it (-n off: a swap file), then is killed: it stays.
+  // Wait for a non-empty swap file: vim first creates and removes an empty
+  // one (and a look-alike name) to test for 8.3 names, and a kill in between
+  // leaves nothing; block 0 ("b0VIM") is written right after the real one.
   auto r = Sh("cd " + Q(m->path()) +
                   " && (vim -u NONE -N -es -c 'sleep 30' config.yaml </dev/null >/dev/null 2>&1 &"
                   " echo $! > " +
                   Q(dir.Join("vim.pid")) +
-                  ") && for i in $(seq 100); do [ -e .config.yaml.swp ] && break; sleep 0.1;"
+                  ") && for i in $(seq 100); do [ -s .config.yaml.swp ] && break; sleep 0.1;"
                   " done && kill -9 $(cat " +
                   Q(dir.Join("vim.pid")) + ") && sleep 0.3 && ls -A && echo x > archive/'#draft#'",
               60);
