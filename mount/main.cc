@@ -728,6 +728,7 @@ int RunInfo(const std::string& source, const CacheArgs& cache_dir, bool json) {
     j["unmerged"] = i.unmerged;
     j["safetensors_omitted"] = nlohmann::ordered_json::object();
     for (const auto& [name, why] : i.safetensors_omitted) j["safetensors_omitted"][name] = why;
+    j["writable"] = i.writable;
     j["warnings"] = i.warnings;
     fmt::print("{}\n", j.dump(2));
     return kExitOk;
@@ -757,6 +758,7 @@ int RunInfo(const std::string& source, const CacheArgs& cache_dir, bool json) {
   for (const auto& [name, why] : i.safetensors_omitted) {
     fmt::print("omitted:     model.safetensors leaves out {}: {}\n", name, why);
   }
+  fmt::print("writable:    {}\n", i.writable);
   for (const auto& w : i.warnings) fmt::print("warning:     {}\n", w);
   return kExitOk;
 }
@@ -966,7 +968,10 @@ int Main(int argc, char** argv) {
   CLI::App app{
       "nemofs: mount NeMo, Megatron and PyTorch checkpoints (.nemo, NeMo 2 folders, "
       "distributed checkpoints, torch.save files) as one filesystem tree: config.yaml (editable "
-      "in place), tokenizer/, tensors/, index.json, model.safetensors, archive/.",
+      "in place), tokenizer/, tensors/ (one writable file per tensor), index.json, "
+      "model.safetensors, archive/. Writes are saved into the checkpoint crash-safely: tensors "
+      "patched in place, the config and new files appended or replaced (`nemofs info SOURCE` "
+      "says what is writable).",
       "nemofs"};
   app.require_subcommand(1);
   app.set_version_flag("-V,--version", VersionText);

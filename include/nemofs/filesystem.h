@@ -145,6 +145,9 @@ struct CheckpointInfo {
   std::vector<std::string> warnings;
   // Opened for writing but read-only: why ("" when writable or not asked).
   std::string read_only_reason;
+  // What a writable mount of the source can write, and how a commit goes
+  // ("config.yaml, 12 of 12 tensor files, new files; ..."), for `info`.
+  std::string writable;
 };
 
 // One tensor file of the tree, for `nemofs ls`.

@@ -227,7 +227,12 @@ Result<ReadPlan> PlanTensorRead(const Tensor& t, source::Source& src, uint64_t o
 Result<std::vector<BlobWrite>> PlanTensorWrite(const Tensor& t, uint64_t offset,
                                                std::string_view data) {
   for (const auto& c : t.chunks) {
-    if (c.lazy) return Err(EROFS, "tensor {}: a chunk of it is stored compressed", t.key);
+    if (c.lazy) {
+      if (c.lazy->blob() == source::kNoBlob) {
+        return Err(EROFS, "tensor {}: a compressed chunk of it has no file to rewrite", t.key);
+      }
+      continue;
+    }
     if (!c.fill.empty()) {
       return Err(EROFS, "tensor {}: a chunk of it was never written (zarr fill value)", t.key);
     }
@@ -251,13 +256,14 @@ Result<std::vector<BlobWrite>> PlanTensorWrite(const Tensor& t, uint64_t offset,
   }
   std::vector<BlobWrite> out;
   NEMOFS_RETURN_IF_ERROR(MapTensorRange(t, offset, data.size(), [&](const StoredRun& r) -> Status {
-    const uint32_t blob = t.chunks[r.chunk].blob;
+    const Chunk& c = t.chunks[r.chunk];
+    const uint32_t blob = c.lazy ? c.lazy->blob() : c.blob;
     std::string_view bytes = data.substr(r.tensor_offset - offset, r.length);
     if (!out.empty() && out.back().blob == blob &&
         out.back().offset + out.back().bytes.size() == r.chunk_offset) {
       out.back().bytes.append(bytes);
     } else {
-      out.push_back(BlobWrite{blob, r.chunk_offset, std::string(bytes)});
+      out.push_back(BlobWrite{blob, r.chunk_offset, std::string(bytes), c.lazy.get()});
     }
     return Ok();
   }));

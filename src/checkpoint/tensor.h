@@ -32,6 +32,12 @@ class LazyChunk {
   virtual ~LazyChunk() = default;
   // The decoded chunk as (fd, offset, length); thread-safe, decodes once.
   virtual Result<source::FileRange> Get(source::Source& src) = 0;
+  // For writes, which replace the stored chunk file whole: the blob that
+  // holds it, and the stored form of decoded bytes `plain`.
+  virtual uint32_t blob() const = 0;
+  virtual Result<std::string> Encode(std::string_view plain) const = 0;
+  // After such a write: the decoded copy (Get's) gets `bytes` at `offset`.
+  virtual Status PatchDecoded(uint64_t offset, std::string_view bytes) = 0;
 };
 
 struct Chunk {
@@ -90,14 +96,18 @@ Status MapTensorRange(const Tensor& tensor, uint64_t offset, uint64_t length,
 // The stored bytes that give tensor bytes [offset, offset+data.size()) the
 // value `data` (the range map, scattered): sorted by (blob, offset), runs
 // that touch or overlap merged. EROFS naming the tensor for chunks that
-// cannot be patched in place (compressed, never written, missing); EINVAL
+// cannot be written (never written: a zarr fill value; missing); EINVAL
 // for a write past the end, for two values given to one stored byte, and
 // for a partial write of an expanded view (stride 0: it would change the
 // other copies of the values it writes).
+// A lazy (compressed) chunk's write is of its decoded bytes: `lazy` set,
+// `blob` its stored file's (LazyChunk::blob), `offset` within the decoded
+// bytes.
 struct BlobWrite {
   uint32_t blob = source::kNoBlob;
   uint64_t offset = 0;  // within the blob
   std::string bytes;
+  LazyChunk* lazy = nullptr;
 };
 Result<std::vector<BlobWrite>> PlanTensorWrite(const Tensor& tensor, uint64_t offset,
                                                std::string_view data);

@@ -105,11 +105,43 @@ std::string FillBytes(const nlohmann::json& v, torch::DType dt) {
 // A zstd-compressed chunk file, decompressed into the cache on first read.
 class ZstdChunk final : public LazyChunk {
  public:
-  ZstdChunk(uint32_t blob, uint64_t expected, std::string cache_path, std::string what)
+  // `level`, `checksum`: the array's compressor settings, for re-encoding.
+  ZstdChunk(uint32_t blob, uint64_t expected, std::string cache_path, std::string what, int level,
+            bool checksum)
       : blob_(blob),
         expected_(expected),
         cache_path_(std::move(cache_path)),
-        what_(std::move(what)) {}
+        what_(std::move(what)),
+        level_(level),
+        checksum_(checksum) {}
+
+  uint32_t blob() const override { return blob_; }
+
+  Result<std::string> Encode(std::string_view plain) const override {
+    if (plain.size() != expected_) {
+      return Err(EINVAL, "{}: {} bytes to encode, the chunk has {}", what_, plain.size(),
+                 expected_);
+    }
+    std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> cctx(ZSTD_createCCtx(), &ZSTD_freeCCtx);
+    if (!cctx) return Err(ENOMEM, "{}: cannot allocate a zstd compressor", what_);
+    ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_compressionLevel, level_);
+    ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_checksumFlag, checksum_ ? 1 : 0);
+    ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_contentSizeFlag, 1);
+    std::string out(ZSTD_compressBound(plain.size()), '\0');
+    size_t n = ZSTD_compress2(cctx.get(), out.data(), out.size(), plain.data(), plain.size());
+    if (ZSTD_isError(n)) return Err(EIO, "{}: zstd: {}", what_, ZSTD_getErrorName(n));
+    out.resize(n);
+    return out;
+  }
+
+  Status PatchDecoded(uint64_t offset, std::string_view bytes) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!fd_.valid()) return Ok();  // not decoded yet: the next Get decodes the new file
+    if (offset + bytes.size() > expected_) {
+      return Err(EINVAL, "{}: a patch past the end of the decoded chunk", what_);
+    }
+    return PwriteThroughReadOnly(fd_.get(), bytes, offset, cache_path_);
+  }
 
   Result<source::FileRange> Get(source::Source& src) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -145,6 +177,8 @@ class ZstdChunk final : public LazyChunk {
   uint64_t expected_;
   std::string cache_path_;
   std::string what_;
+  int level_ = 0;
+  bool checksum_ = false;
   std::mutex mu_;  // guards fd_ (decode once)
   UniqueFd fd_;
 };
@@ -202,8 +236,16 @@ void AddZarr(source::Source& src, const Layout& layout, Catalog* cat) {
         continue;
       }
       std::string codec;
+      int level = 0;  // numcodecs' default: zstd's own (3)
+      bool checksum = false;
       if (j.contains("compressor") && !j["compressor"].is_null()) {
         codec = j["compressor"].value("id", "?");
+        if (j["compressor"].contains("level") && j["compressor"]["level"].is_number_integer()) {
+          level = j["compressor"]["level"].get<int>();
+        }
+        if (j["compressor"].contains("checksum") && j["compressor"]["checksum"].is_boolean()) {
+          checksum = j["compressor"]["checksum"].get<bool>();
+        }
         if (codec != "zstd") {
           bad(
               fmt::format("compressor '{}' is not supported (nemofs reads uncompressed and zstd "
@@ -272,7 +314,7 @@ void AddZarr(source::Source& src, const Layout& layout, Catalog* cat) {
               ce->blob, chunk_bytes,
               fmt::format("{}/zarr-{:016x}/{}", layout.cache_dir,
                           std::hash<std::string>()(src.path() + ":" + file), n),
-              src.path() + ":" + file);
+              src.path() + ":" + file, level, checksum);
         } else if (ce->size < chunk_bytes) {
           c.missing = fmt::format("chunk {} has {} bytes, expected {}", src.path() + ":" + file,
                                   ce->size, chunk_bytes);

@@ -504,12 +504,37 @@ bool ArchiveSource::LoadIndex(std::vector<Entry>* raw, std::vector<std::string>*
 
 namespace nemofs::source {
 
-Result<StoredPlace> ArchiveSource::PlaceOf(uint32_t) const {
-  return Err(EROFS,
-             "{}: a member of a {}-compressed tar has no fixed place to patch; only config.yaml and "
-             "new files can be written into it (rewriting it for tensor writes is not supported "
-             "yet; `gunzip` it to a plain .nemo to patch tensors in place)",
-             path(), filter_);
+Result<StoredPlace> ArchiveSource::PlaceOf(uint32_t blob_index) const {
+  if (blob_index >= blobs_.size()) return Err(EINVAL, "{}: no blob {}", path(), blob_index);
+  const Blob& blob = blobs_[blob_index];
+  StoredPlace place;
+  place.member_index = blob.ordinal;
+  // Its name, for messages (a hard link shows it under another one too).
+  for (const auto& e : entries()) {
+    if (e.type == EntryType::kFile && e.blob == blob_index) {
+      place.member = e.path;
+      break;
+    }
+  }
+  if (blob.data) {
+    // Kept from the listing pass (small YAML/JSON): reads never come from
+    // an extracted copy, so a patch would not show until a remount.
+    return Err(EROFS, "{}: member '{}' is served from memory and cannot be patched", path(),
+               place.member);
+  }
+  return place;
+}
+
+Status ArchiveSource::PatchExtracted(uint32_t blob_index, uint64_t offset,
+                                     std::string_view bytes) {
+  if (blob_index >= blobs_.size()) return Err(EINVAL, "{}: no blob {}", path(), blob_index);
+  if (offset + bytes.size() > blobs_[blob_index].size) {
+    return Err(EINVAL, "{}: a patch past the end of member #{}", path(), blobs_[blob_index].ordinal);
+  }
+  NEMOFS_ASSIGN_OR_RETURN(FileRange r, Locate(blob_index));
+  return PwriteThroughReadOnly(
+      r.fd, bytes, r.offset + offset,
+      fmt::format("{} (the extracted copy of member #{})", cache_dir_, blobs_[blob_index].ordinal));
 }
 
 }  // namespace nemofs::source

@@ -49,9 +49,14 @@ enum class Storage {
 // Where a blob's bytes are stored, for patching them in place: `file`,
 // relative to the source folder (kFolder; "" for the source file itself:
 // kPlainTar, kFile), from byte `offset` on.
+// kCompressedTar: `member` is the member holding the blob, and
+// `member_index` its position among the archive's headers (0 = first);
+// offsets are within the member, which a rewrite of the archive patches.
 struct StoredPlace {
   std::string file;
   uint64_t offset = 0;
+  std::string member;
+  uint64_t member_index = 0;
 };
 
 struct TarIndex;
@@ -85,6 +90,14 @@ class Source {
   // Where blob `blob` lies, to patch it in place; EROFS naming the source
   // for storage that has no fixed place for its bytes (a compressed tar).
   virtual Result<StoredPlace> PlaceOf(uint32_t blob) const = 0;
+  // kCompressedTar: a rewrite of the archive (write/rewrite.h) changed
+  // bytes of blob `blob` at `offset`; the copy reads come from (the member
+  // extracted into the cache) is given them too. Other storage reads the
+  // patched file itself: nothing to do.
+  virtual Status PatchExtracted(uint32_t blob, uint64_t offset, std::string_view bytes) {
+    (void)blob, (void)offset, (void)bytes;
+    return Ok();
+  }
   // kPlainTar: the tar's member index; nullptr otherwise.
   virtual const TarIndex* tar_index() const { return nullptr; }
   // kFolder: the folder's O_PATH descriptor, opened with the source; -1

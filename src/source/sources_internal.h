@@ -93,6 +93,7 @@ class ArchiveSource final : public Source {
   std::string Kind() const override { return "tar (" + filter_ + ")"; }
   Storage storage() const override { return Storage::kCompressedTar; }
   Result<StoredPlace> PlaceOf(uint32_t blob) const override;
+  Status PatchExtracted(uint32_t blob, uint64_t offset, std::string_view bytes) override;
   Result<ReadPlan> Plan(uint32_t blob, uint64_t offset, uint64_t length) override;
   Result<FileRange> Locate(uint32_t blob) override;
   Result<std::shared_ptr<const ByteReader>> MetadataReader(uint32_t blob) override;

@@ -433,7 +433,8 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
       if (n->tensor) {
         tensor_write = folder ? 0222u : archive_write;
         for (const auto& c : n->tensor->chunks) {
-          if (folder && c.blob < blob_access.size()) tensor_write &= blob_access[c.blob].mode;
+          const uint32_t blob = c.lazy ? c.lazy->blob() : c.blob;
+          if (folder && blob < blob_access.size()) tensor_write &= blob_access[blob].mode;
         }
       }
       set_access(n, n->tensor ? tensor_access(*n->tensor, root_access) : all, tensor_write);
@@ -467,6 +468,7 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
                                               config_ino));
   }
   impl->overlay.cache_dir = options.cache_dir;
+  impl->info.writable = impl->DescribeWritable(config_ino != 0);
   ::malloc_trim(0);
   return std::unique_ptr<Filesystem>(new Filesystem(std::move(impl)));
 }
@@ -548,6 +550,7 @@ Result<ReadPlan> Filesystem::Read(uint64_t ino, uint64_t offset, uint64_t size,
       return std::move(*staged);
     }
   }
+  NEMOFS_RETURN_IF_ERROR(impl_->CheckStale(*n, fmt::format("inode {}", ino)));
   if (offset >= n->size) return ReadPlan{};
   size = std::min(size, n->size - offset);
   if (n->data) {

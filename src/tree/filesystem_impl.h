@@ -15,6 +15,8 @@
 #include <string>
 #include <utility>
 
+#include <spdlog/spdlog.h>
+
 #include "checkpoint/catalog.h"
 #include "nemofs/filesystem.h"
 #include "source/source.h"
@@ -168,6 +170,50 @@ struct Filesystem::Impl {
   // front end's; none elsewhere). Called without any lock held.
   std::function<void(const std::vector<uint64_t>&)> invalidate;
 
+  // Blobs whose stored bytes no longer match what the tree shows (a chunk
+  // file re-encoded by a tensor write has another size; a copy that could
+  // not be refreshed): the files reading them say ESTALE, with why, until
+  // a remount.
+  mutable std::mutex stale_mu;
+  std::map<uint32_t, std::string> stale;  // blob -> why
+  std::atomic<bool> any_stale{false};
+  void MarkStale(uint32_t blob, std::string why) {
+    std::lock_guard<std::mutex> lock(stale_mu);
+    stale.emplace(blob, std::move(why));
+    any_stale.store(true);
+  }
+  // ESTALE naming `shown` if node `n` reads a stale blob.
+  Status CheckStale(const tree::Node& n, std::string_view shown) const {
+    if (!any_stale.load()) return Ok();
+    std::lock_guard<std::mutex> lock(stale_mu);
+    auto why = [&](uint32_t blob) -> const std::string* {
+      auto it = stale.find(blob);
+      return it == stale.end() ? nullptr : &it->second;
+    };
+    const std::string* w = n.blob != source::kNoBlob ? why(n.blob) : nullptr;
+    if (n.tensor) {
+      for (const auto& c : n.tensor->chunks) {
+        // A re-encoded chunk's tensor reads its decoded copy: not stale.
+        if (!w && !c.lazy) w = why(c.blob);
+      }
+    }
+    if (!w) return Ok();
+    return Err(ESTALE, "{}: {}", shown, *w);
+  }
+
+  // Logs a long commit's progress at every tenth: "saving WHAT: <how> N%".
+  std::function<void(uint64_t, uint64_t)> ProgressLogger(std::string what) const {
+    auto last = std::make_shared<int>(-1);
+    std::string how = overlay.committer ? overlay.committer->Describe() : "";
+    return [what = std::move(what), how = std::move(how), last](uint64_t done, uint64_t total) {
+      int percent = total ? static_cast<int>(done * 100 / total) : 100;
+      if (percent / 10 == *last / 10) return;
+      *last = percent;
+      spdlog::info("saving {}: {} {}% ({:.1f} of {:.1f} MiB)", what, how, percent,
+                   static_cast<double>(done) / (1 << 20), static_cast<double>(total) / (1 << 20));
+    };
+  }
+
   Result<ReadPlan> ReadSafetensors(uint64_t offset, uint64_t size) const {
     ReadPlan plan;
     const uint64_t end = std::min(safetensors.size, offset + size);
@@ -244,6 +290,10 @@ struct Filesystem::Impl {
   // The staged size and time of a tensor being written (else the node's).
   void StagedAttr(uint64_t ino, NodeAttr* attr) const;
   Status CommitTensor(uint64_t ino, std::string_view why);
+  // Why tensor `t` cannot be written ("" if it can).
+  static std::string WhyTensorNotWritable(const checkpoint::Tensor& t, const source::Source& src);
+  // CheckpointInfo::writable.
+  std::string DescribeWritable(bool has_config) const;
   // Gives tensor files the write bits their stored files grant.
   void EnableTensorWrites();
   // Every node whose bytes come from one of `blobs`.

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 
 #include "checkpoint/tensor.h"
 #include "tree/filesystem_impl.h"
@@ -35,18 +36,6 @@ struct timespec NowTs() {
 // How far a tensor file may grow while staged: a wrong-size rewrite is
 // EINVAL at its commit, not EFBIG on the way, unless it is absurd.
 uint64_t MaxStaged(uint64_t nbytes) { return 2 * nbytes + (64u << 20); }
-
-// Why the tensor cannot be patched in place ("" if it can).
-std::string WhyNotWritable(const checkpoint::Tensor& t, const source::Source& src) {
-  for (const auto& c : t.chunks) {
-    if (c.lazy) return "a chunk of it is stored compressed";
-    if (!c.fill.empty()) return "a chunk of it was never written (zarr fill value)";
-    if (c.blob == source::kNoBlob) return c.missing.empty() ? "its bytes are missing" : c.missing;
-    auto place = src.PlaceOf(c.blob);
-    if (!place) return place.error().message();
-  }
-  return "";
-}
 
 // Puts `data` at `offset` into the extents, merging what it overlaps or
 // touches. An append to the extent it continues (cp, dd) is amortised O(n).
@@ -118,6 +107,68 @@ std::string Le32Bytes(uint32_t v) {
 
 }  // namespace
 
+std::string Filesystem::Impl::WhyTensorNotWritable(const checkpoint::Tensor& t,
+                                                   const source::Source& src) {
+  for (const auto& c : t.chunks) {
+    if (!c.fill.empty()) {
+      return "a chunk of it was never written (zarr fill value: no chunk file to rewrite)";
+    }
+    if (c.lazy) {
+      // A compressed chunk file is replaced whole (its size changes):
+      // only a folder's own files can be.
+      if (c.lazy->blob() == source::kNoBlob) return "a compressed chunk of it has no file";
+      if (src.storage() != source::Storage::kFolder) {
+        return "a compressed zarr chunk inside an archive cannot be re-encoded in place";
+      }
+      continue;
+    }
+    if (c.blob == source::kNoBlob) return c.missing.empty() ? "its bytes are missing" : c.missing;
+    auto place = src.PlaceOf(c.blob);
+    if (!place) return place.error().message();
+  }
+  return "";
+}
+
+
+std::string Filesystem::Impl::DescribeWritable(bool has_config) const {
+  if (std::string why = write::WhyReadOnly(info.source, false); !why.empty()) {
+    return "nothing (" + why + ")";
+  }
+  std::vector<std::string> what;
+  if (has_config) what.push_back("config.yaml");
+  uint64_t tensors = 0, ok = 0;
+  std::string why_not;
+  for (const auto* list : {&catalog.tensors, &catalog.optimizer}) {
+    for (const auto& t : *list) {
+      ++tensors;
+      std::string why = WhyTensorNotWritable(t, *src);
+      if (why.empty()) {
+        ++ok;
+      } else if (why_not.empty()) {
+        why_not = fmt::format(" ({}: {})", t.key, why);
+      }
+    }
+  }
+  if (tensors) what.push_back(fmt::format("{} of {} tensor files{}", ok, tensors, why_not));
+  if (has_config && src->storage() != source::Storage::kFile) what.push_back("new files");
+  std::string list;
+  for (const auto& w : what) list += (list.empty() ? "" : ", ") + w;
+  if (list.empty()) return "nothing";
+  switch (src->storage()) {
+    case source::Storage::kPlainTar:
+      return list + "; tensors patched in place under a rollback journal, files appended as new "
+                    "members (O(change))";
+    case source::Storage::kCompressedTar:
+      return list + "; every save rewrites the whole archive (O(archive))";
+    case source::Storage::kFolder:
+      return list + "; tensors patched in place under a rollback journal, files replaced "
+                    "(O(change))";
+    case source::Storage::kFile:
+      return list + "; patched in place under a rollback journal (O(change))";
+  }
+  return list;
+}
+
 void Filesystem::Impl::HoldForRead(ReadPlan* plan) const {
   if (!overlay.writable) return;
   auto hold = std::make_shared<std::shared_lock<std::shared_mutex>>(tensor_writes.patch_mu);
@@ -133,7 +184,7 @@ Result<OpenedFile> Filesystem::Impl::OpenTensor(uint64_t ino, int flags) {
                info.read_only_reason.empty() ? "its files have no write permission"
                                              : info.read_only_reason);
   }
-  if (std::string why = WhyNotWritable(*n->tensor, *src); !why.empty()) {
+  if (std::string why = WhyTensorNotWritable(*n->tensor, *src); !why.empty()) {
     return Err(EROFS, "tensor {} cannot be written in place: {}", n->tensor->key, why);
   }
   TensorWrites& w = tensor_writes;
@@ -366,7 +417,9 @@ std::vector<uint64_t> Filesystem::Impl::NodesOfBlobs(const std::set<uint32_t>& b
     if (n->type != NodeType::kFile) continue;
     bool hit = n->safetensors || (n->blob != source::kNoBlob && blobs.count(n->blob));
     if (!hit && n->tensor) {
-      for (const auto& c : n->tensor->chunks) hit = hit || blobs.count(c.blob);
+      for (const auto& c : n->tensor->chunks) {
+        hit = hit || blobs.count(c.lazy ? c.lazy->blob() : c.blob);
+      }
     }
     if (hit) out.push_back(ino);
   }
@@ -421,12 +474,63 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
     for (auto& w : part) writes.push_back(std::move(w));
   }
   std::vector<write::ConfigCommitter::Patch> data, meta;
+  std::vector<uint32_t> data_blobs;  // the blob of each data patch
   std::set<uint32_t> blobs;
-  // CRC fields: (file, offset) -> current value, patched write by write.
-  std::map<std::pair<std::string, uint64_t>, uint32_t> crcs;
+  // A compressed chunk's writes, for its decoded copy once committed.
+  std::vector<const checkpoint::BlobWrite*> decoded;
+  std::set<uint32_t> reencoded;  // blobs of chunk files replaced whole
+  // CRC fields: (file, member, offset) -> current value and blob, patched
+  // write by write.
+  struct CrcField {
+    uint32_t value = 0;
+    uint32_t blob = 0;
+    std::string member;
+  };
+  std::map<std::tuple<std::string, uint64_t, uint64_t>, CrcField> crcs;
   uint64_t changed = 0;
-  for (auto& w : writes) {
+  for (size_t i = 0; i < writes.size();) {
+    auto& w = writes[i];
     NEMOFS_ASSIGN_OR_RETURN(source::StoredPlace place, src->PlaceOf(w.blob));
+    if (w.lazy) {
+      // A compressed chunk: decoded, changed, encoded again; the file is
+      // replaced whole (to_end: its size changes) under the journal.
+      size_t j = i;
+      while (j < writes.size() && writes[j].blob == w.blob) ++j;
+      if (src->storage() != source::Storage::kFolder) {
+        return Err(EROFS, "{}: a compressed zarr chunk inside an archive cannot be re-encoded",
+                   shown);
+      }
+      NEMOFS_ASSIGN_OR_RETURN(source::FileRange dec, w.lazy->Get(*src));
+      std::string plain(dec.length, '\0');
+      NEMOFS_RETURN_IF_ERROR(PreadFull(dec.fd, plain.data(), plain.size(), dec.offset, shown));
+      std::string next = plain;
+      for (size_t k = i; k < j; ++k) {
+        const auto& wk = writes[k];
+        if (wk.offset + wk.bytes.size() > next.size()) {
+          return Err(EIO, "{}: a write past the end of a decoded chunk", shown);
+        }
+        std::memcpy(next.data() + wk.offset, wk.bytes.data(), wk.bytes.size());
+        if (plain.compare(wk.offset, wk.bytes.size(), wk.bytes) != 0) {
+          changed += wk.bytes.size();
+          decoded.push_back(&wk);
+        }
+      }
+      if (next != plain) {
+        NEMOFS_ASSIGN_OR_RETURN(std::string encoded, w.lazy->Encode(next));
+        write::ConfigCommitter::Patch p;
+        p.file = place.file;
+        p.offset = place.offset;
+        p.bytes = std::move(encoded);
+        p.to_end = true;
+        data.push_back(std::move(p));
+        data_blobs.push_back(w.blob);
+        blobs.insert(w.blob);
+        reencoded.insert(w.blob);
+      }
+      i = j;
+      continue;
+    }
+    ++i;
     NEMOFS_ASSIGN_OR_RETURN(source::FileRange range, src->Locate(w.blob));
     if (w.offset + w.bytes.size() > range.length) {
       return Err(EIO, "{}: a write past the end of its stored file", shown);
@@ -458,33 +562,84 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
         fields.push_back(rec->local_header + 14);
       }
       for (uint64_t f : fields) {
-        auto key = std::make_pair(place.file, place.offset + f);
+        auto key = std::make_tuple(place.file, place.member_index, place.offset + f);
         auto it = crcs.find(key);
         if (it == crcs.end()) {
           char b[4];
           NEMOFS_RETURN_IF_ERROR(PreadFull(range.fd, b, 4, range.offset + f, info.source));
-          it = crcs.emplace(key, Le32(b)).first;
+          it = crcs.emplace(key, CrcField{Le32(b), w.blob, place.member}).first;
         }
-        if (it->second != 0) {
-          it->second = write::Crc32Patch(it->second, rec->size, w.offset - rec->data, old,
-                                         w.bytes);
+        if (it->second.value != 0) {
+          it->second.value = write::Crc32Patch(it->second.value, rec->size,
+                                               w.offset - rec->data, old, w.bytes);
         }
       }
     }
     changed += w.bytes.size();
     blobs.insert(w.blob);
     // The old bytes go along: the journal needs them, no second read.
-    data.push_back({place.file, place.offset + w.offset, std::move(w.bytes), std::move(old)});
+    write::ConfigCommitter::Patch p;
+    p.file = place.file;
+    p.offset = place.offset + w.offset;
+    p.bytes = std::move(w.bytes);
+    p.old = std::move(old);
+    p.member = place.member;
+    p.member_index = place.member_index;
+    data.push_back(std::move(p));
+    data_blobs.push_back(w.blob);
   }
-  for (const auto& [key, value] : crcs) {
-    if (value != 0) meta.push_back({key.first, key.second, Le32Bytes(value)});
+  std::vector<uint32_t> meta_blobs;
+  for (const auto& [key, field] : crcs) {
+    if (field.value == 0) continue;
+    write::ConfigCommitter::Patch p;
+    p.file = std::get<0>(key);
+    p.member_index = std::get<1>(key);
+    p.offset = std::get<2>(key);
+    p.bytes = Le32Bytes(field.value);
+    p.member = field.member;
+    meta.push_back(std::move(p));
+    meta_blobs.push_back(field.blob);
   }
-  spdlog::info("{}: {} bytes changed in {} region(s), {} CRC field(s) {}", shown, changed,
-               data.size(), meta.size(), why);
+  const bool rewrite = src->storage() == source::Storage::kCompressedTar;
+  spdlog::info("{}: {} bytes changed in {} region(s), {} CRC field(s) {}{}", shown, changed,
+               data.size(), meta.size(), why,
+               rewrite ? fmt::format(" (a rewrite of the {} archive)", src->Kind()) : "");
   Status st = Ok();
   if (!data.empty()) {
-    std::unique_lock<std::shared_mutex> hold(tensor_writes.patch_mu);
-    st = overlay.committer->PatchInPlace(data, meta);
+    // Readers wait while stored bytes change under them. A rewrite of a
+    // compressed archive changes none they read (they read its extracted
+    // members): they wait only while those get the new bytes.
+    std::unique_lock<std::shared_mutex> hold(tensor_writes.patch_mu, std::defer_lock);
+    if (!rewrite) hold.lock();
+    st = overlay.committer->PatchInPlace(data, meta, ProgressLogger(shown));
+    if (rewrite) hold.lock();
+    if (st.ok()) {
+      // What reads come from besides the stored files: the member extracted
+      // from a compressed archive, the decoded copy of a zarr chunk. Should
+      // that fail, the checkpoint holds the new bytes but this mount would
+      // show the old ones: those files read ESTALE until a remount.
+      auto refresh = [&](uint32_t blob, Status done) {
+        if (done.ok()) return;
+        spdlog::error("{}: committed, but this mount cannot show it: {}", shown,
+                      done.error().message());
+        MarkStale(blob, "a write was committed but this mount cannot show it (" +
+                            done.error().message() + "); remount");
+      };
+      if (rewrite) {
+        for (size_t k = 0; k < data.size(); ++k) {
+          refresh(data_blobs[k], src->PatchExtracted(data_blobs[k], data[k].offset, data[k].bytes));
+        }
+        for (size_t k = 0; k < meta.size(); ++k) {
+          refresh(meta_blobs[k], src->PatchExtracted(meta_blobs[k], meta[k].offset, meta[k].bytes));
+        }
+      }
+      for (const auto* wk : decoded) refresh(wk->blob, wk->lazy->PatchDecoded(wk->offset, wk->bytes));
+      // The chunk files' own archive/ view: its size is the old one.
+      for (uint32_t b : reencoded) {
+        MarkStale(b, "its chunk file was re-encoded by a tensor write (another size); remount to "
+                     "see it as stored");
+      }
+    }
   }
   if (!st.ok()) {
     return Err(st.error().code(), "{} not saved: {}", shown, st.error().message());

@@ -337,16 +337,7 @@ Status Filesystem::Impl::CommitConfig(const std::string& text, uint64_t generati
     }
   }
   auto start = std::chrono::steady_clock::now();
-  int last_percent = -1;
-  auto progress = [&](uint64_t done, uint64_t total) {
-    int percent = total ? static_cast<int>(done * 100 / total) : 100;
-    if (percent / 10 == last_percent / 10) return;
-    last_percent = percent;
-    spdlog::info("saving {}: {} {}% ({:.1f} of {:.1f} MiB)", what, o.committer->Describe(),
-                 percent, static_cast<double>(done) / (1 << 20),
-                 static_cast<double>(total) / (1 << 20));
-  };
-  Status st = o.committer->Commit(text, mtime, progress);
+  Status st = o.committer->Commit(text, mtime, ProgressLogger(std::string(what)));
   if (!st.ok()) return st;
   {
     std::lock_guard<std::mutex> lock(o.mu);
@@ -447,14 +438,7 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
   std::string names;
   for (const auto& f : files) names += (names.empty() ? "" : ", ") + f.path;
   auto start = std::chrono::steady_clock::now();
-  int last_percent = -1;
-  auto progress = [&](uint64_t done, uint64_t total) {
-    int percent = total ? static_cast<int>(done * 100 / total) : 100;
-    if (percent / 10 == last_percent / 10) return;
-    last_percent = percent;
-    spdlog::info("storing {}: {} {}%", names, o.committer->Describe(), percent);
-  };
-  Status st = o.committer->StoreFiles(files, progress);
+  Status st = o.committer->StoreFiles(files, ProgressLogger(names));
   if (!st.ok()) {
     // Never lose them: a copy under the cache directory, named in the error.
     struct timespec now = Now();

@@ -57,6 +57,31 @@ Status WriteFull(int fd, const void* buf, size_t len, std::string_view what) {
   return Ok();
 }
 
+Status PwriteFull(int fd, std::string_view bytes, uint64_t offset, std::string_view what) {
+  size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t n =
+        ::pwrite(fd, bytes.data() + done, bytes.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      int e = errno;
+      return Err(e, "{}: write at offset {} failed: {}", what, offset + done, std::strerror(e));
+    }
+    done += static_cast<size_t>(n);
+  }
+  return Ok();
+}
+
+Status PwriteThroughReadOnly(int fd, std::string_view bytes, uint64_t offset,
+                             std::string_view what) {
+  const std::string self = "/proc/self/fd/" + std::to_string(fd);
+  UniqueFd w(::open(self.c_str(), O_WRONLY | O_CLOEXEC));
+  if (!w.valid()) {
+    return Err(errno, "{}: cannot reopen for writing: {}", what, std::strerror(errno));
+  }
+  return PwriteFull(w.get(), bytes, offset, what);
+}
+
 Result<struct stat> Stat(const std::string& path, bool follow_symlinks) {
   struct stat st {};
   int rc = follow_symlinks ? ::stat(path.c_str(), &st) : ::lstat(path.c_str(), &st);

@@ -23,6 +23,12 @@ Status PreadFull(int fd, void* buf, size_t len, uint64_t offset, std::string_vie
 Result<size_t> PreadUpTo(int fd, void* buf, size_t len, uint64_t offset, std::string_view what);
 
 Status WriteFull(int fd, const void* buf, size_t len, std::string_view what);
+// Writes all of `bytes` at `offset` (retrying short writes and EINTR).
+Status PwriteFull(int fd, std::string_view bytes, uint64_t offset, std::string_view what);
+// The same, into the file a read-only descriptor `fd` has open (reopened
+// for writing through /proc/self/fd, whatever became of its name).
+Status PwriteThroughReadOnly(int fd, std::string_view bytes, uint64_t offset,
+                             std::string_view what);
 
 Result<struct stat> Stat(const std::string& path, bool follow_symlinks = true);
 Result<struct stat> FStat(int fd, std::string_view what);

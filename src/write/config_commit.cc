@@ -30,10 +30,15 @@ FileIdentity FromStat(const struct stat& st) {
   return {st.st_dev, st.st_ino, st.st_size, st.st_mtim.tv_sec, st.st_mtim.tv_nsec};
 }
 
-// Why `path` cannot be written ("" if it can): no write permission bits
-// (even for root: a 0444 checkpoint is read-only by intent), a read-only
-// file system, or access(2) says no. `dir` too when the commit creates
-// files beside it.
+// Removes `<dir>/<prefix><pid>` files whose process is gone (the archive
+// kinds: the folder holding the archive file). Best effort.
+void RemoveStaleTemps(const std::string& dir, const std::string& prefix) {
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (fd.valid()) RemoveStaleTempsAt(fd.get(), dir, prefix);
+}
+
+}  // namespace
+
 std::string WhyReadOnly(const std::string& path, bool need_dir) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return fmt::format("{}: {}", path, std::strerror(errno));
@@ -52,14 +57,6 @@ std::string WhyReadOnly(const std::string& path, bool need_dir) {
   return "";
 }
 
-// Removes `<dir>/<prefix><pid>` files whose process is gone (the archive
-// kinds: the folder holding the archive file). Best effort.
-void RemoveStaleTemps(const std::string& dir, const std::string& prefix) {
-  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (fd.valid()) RemoveStaleTempsAt(fd.get(), dir, prefix);
-}
-
-}  // namespace
 
 Result<FileIdentity> IdentityOf(const std::string& path) {
   NEMOFS_ASSIGN_OR_RETURN(struct stat st, Stat(path));
@@ -364,14 +361,34 @@ Status ConfigCommitter::StoreFiles(const std::vector<NewFile>& files,
 }
 
 Status ConfigCommitter::PatchInPlace(const std::vector<Patch>& data,
-                                     const std::vector<Patch>& meta) {
+                                     const std::vector<Patch>& meta,
+                                     const std::function<void(uint64_t, uint64_t)>& progress) {
   if (data.empty() && meta.empty()) return Ok();
+  for (const auto* list : {&data, &meta}) {
+    for (const auto& p : *list) {
+      if (p.to_end && kind_ != Kind::kFolder) {
+        return Err(EINVAL, "{}: only a folder's files can change size in a patch", target_);
+      }
+    }
+  }
   PatchRoot root;
   UniqueFd dir;
   std::string file_name;  // the source file's name in `dir` (file kinds)
   switch (kind_) {
-    case Kind::kCompressedTar:
-      return Err(EROFS, "{}: a compressed archive cannot be patched in place", target_);
+    case Kind::kCompressedTar: {
+      NEMOFS_ASSIGN_OR_RETURN(FileIdentity now, IdentityOf(target_));
+      NEMOFS_RETURN_IF_ERROR(CheckIdentity(now));
+      RemoveStaleTemps(DirOf(target_), BaseOf(target_) + ".nemofs-rewrite.");
+      std::vector<MemberPatch> patches;
+      for (const auto* list : {&data, &meta}) {
+        for (const auto& p : *list) {
+          patches.push_back(MemberPatch{p.member_index, p.member, p.offset, p.bytes});
+        }
+      }
+      NEMOFS_RETURN_IF_ERROR(RewriteCompressedTar(target_, "", "", 0, progress, {}, patches));
+      NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
+      return Ok();
+    }
     case Kind::kFolder: {
       NEMOFS_ASSIGN_OR_RETURN(dir, OpenFolder("", false));
       root.shown_dir = folder_root_;
@@ -397,11 +414,11 @@ Status ConfigCommitter::PatchInPlace(const std::vector<Patch>& data,
     std::vector<Region> out;
     out.reserve(patches.size());
     for (const auto& p : patches) {
-      out.push_back(Region{p.file.empty() ? file_name : p.file, p.offset, p.bytes, p.old});
+      out.push_back(Region{p.file.empty() ? file_name : p.file, p.offset, p.bytes, p.old, p.to_end});
     }
     return out;
   };
-  Status st = ApplyPatch(root, regions(data), regions(meta));
+  Status st = ApplyPatch(root, regions(data), regions(meta), progress);
   if (kind_ != Kind::kFolder) {
     // Our own change of the file (its mtime) is not someone else's.
     if (auto now = IdentityOf(target_); now.ok()) identity_ = *now;

@@ -86,13 +86,24 @@ class ConfigCommitter {
     uint64_t offset = 0;
     std::string bytes;
     std::string old;  // the bytes there now, if already read ("" = read them)
+    // A compressed tar: the member (StoredPlace::member, member_index);
+    // `offset` is within it.
+    std::string member;
+    uint64_t member_index = 0;
+    // `bytes` become the file's content from `offset` to its end, whatever
+    // its size was (write/journal.h Region::to_end; folders only).
+    bool to_end = false;
   };
   // Patches the stored files in place under a rollback journal
   // (write/journal.h): `data` first, then `meta` (the CRC-32 fields of the
-  // zip records the data is in). Refused with ESTALE when the source file
-  // changed behind the mount. On failure the files are as before (or a hot
-  // journal is left that the next open rolls back; the error says so).
-  Status PatchInPlace(const std::vector<Patch>& data, const std::vector<Patch>& meta);
+  // zip records the data is in). A compressed tar has no place to patch:
+  // it is rewritten with the members' bytes changed (write/rewrite.h),
+  // O(archive), with `progress` (done, total bytes; may be null). Refused
+  // with ESTALE when the source file changed behind the mount. On failure
+  // the files are as before (or a hot journal is left that the next open
+  // rolls back; the error says so).
+  Status PatchInPlace(const std::vector<Patch>& data, const std::vector<Patch>& meta,
+                      const std::function<void(uint64_t, uint64_t)>& progress = nullptr);
   // Whether the config can be committed (false for a source without one).
   bool has_config() const { return !config_.empty(); }
 
@@ -145,6 +156,11 @@ class ConfigCommitter {
 // mount holds it, its own write may be in progress: nothing is done.
 Result<std::string> RollBackInterruptedPatch(const std::string& source_path, bool may_write,
                                              bool lock_held);
+
+// Why `path` cannot be written ("" if it can): no write permission bits
+// (even for root: a 0444 checkpoint is read-only by intent), a read-only
+// file system, or access(2) says no; its folder too with `need_dir`.
+std::string WhyReadOnly(const std::string& path, bool need_dir);
 
 // Identity of `path` (following symlinks).
 Result<FileIdentity> IdentityOf(const std::string& path);

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
+#include <limits>
 #include <map>
 #include <set>
 
@@ -21,7 +23,9 @@
 namespace nemofs::write {
 namespace {
 
-constexpr std::string_view kMagic = "NEMOFSJ1";
+constexpr std::string_view kMagic = "NEMOFSJ2";
+constexpr std::string_view kMagicV1 = "NEMOFSJ1";  // records without the flags byte
+constexpr uint8_t kToEnd = 1;
 constexpr std::string_view kTrailer = "NEMOFSJE";
 constexpr size_t kTrailerSize = 8 + 8 + 4;
 
@@ -123,7 +127,10 @@ Status Unlink(const PatchRoot& root) {
 // Writes the regions' bytes into their files; `half_step` is the crash
 // point halfway (of the regions, or of the one region's bytes).
 Status WriteRegions(Files& files, const std::vector<Region>& regions, const PatchRoot& root,
-                    const char* half_step) {
+                    const char* half_step,
+                    const std::function<void(uint64_t, uint64_t)>& progress = nullptr) {
+  uint64_t total = 0, done = 0;
+  for (const auto& r : regions) total += r.bytes.size();
   for (size_t i = 0; i < regions.size(); ++i) {
     if (half_step && i == regions.size() / 2 && i > 0) MaybeCrash(half_step);
     const Region& r = regions[i];
@@ -138,6 +145,12 @@ Status WriteRegions(Files& files, const std::vector<Region>& regions, const Patc
     } else {
       NEMOFS_RETURN_IF_ERROR(PwriteFull(fd, bytes, r.offset, shown));
     }
+    if (r.to_end && ::ftruncate(fd, static_cast<off_t>(r.offset + bytes.size())) != 0) {
+      return Err(errno, "{}: cannot set its size to {}: {}", shown, r.offset + bytes.size(),
+                 std::strerror(errno));
+    }
+    done += bytes.size();
+    if (progress) progress(done, total);
   }
   return Ok();
 }
@@ -161,9 +174,19 @@ Result<std::string> ReadJournal(const PatchRoot& root) {
 
 Result<ParsedJournal> ParseJournal(std::string_view b, const std::string& shown) {
   ParsedJournal out;
-  if (b.size() < kMagic.size() + 8 + kTrailerSize || b.substr(0, kMagic.size()) != kMagic) {
+  if (b.size() < kMagic.size() + 8 + kTrailerSize) {
     return out;  // cut off before its header or trailer: incomplete
   }
+  const bool v1 = b.substr(0, kMagicV1.size()) == kMagicV1;
+  if (!v1 && b.substr(0, kMagic.size()) != kMagic) {
+    // Whole but not a journal of any version: a crash cannot make that.
+    if (b.substr(0, 6) == kMagic.substr(0, 6) && b.substr(b.size() - kTrailerSize, 8) == kTrailer) {
+      return Err(EIO, "{}: a journal of an unknown version ({}); left in place", shown,
+                 b.substr(0, kMagic.size()));
+    }
+    return out;
+  }
+  const size_t flags_size = v1 ? 0 : 1;
   const size_t tail = b.size() - kTrailerSize;
   if (b.substr(tail, kTrailer.size()) != kTrailer) return out;
   const uint64_t count = GetLe(b, kMagic.size(), 8);
@@ -176,7 +199,9 @@ Result<ParsedJournal> ParseJournal(std::string_view b, const std::string& shown)
     if (tail - p < 4) return Err(EIO, "{}: record {} is truncated", shown, i);
     const uint64_t name_len = GetLe(b, p, 4);
     p += 4;
-    if (tail - p < name_len + 20) return Err(EIO, "{}: record {} is truncated", shown, i);
+    if (tail - p < name_len + 20 + flags_size) {
+      return Err(EIO, "{}: record {} is truncated", shown, i);
+    }
     Region r;
     r.file.assign(b.substr(p, name_len));
     p += name_len;
@@ -184,6 +209,12 @@ Result<ParsedJournal> ParseJournal(std::string_view b, const std::string& shown)
     const uint64_t len = GetLe(b, p + 8, 8);
     const uint32_t crc = static_cast<uint32_t>(GetLe(b, p + 16, 4));
     p += 20;
+    if (!v1) {
+      const auto flags = static_cast<uint8_t>(b[p]);
+      if (flags & ~kToEnd) return Err(EIO, "{}: record {} has unknown flags {}", shown, i, flags);
+      r.to_end = flags & kToEnd;
+      p += 1;
+    }
     if (!ValidName(r.file)) return Err(EIO, "{}: record {} names a bad file", shown, i);
     if (tail - p < len) return Err(EIO, "{}: record {} is truncated", shown, i);
     r.bytes.assign(b.substr(p, len));
@@ -207,7 +238,8 @@ Result<bool> HasHotJournal(const PatchRoot& root) {
 }
 
 Status ApplyPatch(const PatchRoot& root, const std::vector<Region>& data,
-                  const std::vector<Region>& meta) {
+                  const std::vector<Region>& meta,
+                  const std::function<void(uint64_t, uint64_t)>& progress) {
   if (data.empty() && meta.empty()) return Ok();
   const std::string journal = root.shown_dir + "/" + root.journal_name;
   Files files(root);
@@ -220,16 +252,21 @@ Status ApplyPatch(const PatchRoot& root, const std::vector<Region>& data,
   for (size_t i = 0; i < all.size(); ++i) {
     const Region& r = *all[i];
     NEMOFS_ASSIGN_OR_RETURN(int fd, files.Get(r.file));
-    if (r.offset + r.bytes.size() < r.offset || r.offset + r.bytes.size() > files.Size(r.file)) {
+    const uint64_t size = files.Size(r.file);
+    if (r.to_end ? r.offset > size
+                 : r.offset + r.bytes.size() < r.offset || r.offset + r.bytes.size() > size) {
       return Err(EINVAL, "{}/{}: a patch of bytes {}..{} is past its end ({} bytes)",
-                 root.shown_dir, r.file, r.offset, r.offset + r.bytes.size(), files.Size(r.file));
+                 root.shown_dir, r.file, r.offset, r.offset + r.bytes.size(), size);
     }
-    spans[r.file].emplace_back(r.offset, r.offset + r.bytes.size());
-    if (!r.old.empty() && r.old.size() == r.bytes.size()) {
+    // A to_end region spans the rest of the file, new end or old.
+    spans[r.file].emplace_back(
+        r.offset, r.to_end ? std::numeric_limits<uint64_t>::max() : r.offset + r.bytes.size());
+    const uint64_t old_size = r.to_end ? size - r.offset : r.bytes.size();
+    if (r.old.size() == old_size && (old_size > 0 || r.to_end)) {
       old[i] = r.old;
       continue;
     }
-    old[i].resize(r.bytes.size());
+    old[i].resize(old_size);
     NEMOFS_RETURN_IF_ERROR(
         PreadFull(fd, old[i].data(), old[i].size(), r.offset, root.shown_dir + "/" + r.file));
   }
@@ -268,6 +305,7 @@ Status ApplyPatch(const PatchRoot& root, const std::vector<Region>& data,
       PutU64(&rec, all[i]->offset);
       PutU64(&rec, old[i].size());
       PutU32(&rec, Crc(old[i]));
+      rec.push_back(static_cast<char>(all[i]->to_end ? kToEnd : 0));
       st = put(rec);
       if (st.ok()) st = put(old[i]);
     }
@@ -289,7 +327,7 @@ Status ApplyPatch(const PatchRoot& root, const std::vector<Region>& data,
     }
   }
   // 2. The patch: data, then the CRC fields; durable before the journal goes.
-  Status st = WriteRegions(files, data, root, "patch:half");
+  Status st = WriteRegions(files, data, root, "patch:half", progress);
   if (st.ok()) {
     MaybeCrash("patch:before-meta");
     st = WriteRegions(files, meta, root, nullptr);
@@ -327,7 +365,7 @@ Result<std::string> RollBackHotJournal(const PatchRoot& root) {
       return Err(EIO, "{}: cannot roll back into {}/{} ({}); left in place", journal,
                  root.shown_dir, r.file, fd.error().message());
     }
-    if (r.offset + r.bytes.size() > files.Size(r.file)) {
+    if (r.to_end ? r.offset > files.Size(r.file) : r.offset + r.bytes.size() > files.Size(r.file)) {
       return Err(EIO, "{}: names bytes {}..{} of {}/{}, which has {}; left in place", journal,
                  r.offset, r.offset + r.bytes.size(), root.shown_dir, r.file, files.Size(r.file));
     }

@@ -7,9 +7,12 @@
 // (RollBackHotJournal): the files are then exactly the old ones.
 //
 // Journal format (little-endian):
-//   header  "NEMOFSJ1", u64 region count
+//   header  "NEMOFSJ2", u64 region count
 //   record  u32 name length, name (the file, relative to the folder),
-//           u64 offset, u64 length, u32 CRC-32 of the old bytes, old bytes
+//           u64 offset, u64 length, u32 CRC-32 of the old bytes,
+//           u8 flags (1: the old bytes ran to the end of the file, which a
+//           rollback truncates after them), old bytes
+// ("NEMOFSJ1" journals, of records without the flags byte, are read too.)
 //   trailer "NEMOFSJE", u64 region count, u32 CRC-32 of everything before
 // A journal without a valid trailer was cut off before its fsync: no file
 // was patched yet (patching starts after the fsync), so it is just removed.
@@ -30,8 +33,13 @@ struct Region {
   uint64_t offset = 0;
   std::string bytes;  // new bytes (ApplyPatch) or old ones (a parsed journal)
   // ApplyPatch: the bytes there now, when the caller has read them already
-  // (same size as `bytes`); empty: ApplyPatch reads them.
+  // (same size as `bytes`, or for `to_end` the rest of the file); empty:
+  // ApplyPatch reads them.
   std::string old;
+  // The region runs to the end of the file, whose size may change: `bytes`
+  // become the file's content from `offset` on, and a rollback puts back
+  // the old content from there to the old end (a re-encoded zarr chunk).
+  bool to_end = false;
 };
 
 struct PatchRoot {
@@ -42,13 +50,15 @@ struct PatchRoot {
 
 // Patches `data`, then `meta` (CRC fields), under the journal. Regions must
 // lie inside their files (regular files beneath the folder, reached without
-// following a symbolic link) and not overlap: EINVAL otherwise, nothing
-// written. A failure after the journal was written rolls back at once; if
+// following a symbolic link; a `to_end` region starts inside it, and is the
+// last of its file) and not overlap: EINVAL otherwise, nothing written.
+// `progress(done, total)` counts the data bytes patched (may be null). A failure after the journal was written rolls back at once; if
 // that fails too the journal stays (the next open rolls back) and the
 // error says so. Crash points (NEMOFS_FAULT, write/fault.h):
 // journal:before-fsync, patch:half, patch:before-meta, patch:before-delete.
 Status ApplyPatch(const PatchRoot& root, const std::vector<Region>& data,
-                  const std::vector<Region>& meta);
+                  const std::vector<Region>& meta,
+                  const std::function<void(uint64_t, uint64_t)>& progress = nullptr);
 
 // Whether the folder holds the journal (a patch was interrupted).
 Result<bool> HasHotJournal(const PatchRoot& root);

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <set>
 #include <string_view>
 #include <vector>
 
@@ -90,7 +91,16 @@ Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const
                                   const std::string& tmp, const std::string& member,
                                   const std::string& data, int64_t mtime,
                                   const std::function<void(uint64_t, uint64_t)>& progress,
-                                  const std::vector<NewMember>& add) {
+                                  const std::vector<NewMember>& add,
+                                  const std::vector<MemberPatch>& patches) {
+  // member index -> its patches, sorted by offset
+  std::map<uint64_t, std::vector<const MemberPatch*>> patches_of;
+  for (const auto& p : patches) patches_of[p.index].push_back(&p);
+  for (auto& [name, list] : patches_of) {
+    std::sort(list.begin(), list.end(),
+              [](const MemberPatch* a, const MemberPatch* b) { return a->offset < b->offset; });
+  }
+  std::set<uint64_t> patched;
   std::map<std::string, size_t> add_by_path;  // normalised path -> index in `add`
   for (size_t i = 0; i < add.size(); ++i) {
     std::string norm;
@@ -174,6 +184,21 @@ Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const
                    archive_entry_hardlink(entry) == nullptr &&
                    source::NormalizePath(name, &normalised);
     bool match = regular && !member.empty() && normalised == member;
+    const std::vector<const MemberPatch*>* mine = nullptr;
+    if (auto it = patches_of.find(result.members); it != patches_of.end()) {
+      mine = &it->second;
+      const MemberPatch& last = *mine->back();
+      if (!regular || match || add_by_path.count(normalised)) {
+        return Err(EINVAL, "{}: member #{} ('{}') is not the regular file '{}' to patch", path,
+                   result.members, name, last.member);
+      }
+      if (last.offset + last.bytes.size() > static_cast<uint64_t>(archive_entry_size(entry))) {
+        return Err(EINVAL, "{}: a patch of member '{}' up to byte {} is past its {} bytes", path,
+                   name, last.offset + last.bytes.size(), archive_entry_size(entry));
+      }
+      patched.insert(result.members);
+    }
+    size_t next_patch = 0;  // the first patch not wholly behind `at`
     const NewMember* update = nullptr;
     if (regular && !match) {
       if (auto it = add_by_path.find(normalised); it != add_by_path.end()) {
@@ -203,7 +228,27 @@ Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const
     // duplicates its target's, is dropped as libarchive always does).
     la_int64_t expect = archive_entry_size(entry);
     la_int64_t at = 0;
+    std::string scratch;
     auto put = [&](const char* p, size_t n) -> Status {
+      // The patches this piece overlaps go into a copy of it.
+      if (mine) {
+        const uint64_t from = static_cast<uint64_t>(at), to = from + n;
+        while (next_patch < mine->size() &&
+               (*mine)[next_patch]->offset + (*mine)[next_patch]->bytes.size() <= from) {
+          ++next_patch;
+        }
+        if (next_patch < mine->size() && (*mine)[next_patch]->offset < to) {
+          scratch.assign(p, n);
+          for (size_t k = next_patch; k < mine->size() && (*mine)[k]->offset < to; ++k) {
+            const MemberPatch& mp = *(*mine)[k];
+            const uint64_t lo = std::max(from, mp.offset);
+            const uint64_t hi = std::min(to, mp.offset + mp.bytes.size());
+            std::memcpy(scratch.data() + (lo - from), mp.bytes.data() + (lo - mp.offset),
+                        hi - lo);
+          }
+          p = scratch.data();
+        }
+      }
       while (n > 0) {
         la_ssize_t wrote = archive_write_data(out.get(), p, n);
         if (wrote < 0) return WriteError(out.get(), path, tmp, fmt::format("data of '{}'", name));
@@ -263,6 +308,12 @@ Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const
   }
   if (!member.empty() && result.replaced == 0) {
     return Err(EINVAL, "{}: the archive has no regular file '{}'", path, member);
+  }
+  for (const auto& [index, list] : patches_of) {
+    if (!patched.count(index)) {
+      return Err(EINVAL, "{}: the archive has no member #{} ('{}') to patch", path, index,
+                 list.front()->member);
+    }
   }
   for (size_t i = 0; i < add.size(); ++i) {
     if (added[i]) continue;
@@ -372,9 +423,10 @@ namespace nemofs::write {
 Result<RewriteResult> RewriteCompressedTar(const std::string& path, const std::string& member,
                                            const std::string& data, int64_t mtime,
                                            const std::function<void(uint64_t, uint64_t)>& progress,
-                                           const std::vector<NewMember>& add) {
+                                           const std::vector<NewMember>& add,
+                                           const std::vector<MemberPatch>& patches) {
   std::string want;
-  if (member.empty() && !add.empty()) {
+  if (member.empty() && (!add.empty() || !patches.empty())) {
     // only additions
   } else if (!source::NormalizePath(member, &want) || want.empty()) {
     return Err(EINVAL, "{}: '{}' is not a member path", path, member);
@@ -396,7 +448,8 @@ Result<RewriteResult> RewriteCompressedTar(const std::string& path, const std::s
   NEMOFS_RETURN_IF_ERROR(ReplaceFile(path, options, [&](int out) -> Status {
     NEMOFS_ASSIGN_OR_RETURN(result,
                             CopyArchive(in.get(), static_cast<uint64_t>(in_st.st_size), out, path,
-                                        options.temp_path, want, data, mtime, progress, add));
+                                        options.temp_path, want, data, mtime, progress, add,
+                                        patches));
     NEMOFS_ASSIGN_OR_RETURN(struct stat out_st, FStat(out, options.temp_path));
     result.bytes_out = static_cast<uint64_t>(out_st.st_size);
     return Ok();

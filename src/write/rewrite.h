@@ -47,13 +47,29 @@ struct RewriteResult {
 //
 // `path` is replaced by a regular file: pass the real path, not a symlink.
 // Single-threaded; the libarchive handles live only inside the call.
+// Same-size changes of a member's bytes (tensor writes into a compressed
+// .nemo): `bytes` at `offset` of the member at position `index` among the
+// archive's headers (0 = the first; source::StoredPlace::member_index),
+// which must be a regular file; `member` names it in messages.
+struct MemberPatch {
+  uint64_t index = 0;
+  std::string member;
+  uint64_t offset = 0;
+  std::string bytes;
+};
+
 Result<RewriteResult> RewriteCompressedTar(const std::string& path, const std::string& member,
                                            const std::string& data, int64_t mtime,
                                            const std::function<void(uint64_t, uint64_t)>& progress,
-                                           const std::vector<NewMember>& add = {});
+                                           const std::vector<NewMember>& add = {},
+                                           const std::vector<MemberPatch>& patches = {});
 // With `add`: every member of `add` (NewMember::name normalised as above)
 // that names an existing regular member replaces its content (and mtime,
 // mode); the others are added at the end of the archive, in order, owned
 // like `member`. `member` may then be "" (nothing else replaced).
+// With `patches`: the members they name are copied with those bytes
+// changed (header, size and mtime kept); EINVAL naming the member when it
+// is not a regular member (not a hard link) of the archive or a patch goes
+// past its end. Patches of one member must not overlap.
 
 }  // namespace nemofs::write

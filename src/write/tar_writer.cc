@@ -80,21 +80,6 @@ std::string PaxRecord(const std::string& key, const std::string& value) {
 
 void Pad(std::string* s, uint64_t to) { s->append((to - s->size() % to) % to, '\0'); }
 
-Status PwriteFull(int fd, std::string_view bytes, uint64_t offset, std::string_view what) {
-  size_t done = 0;
-  while (done < bytes.size()) {
-    ssize_t n =
-        ::pwrite(fd, bytes.data() + done, bytes.size() - done, static_cast<off_t>(offset + done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      int e = errno;
-      return Err(e, "{}: write at offset {} failed: {}", what, offset + done, std::strerror(e));
-    }
-    done += static_cast<size_t>(n);
-  }
-  return Ok();
-}
-
 Status Sync(int fd, const std::string& what) {
   if (::fsync(fd) != 0) {
     int e = errno;

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "nemofs/result.h"
+#include "util/io.h"  // PwriteFull
 
 namespace nemofs::write {
 
@@ -37,7 +38,6 @@ void SetOwner(const TarOwner& owner, std::string* header);
 std::string PaxRecord(const std::string& key, const std::string& value);
 // Zero-pads `s` to a multiple of `to`.
 void Pad(std::string* s, uint64_t to);
-Status PwriteFull(int fd, std::string_view bytes, uint64_t offset, std::string_view what);
 Status Sync(int fd, const std::string& what);
 
 }  // namespace nemofs::write

@@ -23,7 +23,8 @@ Python zipfile testzip() (CRC-32 of every record) of every torch.save zip
 of SOURCE (tar members and folder files), and torch.load of each changed
 tensor where SOURCE (or a tar member of it) holds it as a whole tensor
 under the same key, or, for per-rank files, the concatenation of the
-ranks' shards along some dimension. Prints FAIL lines; exit 1 on any.
+ranks' shards along some dimension; a zarr array is read by zarr (by
+numcodecs for bfloat16) from its chunk files. Prints FAIL lines; exit 1 on any.
 """
 import hashlib
 import io
@@ -126,9 +127,65 @@ def do_write(mnt, state, method, every):
     return 0
 
 
+def open_tar(source):
+    """SOURCE as a tarfile.TarFile (zstd through the zstd tool), or None."""
+    if os.path.isdir(source):
+        return None
+    with open(source, "rb") as f:
+        head = f.read(4)
+    if head == b"\x28\xb5\x2f\xfd":  # zstd: Python 3.11's tarfile has no zstd
+        data = subprocess.run(["zstd", "-dc", source], check=True, stdout=subprocess.PIPE).stdout
+        return tarfile.open(fileobj=io.BytesIO(data))
+    if tarfile.is_tarfile(source):
+        return tarfile.open(source)
+    return None
+
+
+def zarr_arrays(source):
+    """{key: C-order bytes} of every zarr array stored in folder SOURCE, read
+    by zarr itself (numcodecs for Megatron's bfloat16, which zarr cannot)."""
+    out = {}
+    if not os.path.isdir(source):
+        return out
+    import numpy as np
+    for dirpath, _, names in os.walk(source):
+        if ".zarray" not in names:
+            continue
+        with open(os.path.join(dirpath, ".zarray")) as f:
+            meta = json.load(f)
+        key = os.path.basename(dirpath)
+        comp = meta.get("compressor")
+        if comp and comp.get("id") not in (None, "zstd"):
+            continue  # nemofs does not show it
+        if meta["dtype"] != "bfloat16":
+            import zarr
+            out[key] = np.ascontiguousarray(zarr.open(dirpath, mode="r")[...]).tobytes()
+            continue
+        import numcodecs
+        codec = numcodecs.get_codec(comp) if comp else None
+        shape, chunks = meta["shape"], meta["chunks"]
+        sep = meta.get("dimension_separator", ".")
+        arr = np.zeros(shape, dtype="<u2")
+        grid = [-(-s // c) for s, c in zip(shape, chunks)]
+        for idx in np.ndindex(*grid):
+            name = sep.join(str(i) for i in idx) if shape else "0"
+            path = os.path.join(dirpath, name)
+            if not os.path.exists(path):
+                continue
+            with open(path, "rb") as f:
+                b = f.read()
+            b = codec.decode(b) if codec else b
+            block = np.frombuffer(bytes(b), dtype="<u2").reshape(chunks)
+            sl = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, chunks, shape))
+            arr[sl] = block[tuple(slice(0, x.stop - x.start) for x in sl)]
+        out[key] = arr.tobytes()
+    return out
+
+
 def zips_of(source):
     """(name, bytes) of every torch.save zip stored in SOURCE."""
     out = []
+    tar = open_tar(source)
     if os.path.isdir(source):
         for dirpath, _, names in os.walk(source):
             for n in names:
@@ -138,8 +195,8 @@ def zips_of(source):
                 if head == b"PK\x03\x04":
                     with open(p, "rb") as f:
                         out.append((p, f.read()))
-    elif tarfile.is_tarfile(source):
-        with tarfile.open(source) as t:
+    elif tar is not None:
+        with tar as t:
             for m in t.getmembers():
                 if m.isfile():
                     b = t.extractfile(m).read()
@@ -209,9 +266,10 @@ def do_check(mnt, state, source, expect):
             print("note: torch.load(%s): %s" % (name, e))
             continue
         loaded.append((name, dict(tensors_in(obj))))
-    if not os.path.isdir(source) and not tarfile.is_tarfile(source) and not zips:
+    if not os.path.isdir(source) and open_tar(source) is None and not zips:
         obj = torch.load(source, map_location="cpu")  # legacy torch.save
         loaded.append((source, dict(tensors_in(obj))))
+    arrays = zarr_arrays(source)
     for rel, c in changed.items():
         if expect == "either":  # whole old or whole new: what the mount shows
             with open(os.path.join(mnt, rel), "rb") as f:
@@ -219,6 +277,11 @@ def do_check(mnt, state, source, expect):
         else:
             want = bytes.fromhex(c[expect])
         key = c["key"]
+        if key in arrays:
+            if arrays[key] != want:
+                fail("%s (%s): zarr does not read the %s bytes from the chunk files" %
+                     (rel, key, expect))
+            continue
         shards = []
         for name, ts in loaded:
             for k, t in ts.items():

@@ -328,6 +328,31 @@ TEST_F(RewriteFailure, DirectoriesSymlinksAndHardLinksAreNotReplaced) {
   ExpectUntouched();
 }
 
+// Patches of members by position (tensor writes into a compressed .nemo):
+// the bytes change, nothing else; GNU tar reads the result. A patch of a
+// link or directory, past a member's end or of no member is EINVAL.
+TEST_F(RewriteFailure, PatchesChangeTheBytesOfTheMemberAtTheirPosition) {
+  // Members in order: d/ (0), c.yaml (1), l (2), h (3).
+  auto r = RewriteCompressedTar(path_, "", "", 0, nullptr, {},
+                                {MemberPatch{1, "c.yaml", 0, "b"}, MemberPatch{1, "c.yaml", 3, "7"}});
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  auto x = Sh("tar -xzOf " + ShellQuote(path_) + " c.yaml");
+  EXPECT_EQ(x.exit_code, 0) << x.err;
+  EXPECT_EQ(x.out, "b: 7\n");
+  auto list = Sh("tar -tzf " + ShellQuote(path_));
+  EXPECT_EQ(list.out, "d/\nc.yaml\nl\nh\n");
+  bytes_ = ReadFile(path_);
+  for (const MemberPatch& bad : {MemberPatch{0, "d", 0, "x"}, MemberPatch{2, "l", 0, "x"},
+                                 MemberPatch{3, "h", 0, "x"}, MemberPatch{1, "c.yaml", 5, "xx"},
+                                 MemberPatch{9, "none", 0, "x"}}) {
+    auto e = RewriteCompressedTar(path_, "", "", 0, nullptr, {}, {bad});
+    ASSERT_FALSE(e.ok()) << bad.member;
+    EXPECT_EQ(e.error().code(), EINVAL) << bad.member;
+    EXPECT_NE(e.error().message().find(bad.member), std::string::npos) << e.error().message();
+  }
+  ExpectUntouched();
+}
+
 TEST_F(RewriteFailure, TruncatedGzipIsAnErrorAndLeavesTheOriginal) {
   // Big enough that the cut falls inside the data, not in the gzip trailer.
   auto r = Sh("cd " + ShellQuote(dir_.path()) +
