@@ -24,12 +24,16 @@ std::string Q(const std::string& s) { return ShellQuote(s); }
 std::string Checker() { return std::string(NEMOFS_SOURCE_DIR) + "/tests/mount/check_tensor_writes.py"; }
 
 // A private copy of tests/data/<fixture> (file or folder) in `dir`;
-// "X.nemo|xz" (or |zstd) is X.nemo compressed by that tool.
+// "X.nemo|xz" (or |zstd) is X.nemo compressed by that tool; "real:X" is
+// ../shared/real-fixtures/X.
+constexpr std::string_view kReal = "real:";
 std::string Copy(const std::string& fixture, const TempDir& dir) {
   const auto bar = fixture.find('|');
   const std::string base = fixture.substr(0, bar);
+  const bool real = base.rfind(kReal, 0) == 0;
+  const std::string from = real ? RealFixture(base.substr(kReal.size())) : TestData(base);
   std::string to = dir.Join(std::filesystem::path(base).filename().string());
-  auto r = Sh("cp -a " + Q(TestData(base)) + " " + Q(to) + " && chmod -R u+w " + Q(to));
+  auto r = Sh("cp -a " + Q(from) + " " + Q(to) + " && chmod -R u+w " + Q(to));
   EXPECT_EQ(r.exit_code, 0) << r.err;
   if (bar != std::string::npos) {
     const std::string tool = fixture.substr(bar + 1);
@@ -87,6 +91,7 @@ class TensorWrite : public ::testing::TestWithParam<Case> {};
 
 TEST_P(TensorWrite, RoundTripsAndLeavesEveryOtherTensorAlone) {
   const Case& c = GetParam();
+  if (c.fixture.rfind(kReal, 0) == 0) NEMOFS_REQUIRE_REAL_FIXTURES();
   TempDir dir;
   std::string src = Copy(c.fixture, dir);
   std::string state = dir.Join("state.json");
@@ -127,7 +132,14 @@ INSTANTIATE_TEST_SUITE_P(
                       // Compressed: the archive rewritten, the zarr chunk re-encoded.
                       Case{"tiny_gpt_gz.nemo", "pwrite"}, Case{"tiny_gpt_gz.nemo", "mmap"},
                       Case{"tiny_gpt.nemo|xz", "dd"}, Case{"tiny_gpt.nemo|zstd", "cp"},
-                      Case{"dist/zarr_zstd", "pwrite"}, Case{"dist/zarr_zstd", "cp"}),
+                      Case{"dist/zarr_zstd", "pwrite"}, Case{"dist/zarr_zstd", "cp"},
+                      // Written by NVIDIA's and PyTorch's own code (private copies).
+                      Case{"real:nemo-tar/vad_marblenet.nemo", "pwrite"},
+                      Case{"real:nemo-tar/vad_multilingual_marblenet.nemo", "mmap"},
+                      Case{"real:legacy-torch-save/JasperDecoderForCTC-STEP-243800.pt", "cp"},
+                      Case{"real:megatron-zarr/megatron_gpt--val_loss=10.86-step=2-consumed_samples="
+                           "16.0",
+                           "dd"}),
     CaseName);
 
 // A crash (NEMOFS_FAULT: _exit at that step) at every step of a commit:
