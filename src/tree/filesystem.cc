@@ -532,7 +532,8 @@ Status Filesystem::CheckOpen(uint64_t ino, int flags) const {
       !impl_->IsTensorIno(ino)) {
     return Err(EROFS, "inode {} is read-only{}", ino,
                impl_->overlay.writable
-                   ? " (config.yaml, tensor files and new files can be written)"
+                   ? " (config.yaml, tensor files, stored files of tokenizer/ and archive/, "
+                     "and new files can be written)"
                    : "");
   }
   return Ok();

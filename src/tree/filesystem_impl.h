@@ -55,6 +55,11 @@ struct ScratchFile {
   uint64_t version = 1;
   uint64_t stored_version = 0;
   bool stored = false;
+  // Non-empty: this is not a new file but a stored member or folder file
+  // being replaced (issue 10 §5: a tokenizer/ or archive/ file written),
+  // at that path; `ino` is the member's own node, and it is in no
+  // directory's scratch names (the tree links it).
+  std::string member;
   size_t stored_digest = 0;  // of what was stored (data, mode, mtime): equal = nothing to do
   // Set by a failed write into it (EFBIG, ENOSPC): its content is not what
   // was meant, so it is not stored (fsync fails, unmount names it) until it
@@ -174,32 +179,50 @@ struct Filesystem::Impl {
   // file re-encoded by a tensor write has another size; a copy that could
   // not be refreshed): the files reading them say ESTALE, with why, until
   // a remount.
+  // `file_only`: only the blob's own file is stale (a re-encoded chunk:
+  // its tensor reads the decoded copy, which has the new bytes).
+  struct Stale {
+    std::string why;
+    bool file_only = false;
+  };
   mutable std::mutex stale_mu;
-  std::map<uint32_t, std::string> stale;  // blob -> why
+  std::map<uint32_t, Stale> stale;  // by blob
   std::atomic<bool> any_stale{false};
-  void MarkStale(uint32_t blob, std::string why) {
+  void MarkStale(uint32_t blob, std::string why, bool file_only = false) {
     std::lock_guard<std::mutex> lock(stale_mu);
-    stale.emplace(blob, std::move(why));
+    auto [it, added] = stale.emplace(blob, Stale{why, file_only});
+    if (!added && !file_only) it->second = Stale{std::move(why), false};
     any_stale.store(true);
   }
   // ESTALE naming `shown` if node `n` reads a stale blob.
   Status CheckStale(const tree::Node& n, std::string_view shown) const {
     if (!any_stale.load()) return Ok();
     std::lock_guard<std::mutex> lock(stale_mu);
-    auto why = [&](uint32_t blob) -> const std::string* {
-      auto it = stale.find(blob);
-      return it == stale.end() ? nullptr : &it->second;
-    };
-    const std::string* w = n.blob != source::kNoBlob ? why(n.blob) : nullptr;
+    const std::string* w = nullptr;
+    if (n.blob != source::kNoBlob) {
+      if (auto it = stale.find(n.blob); it != stale.end()) w = &it->second.why;
+    }
     if (n.tensor) {
       for (const auto& c : n.tensor->chunks) {
-        // A re-encoded chunk's tensor reads its decoded copy: not stale.
-        if (!w && !c.lazy) w = why(c.blob);
+        auto it = stale.find(c.lazy ? c.lazy->blob() : c.blob);
+        if (!w && it != stale.end() && !it->second.file_only) w = &it->second.why;
       }
     }
     if (!w) return Ok();
     return Err(ESTALE, "{}: {}", shown, *w);
   }
+  // Stored files written through the tree (tokenizer/, archive/): set for
+  // a node once it is replaced, which makes it an overlay node. Sized
+  // nodes.size() + 1 by SetUpWrites; null on a read-only tree.
+  std::unique_ptr<std::atomic<bool>[]> replaced;
+  bool IsReplaced(uint64_t ino) const {
+    return replaced && ino <= nodes.size() && replaced[ino].load(std::memory_order_acquire);
+  }
+  // Makes stored file `ino` an overlay node holding its current bytes (none
+  // with O_TRUNC), to be stored back like a new file, but at the close of
+  // a descriptor that wrote (writes.cc). Ok and nothing done for nodes
+  // that are not stored files (the caller's checks refuse them).
+  Status StartReplace(uint64_t ino, int flags);
 
   // Logs a long commit's progress at every tenth: "saving WHAT: <how> N%".
   std::function<void(uint64_t, uint64_t)> ProgressLogger(std::string what) const {
@@ -250,7 +273,7 @@ struct Filesystem::Impl {
                    uint64_t config_ino);
   // True for the nodes writes.cc answers for (the config, scratch files).
   bool IsOverlayIno(uint64_t ino) const {
-    return overlay.writable && (ino == overlay.config_ino || ino > nodes.size());
+    return overlay.writable && (ino == overlay.config_ino || ino > nodes.size() || IsReplaced(ino));
   }
   Result<NodeAttr> OverlayAttr(uint64_t ino) const;
   Result<NodeAttr> LookupScratch(uint64_t parent, std::string_view name) const;
@@ -294,8 +317,9 @@ struct Filesystem::Impl {
   static std::string WhyTensorNotWritable(const checkpoint::Tensor& t, const source::Source& src);
   // CheckpointInfo::writable.
   std::string DescribeWritable(bool has_config) const;
-  // Gives tensor files the write bits their stored files grant.
-  void EnableTensorWrites();
+  // Gives tensor files, and stored files a write replaces (StartReplace),
+  // the write bits their stored files grant.
+  void EnableStoredFileWrites();
   // Every node whose bytes come from one of `blobs`.
   std::vector<uint64_t> NodesOfBlobs(const std::set<uint32_t>& blobs) const;
   // A shared hold of patch_mu for a read plan of stored bytes (writable only).

@@ -150,6 +150,7 @@ std::string Filesystem::Impl::DescribeWritable(bool has_config) const {
     }
   }
   if (tensors) what.push_back(fmt::format("{} of {} tensor files{}", ok, tensors, why_not));
+  if (src->storage() != source::Storage::kFile) what.push_back("tokenizer/ and archive/ files");
   if (has_config && src->storage() != source::Storage::kFile) what.push_back("new files");
   std::string list;
   for (const auto& w : what) list += (list.empty() ? "" : ", ") + w;
@@ -184,6 +185,7 @@ Result<OpenedFile> Filesystem::Impl::OpenTensor(uint64_t ino, int flags) {
                info.read_only_reason.empty() ? "its files have no write permission"
                                              : info.read_only_reason);
   }
+  NEMOFS_RETURN_IF_ERROR(CheckStale(*n, "tensor " + n->tensor->key));
   if (std::string why = WhyTensorNotWritable(*n->tensor, *src); !why.empty()) {
     return Err(EROFS, "tensor {} cannot be written in place: {}", n->tensor->key, why);
   }
@@ -636,8 +638,10 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
       for (const auto* wk : decoded) refresh(wk->blob, wk->lazy->PatchDecoded(wk->offset, wk->bytes));
       // The chunk files' own archive/ view: its size is the old one.
       for (uint32_t b : reencoded) {
-        MarkStale(b, "its chunk file was re-encoded by a tensor write (another size); remount to "
-                     "see it as stored");
+        MarkStale(b,
+                  "its chunk file was re-encoded by a tensor write (another size); remount to "
+                  "see it as stored",
+                  true);
       }
     }
   }

@@ -12,6 +12,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "tree/filesystem_impl.h"
 #include "write/yaml_check.h"
@@ -180,7 +181,8 @@ Status Filesystem::Impl::EnableWrites(const write::FileIdentity& identity,
     overlay.writable = true;
     overlay.committer = std::move(*committer);
     overlay.next_ino = nodes.size() + 1;
-    EnableTensorWrites();
+    replaced = std::make_unique<std::atomic<bool>[]>(nodes.size() + 1);
+    EnableStoredFileWrites();
     spdlog::debug("tensor files are writable: a commit is an in-place patch");
     return Ok();
   }
@@ -210,16 +212,21 @@ void Filesystem::Impl::SetUpWrites(std::unique_ptr<write::ConfigCommitter> commi
   }
   o.config_names = {{root, "config.yaml"}, {config_dir, config_base}};
   o.next_ino = nodes.size() + 1;
+  replaced = std::make_unique<std::atomic<bool>[]>(nodes.size() + 1);
   // Write bits as the source grants them (tree/access.h).
   nodes.Get(config_ino)->perm |= nodes.Get(config_ino)->write_perm;
   for (uint64_t dir : o.scratch_dirs) nodes.Get(dir)->perm |= nodes.Get(dir)->write_perm;
-  EnableTensorWrites();
+  EnableStoredFileWrites();
 }
 
-void Filesystem::Impl::EnableTensorWrites() {
+void Filesystem::Impl::EnableStoredFileWrites() {
+  const bool files = src->storage() != source::Storage::kFile;
   for (uint64_t ino = 1; ino <= nodes.size(); ++ino) {
     tree::Node* n = nodes.Get(ino);
-    if (n->tensor) n->perm |= n->write_perm;
+    // Tensor files, and stored files that can be replaced (StartReplace).
+    const bool stored = files && n->type == NodeType::kFile && n->blob != source::kNoBlob &&
+                        !n->data && !n->safetensors;
+    if (n->tensor || stored) n->perm |= n->write_perm;
   }
 }
 
@@ -247,6 +254,13 @@ Result<NodeAttr> Filesystem::Impl::OverlayAttr(uint64_t ino) const {
   a.gid = nodes.Get(o.scratch_dirs.empty() ? 1 : *o.scratch_dirs.begin())->gid;
   a.size = f.data.size();
   a.nlink = f.linked ? 1 : 0;
+  if (!f.member.empty()) {  // a stored file being replaced: its node's owner, mode, links
+    const tree::Node* n = nodes.Get(ino);
+    a.perm = n->perm;
+    a.uid = n->uid;
+    a.gid = n->gid;
+    a.nlink = n->nlink;
+  }
   a.mtime_sec = f.mtime_sec;
   a.mtime_nsec = f.mtime_nsec;
   return a;
@@ -416,7 +430,9 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
   {
     std::lock_guard<std::mutex> lock(o.mu);
     for (const auto& [ino, f] : o.scratch) {
-      if (!f->linked || (only && ino != only) || IsEditorTempName(f->name)) continue;
+      if (!f->linked || (only && ino != only) || (f->member.empty() && IsEditorTempName(f->name))) {
+        continue;
+      }
       if (f->write_failed) {  // not what was meant: never stored (unmount names it)
         if (only) {
           return Err(f->write_failed->code(), "'{}' is not stored: a write to it failed ({})",
@@ -429,8 +445,9 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
         f->stored_version = f->version;
         continue;
       }
-      files.push_back({StorePath(o, f->parent, f->name), f->data, f->mode & 07777, f->mtime_sec,
-                       f->mtime_nsec, f->stored});
+      files.push_back({f->member.empty() ? StorePath(o, f->parent, f->name) : f->member, f->data,
+                       f->mode & 07777, f->mtime_sec, f->mtime_nsec,
+                       f->stored || !f->member.empty()});
       which.emplace_back(f, f->version);
     }
   }
@@ -474,10 +491,46 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
           Digest(files[i].data, files[i].mode, files[i].mtime_sec, files[i].mtime_nsec);
     }
   }
+  // A replaced stored file: whatever else read its old bytes (tensors of a
+  // weight file, a hard link's name) is stale now.
+  std::set<uint32_t> replaced_blobs;
+  std::vector<uint64_t> replaced_nodes;
+  for (const auto& [f, version] : which) {
+    if (f->member.empty()) continue;
+    const tree::Node* n = nodes.Get(f->ino);
+    replaced_nodes.push_back(f->ino);
+    if (n->blob == source::kNoBlob) continue;
+    replaced_blobs.insert(n->blob);
+    MarkStale(n->blob, fmt::format("'{}' was replaced through the mount; remount to read what it "
+                                   "holds now",
+                                   f->member));
+  }
+  if (!replaced_blobs.empty()) {
+    for (uint64_t ino : NodesOfBlobs(replaced_blobs)) {
+      const tree::Node* n = nodes.Get(ino);
+      if (n->tensor) {
+        spdlog::warn("tensor {} reads ESTALE from now on: its file was replaced (remount to see "
+                     "the new one's tensors)",
+                     n->tensor->key);
+      }
+      replaced_nodes.push_back(ino);
+    }
+  }
+  if (invalidate && !replaced_nodes.empty()) invalidate(replaced_nodes);
   double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-  spdlog::info("stored {} new file{} in {} ({}, {}): {} in {:.1f} ms", files.size(),
-               files.size() == 1 ? "" : "s", info.source, o.committer->Describe(), why, names, ms);
+  const size_t replaced_count = static_cast<size_t>(std::count_if(
+      which.begin(), which.end(), [](const auto& w) { return !w.first->member.empty(); }));
+  const size_t new_count = files.size() - replaced_count;
+  std::string counts = new_count ? fmt::format("stored {} new file{}", new_count,
+                                               new_count == 1 ? "" : "s")
+                                 : "";
+  if (replaced_count) {
+    counts += fmt::format("{}replaced {} stored file{}", counts.empty() ? "" : " and ",
+                          replaced_count, replaced_count == 1 ? "" : "s");
+  }
+  spdlog::info("{} in {} ({}, {}): {} in {:.1f} ms", counts, info.source, o.committer->Describe(),
+               why, names, ms);
   return Ok();
 }
 
@@ -502,12 +555,78 @@ bool Filesystem::writable() const { return impl_->overlay.writable; }
 
 bool Filesystem::Volatile(uint64_t ino) const {
   const Overlay& o = impl_->overlay;
-  return o.writable &&
-         (ino == o.config_ino || ino > impl_->nodes.size() || o.scratch_dirs.count(ino) > 0);
+  return o.writable && (ino == o.config_ino || ino > impl_->nodes.size() ||
+                        o.scratch_dirs.count(ino) > 0 || impl_->IsReplaced(ino));
+}
+
+Status Filesystem::Impl::StartReplace(uint64_t ino, int flags) {
+  const tree::Node* n = nodes.Get(ino);
+  if (!overlay.writable || !n || n->type != NodeType::kFile || n->tensor || n->safetensors ||
+      n->data || n->blob == source::kNoBlob) {
+    return Ok();
+  }
+  // The member's path: archive entry i is node archive + i (filesystem.cc).
+  constexpr uint64_t kArchiveIno = 2;
+  const auto& entries = src->entries();
+  if (ino <= kArchiveIno || ino - kArchiveIno >= entries.size() ||
+      entries[ino - kArchiveIno].blob != n->blob) {
+    return Ok();
+  }
+  const source::Entry& e = entries[ino - kArchiveIno];
+  if (src->storage() == source::Storage::kFile) {
+    return Err(EROFS, "{} is the checkpoint's one file; write its tensors through tensors/",
+               e.path);
+  }
+  if (!(n->write_perm & 0222)) {
+    return Err(EROFS, "{} cannot be replaced: {}", e.path,
+               info.read_only_reason.empty() ? "it has no write permission"
+                                             : info.read_only_reason);
+  }
+  NEMOFS_RETURN_IF_ERROR(CheckStale(*n, e.path));
+  std::string data;
+  if (!(flags & O_TRUNC)) {
+    if (e.size > kMaxFileBytes) {
+      return Err(EFBIG,
+                 "{} has {} bytes; a stored file is replaced through the daemon's memory, up to "
+                 "{} MiB in this version",
+                 e.path, e.size, kMaxFileBytes >> 20);
+    }
+    NEMOFS_ASSIGN_OR_RETURN(data, src->ReadAll(e, kMaxFileBytes));
+  }
+  Overlay& o = overlay;
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    if (IsReplaced(ino)) return Ok();  // another open won the race
+    if (o.scratch_bytes + data.size() > kMaxScratchBytes) {
+      return Err(ENOSPC, "files being written hold {} MiB in memory already (the limit)",
+                 o.scratch_bytes >> 20);
+    }
+    auto f = std::make_shared<ScratchFile>();
+    f->ino = ino;
+    f->parent = n->parent;
+    f->name = e.path.substr(e.path.rfind('/') + 1);
+    f->member = e.path;
+    f->mode = e.mode & 07777;
+    f->mtime_sec = n->mtime_sec;
+    f->mtime_nsec = n->mtime_nsec;
+    f->stored_version = f->version;  // as stored: nothing to store until it changes
+    o.scratch_bytes += data.size();
+    f->data = std::move(data);
+    f->stored_digest = Digest(*f);
+    o.scratch.emplace(ino, f);
+    replaced[ino].store(true, std::memory_order_release);
+  }
+  spdlog::info("{}: opened for writing; stored again at the close of a descriptor that wrote "
+               "({})",
+               e.path, o.committer->Describe());
+  return Ok();
 }
 
 Result<OpenedFile> Filesystem::OpenFile(uint64_t ino, int flags) {
   if (impl_->IsTensorIno(ino)) return impl_->OpenTensor(ino, flags);
+  if (!impl_->IsOverlayIno(ino) && (WantsWrite(flags) || (flags & O_TRUNC))) {
+    NEMOFS_RETURN_IF_ERROR(impl_->StartReplace(ino, flags));
+  }
   if (!impl_->IsOverlayIno(ino)) {
     NEMOFS_RETURN_IF_ERROR(CheckOpen(ino, flags));
     return OpenedFile{};
@@ -641,6 +760,7 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
       f.write_failed = st.error();
       return st.error();
     }
+    h->wrote = true;
     o.scratch_bytes += f.data.size() - before;
     ++f.version;
     f.mtime_sec = now.tv_sec;
@@ -668,13 +788,23 @@ Status Filesystem::Flush(uint64_t ino, uint64_t fh, int pid) {
   if (!impl_->IsOverlayIno(ino)) return Ok();
   const int tgid = ino == o.config_ino ? ThreadGroupOf(pid) : 0;
   if (ino != o.config_ino) {
-    std::lock_guard<std::mutex> lock(o.mu);
-    auto h = o.handles.find(fh);
-    if (h != o.handles.end() && h->second.failed) {
-      return Err(h->second.failed->code(), "a write on this descriptor failed ({})",
-                 h->second.failed->message());
+    {
+      std::lock_guard<std::mutex> lock(o.mu);
+      auto h = o.handles.find(fh);
+      if (h != o.handles.end() && h->second.failed) {
+        return Err(h->second.failed->code(), "a write on this descriptor failed ({})",
+                   h->second.failed->message());
+      }
+      // A replaced stored file is saved like the config: at the close of
+      // a descriptor that may have written (nothing if it did not change).
+      // (Not after an O_TRUNC alone: a shell's `>` closes a dup of the
+      // descriptor before writing; an emptied file is stored at unmount.)
+      if (h == o.handles.end() || !h->second.wrote || !h->second.scratch ||
+          h->second.scratch->member.empty()) {
+        return Ok();
+      }
     }
-    return Ok();
+    return impl_->StoreNewFiles(ino, "on close");
   }
   std::string text;
   uint64_t generation;
@@ -743,7 +873,9 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
       return Err(EROFS, "the tree's directories are read-only");
     }
     return Err(EROFS, "inode {} is read-only{}", ino,
-               o.writable ? " (config.yaml, tensor files and new files can be written)" : "");
+               o.writable ? " (config.yaml, tensor files, stored files of tokenizer/ and archive/, "
+                            "and new files can be written)"
+                          : "");
   }
   std::string commit_text;
   bool commit_now = false;

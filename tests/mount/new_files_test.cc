@@ -107,26 +107,6 @@ const std::vector<std::string>& StoreKinds() {
   return kinds;
 }
 
-// The names the source holds: `tar -tf` (GNU tar, the oracle) without "./",
-// or the folder's files; sorted, one per line.
-std::string Members(const SourceKind& kind, const std::string& src) {
-  auto r = kind.tar
-               ? Sh("tar -tf " + Q(src) + " | sed 's|^\\./||' | grep -v '^$' | LC_ALL=C sort -u")
-               : Sh("cd " + Q(src) + " && find . -mindepth 1 | sed 's|^\\./||' | LC_ALL=C sort");
-  EXPECT_EQ(r.exit_code, 0) << r.err;
-  return r.out;
-}
-
-// The content of member `name` as the format's own tool extracts it.
-std::string Extracted(const SourceKind& kind, const std::string& src, const std::string& name) {
-  if (!kind.tar) return ReadFile(src + "/" + name);
-  // GNU tar extracts every copy in turn: the last one stays.
-  TempDir x;
-  auto r = Sh("tar -xf " + Q(src) + " -C " + Q(x.path()) + " && cat " + Q(x.Join(name)));
-  EXPECT_EQ(r.exit_code, 0) << r.err;
-  return r.out;
-}
-
 // Editors' temp files of every kind that can outlive the editor (open or
 // crashed), made and left in place.
 const char* kTempFiles =

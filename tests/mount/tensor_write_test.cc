@@ -315,13 +315,15 @@ TEST(TensorWriteInfo, InfoSaysWhatIsWritableAndHow) {
     return r.out;
   };
   const std::string plain = line(TestData("tiny_gpt.nemo"));
-  EXPECT_NE(plain.find("config.yaml, 20 of 20 tensor files, new files; tensors patched in place"),
+  EXPECT_NE(plain.find("config.yaml, 20 of 20 tensor files, tokenizer/ and archive/ files, new files; "
+                       "tensors patched in place"),
             std::string::npos)
       << plain;
   EXPECT_NE(line(TestData("tiny_gpt_gz.nemo")).find("rewrites the whole archive"),
             std::string::npos);
   // The blosc array is not shown; both zstd ones are writable.
-  EXPECT_NE(line(TestData("dist/zarr_zstd")).find("2 of 2 tensor files;"), std::string::npos);
+  EXPECT_NE(line(TestData("dist/zarr_zstd")).find("2 of 2 tensor files, tokenizer/ and archive/"),
+            std::string::npos);
   std::string ro = Copy("tiny_gpt.nemo", dir);
   ASSERT_EQ(::chmod(ro.c_str(), 0444), 0);
   EXPECT_NE(line(ro).find("nothing (" + ro + " has no write permission)"), std::string::npos)

@@ -350,7 +350,7 @@ TEST_F(ScratchFiles, EditorsTempFilesLiveInMemoryNextToTheConfigAndNeverReachThe
 
 class Refusals : public PlainTarTest {};
 
-TEST_F(Refusals, EverythingButTheConfigAndScratchFilesIsRefused) {
+TEST_F(Refusals, EverythingButTheWritableFilesIsRefused) {
   m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
   std::string tensor = Sh("ls " + Q(m->path() + "/tensors") + " | head -1").out;
@@ -359,7 +359,8 @@ TEST_F(Refusals, EverythingButTheConfigAndScratchFilesIsRefused) {
       // A tensor file is writable, but only at its size: EINVAL at close.
       {"/usr/bin/python3 -c \"f = open('tensors/" + tensor + "', 'wb'); f.write(b'x'); f.close()\"",
        "Invalid argument"},
-      {"echo x >> archive/model_weights.ckpt", "Read-only file system"},
+      // Stored files are replaceable (replace_test.cc); synthesized ones are not.
+      {"echo x >> model.safetensors", "Read-only file system"},
       {"truncate -s 0 index.json", "Read-only file system"},
       {"touch tensors/new", "Operation not permitted"},
       {"mkdir newdir", "Operation not permitted"},

@@ -86,6 +86,24 @@ std::string StoredConfig(const SourceKind& kind, const std::string& source) {
   return py.out;
 }
 
+std::string Members(const SourceKind& kind, const std::string& src) {
+  auto r = kind.tar ? Sh("tar -tf " + ShellQuote(src) +
+                         " | sed 's|^\\./||' | grep -v '^$' | LC_ALL=C sort -u")
+                    : Sh("cd " + ShellQuote(src) +
+                         " && find . -mindepth 1 | sed 's|^\\./||' | LC_ALL=C sort");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out;
+}
+
+std::string Extracted(const SourceKind& kind, const std::string& src, const std::string& name) {
+  if (!kind.tar) return ReadFile(src + "/" + name);
+  TempDir x;  // GNU tar extracts every copy in turn: the last one stays
+  auto r = Sh("tar -xf " + ShellQuote(src) + " -C " + ShellQuote(x.path()) + " && cat " +
+              ShellQuote(x.Join(name)));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return r.out;
+}
+
 std::string SourceDigest(const std::string& source) {
   auto r = Sh("if [ -d " + Q(source) + " ]; then cd " + Q(source) +
               " && find . -type f | LC_ALL=C sort | xargs sha256sum; else sha256sum < " +

@@ -46,6 +46,14 @@ std::string CatConfig(const std::string& source);
 // tar -x for archives (both must agree), the file itself for folders.
 std::string StoredConfig(const SourceKind& kind, const std::string& source);
 
+// The names the source holds, sorted: `tar -tf` (GNU tar, the oracle)
+// without "./", once each; a folder's paths.
+std::string Members(const SourceKind& kind, const std::string& src);
+
+// The content of member `name` as the format's own tool extracts it (GNU
+// tar -x: the last copy wins), or the folder's file.
+std::string Extracted(const SourceKind& kind, const std::string& src, const std::string& name);
+
 // sha256 of the source file, or of every file of a source folder.
 std::string SourceDigest(const std::string& source);
 
