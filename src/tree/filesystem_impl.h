@@ -225,9 +225,11 @@ struct Filesystem::Impl {
   Status StartReplace(uint64_t ino, int flags);
 
   // Logs a long commit's progress at every tenth: "saving WHAT: <how> N%".
-  std::function<void(uint64_t, uint64_t)> ProgressLogger(std::string what) const {
+  // `how` defaults to the committer's way of saving.
+  std::function<void(uint64_t, uint64_t)> ProgressLogger(std::string what,
+                                                         std::string how = "") const {
     auto last = std::make_shared<int>(-1);
-    std::string how = overlay.committer ? overlay.committer->Describe() : "";
+    if (how.empty() && overlay.committer) how = overlay.committer->Describe();
     return [what = std::move(what), how = std::move(how), last](uint64_t done, uint64_t total) {
       int percent = total ? static_cast<int>(done * 100 / total) : 100;
       if (percent / 10 == *last / 10) return;

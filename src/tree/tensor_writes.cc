@@ -481,12 +481,13 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
   // A compressed chunk's writes, for its decoded copy once committed.
   std::vector<const checkpoint::BlobWrite*> decoded;
   std::set<uint32_t> reencoded;  // blobs of chunk files replaced whole
-  // CRC fields: (file, member, offset) -> current value and blob, patched
-  // write by write.
+  // CRCs of the records written: (file, member, central directory entry)
+  // -> current value, blob and fields, patched write by write.
   struct CrcField {
     uint32_t value = 0;
     uint32_t blob = 0;
     std::string member;
+    std::vector<uint64_t> fields;  // where it is stored (non-zero ones only)
   };
   std::map<std::tuple<std::string, uint64_t, uint64_t>, CrcField> crcs;
   uint64_t changed = 0;
@@ -563,18 +564,26 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
       } else {
         fields.push_back(rec->local_header + 14);
       }
-      for (uint64_t f : fields) {
-        auto key = std::make_tuple(place.file, place.member_index, place.offset + f);
-        auto it = crcs.find(key);
-        if (it == crcs.end()) {
+      // One CRC per record, patched once per write and stored into each
+      // of its fields (the central directory's value is the record's).
+      auto key = std::make_tuple(place.file, place.member_index, place.offset + rec->central);
+      auto it = crcs.find(key);
+      if (it == crcs.end()) {
+        CrcField field;
+        field.blob = w.blob;
+        field.member = place.member;
+        for (uint64_t f : fields) {
           char b[4];
           NEMOFS_RETURN_IF_ERROR(PreadFull(range.fd, b, 4, range.offset + f, info.source));
-          it = crcs.emplace(key, CrcField{Le32(b), w.blob, place.member}).first;
+          if (Le32(b) == 0) continue;  // not computed by the writer: stays 0
+          if (field.fields.empty()) field.value = Le32(b);
+          field.fields.push_back(place.offset + f);
         }
-        if (it->second.value != 0) {
-          it->second.value = write::Crc32Patch(it->second.value, rec->size,
-                                               w.offset - rec->data, old, w.bytes);
-        }
+        it = crcs.emplace(key, std::move(field)).first;
+      }
+      if (!it->second.fields.empty()) {
+        it->second.value =
+            write::Crc32Patch(it->second.value, rec->size, w.offset - rec->data, old, w.bytes);
       }
     }
     changed += w.bytes.size();
@@ -592,15 +601,16 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
   }
   std::vector<uint32_t> meta_blobs;
   for (const auto& [key, field] : crcs) {
-    if (field.value == 0) continue;
-    write::ConfigCommitter::Patch p;
-    p.file = std::get<0>(key);
-    p.member_index = std::get<1>(key);
-    p.offset = std::get<2>(key);
-    p.bytes = Le32Bytes(field.value);
-    p.member = field.member;
-    meta.push_back(std::move(p));
-    meta_blobs.push_back(field.blob);
+    for (uint64_t f : field.fields) {
+      write::ConfigCommitter::Patch p;
+      p.file = std::get<0>(key);
+      p.member_index = std::get<1>(key);
+      p.offset = f;
+      p.bytes = Le32Bytes(field.value);
+      p.member = field.member;
+      meta.push_back(std::move(p));
+      meta_blobs.push_back(field.blob);
+    }
   }
   const bool rewrite = src->storage() == source::Storage::kCompressedTar;
   spdlog::info("{}: {} bytes changed in {} region(s), {} CRC field(s) {}{}", shown, changed,
@@ -613,7 +623,8 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
     // members): they wait only while those get the new bytes.
     std::unique_lock<std::shared_mutex> hold(tensor_writes.patch_mu, std::defer_lock);
     if (!rewrite) hold.lock();
-    st = overlay.committer->PatchInPlace(data, meta, ProgressLogger(shown));
+    st = overlay.committer->PatchInPlace(
+        data, meta, ProgressLogger(shown, rewrite ? "" : "in-place patch under the journal"));
     if (rewrite) hold.lock();
     if (st.ok()) {
       // What reads come from besides the stored files: the member extracted

@@ -3,7 +3,9 @@
 // §3.4): CRC-32 is affine over GF(2), so with D = old XOR new,
 //   crc(new record) = crc(old record) ^ shift_r(crc(D) ^ crc(0^n))
 // where n is the span's length, r the number of record bytes after it, and
-// shift_r zlib's crc32_combine(x, 0, r). O(n), never O(record).
+// shift_r zlib's crc32_combine(x, 0, r); and crc(D) ^ crc(0^n) is
+// crc(old) ^ crc(new) (two passes over the span). O(n), never O(record);
+// a span that is the whole record is one pass over the new bytes.
 #pragma once
 
 #include <cstdint>

@@ -217,7 +217,7 @@ Result<ParsedJournal> ParseJournal(std::string_view b, const std::string& shown)
     }
     if (!ValidName(r.file)) return Err(EIO, "{}: record {} names a bad file", shown, i);
     if (tail - p < len) return Err(EIO, "{}: record {} is truncated", shown, i);
-    r.bytes.assign(b.substr(p, len));
+    r.bytes = b.substr(p, len);
     p += len;
     if (Crc(r.bytes) != crc) return Err(EIO, "{}: record {} has a bad checksum", shown, i);
     if (r.offset + len < r.offset) return Err(EIO, "{}: record {} overflows", shown, i);
@@ -248,7 +248,8 @@ Status ApplyPatch(const PatchRoot& root, const std::vector<Region>& data,
   for (const auto& r : data) all.push_back(&r);
   for (const auto& r : meta) all.push_back(&r);
   std::map<std::string, std::vector<std::pair<uint64_t, uint64_t>>> spans;
-  std::vector<std::string> old(all.size());
+  std::vector<std::string_view> old(all.size());
+  std::vector<std::string> read(all.size());  // the old bytes the caller did not give
   for (size_t i = 0; i < all.size(); ++i) {
     const Region& r = *all[i];
     NEMOFS_ASSIGN_OR_RETURN(int fd, files.Get(r.file));
@@ -266,9 +267,10 @@ Status ApplyPatch(const PatchRoot& root, const std::vector<Region>& data,
       old[i] = r.old;
       continue;
     }
-    old[i].resize(old_size);
+    read[i].resize(old_size);
     NEMOFS_RETURN_IF_ERROR(
-        PreadFull(fd, old[i].data(), old[i].size(), r.offset, root.shown_dir + "/" + r.file));
+        PreadFull(fd, read[i].data(), read[i].size(), r.offset, root.shown_dir + "/" + r.file));
+    old[i] = read[i];
   }
   for (auto& [file, s] : spans) {
     std::sort(s.begin(), s.end());
@@ -304,10 +306,14 @@ Status ApplyPatch(const PatchRoot& root, const std::vector<Region>& data,
       rec += all[i]->file;
       PutU64(&rec, all[i]->offset);
       PutU64(&rec, old[i].size());
-      PutU32(&rec, Crc(old[i]));
+      const uint32_t old_crc = Crc(old[i]);
+      PutU32(&rec, old_crc);
       rec.push_back(static_cast<char>(all[i]->to_end ? kToEnd : 0));
       st = put(rec);
-      if (st.ok()) st = put(old[i]);
+      // Into the running checksum without a second pass over them.
+      if (st.ok()) st = put(old[i], false);
+      crc = static_cast<uint32_t>(
+          crc32_combine64(crc, old_crc, static_cast<z_off64_t>(old[i].size())));
     }
     if (st.ok()) {
       std::string trailer(kTrailer);

@@ -28,14 +28,16 @@
 
 namespace nemofs::write {
 
+// Views, not copies (a region may be a whole tensor): the bytes live in
+// the caller's buffers, or in the journal ParseJournal parsed.
 struct Region {
   std::string file;  // relative to the folder: "x.nemo", "weights/__0_0.distcp"
   uint64_t offset = 0;
-  std::string bytes;  // new bytes (ApplyPatch) or old ones (a parsed journal)
+  std::string_view bytes;  // new bytes (ApplyPatch) or old ones (a parsed journal)
   // ApplyPatch: the bytes there now, when the caller has read them already
   // (same size as `bytes`, or for `to_end` the rest of the file); empty:
   // ApplyPatch reads them.
-  std::string old;
+  std::string_view old;
   // The region runs to the end of the file, whose size may change: `bytes`
   // become the file's content from `offset` on, and a rollback puts back
   // the old content from there to the old end (a re-encoded zarr chunk).
@@ -72,9 +74,10 @@ Result<std::string> RollBackHotJournal(const PatchRoot& root);
 
 struct ParsedJournal {
   bool complete = false;
-  std::vector<Region> regions;  // old bytes; only when complete
+  std::vector<Region> regions;  // old bytes (views into the input); only when complete
 };
-// Parses journal bytes (untrusted: every length checked against the input).
+// Parses journal bytes (untrusted: every length checked against the input);
+// the regions view into `bytes`, which must outlive them.
 Result<ParsedJournal> ParseJournal(std::string_view bytes, const std::string& shown_name);
 
 }  // namespace nemofs::write

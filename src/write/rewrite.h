@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <string_view>
 
 #include "nemofs/result.h"
 #include "write/tar_append.h"  // NewMember
@@ -55,7 +56,7 @@ struct MemberPatch {
   uint64_t index = 0;
   std::string member;
   uint64_t offset = 0;
-  std::string bytes;
+  std::string_view bytes;  // the caller's buffer, for the call's length
 };
 
 Result<RewriteResult> RewriteCompressedTar(const std::string& path, const std::string& member,
