@@ -245,6 +245,28 @@ for ((r = 1; r <= REPS; r++)); do
 done
 read_fuse_init
 
+# One untimed pass with dd under strace (-T: time in each system call): how long the writes
+# (FUSE requests, staged in the daemon's memory) take, and how long the fsync (the commit).
+STRACE_SPLIT="strace not found: not measured"
+if command -v strace >/dev/null; then
+  echo "== untimed pass: dd through the mount under strace -T (write phase vs fsync)"
+  payload=$(other "$STORED")
+  mount_fresh "$TAR"
+  timeout "$T" strace -tt -T -e trace=write,fsync,close -o "$LOGDIR/dd.strace" \
+    dd if="$payload" of="$MNT/$TENSOR_PATH" bs=4M conv=notrunc,fsync 2>>"$CLI_LOG" || die "strace dd through the mount failed"
+  umount_now
+  STORED=$payload
+  check_stored "$payload"
+  STRACE_SPLIT=$(awk '
+    function sec(hms) { split(hms, p, ":"); return p[1] * 3600 + p[2] * 60 + p[3] }
+    { d = $NF; gsub(/[<>]/, "", d) }
+    /^[0-9:.]+ write\(1,/ { if (!n++) w0 = sec($1); w1 = sec($1) + d; ws += d }
+    /^[0-9:.]+ fsync\(1\)/ { f = d }
+    /^[0-9:.]+ close\(1\)/ { c = d }
+    END { printf "%d writes: %.0f ms from the first to the end of the last (%.0f ms inside write()), fsync %.0f ms, close %.0f ms", n, (w1 - w0) * 1000, ws * 1000, f * 1000, c * 1000 }' "$LOGDIR/dd.strace")
+  echo "   $STRACE_SPLIT"
+fi
+
 echo "== final check: zip CRC of $RECORD (python zipfile) and a fresh mount's bytes"
 check_stored "$STORED"
 "$PY" - "$TAR" "$CKPT_OFF" "$CKPT_SIZE" "$RECORD" "$SCRIPT_DIR" <<'EOF' || die "CRC CHECK FAILED: the zip record's CRC-32 does not match its bytes"
@@ -293,6 +315,7 @@ echo "time split (ms):     dd start -> 'bytes changed' log line (FUSE writes, st
 echo "                     -> '100%' (journal written + fsynced, new bytes written) / -> dd end (CRC fields, fsync,"
 echo "                     journal removed, invalidation): [${LOGSPLIT[*]}] (ms log timestamps)"
 echo "warm-up write:       $(dur "$WARM_MS"), split $WARM_SPLIT"
+echo "dd under strace -T:  $STRACE_SPLIT (one untimed pass)"
 echo
 echo "commands measured (wall time, \$EPOCHREALTIME before and after; each under timeout $T):"
 echo "  write:   dd if=PAYLOAD of=$MNT/$TENSOR_PATH bs=4M conv=notrunc,fsync"
