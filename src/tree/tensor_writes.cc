@@ -57,6 +57,11 @@ void AddExtent(StagedTensor& s, uint64_t offset, std::string_view data) {
       it->second.use_count() == 1) {
     std::string& b = *it->second;
     const uint64_t at = offset - it->first;
+    if (at + data.size() > b.capacity() && it->first < s.tensor->nbytes()) {
+      // A sequential write (cp, dd) growing it: room up to the tensor's
+      // end at once, not a reallocation and copy at every doubling.
+      b.reserve(std::max<uint64_t>(at + data.size(), s.tensor->nbytes() - it->first));
+    }
     if (at + data.size() > b.size()) b.resize(at + data.size());
     std::memcpy(b.data() + at, data.data(), data.size());
     return;
