@@ -197,6 +197,7 @@ Result<std::unique_ptr<Source>> ArchiveSource::Open(const std::string& path,
     src->index_from_cache_ = true;
     src->fds_ = std::make_unique<LazyFds>(src->blobs_.size());
     src->SetEntries(std::move(raw), std::move(warnings));
+    src->IndexBlobEntries();
     src->Sweep();
     return std::unique_ptr<Source>(std::move(src));
   }
@@ -278,6 +279,7 @@ Result<std::unique_ptr<Source>> ArchiveSource::Open(const std::string& path,
   src->SaveIndex(raw, warnings);
   src->fds_ = std::make_unique<LazyFds>(src->blobs_.size());
   src->SetEntries(std::move(raw), std::move(warnings));
+    src->IndexBlobEntries();
   src->Sweep();
   return std::unique_ptr<Source>(std::move(src));
 }
@@ -510,11 +512,8 @@ Result<StoredPlace> ArchiveSource::PlaceOf(uint32_t blob_index) const {
   StoredPlace place;
   place.member_index = blob.ordinal;
   // Its name, for messages (a hard link shows it under another one too).
-  for (const auto& e : entries()) {
-    if (e.type == EntryType::kFile && e.blob == blob_index) {
-      place.member = e.path;
-      break;
-    }
+  if (blob_index < blob_entry_.size() && blob_entry_[blob_index] < entries().size()) {
+    place.member = entries()[blob_entry_[blob_index]].path;
   }
   if (blob.data) {
     // Kept from the listing pass (small YAML/JSON): reads never come from
@@ -523,6 +522,16 @@ Result<StoredPlace> ArchiveSource::PlaceOf(uint32_t blob_index) const {
                place.member);
   }
   return place;
+}
+
+void ArchiveSource::IndexBlobEntries() {
+  blob_entry_.assign(blobs_.size(), SIZE_MAX);
+  for (size_t i = 0; i < entries().size(); ++i) {
+    const Entry& e = entries()[i];
+    if (e.type == EntryType::kFile && e.blob < blob_entry_.size() && blob_entry_[e.blob] == SIZE_MAX) {
+      blob_entry_[e.blob] = i;
+    }
+  }
 }
 
 Status ArchiveSource::PatchExtracted(uint32_t blob_index, uint64_t offset,

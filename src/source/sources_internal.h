@@ -127,6 +127,10 @@ class ArchiveSource final : public Source {
   CacheEntry entry_;        // holds cache_dir_ in use (invalid if it could not be made); set in
                             // Open, then only Touch()ed (futimens: safe from any thread)
   std::vector<Blob> blobs_;
+  // blob -> an entry showing it (its index in entries()), for PlaceOf's
+  // member name; made once after the listing.
+  std::vector<size_t> blob_entry_;
+  void IndexBlobEntries();
   std::unique_ptr<LazyFds> fds_;
   std::mutex extract_mutex_;  // guards extraction; the only lock, taken only on a cache miss
 };
