@@ -1,5 +1,7 @@
 #include "test_util.h"
 
+#include <gtest/gtest.h>
+
 #include <unistd.h>
 
 #include <cstdlib>
@@ -168,6 +170,20 @@ TarBuilder& TarBuilder::AddRaw(const std::string& bytes) {
 TarBuilder& TarBuilder::End() {
   bytes_.append(1024, '\0');
   return *this;
+}
+
+SmallTmpfs::SmallTmpfs(const std::string& dir, const std::string& size) : dir_(dir) {
+  auto r = Sh("mkdir -p " + ShellQuote(dir) + " && mount -t tmpfs -o size=" + size + " tmpfs " +
+              ShellQuote(dir));
+  mounted_ = r.exit_code == 0;
+  EXPECT_TRUE(mounted_) << "mount -t tmpfs: " << r.err;
+}
+
+SmallTmpfs::~SmallTmpfs() {
+  if (mounted_) {
+    auto r = Sh("umount -l " + ShellQuote(dir_));
+    EXPECT_EQ(r.exit_code, 0) << "umount -l " << dir_ << ": " << r.err;
+  }
 }
 
 }  // namespace nemofs::testing

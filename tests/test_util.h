@@ -81,4 +81,19 @@ class TarBuilder {
   std::string bytes_;
 };
 
+// A small tmpfs at `dir` (made if missing), lazily unmounted on
+// destruction whatever happens: a full disk for ENOSPC tests.
+class SmallTmpfs {
+ public:
+  SmallTmpfs(const std::string& dir, const std::string& size);
+  ~SmallTmpfs();
+  SmallTmpfs(const SmallTmpfs&) = delete;
+  SmallTmpfs& operator=(const SmallTmpfs&) = delete;
+  bool mounted() const { return mounted_; }
+
+ private:
+  std::string dir_;
+  bool mounted_ = false;
+};
+
 }  // namespace nemofs::testing

@@ -468,6 +468,7 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
                                               config_ino));
   }
   impl->overlay.cache_dir = options.cache_dir;
+  if (!options.cache_dir.empty()) impl->overlay.spill->dir = options.cache_dir + "/spill";
   impl->info.writable = impl->DescribeWritable(config_ino != 0);
   ::malloc_trim(0);
   return std::unique_ptr<Filesystem>(new Filesystem(std::move(impl)));

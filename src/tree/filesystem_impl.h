@@ -21,6 +21,7 @@
 #include "nemofs/filesystem.h"
 #include "source/source.h"
 #include "tree/node_table.h"
+#include "util/spill.h"
 #include "write/config_commit.h"
 
 namespace nemofs {
@@ -38,13 +39,15 @@ struct Safetensors {
   uint64_t size = 0;
 };
 
-// A file created next to the config: in memory until it is stored in the
-// checkpoint (at fsync or unmount); editors' temp files never are.
+// A file created next to the config: staged (memory, or a spill file past
+// a few MiB: util/spill.h) until it is stored in the checkpoint (at fsync
+// or unmount); editors' temp files never are.
 struct ScratchFile {
+  explicit ScratchFile(std::shared_ptr<SpillPool> pool) : data(std::move(pool)) {}
   uint64_t ino = 0;
   uint64_t parent = 0;
   std::string name;
-  std::string data;
+  SpillBytes data;
   uint32_t mode = 0644;
   int64_t mtime_sec = 0;
   uint32_t mtime_nsec = 0;
@@ -94,6 +97,9 @@ struct Overlay {
   // prefix ("" = the checkpoint's top level, "context/").
   std::map<uint64_t, std::string> store_prefix;
   std::string cache_dir;  // a failed store leaves the files under <cache_dir>/unsaved/
+  // Where staged bytes go past a few MiB: unlinked files under
+  // <cache_dir>/spill (util/spill.h).
+  std::shared_ptr<SpillPool> spill = std::make_shared<SpillPool>();
   std::set<std::pair<uint64_t, std::string>> config_names;  // (directory, name)
   std::unique_ptr<write::ConfigCommitter> committer;
   std::mutex commit_mu;
@@ -123,7 +129,6 @@ struct Overlay {
   std::map<uint64_t, std::shared_ptr<ScratchFile>> scratch;        // by inode
   std::map<std::pair<uint64_t, std::string>, uint64_t, std::less<>> scratch_names;
   uint64_t next_ino = 0;
-  uint64_t scratch_bytes = 0;
   std::map<uint64_t, OpenHandle> handles;
   uint64_t next_fh = 1;
 };

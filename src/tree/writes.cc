@@ -20,10 +20,10 @@
 namespace nemofs {
 namespace {
 
-// Limits: a config (or one scratch file) up to 64 MiB, scratch files 256 MiB
-// and 10,000 files in total; beyond, EFBIG / ENOSPC.
+// Limits: a config up to 64 MiB (it is validated in memory), 10,000 new
+// files; beyond, EFBIG / ENOSPC. New and replaced files have none but the
+// spill folder's free space (util/spill.h).
 constexpr uint64_t kMaxFileBytes = 64ull << 20;
-constexpr uint64_t kMaxScratchBytes = 256ull << 20;
 constexpr size_t kMaxScratchFiles = 10000;
 constexpr size_t kMaxName = 255;
 
@@ -53,15 +53,12 @@ bool IsAlnum(char c) {
   return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
 }
 
-size_t Digest(const std::string& data, uint32_t mode, int64_t sec, uint32_t nsec) {
-  size_t h = std::hash<std::string>{}(data);
+size_t Digest(std::string_view data, uint32_t mode, int64_t sec, uint32_t nsec) {
+  size_t h = std::hash<std::string_view>{}(data);
   for (uint64_t v : {uint64_t{mode}, static_cast<uint64_t>(sec), uint64_t{nsec}}) {
     h ^= std::hash<uint64_t>{}(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
   }
   return h;
-}
-size_t Digest(const ScratchFile& f) {
-  return Digest(f.data, f.mode & 07777, f.mtime_sec, f.mtime_nsec);
 }
 
 // Where new file `name` of scratch directory `dir` is stored. `o.mu` held
@@ -76,10 +73,7 @@ std::string StorePath(const Overlay& o, uint64_t dir, std::string_view name) {
 void UnlinkScratchLocked(Overlay& o, const std::shared_ptr<ScratchFile>& f) {
   if (f->linked) o.scratch_names.erase(std::make_pair(f->parent, f->name));
   f->linked = false;
-  if (f->handles == 0) {
-    o.scratch_bytes -= f->data.size();
-    o.scratch.erase(f->ino);
-  }
+  if (f->handles == 0) o.scratch.erase(f->ino);
 }
 
 // A write on config handle `h` failed: the handle's close commits nothing,
@@ -99,7 +93,7 @@ void PoisonConfigHandleLocked(Overlay& o, OpenHandle* h, const Error& e) {
 // A new, empty scratch file `name` in `parent`. `o.mu` held.
 std::shared_ptr<ScratchFile> NewScratchLocked(Overlay& o, uint64_t parent, std::string_view name,
                                               uint32_t mode) {
-  auto f = std::make_shared<ScratchFile>();
+  auto f = std::make_shared<ScratchFile>(o.spill);
   f->ino = o.next_ino++;
   f->parent = parent;
   f->name = std::string(name);
@@ -312,10 +306,8 @@ Result<ReadPlan> Filesystem::Impl::ReadOverlay(uint64_t ino, uint64_t offset, ui
     } else {
       auto it = o.scratch.find(ino);
       if (it == o.scratch.end()) return Err(ENOENT, "no inode {}", ino);
-      const std::string& data = it->second->data;
-      uint64_t from = std::min<uint64_t>(offset, data.size());
-      text = std::make_shared<const std::string>(
-          data.substr(from, std::min<uint64_t>(size, data.size() - from)));
+      NEMOFS_ASSIGN_OR_RETURN(std::string part, it->second->data.Read(offset, size));
+      text = std::make_shared<const std::string>(std::move(part));
       offset = 0;
     }
   }
@@ -425,8 +417,17 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
   Overlay& o = overlay;
   if (!o.writable) return Ok();
   std::lock_guard<std::mutex> commit_lock(o.commit_mu);
-  std::vector<write::ConfigCommitter::NewFile> files;
-  std::vector<std::pair<std::shared_ptr<ScratchFile>, uint64_t>> which;  // file, version stored
+  // What to store: each file's bytes as of now (a snapshot: writes may go
+  // on meanwhile), then, outside the lock, those that changed back (or
+  // were only touched alike) are left out.
+  struct Pick {
+    std::shared_ptr<ScratchFile> f;
+    uint64_t version = 0;
+    size_t stored_digest = 0;
+    SpillBytes::View bytes;
+    write::ConfigCommitter::NewFile file;
+  };
+  std::vector<Pick> picks;
   {
     std::lock_guard<std::mutex> lock(o.mu);
     for (const auto& [ino, f] : o.scratch) {
@@ -441,15 +442,38 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
         continue;
       }
       if (f->version == f->stored_version) continue;
-      if (f->stored && Digest(*f) == f->stored_digest) {  // changed back, or only touched alike
-        f->stored_version = f->version;
-        continue;
+      auto snap = f->data.Snapshot();
+      if (!snap) {
+        return Err(snap.error().code(), "'{}' is not stored: {}", f->name,
+                   snap.error().message());
       }
-      files.push_back({f->member.empty() ? StorePath(o, f->parent, f->name) : f->member, f->data,
-                       f->mode & 07777, f->mtime_sec, f->mtime_nsec,
-                       f->stored || !f->member.empty()});
-      which.emplace_back(f, f->version);
+      Pick p;
+      p.f = f;
+      p.version = f->version;
+      p.stored_digest = f->stored ? f->stored_digest : 0;
+      p.bytes = std::move(*snap);
+      p.file = {f->member.empty() ? StorePath(o, f->parent, f->name) : f->member, p.bytes.bytes,
+                f->mode & 07777, f->mtime_sec, f->mtime_nsec, f->stored || !f->member.empty()};
+      picks.push_back(std::move(p));
     }
+  }
+  std::vector<write::ConfigCommitter::NewFile> files;
+  std::vector<std::pair<std::shared_ptr<ScratchFile>, uint64_t>> which;  // file, version stored
+  std::vector<size_t> digests;
+  std::vector<std::pair<std::shared_ptr<ScratchFile>, uint64_t>> unchanged;
+  for (const Pick& p : picks) {
+    const size_t d = Digest(p.file.data, p.file.mode, p.file.mtime_sec, p.file.mtime_nsec);
+    if (p.f->stored && d == p.stored_digest) {  // changed back, or only touched alike
+      unchanged.emplace_back(p.f, p.version);
+      continue;
+    }
+    files.push_back(p.file);
+    which.emplace_back(p.f, p.version);
+    digests.push_back(d);
+  }
+  if (!unchanged.empty()) {
+    std::lock_guard<std::mutex> lock(o.mu);
+    for (auto& [f, version] : unchanged) f->stored_version = std::max(f->stored_version, version);
   }
   if (files.empty()) return Ok();
   std::string names;
@@ -487,8 +511,7 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
       auto& [f, version] = which[i];
       f->stored = true;
       f->stored_version = version;
-      f->stored_digest =
-          Digest(files[i].data, files[i].mode, files[i].mtime_sec, files[i].mtime_nsec);
+      f->stored_digest = digests[i];
     }
   }
   // A replaced stored file: whatever else read its old bytes (tensors of a
@@ -583,25 +606,29 @@ Status Filesystem::Impl::StartReplace(uint64_t ino, int flags) {
                                              : info.read_only_reason);
   }
   NEMOFS_RETURN_IF_ERROR(CheckStale(*n, e.path));
-  std::string data;
-  if (!(flags & O_TRUNC)) {
-    if (e.size > kMaxFileBytes) {
-      return Err(EFBIG,
-                 "{} has {} bytes; a stored file is replaced through the daemon's memory, up to "
-                 "{} MiB in this version",
-                 e.path, e.size, kMaxFileBytes >> 20);
-    }
-    NEMOFS_ASSIGN_OR_RETURN(data, src->ReadAll(e, kMaxFileBytes));
-  }
   Overlay& o = overlay;
+  auto f = std::make_shared<ScratchFile>(o.spill);
+  if (!(flags & O_TRUNC)) {
+    // Its bytes as they are, staged (a spill file past a few MiB: the
+    // kernel copies file to file), to be changed and stored back whole.
+    NEMOFS_ASSIGN_OR_RETURN(ReadPlan plan, src->Plan(e.blob, 0, e.size));
+    uint64_t at = 0;
+    for (const ReadPiece& piece : plan.pieces) {
+      if (piece.fd >= 0) {
+        NEMOFS_RETURN_IF_ERROR(f->data.CopyFrom(piece.fd, piece.offset, piece.length, at, e.path));
+      } else {
+        NEMOFS_RETURN_IF_ERROR(f->data.Write(at, std::string_view(piece.data, piece.length)));
+      }
+      at += piece.length;
+    }
+    if (at != e.size) return Err(EIO, "{}: read {} of its {} bytes", e.path, at, e.size);
+  }
+  NEMOFS_ASSIGN_OR_RETURN(SpillBytes::View current, f->data.Snapshot());
+  const size_t digest = Digest(current.bytes, e.mode & 07777, n->mtime_sec, n->mtime_nsec);
+  current = {};
   {
     std::lock_guard<std::mutex> lock(o.mu);
     if (IsReplaced(ino)) return Ok();  // another open won the race
-    if (o.scratch_bytes + data.size() > kMaxScratchBytes) {
-      return Err(ENOSPC, "files being written hold {} MiB in memory already (the limit)",
-                 o.scratch_bytes >> 20);
-    }
-    auto f = std::make_shared<ScratchFile>();
     f->ino = ino;
     f->parent = n->parent;
     f->name = e.path.substr(e.path.rfind('/') + 1);
@@ -610,9 +637,7 @@ Status Filesystem::Impl::StartReplace(uint64_t ino, int flags) {
     f->mtime_sec = n->mtime_sec;
     f->mtime_nsec = n->mtime_nsec;
     f->stored_version = f->version;  // as stored: nothing to store until it changes
-    o.scratch_bytes += data.size();
-    f->data = std::move(data);
-    f->stored_digest = Digest(*f);
+    f->stored_digest = digest;
     o.scratch.emplace(ino, f);
     replaced[ino].store(true, std::memory_order_release);
   }
@@ -658,8 +683,7 @@ Result<OpenedFile> Filesystem::OpenFile(uint64_t ino, int flags) {
     if (it == o.scratch.end()) return Err(ENOENT, "no inode {}", ino);
     h.scratch = it->second;
     if (h.writer && (flags & O_TRUNC)) {
-      o.scratch_bytes -= h.scratch->data.size();
-      h.scratch->data.clear();
+      (void)h.scratch->data.Resize(0);  // cannot fail: back to an empty buffer
       h.scratch->write_failed.reset();  // rewritten from scratch
       ++h.scratch->version;
     }
@@ -747,21 +771,12 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
   struct timespec now = Now();
   if (h->scratch) {
     ScratchFile& f = *h->scratch;
-    uint64_t before = f.data.size();
-    uint64_t grow = offset + data.size() > before ? offset + data.size() - before : 0;
-    if (o.scratch_bytes + grow > kMaxScratchBytes) {
-      Error e(ENOSPC, fmt::format("scratch files hold {} MiB in memory already (the limit)",
-                                  o.scratch_bytes >> 20));
-      f.write_failed = e;
-      return e;
-    }
-    if (Status st = WriteInto(&f.data, offset, data); !st.ok()) {
+    if (Status st = f.data.Write(offset, data); !st.ok()) {
       h->failed = st.error();
       f.write_failed = st.error();
       return st.error();
     }
     h->wrote = true;
-    o.scratch_bytes += f.data.size() - before;
     ++f.version;
     f.mtime_sec = now.tv_sec;
     f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
@@ -843,10 +858,7 @@ void Filesystem::Release(uint64_t ino, uint64_t fh) {
   if (h == o.handles.end()) return;
   if (h->second.scratch) {
     ScratchFile& f = *h->second.scratch;
-    if (--f.handles == 0 && !f.linked) {
-      o.scratch_bytes -= f.data.size();
-      o.scratch.erase(f.ino);
-    }
+    if (--f.handles == 0 && !f.linked) o.scratch.erase(f.ino);
   } else if (h->second.writer && --o.writers == 0) {
     if (o.dirty) {
       spdlog::warn("config.yaml ({}): the last writer closed it with an edit that was not saved; "
@@ -926,17 +938,7 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
       if (it == o.scratch.end()) return Err(ENOENT, "no inode {}", ino);
       ScratchFile& f = *it->second;
       if (change.set_size) {
-        if (change.size > kMaxFileBytes) {
-          return Err(EFBIG, "a file here may hold at most {} MiB", kMaxFileBytes >> 20);
-        }
-        if (change.size > f.data.size() &&
-            o.scratch_bytes + (change.size - f.data.size()) > kMaxScratchBytes) {
-          return Err(ENOSPC, "scratch files hold {} MiB in memory already (the limit)",
-                     o.scratch_bytes >> 20);
-        }
-        o.scratch_bytes += change.size;
-        o.scratch_bytes -= f.data.size();
-        f.data.resize(change.size, '\0');
+        NEMOFS_RETURN_IF_ERROR(f.data.Resize(change.size));
         if (change.size == 0) f.write_failed.reset();  // rewritten from scratch
         f.mtime_sec = now.tv_sec;
         f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
@@ -1001,10 +1003,6 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
     if (existing != o.scratch_names.end() && (flags & RENAME_NOREPLACE)) {
       return Err(EEXIST, "'{}' exists", new_name);
     }
-    if (o.scratch_bytes + o.committed->size() > kMaxScratchBytes) {
-      return Err(ENOSPC, "scratch files hold {} MiB in memory already (the limit)",
-                 o.scratch_bytes >> 20);
-    }
     std::shared_ptr<ScratchFile> replaced;
     if (existing != o.scratch_names.end()) {
       replaced = o.scratch.at(existing->second);
@@ -1014,9 +1012,7 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
     if (replaced) UnlinkScratchLocked(o, replaced);
     auto f = NewScratchLocked(o, new_parent, new_name, impl_->nodes.Get(o.config_ino)->perm);
     if (replaced && replaced->stored) f->stored = true;  // a new content for a stored file
-    f->data = *o.committed;
-    o.scratch_bytes += f->data.size();
-    return Ok();
+    return f->data.Assign(*o.committed);
   }
 
   std::shared_ptr<ScratchFile> src;
@@ -1043,7 +1039,11 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
     std::string text;
     {
       std::lock_guard<std::mutex> lock(o.mu);
-      text = src->data;
+      if (src->data.size() > kMaxFileBytes) {
+        return Err(EFBIG, "'{}' has {} bytes; a config may hold at most {} MiB", name,
+                   src->data.size(), kMaxFileBytes >> 20);
+      }
+      NEMOFS_ASSIGN_OR_RETURN(text, src->data.Read(0, src->data.size()));
       o.mtime_staged = false;  // a new text: its save's time wins
     }
     NEMOFS_RETURN_IF_ERROR(impl_->CommitConfig(text, 0, "renamed over it"));

@@ -9,6 +9,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "source/source.h"
@@ -206,8 +207,10 @@ Status ConfigCommitter::AppendToPlainTar(std::vector<NewMember> members) {
   // The append overwrites what follows the end marker (the record padding,
   // or what an interrupted save left): keep it, to put the file back byte
   // for byte if the append fails (a full disk).
+  // (What a crashed save left there can be large: past 16 MiB it is junk
+  // past the end marker either way, and only its size is put back.)
   const uint64_t size = static_cast<uint64_t>(st.st_size);
-  std::string tail(size > end_ ? size - end_ : 0, '\0');
+  std::string tail(std::min<uint64_t>(size > end_ ? size - end_ : 0, 16u << 20), '\0');
   NEMOFS_RETURN_IF_ERROR(PreadFull(fd.get(), tail.data(), tail.size(), end_, target_));
   // New copies (and new files) keep the owner of the config copy they
   // supersede.
@@ -280,7 +283,7 @@ Status ConfigCommitter::CommitFolder(const std::string& text, const struct times
 }
 
 Status ConfigCommitter::ReplaceFolderFile(int dirfd, const std::string& shown_dir,
-                                          const std::string& name, const std::string& data,
+                                          const std::string& name, std::string_view data,
                                           uint32_t mode, uid_t uid, gid_t gid,
                                           const struct timespec* mtime) {
   const std::string prefix = fmt::format(".{}{}", name, source::kCommitTempMarker);

@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "nemofs/result.h"
@@ -64,7 +65,7 @@ class ConfigCommitter {
   // A file the user created, to store in the checkpoint (issue 16 §5).
   struct NewFile {
     std::string path;  // normalised, relative to the checkpoint's root ("notes.txt")
-    std::string data;
+    std::string_view data;  // the caller's bytes, for the call's length
     uint32_t mode = 0644;
     int64_t mtime_sec = 0;
     uint32_t mtime_nsec = 0;
@@ -124,7 +125,7 @@ class ConfigCommitter {
   // of the folder kind: writes `data` as `name` in the open folder `dirfd`
   // (`shown_dir` in errors), never resolving a path.
   static Status ReplaceFolderFile(int dirfd, const std::string& shown_dir, const std::string& name,
-                                  const std::string& data, uint32_t mode, uid_t uid, gid_t gid,
+                                  std::string_view data, uint32_t mode, uid_t uid, gid_t gid,
                                   const struct timespec* mtime);
   // Folder: opens the folder `rel` beneath the source folder, never
   // following a symbolic link (ELOOP) or leaving it (EXDEV).

@@ -213,7 +213,7 @@ Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const
     // Sparse members keep their map: the writer takes the logical stream
     // (holes as zeros, which it skips) and stores GNU sparse 1.0 records.
     bool sparse = archive_entry_sparse_count(entry) > 0;
-    const std::string& new_data = update ? update->data : data;
+    const std::string_view new_data = update ? update->data : std::string_view(data);
     if (match || update) {
       archive_entry_sparse_clear(entry);
       archive_entry_set_size(entry, static_cast<la_int64_t>(new_data.size()));

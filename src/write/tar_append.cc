@@ -23,30 +23,46 @@ Result<AppendResult> AppendTarMembers(int fd, uint64_t end, const std::vector<Ne
   MaybeCrash("tar-append:before");
   const int64_t mtime = members.front().mtime;
 
-  std::string tail;
+  // Written in place piece by piece (headers, then each member's bytes
+  // straight from the caller's buffer: a multi-GB member is not copied).
   AppendResult r;
+  uint64_t at = end + 2 * kBlock;
+  std::string pending;  // headers and padding not written yet
+  uint64_t pending_at = at;
+  auto flush = [&]() -> Status {
+    NEMOFS_RETURN_IF_ERROR(PwriteFull(fd, pending, pending_at, what));
+    pending_at += pending.size();
+    pending.clear();
+    return Ok();
+  };
   for (size_t i = 0; i < members.size(); ++i) {
     const NewMember& m = members[i];
     if (m.name.size() > 100) {  // the name needs a PAX path record
       std::string records = PaxRecord("path", m.name);
-      tail += Header("././@PaxHeader", 'x', records.size(), m.mtime, 0644);
-      tail += records;
-      Pad(&tail, kBlock);
+      pending += Header("././@PaxHeader", 'x', records.size(), m.mtime, 0644);
+      pending += records;
+      Pad(&pending, kBlock);
     }
     std::string header = Header(m.name, '0', m.data.size(), m.mtime, m.mode);
     CopyOwner(m.owner_from, &header);
-    tail += header;
-    if (i == 0) r.data_offset = end + 2 * kBlock + tail.size();
-    tail += m.data;
-    Pad(&tail, kBlock);
+    pending += header;
+    const uint64_t data_at = pending_at + pending.size();
+    if (i == 0) r.data_offset = data_at;
+    if (m.data.size() <= (1u << 20)) {
+      pending += m.data;
+    } else {
+      NEMOFS_RETURN_IF_ERROR(flush());
+      NEMOFS_RETURN_IF_ERROR(PwriteFull(fd, m.data, data_at, what));
+      pending_at = data_at + m.data.size();
+    }
+    pending.append((kBlock - (pending_at + pending.size()) % kBlock) % kBlock, '\0');
   }
-  r.new_end = end + 2 * kBlock + tail.size();
-  tail.append(2 * kBlock, '\0');
+  r.new_end = pending_at + pending.size();
+  pending.append(2 * kBlock, '\0');
   // Pad the whole archive to the 10240-byte record size, as tar writers do.
-  uint64_t total = end + 2 * kBlock + tail.size();
-  tail.append((kRecord - total % kRecord) % kRecord, '\0');
-
-  NEMOFS_RETURN_IF_ERROR(PwriteFull(fd, tail, end + 2 * kBlock, what));
+  uint64_t total = pending_at + pending.size();
+  pending.append((kRecord - total % kRecord) % kRecord, '\0');
+  NEMOFS_RETURN_IF_ERROR(flush());
   NEMOFS_RETURN_IF_ERROR(Sync(fd, what));
   MaybeCrash("tar-append:data-written");
 
@@ -59,7 +75,7 @@ Result<AppendResult> AppendTarMembers(int fd, uint64_t end, const std::vector<Ne
 }
 
 Result<AppendResult> AppendTarMember(int fd, uint64_t end, const std::string& name,
-                                     const std::string& data, int64_t mtime, uint32_t mode,
+                                     std::string_view data, int64_t mtime, uint32_t mode,
                                      const std::string& what, const std::string& owner_from) {
   return AppendTarMembers(fd, end, {NewMember{name, data, mtime, mode, owner_from}}, what);
 }

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "nemofs/result.h"
@@ -37,7 +38,7 @@ struct AppendResult {
 // One member to append (or to add in a rewrite, write/rewrite.h).
 struct NewMember {
   std::string name;  // as stored ("./notes.txt")
-  std::string data;
+  std::string_view data;  // the caller's bytes, for the call's length
   int64_t mtime = 0;
   uint32_t mode = 0644;
   std::string owner_from;  // a ustar header to copy the owner from, or ""
@@ -50,7 +51,7 @@ Result<AppendResult> AppendTarMembers(int fd, uint64_t end, const std::vector<Ne
                                       const std::string& what);
 
 Result<AppendResult> AppendTarMember(int fd, uint64_t end, const std::string& name,
-                                     const std::string& data, int64_t mtime, uint32_t mode,
+                                     std::string_view data, int64_t mtime, uint32_t mode,
                                      const std::string& what, const std::string& owner_from = "");
 
 }  // namespace nemofs::write

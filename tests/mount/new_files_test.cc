@@ -415,19 +415,25 @@ TEST(TouchDDuringAnEdit, StoresTheCommittedTextNotTheHalfWrittenBuffer) {
   EXPECT_EQ(StoredConfig(kind, src), "written_by_test: 1\n" + old);
 }
 
-// A new file whose write failed (EFBIG past the per-file cap) is not
-// stored, truncated, at unmount; umount names it; a file beside it is stored.
+// A new file whose write failed (ENOSPC: its spill file's folder, the
+// cache folder, is full) is not stored, truncated, at unmount; umount names
+// it; a file beside it is stored.
 TEST(NewFileFailedWrite, IsNotStoredAndUmountNamesIt) {
   const SourceKind& kind = Kind("plain_tar");
   TempDir dir;
   std::string src = MakeSource(kind, dir);
-  auto m = Mount::StartWritable(src);
+  SmallTmpfs cache(dir.Join("cache"), "16m");
+  ASSERT_TRUE(cache.mounted());
+  MountOptions options;
+  options.writable = true;
+  options.cache_dir = dir.Join("cache");
+  auto m = Mount::Start(src, {}, options);
   ASSERT_TRUE(m);
-  auto r = Sh("head -c 70000000 /dev/urandom > " + Q(dir.Join("big.bin")) + " && cp " +
+  auto r = Sh("head -c 40000000 /dev/urandom > " + Q(dir.Join("big.bin")) + " && cp " +
                   Q(dir.Join("big.bin")) + " " + Q(m->path() + "/big.bin"),
               120);
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_NE(r.err.find("File too large"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("No space left on device"), std::string::npos) << r.err;
   r = Sh("echo small > " + Q(m->path() + "/small.txt"));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   r = Sh("cd " + Q(m->path()) + " && /usr/bin/python3 -c \"import os; fd = os.open('big.bin', "
@@ -435,7 +441,7 @@ TEST(NewFileFailedWrite, IsNotStoredAndUmountNamesIt) {
   EXPECT_NE(r.exit_code, 0) << "fsync of a failed file must fail";
   r = Sh(Q(NemofsBinary()) + " umount " + Q(m->path()), 120);
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
-  EXPECT_NE(r.err.find("not stored: big.bin (a write to it failed: File too large)"),
+  EXPECT_NE(r.err.find("not stored: big.bin (a write to it failed: No space left on device)"),
             std::string::npos)
       << r.err;
   m->Unmount();

@@ -5,6 +5,7 @@
 // a replaced weight file makes its tensors ESTALE until a remount. The
 // oracle is GNU tar (or the folder's file) and a fresh mount.
 #include <gtest/gtest.h>
+#include <signal.h>
 
 #include <string>
 
@@ -75,6 +76,54 @@ TEST_P(Replace, TokenizerFilesOfAnySizeAreStoredAtTheClose) {
 
 INSTANTIATE_TEST_SUITE_P(Kinds, Replace,
                          ::testing::Values("plain_tar", "gzip_tar", "extracted_nemo_folder"),
+                         KindParamName);
+
+// The daemon's VmData (private writable memory: heap, anonymous maps) in
+// bytes, from /proc.
+uint64_t VmData(pid_t pid) {
+  std::string status = ReadFile("/proc/" + std::to_string(pid) + "/status");
+  auto at = status.find("VmData:");
+  if (at == std::string::npos) {
+    ADD_FAILURE() << "no VmData for pid " << pid;
+    return 0;
+  }
+  return std::stoull(status.substr(at + 7)) << 10;
+}
+
+// A stored file far larger than the daemon may allocate: its bytes go
+// through a spill file under the cache folder, never the heap. The daemon
+// runs with RLIMIT_DATA (heap and private maps) 160 MiB over what it uses;
+// the file is 400 MB.
+class ReplaceLarge : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ReplaceLarge, AFileLargerThanTheDaemonsMemoryLimitIsStoredThroughASpillFile) {
+  const SourceKind& kind = Kind(GetParam());
+  TempDir dir;
+  std::string src = MakeSource(kind, dir);
+  const std::string model = TokenizerMember(src, "tokenizer.model");
+  ASSERT_FALSE(model.empty());
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  const uint64_t limit = VmData(m->pid()) + (160ull << 20);
+  auto r = Sh("prlimit --pid " + std::to_string(m->pid()) + " --data=" + std::to_string(limit) +
+              ":" + std::to_string(limit));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Sh("head -c 400000000 /dev/urandom > " + Q(dir.Join("big.model")) + " && cp " +
+             Q(dir.Join("big.model")) + " " + Q(m->path() + "/tokenizer/tokenizer.model") +
+             " && cmp " + Q(dir.Join("big.model")) + " " +
+             Q(m->path() + "/tokenizer/tokenizer.model"),
+         300);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+  EXPECT_EQ(::kill(m->pid(), 0), 0) << "the daemon died";
+  m->Unmount();
+  EXPECT_TRUE(Extracted(kind, src, model) == ReadFile(dir.Join("big.model")))
+      << "the stored file is not the one written";
+  auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src), 300);
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, ReplaceLarge,
+                         ::testing::Values("plain_tar", "extracted_nemo_folder"),
                          KindParamName);
 
 // The weight file replaced whole (with another torch.save file): this

@@ -233,29 +233,6 @@ INSTANTIATE_TEST_SUITE_P(WriteSafety, KillLoop,
 
 // ---- 3. a full disk ----------------------------------------------------------
 
-// A small tmpfs at `dir`, lazily unmounted on destruction whatever happens.
-class SmallTmpfs {
- public:
-  SmallTmpfs(const std::string& dir, const std::string& size) : dir_(dir) {
-    auto r = Sh("mkdir -p " + Q(dir) + " && mount -t tmpfs -o size=" + size + " tmpfs " + Q(dir));
-    mounted_ = r.exit_code == 0;
-    EXPECT_TRUE(mounted_) << "mount -t tmpfs: " << r.err;
-  }
-  ~SmallTmpfs() {
-    if (mounted_) {
-      auto r = Sh("umount -l " + Q(dir_));
-      EXPECT_EQ(r.exit_code, 0) << "umount -l " << dir_ << ": " << r.err;
-    }
-  }
-  SmallTmpfs(const SmallTmpfs&) = delete;
-  SmallTmpfs& operator=(const SmallTmpfs&) = delete;
-  bool mounted() const { return mounted_; }
-
- private:
-  std::string dir_;
-  bool mounted_ = false;
-};
-
 // About 64 KiB of valid YAML: top-level keys the config does not have.
 std::string ExtraKeys() {
   std::string extra;
