@@ -261,9 +261,9 @@ Result<std::vector<BlobWrite>> PlanTensorWrite(const Tensor& t, uint64_t offset,
     std::string_view bytes = data.substr(r.tensor_offset - offset, r.length);
     if (!out.empty() && out.back().blob == blob &&
         out.back().offset + out.back().bytes.size() == r.chunk_offset) {
-      out.back().bytes.append(bytes);
+      out.back().Append(bytes, true);
     } else {
-      out.push_back(BlobWrite{blob, r.chunk_offset, std::string(bytes), c.lazy.get()});
+      out.push_back(BlobWrite{blob, r.chunk_offset, bytes, c.lazy.get(), nullptr});
     }
     return Ok();
   }));
@@ -279,13 +279,13 @@ Result<std::vector<BlobWrite>> PlanTensorWrite(const Tensor& t, uint64_t offset,
       BlobWrite& m = merged.back();
       const uint64_t at = w.offset - m.offset;
       const uint64_t overlap = std::min<uint64_t>(m.bytes.size() - at, w.bytes.size());
-      if (m.bytes.compare(at, overlap, w.bytes, 0, overlap) != 0) {
+      if (m.bytes.substr(at, overlap) != w.bytes.substr(0, overlap)) {
         return Err(EINVAL,
                    "tensor {}: the write gives two different values to one stored byte (an "
                    "expanded or overlapping view); nothing written",
                    t.key);
       }
-      m.bytes.append(w.bytes, overlap, std::string::npos);
+      m.Append(w.bytes.substr(overlap), !w.own);
     } else {
       merged.push_back(std::move(w));
     }

@@ -103,11 +103,26 @@ Status MapTensorRange(const Tensor& tensor, uint64_t offset, uint64_t length,
 // A lazy (compressed) chunk's write is of its decoded bytes: `lazy` set,
 // `blob` its stored file's (LazyChunk::blob), `offset` within the decoded
 // bytes.
+// `bytes` is a view of the caller's `data` where it is one run of it (a
+// contiguous tensor), else of `own` (pieces of a view gathered).
 struct BlobWrite {
   uint32_t blob = source::kNoBlob;
   uint64_t offset = 0;  // within the blob
-  std::string bytes;
+  std::string_view bytes;
   LazyChunk* lazy = nullptr;
+  std::shared_ptr<std::string> own;
+  // Appends `more` (contiguous in the blob after `bytes`); `of_input`: it
+  // is a view of the same input as `bytes` (not of another write's `own`).
+  void Append(std::string_view more, bool of_input) {
+    if (more.empty()) return;
+    if (!own && of_input && bytes.data() + bytes.size() == more.data()) {  // the next run
+      bytes = std::string_view(bytes.data(), bytes.size() + more.size());
+      return;
+    }
+    if (!own) own = std::make_shared<std::string>(bytes);
+    own->append(more);
+    bytes = *own;
+  }
 };
 Result<std::vector<BlobWrite>> PlanTensorWrite(const Tensor& tensor, uint64_t offset,
                                                std::string_view data);

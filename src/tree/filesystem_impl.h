@@ -137,9 +137,14 @@ struct Overlay {
 // extents over the stored content, shared by its writing handles, until a
 // commit (fsync, close, the last release) patches them into the source.
 struct StagedTensor {
+  explicit StagedTensor(std::shared_ptr<SpillPool> pool) : bytes(std::move(pool)) {}
   const checkpoint::Tensor* tensor = nullptr;
-  // offset -> bytes; non-overlapping. Copied on write while a commit holds them.
-  std::map<uint64_t, std::shared_ptr<std::string>> extents;
+  // The staged ranges: offset -> end; non-overlapping, not touching.
+  std::map<uint64_t, uint64_t> extents;
+  // The file's bytes at the staged ranges, at their offsets (a sparse spill
+  // file past a few MiB: util/spill.h); zeros elsewhere at and past
+  // `keep_below`. A commit reads a snapshot; a write meanwhile copies.
+  SpillBytes bytes;
   uint64_t size = 0;        // the file's size as staged
   uint64_t keep_below = 0;  // stored bytes show below this (a truncate); zeros above
   bool dirty = false;       // differs from what is stored

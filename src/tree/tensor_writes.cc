@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <deque>
 #include <cstring>
 #include <tuple>
 
@@ -37,67 +38,35 @@ struct timespec NowTs() {
 // EINVAL at its commit, not EFBIG on the way, unless it is absurd.
 uint64_t MaxStaged(uint64_t nbytes) { return 2 * nbytes + (64u << 20); }
 
-// Puts `data` at `offset` into the extents, merging what it overlaps or
-// touches. An append to the extent it continues (cp, dd) is amortised O(n).
-void AddExtent(StagedTensor& s, uint64_t offset, std::string_view data) {
+// Puts `data` at `offset` into the staged bytes and its range into the
+// extents, merging the ranges it overlaps or touches.
+Status AddExtent(StagedTensor& s, uint64_t offset, std::string_view data) {
+  NEMOFS_RETURN_IF_ERROR(s.bytes.Write(offset, data));
   auto& ex = s.extents;
-  const uint64_t end = offset + data.size();
+  uint64_t start = offset, stop = offset + data.size();
   auto it = ex.upper_bound(offset);
-  if (it != ex.begin()) {
-    auto prev = std::prev(it);
-    if (prev->first + prev->second->size() >= offset) it = prev;
+  if (it != ex.begin() && std::prev(it)->second >= offset) --it;
+  while (it != ex.end() && it->first <= stop) {
+    start = std::min(start, it->first);
+    stop = std::max(stop, it->second);
+    it = ex.erase(it);
   }
-  if (it == ex.end() || it->first > end) {
-    ex.emplace(offset, std::make_shared<std::string>(data));
-    return;
-  }
-  // Fast path: extends one extent at its end (nothing after it to merge).
-  auto next = std::next(it);
-  if (it->first <= offset && (next == ex.end() || next->first > end) &&
-      it->second.use_count() == 1) {
-    std::string& b = *it->second;
-    const uint64_t at = offset - it->first;
-    if (at + data.size() > b.capacity() && it->first < s.tensor->nbytes()) {
-      // A sequential write (cp, dd) growing it: room up to the tensor's
-      // end at once, not a reallocation and copy at every doubling.
-      b.reserve(std::max<uint64_t>(at + data.size(), s.tensor->nbytes() - it->first));
-    }
-    if (at + data.size() > b.size()) b.resize(at + data.size());
-    std::memcpy(b.data() + at, data.data(), data.size());
-    return;
-  }
-  // General: one new extent from the first to the last one it touches.
-  const uint64_t start = std::min(it->first, offset);
-  uint64_t stop = end;
-  auto last = it;
-  for (auto j = it; j != ex.end() && j->first <= end; ++j) {
-    stop = std::max(stop, j->first + j->second->size());
-    last = j;
-  }
-  auto merged = std::make_shared<std::string>(stop - start, '\0');
-  for (auto j = it;; ++j) {
-    std::memcpy(merged->data() + (j->first - start), j->second->data(), j->second->size());
-    if (j == last) break;
-  }
-  std::memcpy(merged->data() + (offset - start), data.data(), data.size());
-  ex.erase(it, std::next(last));
-  ex.emplace(start, std::move(merged));
+  ex.emplace(start, stop);
+  return Ok();
 }
 
 // Drops everything at and past `size` (a truncate).
-void TruncateExtents(StagedTensor& s, uint64_t size) {
+Status TruncateExtents(StagedTensor& s, uint64_t size) {
   auto& ex = s.extents;
-  auto it = ex.lower_bound(size);
-  ex.erase(it, ex.end());
+  ex.erase(ex.lower_bound(size), ex.end());
   if (!ex.empty()) {
     auto last = std::prev(ex.end());
-    if (last->first + last->second->size() > size) {
-      auto cut = std::make_shared<std::string>(*last->second, 0, size - last->first);
-      last->second = std::move(cut);
-    }
+    last->second = std::min(last->second, size);
   }
+  if (s.bytes.size() > size) NEMOFS_RETURN_IF_ERROR(s.bytes.Resize(size));
   s.keep_below = std::min(s.keep_below, size);
   s.size = size;
+  return Ok();
 }
 
 uint32_t Le32(const char* p) {
@@ -198,7 +167,7 @@ Result<OpenedFile> Filesystem::Impl::OpenTensor(uint64_t ino, int flags) {
   std::lock_guard<std::mutex> lock(w.mu);
   auto& staged = w.staged[ino];
   if (!staged) {
-    staged = std::make_shared<StagedTensor>();
+    staged = std::make_shared<StagedTensor>(overlay.spill);
     staged->tensor = n->tensor;
     staged->size = n->tensor->nbytes();
     staged->keep_below = staged->size;
@@ -209,7 +178,7 @@ Result<OpenedFile> Filesystem::Impl::OpenTensor(uint64_t ino, int flags) {
   TensorHandle h;
   h.ino = ino;
   if (flags & O_TRUNC) {
-    TruncateExtents(*staged, 0);
+    NEMOFS_RETURN_IF_ERROR(TruncateExtents(*staged, 0));
     staged->dirty = true;
     ++staged->generation;
     h.wrote = true;
@@ -243,7 +212,12 @@ Result<uint64_t> Filesystem::Impl::WriteTensor(uint64_t ino, uint64_t fh, uint64
     // A hole past the end reads as zeros: past keep_below already.
     s.keep_below = std::min(s.keep_below, s.size);
   }
-  AddExtent(s, offset, data);
+  if (Status st = AddExtent(s, offset, data); !st.ok()) {
+    Error e(st.error().code(), fmt::format("tensor {}: the write cannot be staged: {}",
+                                           s.tensor->key, st.error().message()));
+    h->second.failed = e;
+    return e;
+  }
   s.size = std::max(s.size, offset + data.size());
   s.dirty = true;
   ++s.generation;
@@ -259,7 +233,8 @@ std::optional<Result<ReadPlan>> Filesystem::Impl::ReadStagedTensor(uint64_t ino,
                                                                    uint64_t size) const {
   if (tensor_writes.staged_count.load() == 0) return std::nullopt;
   std::shared_ptr<StagedTensor> s;
-  std::map<uint64_t, std::shared_ptr<std::string>> extents;
+  // The staged pieces the read touches, copied: offset -> bytes.
+  std::vector<std::pair<uint64_t, std::shared_ptr<const std::string>>> pieces;
   uint64_t fsize = 0, keep = 0;
   {
     std::lock_guard<std::mutex> lock(tensor_writes.mu);
@@ -269,10 +244,16 @@ std::optional<Result<ReadPlan>> Filesystem::Impl::ReadStagedTensor(uint64_t ino,
     s = it->second;
     fsize = s->size;
     keep = s->keep_below;
-    // Only the extents the read touches (shared, not copied).
     auto e = s->extents.upper_bound(offset);
     if (e != s->extents.begin()) --e;
-    for (; e != s->extents.end() && e->first < offset + size; ++e) extents.insert(*e);
+    for (; e != s->extents.end() && e->first < offset + size; ++e) {
+      const uint64_t from = std::max(e->first, offset);
+      const uint64_t to = std::min(e->second, offset + size);
+      if (from >= to) continue;
+      auto bytes = s->bytes.Read(from, to - from);
+      if (!bytes) return Result<ReadPlan>(bytes.error());
+      pieces.emplace_back(from, std::make_shared<const std::string>(std::move(*bytes)));
+    }
   }
   ReadPlan plan;
   if (offset >= fsize) return plan;
@@ -294,15 +275,13 @@ std::optional<Result<ReadPlan>> Filesystem::Impl::ReadStagedTensor(uint64_t ino,
     if (to > offset) plan.keepalive.push_back(Zeros());
     return Ok();
   };
-  for (const auto& [at, bytes] : extents) {
-    const uint64_t e_end = at + bytes->size();
-    if (e_end <= p) continue;
+  for (const auto& [at, bytes] : pieces) {
     if (at >= end) break;
     if (at > p) {
       if (Status st = add_stored_or_zero(p, at); !st.ok()) return Result<ReadPlan>(st.error());
       p = at;
     }
-    const uint64_t stop = std::min(end, e_end);
+    const uint64_t stop = std::min<uint64_t>(end, at + bytes->size());
     plan.AddMemory(bytes->data() + (p - at), stop - p);
     plan.keepalive.push_back(bytes);
     p = stop;
@@ -352,7 +331,7 @@ Result<NodeAttr> Filesystem::Impl::SetTensorAttr(uint64_t ino, uint64_t fh,
                      s.tensor->nbytes(), change.size);
         }
         if (change.size < s.size) {
-          TruncateExtents(s, change.size);
+          NEMOFS_RETURN_IF_ERROR(TruncateExtents(s, change.size));
         } else {
           s.keep_below = std::min(s.keep_below, s.size);
           s.size = change.size;
@@ -436,19 +415,25 @@ std::vector<uint64_t> Filesystem::Impl::NodesOfBlobs(const std::set<uint32_t>& b
 Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
   const checkpoint::Tensor& t = *nodes.Get(ino)->tensor;
   std::lock_guard<std::mutex> commit(overlay.commit_mu);
-  std::map<uint64_t, std::shared_ptr<std::string>> extents;
+  const uint64_t nbytes = t.nbytes();
+  std::map<uint64_t, uint64_t> extents;
+  SpillBytes::View staged;  // the staged bytes as of now: a write meanwhile copies
   uint64_t size = 0, keep = 0, generation = 0;
   {
     std::lock_guard<std::mutex> lock(tensor_writes.mu);
     auto it = tensor_writes.staged.find(ino);
     if (it == tensor_writes.staged.end() || !it->second->dirty) return Ok();
-    const StagedTensor& s = *it->second;
-    extents = s.extents;  // shared: a write meanwhile copies the extent it changes
+    StagedTensor& s = *it->second;
     size = s.size;
+    if (size == nbytes) {
+      // Zeros up to the end where a truncate left a hole.
+      if (s.bytes.size() < nbytes) NEMOFS_RETURN_IF_ERROR(s.bytes.Resize(nbytes));
+      NEMOFS_ASSIGN_OR_RETURN(staged, s.bytes.Snapshot());
+    }
+    extents = s.extents;
     keep = s.keep_below;
     generation = s.generation;
   }
-  const uint64_t nbytes = t.nbytes();
   const std::string shown = fmt::format("tensor {}", t.key);
   if (size != nbytes) {
     std::string shape;
@@ -458,28 +443,39 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
                "(changing a tensor's size or shape is not supported)",
                t.key, size, nbytes, torch::Info(t.dtype).name, shape);
   }
-  // What changes: the extents, and zeros where a truncate left a hole.
-  std::vector<std::pair<uint64_t, std::shared_ptr<const std::string>>> ranges;
-  uint64_t p = keep;
-  for (const auto& [at, bytes] : extents) {
-    while (p < at && p < nbytes) {
-      uint64_t n = std::min(at, nbytes) - p;
-      ranges.emplace_back(p, std::make_shared<const std::string>(n, '\0'));
-      p += n;
-    }
-    ranges.emplace_back(at, bytes);
-    p = std::max(p, at + bytes->size());
+  // What changes: the extents, and from `keep` on everything (zeros where
+  // nothing was written after a truncate) - views of the staged bytes.
+  std::vector<std::pair<uint64_t, std::string_view>> ranges;
+  for (const auto& [at, stop] : extents) {
+    if (at >= keep) break;
+    ranges.emplace_back(at, staged.bytes.substr(at, std::min(stop, keep) - at));
   }
-  if (p < nbytes) ranges.emplace_back(p, std::make_shared<const std::string>(nbytes - p, '\0'));
-  std::sort(ranges.begin(), ranges.end(),
-            [](const auto& a, const auto& b) { return a.first < b.first; });
+  if (keep < nbytes) ranges.emplace_back(keep, staged.bytes.substr(keep, nbytes - keep));
 
   // Tensor bytes -> stored bytes (the read plan's map, scattered).
   std::vector<checkpoint::BlobWrite> writes;
   for (const auto& [at, bytes] : ranges) {
-    NEMOFS_ASSIGN_OR_RETURN(auto part, checkpoint::PlanTensorWrite(t, at, *bytes));
+    NEMOFS_ASSIGN_OR_RETURN(auto part, checkpoint::PlanTensorWrite(t, at, bytes));
     for (auto& w : part) writes.push_back(std::move(w));
   }
+  // The old bytes of every stored write, read before anything is written
+  // (the journal and the CRC arithmetic take them): file to file into a
+  // spill buffer past a few MiB, not the heap.
+  SpillBytes old_buffer(overlay.spill);
+  std::vector<uint64_t> old_at(writes.size(), 0);
+  for (size_t k = 0; k < writes.size(); ++k) {
+    const auto& w = writes[k];
+    if (w.lazy) continue;
+    NEMOFS_ASSIGN_OR_RETURN(source::FileRange range, src->Locate(w.blob));
+    if (w.offset + w.bytes.size() > range.length) {
+      return Err(EIO, "{}: a write past the end of its stored file", shown);
+    }
+    old_at[k] = old_buffer.size();
+    NEMOFS_RETURN_IF_ERROR(old_buffer.CopyFrom(range.fd, range.offset + w.offset, w.bytes.size(),
+                                               old_at[k], info.source));
+  }
+  NEMOFS_ASSIGN_OR_RETURN(SpillBytes::View olds, old_buffer.Snapshot());
+  std::deque<std::string> owned;  // bytes made here that patches point into
   std::vector<write::ConfigCommitter::Patch> data, meta;
   std::vector<uint32_t> data_blobs;  // the blob of each data patch
   std::set<uint32_t> blobs;
@@ -528,7 +524,7 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
         write::ConfigCommitter::Patch p;
         p.file = place.file;
         p.offset = place.offset;
-        p.bytes = std::move(encoded);
+        p.bytes = owned.emplace_back(std::move(encoded));
         p.to_end = true;
         data.push_back(std::move(p));
         data_blobs.push_back(w.blob);
@@ -538,15 +534,10 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
       i = j;
       continue;
     }
+    const std::string_view old = olds.bytes.substr(old_at[i], w.bytes.size());
     ++i;
-    NEMOFS_ASSIGN_OR_RETURN(source::FileRange range, src->Locate(w.blob));
-    if (w.offset + w.bytes.size() > range.length) {
-      return Err(EIO, "{}: a write past the end of its stored file", shown);
-    }
-    std::string old(w.bytes.size(), '\0');
-    NEMOFS_RETURN_IF_ERROR(
-        PreadFull(range.fd, old.data(), old.size(), range.offset + w.offset, info.source));
     if (old == w.bytes) continue;  // nothing to patch
+    NEMOFS_ASSIGN_OR_RETURN(source::FileRange range, src->Locate(w.blob));
     // The zip record the bytes lie in (a chunk of this tensor in that blob).
     const torch::ZipRecordPos* rec = nullptr;
     for (const auto& c : t.chunks) {
@@ -597,8 +588,8 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
     write::ConfigCommitter::Patch p;
     p.file = place.file;
     p.offset = place.offset + w.offset;
-    p.bytes = std::move(w.bytes);
-    p.old = std::move(old);
+    p.bytes = w.bytes;
+    p.old = old;
     p.member = place.member;
     p.member_index = place.member_index;
     data.push_back(std::move(p));
@@ -611,7 +602,7 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
       p.file = std::get<0>(key);
       p.member_index = std::get<1>(key);
       p.offset = f;
-      p.bytes = Le32Bytes(field.value);
+      p.bytes = owned.emplace_back(Le32Bytes(field.value));
       p.member = field.member;
       meta.push_back(std::move(p));
       meta_blobs.push_back(field.blob);
@@ -670,6 +661,7 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
     if (it != tensor_writes.staged.end() && it->second->generation == generation) {
       StagedTensor& s = *it->second;
       s.extents.clear();
+      (void)s.bytes.Resize(0);  // cannot fail: back to an empty buffer
       s.keep_below = s.size;
       s.dirty = false;
     }

@@ -85,8 +85,8 @@ class ConfigCommitter {
   struct Patch {
     std::string file;
     uint64_t offset = 0;
-    std::string bytes;
-    std::string old;  // the bytes there now, if already read ("" = read them)
+    std::string_view bytes;  // the caller's, for the call's length
+    std::string_view old;    // the bytes there now, if already read ("" = read them)
     // A compressed tar: the member (StoredPlace::member, member_index);
     // `offset` is within it.
     std::string member;

@@ -1,6 +1,7 @@
 #include "write/journal.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -155,7 +156,20 @@ Status WriteRegions(Files& files, const std::vector<Region>& regions, const Patc
   return Ok();
 }
 
-Result<std::string> ReadJournal(const PatchRoot& root) {
+// A journal's bytes, mapped (as large as the regions it saved: never read
+// into the heap).
+struct MappedJournal {
+  std::string_view bytes;
+  void* addr = nullptr;
+  MappedJournal() = default;
+  MappedJournal(const MappedJournal&) = delete;
+  MappedJournal& operator=(const MappedJournal&) = delete;
+  ~MappedJournal() {
+    if (addr) ::munmap(addr, bytes.size());
+  }
+};
+
+Status ReadJournal(const PatchRoot& root, MappedJournal* out) {
   UniqueFd fd(::openat(root.dir_fd, root.journal_name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
   if (!fd.valid()) {
     return Err(errno, "{}/{}: {}", root.shown_dir, root.journal_name, std::strerror(errno));
@@ -164,10 +178,15 @@ Result<std::string> ReadJournal(const PatchRoot& root) {
   if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode)) {
     return Err(EIO, "{}/{}: not a regular file", root.shown_dir, root.journal_name);
   }
-  std::string bytes(static_cast<size_t>(st.st_size), '\0');
-  NEMOFS_RETURN_IF_ERROR(PreadFull(fd.get(), bytes.data(), bytes.size(), 0,
-                                   root.shown_dir + "/" + root.journal_name));
-  return bytes;
+  if (st.st_size == 0) return Ok();
+  void* addr = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE, fd.get(), 0);
+  if (addr == MAP_FAILED) {
+    return Err(errno, "{}/{}: cannot map it: {}", root.shown_dir, root.journal_name,
+               std::strerror(errno));
+  }
+  out->addr = addr;
+  out->bytes = std::string_view(static_cast<const char*>(addr), static_cast<size_t>(st.st_size));
+  return Ok();
 }
 
 }  // namespace
@@ -357,8 +376,9 @@ Result<std::string> RollBackHotJournal(const PatchRoot& root) {
   NEMOFS_ASSIGN_OR_RETURN(bool hot, HasHotJournal(root));
   if (!hot) return std::string();
   const std::string journal = root.shown_dir + "/" + root.journal_name;
-  NEMOFS_ASSIGN_OR_RETURN(std::string bytes, ReadJournal(root));
-  NEMOFS_ASSIGN_OR_RETURN(ParsedJournal parsed, ParseJournal(bytes, journal));
+  MappedJournal mapped;
+  NEMOFS_RETURN_IF_ERROR(ReadJournal(root, &mapped));
+  NEMOFS_ASSIGN_OR_RETURN(ParsedJournal parsed, ParseJournal(mapped.bytes, journal));
   if (!parsed.complete) {
     NEMOFS_RETURN_IF_ERROR(Unlink(root));
     return std::string("removed an incomplete journal (the write had not begun: no file was changed)");

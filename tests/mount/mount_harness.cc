@@ -152,4 +152,26 @@ Mount::~Mount() {
   }
 }
 
+std::string TensorFile(const Mount& m, const std::string& ls_flags) {
+  auto files = Sh("ls " + ls_flags + " " + ShellQuote(m.path() + "/tensors") + " | head -1");
+  return m.path() + "/tensors/" + files.out.substr(0, files.out.find('\n'));
+}
+
+uint64_t VmData(pid_t pid) {
+  std::string status = ReadFile("/proc/" + std::to_string(pid) + "/status");
+  auto at = status.find("VmData:");
+  if (at == std::string::npos) {
+    ADD_FAILURE() << "no VmData for pid " << pid;
+    return 0;
+  }
+  return std::stoull(status.substr(at + 7)) << 10;
+}
+
+bool LimitDaemonMemory(pid_t pid, uint64_t headroom) {
+  const std::string limit = std::to_string(VmData(pid) + headroom);
+  auto r = Sh("prlimit --pid " + std::to_string(pid) + " --data=" + limit + ":" + limit);
+  EXPECT_EQ(r.exit_code, 0) << "prlimit: " << r.err;
+  return r.exit_code == 0;
+}
+
 }  // namespace nemofs::testing

@@ -57,4 +57,18 @@ class Mount {
   pid_t pid_ = -1;
 };
 
+// The path of a tensor file of mount `m`: the first by name, or with
+// `ls_flags` "-S" the largest.
+std::string TensorFile(const Mount& m, const std::string& ls_flags = "");
+
+// Process `pid`'s VmData (private writable memory: heap, anonymous maps)
+// in bytes, from /proc.
+uint64_t VmData(pid_t pid);
+
+// Limits the daemon `pid`'s private writable memory (RLIMIT_DATA) to what
+// it uses now plus `headroom` bytes: a test that it streams (a buffer of
+// the data would be ENOMEM, bad_alloc). False (a failure recorded) if
+// prlimit failed.
+bool LimitDaemonMemory(pid_t pid, uint64_t headroom);
+
 }  // namespace nemofs::testing

@@ -78,18 +78,6 @@ INSTANTIATE_TEST_SUITE_P(Kinds, Replace,
                          ::testing::Values("plain_tar", "gzip_tar", "extracted_nemo_folder"),
                          KindParamName);
 
-// The daemon's VmData (private writable memory: heap, anonymous maps) in
-// bytes, from /proc.
-uint64_t VmData(pid_t pid) {
-  std::string status = ReadFile("/proc/" + std::to_string(pid) + "/status");
-  auto at = status.find("VmData:");
-  if (at == std::string::npos) {
-    ADD_FAILURE() << "no VmData for pid " << pid;
-    return 0;
-  }
-  return std::stoull(status.substr(at + 7)) << 10;
-}
-
 // A stored file far larger than the daemon may allocate: its bytes go
 // through a spill file under the cache folder, never the heap. The daemon
 // runs with RLIMIT_DATA (heap and private maps) 160 MiB over what it uses;
@@ -104,11 +92,8 @@ TEST_P(ReplaceLarge, AFileLargerThanTheDaemonsMemoryLimitIsStoredThroughASpillFi
   ASSERT_FALSE(model.empty());
   auto m = Mount::StartWritable(src);
   ASSERT_TRUE(m);
-  const uint64_t limit = VmData(m->pid()) + (160ull << 20);
-  auto r = Sh("prlimit --pid " + std::to_string(m->pid()) + " --data=" + std::to_string(limit) +
-              ":" + std::to_string(limit));
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  r = Sh("head -c 400000000 /dev/urandom > " + Q(dir.Join("big.model")) + " && cp " +
+  ASSERT_TRUE(LimitDaemonMemory(m->pid(), 160ull << 20));
+  auto r = Sh("head -c 400000000 /dev/urandom > " + Q(dir.Join("big.model")) + " && cp " +
              Q(dir.Join("big.model")) + " " + Q(m->path() + "/tokenizer/tokenizer.model") +
              " && cmp " + Q(dir.Join("big.model")) + " " +
              Q(m->path() + "/tokenizer/tokenizer.model"),

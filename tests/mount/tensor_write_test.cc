@@ -12,6 +12,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <sstream>
 
 #include "mount_harness.h"
 #include "test_util.h"
@@ -69,13 +70,6 @@ std::string Journals(const std::string& src) {
   return Sh("find " + Q(std::filesystem::path(src).parent_path().string()) +
             " -name '*nemofs-journal*'")
       .out;
-}
-
-// The path of a tensor file of the mount: the first by name, or with
-// `ls_flags` "-S" the largest.
-std::string TensorFile(const Mount& m, const std::string& ls_flags = "") {
-  auto files = Sh("ls " + ls_flags + " " + Q(m.path() + "/tensors") + " | head -1");
-  return m.path() + "/tensors/" + files.out.substr(0, files.out.find('\n'));
 }
 
 struct Case {
@@ -361,6 +355,52 @@ TEST(TensorWriteCoherence, MappedReaderSeesTheCommit) {
   ::munmap(map, size);
   ::close(fd);
   m->Unmount();
+}
+
+// A tensor larger than the daemon may allocate, rewritten whole with dd:
+// the staged bytes, the old bytes the journal keeps and the commit go
+// through spill files and mapped views, never the heap (RLIMIT_DATA 160 MiB
+// over what the daemon uses; the tensor is 384 MiB).
+TEST(TensorWriteLarge, ATensorLargerThanTheDaemonsMemoryLimitIsCommittedThroughSpillFiles) {
+  TempDir dir;
+  const std::string src = dir.Join("big.nemo");
+  const uint64_t nbytes = 384ull << 20;
+  auto made = Sh("/usr/bin/python3 " +
+                     Q(std::string(NEMOFS_SOURCE_DIR) + "/scripts/bench/make_tensor_nemo.py") +
+                     " write " + Q(src) + " " + std::to_string(nbytes) + " " +
+                     std::to_string(nbytes) + " | /usr/bin/python3 -c \"import json,sys; b = "
+                     "json.load(sys.stdin)['big']; print(b['key'], b['tar_offset'])\"",
+                 300);
+  ASSERT_EQ(made.exit_code, 0) << made.out << made.err;
+  std::istringstream fields(made.out);
+  std::string key;
+  uint64_t tar_offset = 0;
+  fields >> key >> tar_offset;
+  ASSERT_FALSE(key.empty());
+  ASSERT_EQ(Sh("head -c " + std::to_string(nbytes) + " /dev/urandom > " + Q(dir.Join("new.bin")))
+                .exit_code,
+            0);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  ASSERT_TRUE(LimitDaemonMemory(m->pid(), 160ull << 20));
+  const std::string file = m->path() + "/tensors/" + key;
+  auto r = Sh("dd if=" + Q(dir.Join("new.bin")) + " of=" + Q(file) +
+                  " bs=4M conv=notrunc status=none && cmp " + Q(dir.Join("new.bin")) + " " +
+                  Q(file),
+              300);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+  EXPECT_EQ(::kill(m->pid(), 0), 0) << "the daemon died";
+  m->Unmount();
+  EXPECT_NE(m->Log().find(key), std::string::npos);
+  // The tar holds the new bytes where the tensor's were; its CRCs verify.
+  r = Sh("dd if=" + Q(src) + " bs=4M iflag=skip_bytes,count_bytes skip=" +
+             std::to_string(tar_offset) + " count=" + std::to_string(nbytes) +
+             " status=none | cmp - " + Q(dir.Join("new.bin")),
+         300);
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(Journals(src), "");
+  auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src), 300);
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
 }
 
 // Two writers on different tensors and readers during the commits: every
