@@ -21,6 +21,7 @@
 #include "nemofs/filesystem.h"
 #include "source/source.h"
 #include "tree/node_table.h"
+#include "tree/staged_edit.h"
 #include "util/spill.h"
 #include "write/config_commit.h"
 
@@ -106,10 +107,14 @@ struct Overlay {
 
   mutable std::mutex mu;
   std::shared_ptr<const std::string> committed;  // the config text as committed
-  bool editing = false;                          // a writing handle holds `working`
-  bool dirty = false;                            // `working` differs from `committed`
-  uint64_t generation = 0;                       // bumped by every change of `working`
-  std::string working;
+  // The edit of the open writing handles (tree/staged_edit.h): what they
+  // wrote, as extents over `edit_base` (the text committed when the edit
+  // began, or after its last commit).
+  bool editing = false;                          // a writing handle holds `edit`
+  bool dirty = false;                            // the edit differs from `committed`
+  uint64_t generation = 0;                       // bumped by every change of the edit
+  std::unique_ptr<tree::StagedEdit> edit;
+  std::shared_ptr<const std::string> edit_base;
   int writers = 0;
   // mtime of config.yaml: of the edit while one is open, else of the last
   // commit (unset: the source's).
@@ -137,16 +142,10 @@ struct Overlay {
 // extents over the stored content, shared by its writing handles, until a
 // commit (fsync, close, the last release) patches them into the source.
 struct StagedTensor {
-  explicit StagedTensor(std::shared_ptr<SpillPool> pool) : bytes(std::move(pool)) {}
+  StagedTensor(std::shared_ptr<SpillPool> pool, const checkpoint::Tensor* t)
+      : tensor(t), edit(std::move(pool), t->nbytes()) {}
   const checkpoint::Tensor* tensor = nullptr;
-  // The staged ranges: offset -> end; non-overlapping, not touching.
-  std::map<uint64_t, uint64_t> extents;
-  // The file's bytes at the staged ranges, at their offsets (a sparse spill
-  // file past a few MiB: util/spill.h); zeros elsewhere at and past
-  // `keep_below`. A commit reads a snapshot; a write meanwhile copies.
-  SpillBytes bytes;
-  uint64_t size = 0;        // the file's size as staged
-  uint64_t keep_below = 0;  // stored bytes show below this (a truncate); zeros above
+  tree::StagedEdit edit;  // over the stored bytes
   bool dirty = false;       // differs from what is stored
   uint64_t generation = 0;  // bumped by every change
   int handles = 0;

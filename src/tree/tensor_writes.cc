@@ -38,37 +38,6 @@ struct timespec NowTs() {
 // EINVAL at its commit, not EFBIG on the way, unless it is absurd.
 uint64_t MaxStaged(uint64_t nbytes) { return 2 * nbytes + (64u << 20); }
 
-// Puts `data` at `offset` into the staged bytes and its range into the
-// extents, merging the ranges it overlaps or touches.
-Status AddExtent(StagedTensor& s, uint64_t offset, std::string_view data) {
-  NEMOFS_RETURN_IF_ERROR(s.bytes.Write(offset, data));
-  auto& ex = s.extents;
-  uint64_t start = offset, stop = offset + data.size();
-  auto it = ex.upper_bound(offset);
-  if (it != ex.begin() && std::prev(it)->second >= offset) --it;
-  while (it != ex.end() && it->first <= stop) {
-    start = std::min(start, it->first);
-    stop = std::max(stop, it->second);
-    it = ex.erase(it);
-  }
-  ex.emplace(start, stop);
-  return Ok();
-}
-
-// Drops everything at and past `size` (a truncate).
-Status TruncateExtents(StagedTensor& s, uint64_t size) {
-  auto& ex = s.extents;
-  ex.erase(ex.lower_bound(size), ex.end());
-  if (!ex.empty()) {
-    auto last = std::prev(ex.end());
-    last->second = std::min(last->second, size);
-  }
-  if (s.bytes.size() > size) NEMOFS_RETURN_IF_ERROR(s.bytes.Resize(size));
-  s.keep_below = std::min(s.keep_below, size);
-  s.size = size;
-  return Ok();
-}
-
 uint32_t Le32(const char* p) {
   const auto* u = reinterpret_cast<const unsigned char*>(p);
   return uint32_t{u[0]} | uint32_t{u[1]} << 8 | uint32_t{u[2]} << 16 | uint32_t{u[3]} << 24;
@@ -167,10 +136,7 @@ Result<OpenedFile> Filesystem::Impl::OpenTensor(uint64_t ino, int flags) {
   std::lock_guard<std::mutex> lock(w.mu);
   auto& staged = w.staged[ino];
   if (!staged) {
-    staged = std::make_shared<StagedTensor>(overlay.spill);
-    staged->tensor = n->tensor;
-    staged->size = n->tensor->nbytes();
-    staged->keep_below = staged->size;
+    staged = std::make_shared<StagedTensor>(overlay.spill, n->tensor);
     staged->mtime_sec = n->mtime_sec;
     staged->mtime_nsec = n->mtime_nsec;
     w.staged_count.store(w.staged.size());
@@ -178,7 +144,7 @@ Result<OpenedFile> Filesystem::Impl::OpenTensor(uint64_t ino, int flags) {
   TensorHandle h;
   h.ino = ino;
   if (flags & O_TRUNC) {
-    NEMOFS_RETURN_IF_ERROR(TruncateExtents(*staged, 0));
+    NEMOFS_RETURN_IF_ERROR(staged->edit.Truncate(0));
     staged->dirty = true;
     ++staged->generation;
     h.wrote = true;
@@ -208,17 +174,12 @@ Result<uint64_t> Filesystem::Impl::WriteTensor(uint64_t ino, uint64_t fh, uint64
     return e;
   }
   if (data.empty()) return 0;
-  if (offset > s.size) {
-    // A hole past the end reads as zeros: past keep_below already.
-    s.keep_below = std::min(s.keep_below, s.size);
-  }
-  if (Status st = AddExtent(s, offset, data); !st.ok()) {
+  if (Status st = s.edit.Write(offset, data); !st.ok()) {
     Error e(st.error().code(), fmt::format("tensor {}: the write cannot be staged: {}",
                                            s.tensor->key, st.error().message()));
     h->second.failed = e;
     return e;
   }
-  s.size = std::max(s.size, offset + data.size());
   s.dirty = true;
   ++s.generation;
   struct timespec now = NowTs();
@@ -233,61 +194,39 @@ std::optional<Result<ReadPlan>> Filesystem::Impl::ReadStagedTensor(uint64_t ino,
                                                                    uint64_t size) const {
   if (tensor_writes.staged_count.load() == 0) return std::nullopt;
   std::shared_ptr<StagedTensor> s;
-  // The staged pieces the read touches, copied: offset -> bytes.
-  std::vector<std::pair<uint64_t, std::shared_ptr<const std::string>>> pieces;
-  uint64_t fsize = 0, keep = 0;
+  std::vector<tree::StagedEdit::Piece> pieces;  // staged bytes copied
   {
     std::lock_guard<std::mutex> lock(tensor_writes.mu);
     if (!tensor_writes.handles.count(fh)) return std::nullopt;  // a reader: the stored bytes
     auto it = tensor_writes.staged.find(ino);
     if (it == tensor_writes.staged.end()) return std::nullopt;
     s = it->second;
-    fsize = s->size;
-    keep = s->keep_below;
-    auto e = s->extents.upper_bound(offset);
-    if (e != s->extents.begin()) --e;
-    for (; e != s->extents.end() && e->first < offset + size; ++e) {
-      const uint64_t from = std::max(e->first, offset);
-      const uint64_t to = std::min(e->second, offset + size);
-      if (from >= to) continue;
-      auto bytes = s->bytes.Read(from, to - from);
-      if (!bytes) return Result<ReadPlan>(bytes.error());
-      pieces.emplace_back(from, std::make_shared<const std::string>(std::move(*bytes)));
-    }
+    auto got = s->edit.Pieces(offset, size);
+    if (!got) return Result<ReadPlan>(got.error());
+    pieces = std::move(*got);
   }
   ReadPlan plan;
-  if (offset >= fsize) return plan;
-  const uint64_t end = std::min(fsize, offset + size);
-  uint64_t p = offset;
-  auto add_stored_or_zero = [&](uint64_t from, uint64_t to) -> Status {
-    if (from < keep) {
-      uint64_t stop = std::min(to, keep);
-      NEMOFS_ASSIGN_OR_RETURN(ReadPlan part,
-                              checkpoint::PlanTensorRead(*s->tensor, *src, from, stop - from));
-      plan.Append(part);
-      from = stop;
+  for (const auto& piece : pieces) {
+    switch (piece.kind) {
+      case tree::StagedEdit::Piece::kStaged:
+        plan.AddMemory(piece.bytes->data(), piece.length);
+        plan.keepalive.push_back(piece.bytes);
+        break;
+      case tree::StagedEdit::Piece::kBase: {
+        auto part = checkpoint::PlanTensorRead(*s->tensor, *src, piece.offset, piece.length);
+        if (!part) return Result<ReadPlan>(part.error());
+        plan.Append(*part);
+        break;
+      }
+      case tree::StagedEdit::Piece::kZero:
+        for (uint64_t done = 0; done < piece.length;) {
+          uint64_t n = std::min<uint64_t>(piece.length - done, kZeroChunk);
+          plan.AddMemory(Zeros()->data(), n);
+          done += n;
+        }
+        plan.keepalive.push_back(Zeros());
+        break;
     }
-    while (from < to) {
-      uint64_t n = std::min<uint64_t>(to - from, kZeroChunk);
-      plan.AddMemory(Zeros()->data(), n);
-      from += n;
-    }
-    if (to > offset) plan.keepalive.push_back(Zeros());
-    return Ok();
-  };
-  for (const auto& [at, bytes] : pieces) {
-    if (at >= end) break;
-    if (at > p) {
-      if (Status st = add_stored_or_zero(p, at); !st.ok()) return Result<ReadPlan>(st.error());
-      p = at;
-    }
-    const uint64_t stop = std::min<uint64_t>(end, at + bytes->size());
-    plan.AddMemory(bytes->data() + (p - at), stop - p);
-    plan.keepalive.push_back(bytes);
-    p = stop;
-  }
-  if (p < end) {
-    if (Status st = add_stored_or_zero(p, end); !st.ok()) return Result<ReadPlan>(st.error());
   }
   HoldForRead(&plan);
   return plan;
@@ -298,7 +237,7 @@ void Filesystem::Impl::StagedAttr(uint64_t ino, NodeAttr* attr) const {
   std::lock_guard<std::mutex> lock(tensor_writes.mu);
   auto it = tensor_writes.staged.find(ino);
   if (it == tensor_writes.staged.end()) return;
-  attr->size = it->second->size;
+  attr->size = it->second->edit.size();
   if (it->second->dirty) {
     attr->mtime_sec = it->second->mtime_sec;
     attr->mtime_nsec = it->second->mtime_nsec;
@@ -330,12 +269,7 @@ Result<NodeAttr> Filesystem::Impl::SetTensorAttr(uint64_t ino, uint64_t fh,
           return Err(EFBIG, "tensor {} has {} bytes; {} cannot be staged", s.tensor->key,
                      s.tensor->nbytes(), change.size);
         }
-        if (change.size < s.size) {
-          NEMOFS_RETURN_IF_ERROR(TruncateExtents(s, change.size));
-        } else {
-          s.keep_below = std::min(s.keep_below, s.size);
-          s.size = change.size;
-        }
+        NEMOFS_RETURN_IF_ERROR(s.edit.Truncate(change.size));
         s.dirty = true;
         ++s.generation;
         if (auto h = tensor_writes.handles.find(fh); h != tensor_writes.handles.end()) {
@@ -416,22 +350,17 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
   const checkpoint::Tensor& t = *nodes.Get(ino)->tensor;
   std::lock_guard<std::mutex> commit(overlay.commit_mu);
   const uint64_t nbytes = t.nbytes();
-  std::map<uint64_t, uint64_t> extents;
-  SpillBytes::View staged;  // the staged bytes as of now: a write meanwhile copies
-  uint64_t size = 0, keep = 0, generation = 0;
+  tree::StagedEdit::Changes changes;  // views of the staged bytes: a write meanwhile copies
+  uint64_t size = 0, generation = 0;
   {
     std::lock_guard<std::mutex> lock(tensor_writes.mu);
     auto it = tensor_writes.staged.find(ino);
     if (it == tensor_writes.staged.end() || !it->second->dirty) return Ok();
     StagedTensor& s = *it->second;
-    size = s.size;
+    size = s.edit.size();
     if (size == nbytes) {
-      // Zeros up to the end where a truncate left a hole.
-      if (s.bytes.size() < nbytes) NEMOFS_RETURN_IF_ERROR(s.bytes.Resize(nbytes));
-      NEMOFS_ASSIGN_OR_RETURN(staged, s.bytes.Snapshot());
+      NEMOFS_ASSIGN_OR_RETURN(changes, s.edit.Snapshot());
     }
-    extents = s.extents;
-    keep = s.keep_below;
     generation = s.generation;
   }
   const std::string shown = fmt::format("tensor {}", t.key);
@@ -443,14 +372,7 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
                "(changing a tensor's size or shape is not supported)",
                t.key, size, nbytes, torch::Info(t.dtype).name, shape);
   }
-  // What changes: the extents, and from `keep` on everything (zeros where
-  // nothing was written after a truncate) - views of the staged bytes.
-  std::vector<std::pair<uint64_t, std::string_view>> ranges;
-  for (const auto& [at, stop] : extents) {
-    if (at >= keep) break;
-    ranges.emplace_back(at, staged.bytes.substr(at, std::min(stop, keep) - at));
-  }
-  if (keep < nbytes) ranges.emplace_back(keep, staged.bytes.substr(keep, nbytes - keep));
+  const auto& ranges = changes.ranges;
 
   // Tensor bytes -> stored bytes (the read plan's map, scattered).
   std::vector<checkpoint::BlobWrite> writes;
@@ -660,9 +582,7 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
     auto it = tensor_writes.staged.find(ino);
     if (it != tensor_writes.staged.end() && it->second->generation == generation) {
       StagedTensor& s = *it->second;
-      s.extents.clear();
-      (void)s.bytes.Resize(0);  // cannot fail: back to an empty buffer
-      s.keep_below = s.size;
+      s.edit.Reset(s.edit.size());
       s.dirty = false;
     }
   }

@@ -35,17 +35,6 @@ struct timespec Now() {
 
 bool WantsWrite(int flags) { return (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC); }
 
-// Writes `data` at `offset` into `buf`, zero-filling a gap.
-Status WriteInto(std::string* buf, uint64_t offset, std::string_view data) {
-  uint64_t end = offset + data.size();
-  if (end > kMaxFileBytes || end < offset) {
-    return Err(EFBIG, "a file here may hold at most {} MiB", kMaxFileBytes >> 20);
-  }
-  if (end > buf->size()) buf->resize(end, '\0');
-  std::copy(data.begin(), data.end(), buf->begin() + static_cast<ptrdiff_t>(offset));
-  return Ok();
-}
-
 bool AllOf(std::string_view s, bool (*pred)(char)) {
   return !s.empty() && std::all_of(s.begin(), s.end(), pred);
 }
@@ -76,6 +65,13 @@ void UnlinkScratchLocked(Overlay& o, const std::shared_ptr<ScratchFile>& f) {
   if (f->handles == 0) o.scratch.erase(f->ino);
 }
 
+// The edit is the committed text again (after its commit, or abandoned).
+// `o.mu` held, `o.edit` set.
+void RebaseEditLocked(Overlay& o) {
+  o.edit_base = o.committed;
+  o.edit->Reset(o.committed->size());
+}
+
 // A write on config handle `h` failed: the handle's close commits nothing,
 // and the edit it made so far is dropped (the checkpoint keeps the saved
 // text). `o.mu` held.
@@ -85,7 +81,7 @@ void PoisonConfigHandleLocked(Overlay& o, OpenHandle* h, const Error& e) {
       "config.yaml ({}): a write failed ({}); this handle's edit is dropped and its "
       "close saves nothing",
       o.config_name, e.message());
-  o.working = *o.committed;
+  RebaseEditLocked(o);
   o.dirty = false;
   ++o.generation;
 }
@@ -229,7 +225,7 @@ Result<NodeAttr> Filesystem::Impl::OverlayAttr(uint64_t ino) const {
   std::lock_guard<std::mutex> lock(o.mu);
   if (ino == o.config_ino) {
     NodeAttr a = Attr(ino, *nodes.Get(ino));
-    a.size = o.editing ? o.working.size() : o.committed->size();
+    a.size = o.editing ? o.edit->size() : o.committed->size();
     if (o.mtime_set) {
       a.mtime_sec = o.mtime_sec;
       a.mtime_nsec = o.mtime_nsec;
@@ -296,9 +292,22 @@ Result<ReadPlan> Filesystem::Impl::ReadOverlay(uint64_t ino, uint64_t offset, ui
         text = h->second.snapshot;
       } else if (h != o.handles.end() && h->second.writer && o.editing) {
         // Copy what is asked: the edit may change while the reply is sent.
-        uint64_t from = std::min<uint64_t>(offset, o.working.size());
-        text = std::make_shared<const std::string>(
-            o.working.substr(from, std::min<uint64_t>(size, o.working.size() - from)));
+        NEMOFS_ASSIGN_OR_RETURN(auto pieces, o.edit->Pieces(offset, size));
+        std::string part;
+        for (const auto& p : pieces) {
+          switch (p.kind) {
+            case tree::StagedEdit::Piece::kStaged:
+              part += *p.bytes;
+              break;
+            case tree::StagedEdit::Piece::kBase:
+              part += std::string_view(*o.edit_base).substr(p.offset, p.length);
+              break;
+            case tree::StagedEdit::Piece::kZero:
+              part.append(p.length, '\0');
+              break;
+          }
+        }
+        text = std::make_shared<const std::string>(std::move(part));
         offset = 0;
       } else {
         text = o.committed;
@@ -351,9 +360,10 @@ Status Filesystem::Impl::CommitConfig(const std::string& text, uint64_t generati
     if (time_only) {
       // nothing of the edit changes
     } else if (o.editing && generation != 0 && generation == o.generation) {
+      RebaseEditLocked(o);  // the edit is what was committed
       o.dirty = false;
     } else if (o.editing && generation == 0) {  // a rename over the config: it wins
-      o.working = text;
+      RebaseEditLocked(o);
       o.dirty = false;
     }
     // A time set again while this commit ran stays staged.
@@ -664,12 +674,13 @@ Result<OpenedFile> Filesystem::OpenFile(uint64_t ino, int flags) {
   if (ino == o.config_ino) {
     if (h.writer) {
       if (!o.editing) {
-        o.working = *o.committed;
+        o.edit = std::make_unique<tree::StagedEdit>(o.spill, o.committed->size());
+        o.edit_base = o.committed;
         o.editing = true;
         o.dirty = false;
       }
       if (flags & O_TRUNC) {
-        o.working.clear();
+        NEMOFS_RETURN_IF_ERROR(o.edit->Truncate(0));
         o.dirty = true;
         ++o.generation;
         h.wrote = true;
@@ -781,7 +792,11 @@ Result<uint64_t> Filesystem::Write(uint64_t ino, uint64_t fh, uint64_t offset,
     f.mtime_sec = now.tv_sec;
     f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
   } else {
-    if (Status st = WriteInto(&o.working, offset, data); !st.ok()) {
+    uint64_t end = offset + data.size();
+    Status st = end > kMaxFileBytes || end < offset
+                    ? Err(EFBIG, "a config may hold at most {} MiB", kMaxFileBytes >> 20)
+                    : o.edit->Write(offset, data);
+    if (!st.ok()) {
       PoisonConfigHandleLocked(o, h, st.error());
       return st.error();
     }
@@ -841,7 +856,7 @@ Status Filesystem::Flush(uint64_t ino, uint64_t fh, int pid) {
       // handle's half-written edit.
       generation = Impl::kTimeOnly;
     } else {
-      text = o.working;
+      NEMOFS_ASSIGN_OR_RETURN(text, o.edit->Materialize(*o.edit_base));
       generation = o.generation;
     }
   }
@@ -870,8 +885,8 @@ void Filesystem::Release(uint64_t ino, uint64_t fh) {
     o.mtime_set = o.commit_mtime_set;
     o.mtime_sec = o.commit_mtime_sec;
     o.mtime_nsec = o.commit_mtime_nsec;
-    o.working.clear();
-    o.working.shrink_to_fit();
+    o.edit.reset();
+    o.edit_base.reset();
   }
   o.handles.erase(h);
 }
@@ -908,14 +923,18 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
         }
         if (h.ok() && *h) {  // ftruncate on a writing handle: part of its edit
           (*h)->wrote = true;
-          o.working.resize(change.size, '\0');
+          NEMOFS_RETURN_IF_ERROR(o.edit->Truncate(change.size));
           o.dirty = true;
           ++o.generation;
           o.mtime_set = true;
           o.mtime_sec = now.tv_sec;
           o.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
         } else {  // truncate(2) by path: a complete edit of its own
-          commit_text = o.editing ? o.working : *o.committed;
+          if (o.editing) {
+            NEMOFS_ASSIGN_OR_RETURN(commit_text, o.edit->Materialize(*o.edit_base));
+          } else {
+            commit_text = *o.committed;
+          }
           commit_text.resize(change.size, '\0');
           commit_now = true;
         }
