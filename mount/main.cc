@@ -728,7 +728,7 @@ int RunInfo(const std::string& source, const CacheArgs& cache_dir, bool json) {
     j["unmerged"] = i.unmerged;
     j["safetensors_omitted"] = nlohmann::ordered_json::object();
     for (const auto& [name, why] : i.safetensors_omitted) j["safetensors_omitted"][name] = why;
-    j["writable"] = i.writable;
+    j["writable"] = fs->DescribeWritable();
     j["warnings"] = i.warnings;
     fmt::print("{}\n", j.dump(2));
     return kExitOk;
@@ -758,7 +758,7 @@ int RunInfo(const std::string& source, const CacheArgs& cache_dir, bool json) {
   for (const auto& [name, why] : i.safetensors_omitted) {
     fmt::print("omitted:     model.safetensors leaves out {}: {}\n", name, why);
   }
-  fmt::print("writable:    {}\n", i.writable);
+  fmt::print("writable:    {}\n", fs->DescribeWritable());
   for (const auto& w : i.warnings) fmt::print("warning:     {}\n", w);
   return kExitOk;
 }
@@ -993,8 +993,8 @@ int Main(int argc, char** argv) {
                     "any FUSE option")
       ->allow_extra_args(false);
   AddCacheOptions(mount, &margs.cache,
-                  "extraction cache for compressed archives "
-                  "(default $XDG_CACHE_HOME/nemofs or ~/.cache/nemofs)");
+                  "extraction cache for compressed archives, and spill/ for files "
+                  "being written (default $XDG_CACHE_HOME/nemofs or ~/.cache/nemofs)");
   mount->add_option("--log-level", margs.log.level, "trace, debug, info, warn, error, off")
       ->capture_default_str();
   mount->add_option("--log-file", margs.log.file, "append the daemon's log to this file");

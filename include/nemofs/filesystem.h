@@ -145,9 +145,6 @@ struct CheckpointInfo {
   std::vector<std::string> warnings;
   // Opened for writing but read-only: why ("" when writable or not asked).
   std::string read_only_reason;
-  // What a writable mount of the source can write, and how a commit goes
-  // ("config.yaml, 12 of 12 tensor files, new files; ..."), for `info`.
-  std::string writable;
 };
 
 // One tensor file of the tree, for `nemofs ls`.
@@ -248,6 +245,10 @@ class Filesystem {
   Result<uint64_t> Resolve(std::string_view path) const;
 
   const CheckpointInfo& info() const;
+  // What a writable mount of the source can write, and how a commit goes
+  // ("config.yaml, 12 of 12 tensor files, new files; ..."), for `info`.
+  // O(tensors x chunks): asked for, not computed at every open.
+  std::string DescribeWritable() const;
   // Checks everything that can be checked (O(size)): every warning of Open,
   // every byte of every tensor file readable, and the CRC-32 of every record
   // of every torch.save zip stored as a file or archive member. Returns the

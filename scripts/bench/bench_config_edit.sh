@@ -83,10 +83,7 @@ RUN_TAG=$(date +%Y%m%d%H%M%S)  # edit keys are unique across runs on a kept .nem
 
 # ms_between T0 T1: milliseconds since T0 (an $EPOCHREALTIME value); no fork while timing.
 ms_between() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) * 1000 }'; }
-minof() { printf '%s\n' "$@" | sort -g | head -1; }
 # dur MS: "3.14 ms" below a second, "8.41 s" above.
-dur() { awk -v m="$1" 'BEGIN { if (m < 1000) printf "%.2f ms", m; else printf "%.2f s", m / 1000 }'; }
-rel() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3g", a / b; else print "-" }'; }
 fsize() { stat -c %s "$1"; }
 
 # check_config PREV_LINES [LINE]: reads the archive's config with Python tarfile (the last
@@ -236,12 +233,6 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 # ---- 5. summary ----------------------------------------------------------------------
 m_edit=$(median "${EDIT_MS[@]}") m_plain=$(median "${PLAIN_MS[@]}")
 m_repack=$(median "${REPACK_MS[@]}")
-line_row() {  # MEASURE SAMPLES...
-  local what=$1 m
-  shift
-  m=$(median "$@")
-  printf '| %s | %s | %s – %s | %s |\n' "$what" "$(dur "$m")" "$(dur "$(minof "$@")")" "$(dur "$(maxof "$@")")" "$(rel "$m" "$m_repack")"
-}
 uniq_range() { local lo hi; lo=$(minof "$@") hi=$(maxof "$@"); if ((lo == hi)); then echo "$lo"; else echo "$lo-$hi"; fi; }
 growth_total=$((SIZE_AFTER - SIZE_BEFORE))
 nonzero=0
@@ -257,11 +248,11 @@ echo "rounds:    $REPS rounds of [repack, cp + sync, then $EDIT_REPS/$REPS of th
 echo
 echo "| measure | median | min – max | ratio to repack median |"
 echo "|---|---|---|---|"
-line_row "config edit through the mount: \`sed -i\` on config.yaml, commit included ($EDIT_REPS runs)" "${EDIT_MS[@]}"
-line_row "... reference: the same \`sed -i\` on a plain file, no FUSE, no commit ($EDIT_REPS runs)" "${PLAIN_MS[@]}"
-line_row "\`nemofs repack SRC -o OUT\` ($REPS runs)" "${REPACK_MS[@]}"
-line_row "\`cp SRC copy\` ($REPS runs)" "${CP_MS[@]}"
-line_row "\`cp SRC copy\` then \`sync copy\` (fsync, as repack does) ($REPS runs)" "${CPSYNC_MS[@]}"
+line_row "$m_repack" "config edit through the mount: \`sed -i\` on config.yaml, commit included ($EDIT_REPS runs)" "${EDIT_MS[@]}"
+line_row "$m_repack" "... reference: the same \`sed -i\` on a plain file, no FUSE, no commit ($EDIT_REPS runs)" "${PLAIN_MS[@]}"
+line_row "$m_repack" "\`nemofs repack SRC -o OUT\` ($REPS runs)" "${REPACK_MS[@]}"
+line_row "$m_repack" "\`cp SRC copy\` ($REPS runs)" "${CP_MS[@]}"
+line_row "$m_repack" "\`cp SRC copy\` then \`sync copy\` (fsync, as repack does) ($REPS runs)" "${CPSYNC_MS[@]}"
 echo
 echo "repack / edit (medians): $(awk -v a="$m_repack" -v b="$m_edit" 'BEGIN { printf "%.0f", a / b }')x; edit - plain-file sed (medians): $(awk -v a="$m_edit" -v b="$m_plain" 'BEGIN { printf "%.2f", a - b }') ms (FUSE + commit)"
 echo "archive growth: $growth_total bytes over $EDIT_REPS timed edits = $(awk -v a="$growth_total" -v b="$EDIT_REPS" 'BEGIN { printf "%.0f", a / b }') bytes per commit on average"

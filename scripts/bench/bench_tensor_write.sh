@@ -75,8 +75,6 @@ JPOLL_OUT="$RUN_DIR/jpoll.out"
 
 # ms_between T0 T1: milliseconds from T0 to T1 ($EPOCHREALTIME values); no fork while timing.
 ms_between() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) * 1000 }'; }
-minof() { printf '%s\n' "$@" | sort -g | head -1; }
-dur() { awk -v m="$1" 'BEGIN { if (m < 1000) printf "%.0f ms", m; else printf "%.2f s", m / 1000 }'; }
 cpu_ticks() { sed 's/^.*) //' "/proc/$CUR_PID/stat" | awk '{ print $12 + $13 }'; }
 ticks_to_s() { awk -v t="$1" -v h="$CLK_TCK" 'BEGIN { printf "%.2f", t / h }'; }
 fsize() { stat -c %s "$1"; }
@@ -285,12 +283,6 @@ LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 # ---- 3. summary -----------------------------------------------------------------------------
 m_write=$(median "${WRITE_MS[@]}") m_dd=$(median "${DD_MS[@]}") m_repack=$(median "${REPACK_MS[@]}")
 m_jpeak=$(median "${JPEAKS[@]}")
-line_row() {  # MEASURE SAMPLES...
-  local what=$1 m
-  shift
-  m=$(median "$@")
-  printf '| %s | %s | %s – %s | %s |\n' "$what" "$(dur "$m")" "$(dur "$(minof "$@")")" "$(dur "$(maxof "$@")")" "$(ratio "$m" "$m_dd")"
-}
 summary_head "================================ nemofs tensor-write benchmark ================================"
 summary_nemofs
 echo "load:      1/5/15-min load average $LOAD_START at start, $LOAD_END at end (other work on the machine adds noise)"
@@ -302,9 +294,9 @@ echo "rounds:    $REPS rounds of [write through the mount, direct dd, repack]; m
 echo
 echo "| measure | median | min – max | ratio to direct dd |"
 echo "|---|---|---|---|"
-line_row "\`dd bs=4M conv=notrunc,fsync\` of $TENSOR_MIB MiB over \`tensors/<key>\`, commit included ($REPS runs)" "${WRITE_MS[@]}"
-line_row "direct: the same \`dd\` into the archive at the tensor's offset ($REPS runs)" "${DD_MS[@]}"
-line_row "\`nemofs repack SRC -o OUT\` ($REPS runs)" "${REPACK_MS[@]}"
+line_row "$m_dd" "\`dd bs=4M conv=notrunc,fsync\` of $TENSOR_MIB MiB over \`tensors/<key>\`, commit included ($REPS runs)" "${WRITE_MS[@]}"
+line_row "$m_dd" "direct: the same \`dd\` into the archive at the tensor's offset ($REPS runs)" "${DD_MS[@]}"
+line_row "$m_dd" "\`nemofs repack SRC -o OUT\` ($REPS runs)" "${REPACK_MS[@]}"
 echo
 echo "commit / direct dd:  $(ratio "$m_write" "$m_dd")x (target from issue 10: <= 3x)"
 echo "repack / commit:     $(ratio "$m_repack" "$m_write")x"

@@ -227,6 +227,17 @@ now_ns() { date +%s%N; }
 
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print ((NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
 maxof() { printf '%s\n' "$@" | sort -g | tail -1; }
+minof() { printf '%s\n' "$@" | sort -g | head -1; }
+dur() { awk -v m="$1" 'BEGIN { if (m < 1000) printf "%.2f ms", m; else printf "%.2f s", m / 1000 }'; }
+rel() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3g", a / b; else print "-" }'; }
+# line_row BASE_MS MEASURE SAMPLES_MS...: a markdown table row of MEASURE: the
+# median, min – max and the median's ratio to BASE_MS.
+line_row() {
+  local base=$1 what=$2 m
+  shift 2
+  m=$(median "$@")
+  printf '| %s | %s | %s – %s | %s |\n' "$what" "$(dur "$m")" "$(dur "$(minof "$@")")" "$(dur "$(maxof "$@")")" "$(rel "$m" "$base")"
+}
 fmt() { awk -v x="$1" -v f="${2:-%.2f}" 'BEGIN { printf f, x }'; }
 ms_since() { awk -v d="$(($(now_ns) - $1))" 'BEGIN { printf "%.2f", d / 1e6 }'; }
 kib_to_mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }

@@ -541,9 +541,24 @@ Status ArchiveSource::PatchExtracted(uint32_t blob_index, uint64_t offset,
     return Err(EINVAL, "{}: a patch past the end of member #{}", path(), blobs_[blob_index].ordinal);
   }
   NEMOFS_ASSIGN_OR_RETURN(FileRange r, Locate(blob_index));
-  return PwriteThroughReadOnly(
-      r.fd, bytes, r.offset + offset,
-      fmt::format("{} (the extracted copy of member #{})", cache_dir_, blobs_[blob_index].ordinal));
+  const std::string what =
+      fmt::format("{} (the extracted copy of member #{})", cache_dir_, blobs_[blob_index].ordinal);
+  int fd = -1;
+  {
+    std::lock_guard<std::mutex> lock(patch_fds_mu_);
+    UniqueFd& w = patch_fds_[r.fd];
+    if (!w.valid()) {
+      // Reopened for writing through /proc/self/fd: whatever became of its name.
+      w.Reset(::open(("/proc/self/fd/" + std::to_string(r.fd)).c_str(), O_WRONLY | O_CLOEXEC));
+      if (!w.valid()) {
+        int e = errno;
+        patch_fds_.erase(r.fd);
+        return Err(e, "{}: cannot reopen for writing: {}", what, std::strerror(e));
+      }
+    }
+    fd = w.get();
+  }
+  return PwriteFull(fd, bytes, r.offset + offset, what);
 }
 
 }  // namespace nemofs::source

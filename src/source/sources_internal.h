@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -127,6 +128,10 @@ class ArchiveSource final : public Source {
   CacheEntry entry_;        // holds cache_dir_ in use (invalid if it could not be made); set in
                             // Open, then only Touch()ed (futimens: safe from any thread)
   std::vector<Blob> blobs_;
+  // PatchExtracted: a writable descriptor of each extracted copy patched
+  // (by its read-only descriptor), opened once, not per region.
+  std::mutex patch_fds_mu_;
+  std::map<int, UniqueFd> patch_fds_;
   // blob -> an entry showing it (its index in entries()), for PlaceOf's
   // member name; made once after the listing.
   std::vector<size_t> blob_entry_;

@@ -469,7 +469,6 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   }
   impl->overlay.cache_dir = options.cache_dir;
   if (!options.cache_dir.empty()) impl->overlay.spill->dir = options.cache_dir + "/spill";
-  impl->info.writable = impl->DescribeWritable(config_ino != 0);
   ::malloc_trim(0);
   return std::unique_ptr<Filesystem>(new Filesystem(std::move(impl)));
 }
@@ -713,6 +712,10 @@ std::vector<std::string> Filesystem::Verify(
     if (std::find(unique.begin(), unique.end(), p) == unique.end()) unique.push_back(std::move(p));
   }
   return unique;
+}
+
+std::string Filesystem::DescribeWritable() const {
+  return impl_->DescribeWritable(!impl_->info.config.empty());
 }
 
 std::vector<TensorEntry> Filesystem::ListTensors() const {

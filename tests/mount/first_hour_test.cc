@@ -28,11 +28,6 @@ namespace {
 std::string Q(const std::string& s) { return ShellQuote(s); }
 std::string Bin() { return Q(NemofsBinary()); }
 
-constexpr int kNobody = 65534;
-std::string AsNobody(const std::string& cmd) {
-  return "setpriv --reuid=" + std::to_string(kNobody) + " --regid=" + std::to_string(kNobody) +
-         " --clear-groups -- bash -c " + Q(cmd);
-}
 
 pid_t DaemonPid(const std::string& mnt) {
   auto r = Sh("getfattr --only-values -n user.nemofs.pid " + Q(mnt), 10);
@@ -427,6 +422,13 @@ TEST(SharedMount, NonRootUserMountsReadsEditsAndUnmounts) {
                   Q(mnt + "/config.yaml")));
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, std::to_string(kNobody) + " 644\nprecision: bf16-mixed\n");
+  // A tokenizer file replaced (6 MB: staged in a spill file under the
+  // user's own cache folder) and a tensor patched, as the same user.
+  const std::string tensor = mnt + "/tensors/model.embedding.word_embeddings.weight";
+  r = Sh(AsNobody("head -c 6000000 /dev/urandom > " + Q(home + "/new.model") + " && cp " +
+                  Q(home + "/new.model") + " " + Q(mnt + "/tokenizer/merges.txt") +
+                  " && printf abcd | dd of=" + Q(tensor) + " conv=notrunc status=none"));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
   r = Sh(AsNobody(Bin() + " umount " + Q(mnt)), 60);
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_FALSE(IsMounted(mnt));
@@ -436,6 +438,15 @@ TEST(SharedMount, NonRootUserMountsReadsEditsAndUnmounts) {
   }
   std::string stored = StoredConfig(Kind("plain_tar"), src);  // tarfile and GNU tar agree
   EXPECT_NE(stored.find("\nprecision: bf16-mixed\n"), std::string::npos) << stored;
+  BgMount again;
+  ASSERT_EQ(again.Start(src, "-o ro").exit_code, 0);
+  EXPECT_EQ(Sh("cmp " + Q(home + "/new.model") + " " + Q(again.mnt() + "/tokenizer/merges.txt"))
+                .exit_code,
+            0);
+  EXPECT_EQ(Sh("head -c 4 " + Q(again.mnt() + "/tensors/model.embedding.word_embeddings.weight"))
+                .out,
+            "abcd");
+  EXPECT_EQ(Sh(Bin() + " verify " + Q(src)).exit_code, 0);
 }
 
 TEST(SharedMount, SecondWritableMountIsReadOnlyAndRepackRefuses) {

@@ -174,4 +174,9 @@ bool LimitDaemonMemory(pid_t pid, uint64_t headroom) {
   return r.exit_code == 0;
 }
 
+std::string AsNobody(const std::string& cmd) {
+  return "setpriv --reuid=" + std::to_string(kNobody) + " --regid=" + std::to_string(kNobody) +
+         " --clear-groups -- bash -c " + ShellQuote(cmd);
+}
+
 }  // namespace nemofs::testing

@@ -57,6 +57,10 @@ class Mount {
   pid_t pid_ = -1;
 };
 
+// `cmd` run by bash as the user and group nobody (65534), no other groups.
+constexpr int kNobody = 65534;
+std::string AsNobody(const std::string& cmd);
+
 // The path of a tensor file of mount `m`: the first by name, or with
 // `ls_flags` "-S" the largest.
 std::string TensorFile(const Mount& m, const std::string& ls_flags = "");

@@ -6,7 +6,9 @@
 // oracle is GNU tar (or the folder's file) and a fresh mount.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/wait.h>
 
+#include <filesystem>
 #include <string>
 
 #include "mount_harness.h"
@@ -111,6 +113,61 @@ INSTANTIATE_TEST_SUITE_P(Kinds, ReplaceLarge,
                          ::testing::Values("plain_tar", "extracted_nemo_folder"),
                          KindParamName);
 
+// A crash inside the store of a replaced file (at its close) leaves the
+// member old or new, never broken: the next mount reads one of them whole
+// and `verify` passes. The file is 8 MB: staged in a spill file.
+struct ReplaceCrashCase {
+  std::string kind;
+  std::string step;
+  bool committed;
+};
+
+void PrintTo(const ReplaceCrashCase& c, std::ostream* os) { *os << c.kind << " at " << c.step; }
+
+class ReplaceCrash : public ::testing::TestWithParam<ReplaceCrashCase> {};
+
+TEST_P(ReplaceCrash, LeavesTheOldFileOrTheNewOne) {
+  const ReplaceCrashCase& c = GetParam();
+  const SourceKind& kind = Kind(c.kind);
+  TempDir dir;
+  std::string src = MakeSource(kind, dir);
+  const std::string merges = TokenizerMember(src, "merges.txt");
+  ASSERT_FALSE(merges.empty());
+  const std::string old = Extracted(kind, src, merges);
+  std::string fresh(8 << 20, '\0');
+  for (size_t i = 0; i < fresh.size(); ++i) fresh[i] = static_cast<char>('a' + (i * 7) % 26);
+  WriteFile(dir.Join("new.txt"), fresh);
+  {
+    auto m = Mount::StartWritable(src, {"NEMOFS_FAULT=" + c.step});
+    ASSERT_TRUE(m);
+    // The close stores it: the daemon dies there (exit 77), the cp fails.
+    auto r = Sh("cp " + Q(dir.Join("new.txt")) + " " + Q(m->path() + "/tokenizer/merges.txt"), 60);
+    EXPECT_NE(r.exit_code, 0) << "the daemon should have died in the store";
+    int status = m->ExpectDeath();
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 77) << status << "\n" << m->Log();
+  }
+  auto again = Mount::Start(src);
+  ASSERT_TRUE(again);
+  const std::string shown = ReadFile(again->path() + "/tokenizer/merges.txt");
+  again->Unmount();
+  EXPECT_TRUE(shown == (c.committed ? fresh : old))
+      << "merges.txt has " << shown.size() << " bytes; old " << old.size() << ", new "
+      << fresh.size() << " (expected the " << (c.committed ? "new" : "old") << " one)";
+  EXPECT_TRUE(Extracted(kind, src, merges) == shown);
+  auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Steps, ReplaceCrash,
+    ::testing::Values(ReplaceCrashCase{"plain_tar", "tar-append:data-written", false},
+                      ReplaceCrashCase{"plain_tar", "tar-append:committed", true},
+                      ReplaceCrashCase{"gzip_tar", "rewrite:written", false},
+                      ReplaceCrashCase{"gzip_tar", "rewrite:renamed", true},
+                      ReplaceCrashCase{"extracted_nemo_folder", "folder:written", false},
+                      ReplaceCrashCase{"extracted_nemo_folder", "folder:renamed", true}),
+    [](const auto& info) { return TestName(info.param.kind + "_" + info.param.step); });
+
 // The weight file replaced whole (with another torch.save file): this
 // mount's tensors say ESTALE and the log says why; a remount shows the new
 // file's tensors.
@@ -140,6 +197,38 @@ TEST(ReplaceWeights, TensorsOfAReplacedWeightFileAreEstaleUntilARemount) {
 
 // What stays read-only: the synthesized files, and the one file of a
 // single-file checkpoint (its tensors are written through tensors/).
+// Through a mount shared with -o allow_other, only who may write a file
+// may replace it: `nobody` can neither replace root's tokenizer file or
+// archive member nor write a tensor (EACCES), and nothing is stored.
+TEST(ReplaceRules, OthersOfASharedMountCannotReplaceWhatTheyMayNotWrite) {
+  TempDir dir;
+  const SourceKind& kind = Kind("plain_tar");
+  std::string src = MakeSource(kind, dir);
+  ASSERT_EQ(Sh("chmod 644 " + Q(src)).exit_code, 0);
+  const std::string digest = Sh("sha256sum < " + Q(src)).out;
+  MountOptions options;
+  options.writable = true;
+  auto m = Mount::Start(src, {"-o", "allow_other"}, options);
+  ASSERT_TRUE(m);
+  // nobody may reach the mount point.
+  for (auto p = std::filesystem::path(m->path()); p != p.parent_path(); p = p.parent_path()) {
+    if (p.string() == "/tmp") break;
+    ::chmod(p.c_str(), 0755);
+  }
+  auto r = Sh(AsNobody("cd " + Q(m->path()) + " && cat tokenizer/merges.txt > /dev/null"));
+  ASSERT_EQ(r.exit_code, 0) << "nobody cannot even read: " << r.err;
+  for (const std::string& write :
+       {std::string("echo x > tokenizer/merges.txt"), std::string("echo x >> archive/") +
+                                                          TokenizerMember(src, "vocab.json"),
+        "printf x | dd of=" + Q(TensorFile(*m)) + " conv=notrunc status=none"}) {
+    r = Sh(AsNobody("cd " + Q(m->path()) + " && " + write));
+    EXPECT_NE(r.exit_code, 0) << write;
+    EXPECT_NE(r.err.find("Permission denied"), std::string::npos) << write << ": " << r.err;
+  }
+  m->Unmount();
+  EXPECT_EQ(Sh("sha256sum < " + Q(src)).out, digest) << "the source changed";
+}
+
 TEST(ReplaceRules, SynthesizedFilesAndASingleFileSourceStayReadOnly) {
   TempDir dir;
   std::string src = MakeSource(Kind("plain_tar"), dir);
