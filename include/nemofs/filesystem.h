@@ -19,13 +19,20 @@
 //
 // Lock order, outermost first; no thread takes a lock while holding one
 // that comes later in this list:
-//   1. Overlay::commit_mu — one commit or store of new files at a time;
-//      held across the commit's I/O on the source.
-//   2. Overlay::mu — staged edits, new files, open handles; held for
-//      in-memory work only, never across I/O or a call into the source.
-//   3. Leaf locks inside the source, held only for their own I/O and never
-//      while taking another lock: ArchiveSource::extract_mutex_ (a member
-//      decompressed into the cache), a zstd zarr chunk's decode mutex.
+//   1. Overlay::commit_mu — one commit or store at a time (config, new and
+//      replaced files, a tensor); held across the commit's I/O on the source.
+//   2. TensorWrites::patch_mu — exclusive while stored bytes are patched in
+//      place (inside commit_mu); shared by every read of stored bytes of a
+//      writable mount for the read plan's life (until the reply is sent).
+//   3. Overlay::mu, TensorWrites::mu — staged edits, new files, open
+//      handles (never both at once); held for the staged bytes' own work,
+//      which includes I/O on their spill files (util/spill.h), never I/O on
+//      the source (its in-memory listing may be looked up).
+//   4. Leaf locks, held only for their own work and never while taking
+//      another lock: Impl::stale_mu (blobs whose files read ESTALE),
+//      ArchiveSource::extract_mutex_ (a member decompressed into the cache)
+//      and patch_fds_mu_ (writable descriptors of extracted copies), a zstd
+//      zarr chunk's decode mutex.
 #pragma once
 
 #include <cstdint>

@@ -137,7 +137,7 @@ class ArchiveSource final : public Source {
   std::vector<size_t> blob_entry_;
   void IndexBlobEntries();
   std::unique_ptr<LazyFds> fds_;
-  std::mutex extract_mutex_;  // guards extraction; the only lock, taken only on a cache miss
+  std::mutex extract_mutex_;  // guards extraction; taken only on a cache miss
 };
 
 // Any other single file (torch.save, legacy pickle): one entry, its basename.

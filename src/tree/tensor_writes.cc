@@ -152,7 +152,13 @@ Result<OpenedFile> Filesystem::Impl::OpenTensor(uint64_t ino, int flags) {
   ++staged->handles;
   uint64_t fh = w.next_fh++;
   w.handles.emplace(fh, h);
-  return OpenedFile{fh, false};
+  // A write-only descriptor (dd, cp, pwrite) bypasses the page cache: with
+  // it, its writes would land in the pages other readers share, staged
+  // bytes seen before the commit (and a page read while a write copies
+  // into it, torn). A read-write one keeps it: a shared mapping
+  // (numpy.memmap r+) needs the cache, and libfuse 3.14 has no
+  // direct_io-with-mmap.
+  return OpenedFile{fh, (flags & O_ACCMODE) == O_WRONLY};
 }
 
 Result<uint64_t> Filesystem::Impl::WriteTensor(uint64_t ino, uint64_t fh, uint64_t offset,
