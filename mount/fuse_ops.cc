@@ -82,20 +82,35 @@ class Invalidator {
     }
     cv_.notify_one();
   }
+  void AddEntries(const std::vector<std::pair<uint64_t, std::string>>& entries) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      entries_.insert(entries_.end(), entries.begin(), entries.end());
+    }
+    cv_.notify_one();
+  }
 
  private:
   void Run() {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stopping, nothing left
+      cv_.wait(lock, [&] { return stop_ || !queue_.empty() || !entries_.empty(); });
+      if (queue_.empty() && entries_.empty()) return;  // stopping, nothing left
       std::vector<uint64_t> batch(queue_.begin(), queue_.end());
+      std::vector<std::pair<uint64_t, std::string>> names = std::move(entries_);
       queue_.clear();
+      entries_.clear();
       lock.unlock();
       for (uint64_t ino : batch) {
         int rc = fuse_lowlevel_notify_inval_inode(se_, ino, 0, 0);
         if (rc != 0 && rc != -ENOENT) {
           spdlog::debug("invalidating inode {}: {}", ino, std::strerror(-rc));
+        }
+      }
+      for (const auto& [parent, name] : names) {
+        int rc = fuse_lowlevel_notify_inval_entry(se_, parent, name.data(), name.size());
+        if (rc != 0 && rc != -ENOENT) {
+          spdlog::debug("invalidating '{}' in inode {}: {}", name, parent, std::strerror(-rc));
         }
       }
       lock.lock();
@@ -105,6 +120,7 @@ class Invalidator {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<uint64_t> queue_;
+  std::vector<std::pair<uint64_t, std::string>> entries_;
   bool stop_ = false;
   std::thread thread_;
 };
@@ -840,12 +856,17 @@ int MountAndServe(Filesystem& fs, const FuseMountConfig& config) {
   // After the fork: the daemon's own thread.
   auto invalidator = std::make_unique<Invalidator>(se.get());
   fs.SetInvalidator([inv = invalidator.get()](const std::vector<uint64_t>& inos) { inv->Add(inos); });
+  fs.SetEntryInvalidator(
+      [inv = invalidator.get()](const std::vector<std::pair<uint64_t, std::string>>& entries) {
+        inv->AddEntries(entries);
+      });
   std::unique_ptr<fuse_loop_config, LoopConfigDeleter> loop(fuse_loop_cfg_create());
   fuse_loop_cfg_set_clone_fd(loop.get(), 1);
   fuse_loop_cfg_set_idle_threads(loop.get(), 4);
   fuse_loop_cfg_set_max_threads(loop.get(), 16);
   int rc = fuse_session_loop_mt(se.get(), loop.get());
   fs.SetInvalidator(nullptr);
+  fs.SetEntryInvalidator(nullptr);
   invalidator.reset();
   fuse_session_unmount(se.get());
   fuse_remove_signal_handlers(se.get());

@@ -8,11 +8,16 @@
 // table built at Open; 1 is the root. A node reachable under two names
 // (config.yaml and archive/model_config.yaml, tokenizer/x and the archive
 // member it comes from) is one node with nlink 2, like a hard link. Numbers
-// are stable for the life of the Filesystem.
+// are stable for the life of the Filesystem: a commit that changes what
+// the checkpoint holds (a weight file replaced) builds the node table again
+// and gives every path that stays its inode; new paths get numbers never
+// used before, and a path that is gone takes its number with it.
 //
 // Concurrency: every method may be called from any number of threads at
-// once. The node table is immutable after Open, so calls on nodes that are
-// not Volatile (stored bytes: archive/, tensors/, ...) take no lock. Calls
+// once. A node table is immutable once built, so calls on nodes that are
+// not Volatile (stored bytes: archive/, tensors/, ...) take no lock (each
+// call holds the table it started with; a read plan holds it until it is
+// executed). Calls
 // that touch what can change (the config, new files, the directories that
 // hold them) take the overlay's locks, const methods such as GetAttr and
 // Read included.
@@ -240,6 +245,11 @@ class Filesystem {
   // Called after the commit, without any lock held, from the committing
   // thread: it must not wait for another request of the file system.
   void SetInvalidator(std::function<void(const std::vector<uint64_t>&)> fn);
+  // Sets what drops the front end's cached names (directory inode, name)
+  // that a commit removed from the tree (a weight file replaced by one
+  // without those tensors). Same calling rules as SetInvalidator.
+  void SetEntryInvalidator(
+      std::function<void(const std::vector<std::pair<uint64_t, std::string>>&)> fn);
   // True when the node's attributes or content can change (the config,
   // scratch files, directories holding scratch files): front ends must not
   // cache them. Everything else is immutable for the Filesystem's life.
@@ -251,7 +261,9 @@ class Filesystem {
   // Resolves a path of the tree ("config.yaml", "archive/x/y"; no symlinks followed).
   Result<uint64_t> Resolve(std::string_view path) const;
 
-  const CheckpointInfo& info() const;
+  // What the checkpoint holds now (a commit that replaces weight files
+  // makes a new tree: Tree, tree/filesystem_impl.h).
+  CheckpointInfo info() const;
   // What a writable mount of the source can write, and how a commit goes
   // ("config.yaml, 12 of 12 tensor files, new files; ..."), for `info`.
   // O(tensors x chunks): asked for, not computed at every open.
@@ -270,10 +282,6 @@ class Filesystem {
  private:
   struct Impl;
   explicit Filesystem(std::unique_ptr<Impl> impl);
-  // Builds tensors/, optimizer/, ranks/, index.json, checkpoint.json and
-  // model.safetensors from the catalog (filesystem.cc).
-  static void AddTensorViews(Impl& impl, uint64_t root, int64_t mtime_sec, uint32_t mtime_nsec,
-                             const std::string& source, const std::string& format);
   std::unique_ptr<Impl> impl_;
 };
 

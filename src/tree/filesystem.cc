@@ -32,6 +32,19 @@ void tree::NodeTable::Finish() {
   }
 }
 
+void tree::NodeTable::Remap(std::vector<uint64_t> inos) {
+  // Built references are index + 1.
+  auto to = [&](uint64_t built) { return inos.at(built - 1); };
+  for (auto& n : nodes_) {
+    n.parent = to(n.parent);
+    for (auto& child : n.children) child.second = to(child.second);
+  }
+  index_.clear();
+  index_.reserve(inos.size());
+  for (size_t i = 0; i < inos.size(); ++i) index_.emplace(inos[i], static_cast<uint32_t>(i));
+  inos_ = std::move(inos);
+}
+
 namespace {
 
 tree::Node DirNode(int64_t sec, uint32_t nsec, uint64_t parent) {
@@ -113,9 +126,11 @@ uint64_t AddFile(tree::NodeTable& nodes, uint64_t dir, const std::string& name, 
 
 }  // namespace
 
+namespace {
+
 // tensors/, optimizer/, ranks/, index.json, checkpoint.json, model.safetensors.
-void Filesystem::AddTensorViews(Impl& impl, uint64_t root, int64_t sec, uint32_t nsec,
-                                const std::string& source, const std::string& format) {
+void AddTensorViews(Tree& impl, uint64_t root, int64_t sec, uint32_t nsec,
+                    const std::string& source, const std::string& format) {
   tree::NodeTable& nodes = impl.nodes;
   const checkpoint::Catalog& cat = impl.catalog;
   auto add_tensors = [&](uint64_t dir, const std::vector<checkpoint::Tensor>& tensors) {
@@ -217,8 +232,51 @@ void Filesystem::AddTensorViews(Impl& impl, uint64_t root, int64_t sec, uint32_t
   nodes.Get(ino)->safetensors = true;
 }
 
+}  // namespace
+
+Result<ReadPlan> Tree::ReadSafetensors(uint64_t offset, uint64_t size) const {
+  ReadPlan plan;
+  const uint64_t end = std::min(safetensors.size, offset + size);
+  const std::string& head = *safetensors.head;
+  if (offset < head.size()) {
+    plan.AddMemory(head.data() + offset, std::min<uint64_t>(head.size(), end) - offset);
+    plan.keepalive.push_back(safetensors.head);
+  }
+  auto it =
+      std::upper_bound(safetensors.segments.begin(), safetensors.segments.end(), offset,
+                       [](uint64_t off, const Safetensors::Segment& s) { return off < s.start; });
+  if (it != safetensors.segments.begin()) --it;
+  for (; it != safetensors.segments.end() && it->start < end; ++it) {
+    uint64_t seg_end = it->start + it->tensor->nbytes();
+    if (seg_end <= offset) continue;
+    uint64_t from = std::max(offset, it->start);
+    uint64_t to = std::min(end, seg_end);
+    NEMOFS_ASSIGN_OR_RETURN(ReadPlan part, checkpoint::PlanTensorRead(*it->tensor, *src,
+                                                                      from - it->start, to - from));
+    plan.Append(part);
+  }
+  return plan;
+}
+
+std::vector<uint64_t> Tree::NodesOfBlobs(const std::set<uint32_t>& blobs) const {
+  std::vector<uint64_t> out;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    const tree::Node& n = nodes.At(i);
+    if (n.type != NodeType::kFile) continue;
+    bool hit = n.safetensors || (n.blob != source::kNoBlob && blobs.count(n.blob));
+    if (!hit && n.tensor) {
+      for (const auto& c : n.tensor->chunks) {
+        hit = hit || blobs.count(c.lazy ? c.lazy->blob() : c.blob);
+      }
+    }
+    if (hit) out.push_back(nodes.InoAt(i));
+  }
+  return out;
+}
+
 Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& options) {
   auto impl = std::make_unique<Impl>();
+  impl->options = options;
   // The source's identity before reading it: a commit refuses to write if
   // anything else changed it since (ESTALE).
   write::FileIdentity identity;
@@ -234,6 +292,23 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   if (options.writable) {
     NEMOFS_ASSIGN_OR_RETURN(identity, write::IdentityOf(options.source));
   }
+  NEMOFS_ASSIGN_OR_RETURN(std::unique_ptr<Tree> tree, Impl::BuildTree(options));
+  if (!rolled_back.empty()) tree->info.warnings.insert(tree->info.warnings.begin() +
+                                                           static_cast<long>(
+                                                               tree->src->warnings().size()),
+                                                       rolled_back);
+  if (options.writable) NEMOFS_RETURN_IF_ERROR(impl->EnableWrites(*tree, identity));
+  impl->overlay.cache_dir = options.cache_dir;
+  if (!options.cache_dir.empty()) impl->overlay.spill->dir = options.cache_dir + "/spill";
+  impl->tree.store(TreeRef(std::move(tree)));
+  // Building the catalog allocated every pickle value of every weight file;
+  // hand those pages back instead of keeping them for the mount's life.
+  ::malloc_trim(0);
+  return std::unique_ptr<Filesystem>(new Filesystem(std::move(impl)));
+}
+
+Result<std::unique_ptr<Tree>> Filesystem::Impl::BuildTree(const FilesystemOptions& options) {
+  auto impl = std::make_unique<Tree>();
   source::OpenOptions so;
   so.cache_dir = options.cache_dir;
   so.cache_max = options.cache_max;
@@ -272,8 +347,10 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   const tree::Access root_access =
       folder ? access_of(src_root)
              : tree::Access{source_st.st_uid, source_st.st_gid, tree::DirMode(source_st.st_mode & 0777)};
-  uint64_t root = nodes.Add(DirNode(src_root.mtime_sec, src_root.mtime_nsec, 1));
-  uint64_t archive = nodes.Add(DirNode(src_root.mtime_sec, src_root.mtime_nsec, root));
+  const uint64_t root = nodes.Add(DirNode(src_root.mtime_sec, src_root.mtime_nsec, 1));
+  const uint64_t archive = nodes.Add(DirNode(src_root.mtime_sec, src_root.mtime_nsec, root));
+  impl->root = root;
+  impl->archive = archive;
   nodes.Link(root, "archive", archive);
   nodes.Get(root)->nlink++;
 
@@ -309,6 +386,7 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
         n.link_target = e.link_target;
         break;
     }
+    n.entry = static_cast<uint32_t>(i);
     tree::Access a = access_of(e);
     set_access(&n, a, folder ? e.mode : archive_write);
     if (n.blob != source::kNoBlob) {
@@ -343,8 +421,19 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
       info.tokenizer.push_back({t.name, t.entry_path, t.reference});
     }
   }
+  impl->config_ino = config_ino;
+  impl->config_path = layout.config_path;
   layout.cache_dir = options.cache_dir;
   impl->catalog = checkpoint::BuildCatalog(src, layout);
+  for (const auto& w : layout.weight_files) impl->weight_paths.insert(w.path);
+  if (!layout.dist_backend.empty()) {
+    for (const Entry& e : src.entries()) {
+      if (e.type == EntryType::kFile &&
+          (layout.dist_dir.empty() || e.path.rfind(layout.dist_dir + "/", 0) == 0)) {
+        impl->weight_paths.insert(e.path);
+      }
+    }
+  }
   const uint64_t first_view = nodes.size() + 1;
   AddTensorViews(*impl, root, src_root.mtime_sec, src_root.mtime_nsec, options.source,
                  checkpoint::FormatId(layout.format));
@@ -448,7 +537,6 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   info.description = layout.description;
   info.weights = layout.weights;
   info.warnings = src.warnings();
-  if (!rolled_back.empty()) info.warnings.push_back(rolled_back);
   info.warnings.insert(info.warnings.end(), layout.warnings.begin(), layout.warnings.end());
   const checkpoint::Catalog& cat = impl->catalog;
   info.warnings.insert(info.warnings.end(), cat.warnings.begin(), cat.warnings.end());
@@ -460,26 +548,17 @@ Result<std::unique_ptr<Filesystem>> Filesystem::Open(const FilesystemOptions& op
   info.ranks = cat.ranks.size();
   info.unmerged = cat.unmerged;
   info.weight_errors = cat.errors;
-  // Building the catalog allocated every pickle value of every weight file;
-  // hand those pages back instead of keeping them for the mount's life.
-  if (options.writable) {
-    NEMOFS_RETURN_IF_ERROR(impl->EnableWrites(identity, layout.config_path, root,
-                                              config_ino ? nodes.Get(config_ino)->parent : 0,
-                                              config_ino));
-  }
-  impl->overlay.cache_dir = options.cache_dir;
-  if (!options.cache_dir.empty()) impl->overlay.spill->dir = options.cache_dir + "/spill";
-  ::malloc_trim(0);
-  return std::unique_ptr<Filesystem>(new Filesystem(std::move(impl)));
+  return impl;
 }
 
 Filesystem::Filesystem(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Filesystem::~Filesystem() = default;
 
 Result<NodeAttr> Filesystem::GetAttr(uint64_t ino) const {
-  if (impl_->IsOverlayIno(ino)) return impl_->OverlayAttr(ino);
-  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
-  NodeAttr a = impl_->Attr(ino, *n);
+  const TreeRef t = impl_->Current();
+  if (impl_->IsOverlayIno(*t, ino)) return impl_->OverlayAttr(*t, ino);
+  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, Impl::Node(*t, ino));
+  NodeAttr a = Impl::Attr(ino, *n);
   if (n->tensor) impl_->StagedAttr(ino, &a);
   return a;
 }
@@ -488,10 +567,16 @@ void Filesystem::SetInvalidator(std::function<void(const std::vector<uint64_t>&)
   impl_->invalidate = std::move(fn);
 }
 
+void Filesystem::SetEntryInvalidator(
+    std::function<void(const std::vector<std::pair<uint64_t, std::string>>&)> fn) {
+  impl_->invalidate_entries = std::move(fn);
+}
+
 Result<NodeAttr> Filesystem::Lookup(uint64_t parent, std::string_view name) const {
-  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* dir, impl_->Node(parent));
+  const TreeRef t = impl_->Current();
+  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* dir, Impl::Node(*t, parent));
   if (dir->type != NodeType::kDirectory) return Err(ENOTDIR, "inode {} is not a directory", parent);
-  if (name == ".") return impl_->Attr(parent, *dir);
+  if (name == ".") return Impl::Attr(parent, *dir);
   if (name == "..") return GetAttr(dir->parent);
   auto it = std::lower_bound(
       dir->children.begin(), dir->children.end(), name,
@@ -505,11 +590,12 @@ Result<NodeAttr> Filesystem::Lookup(uint64_t parent, std::string_view name) cons
 
 Status Filesystem::ReadDir(uint64_t ino, uint64_t offset,
                            const std::function<bool(const DirEntry&, uint64_t)>& fn) const {
-  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* dir, impl_->Node(ino));
+  const TreeRef t = impl_->Current();
+  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* dir, Impl::Node(*t, ino));
   if (dir->type != NodeType::kDirectory) return Err(ENOTDIR, "inode {} is not a directory", ino);
   for (uint64_t i = offset; i < dir->children.size(); ++i) {
     const auto& [name, child] = dir->children[i];
-    DirEntry e{name, child, impl_->nodes.Get(child)->type};
+    DirEntry e{name, child, t->nodes.Get(child)->type};
     if (!fn(e, i + 1)) return Ok();
   }
   if (!impl_->overlay.scratch_dirs.count(ino)) return Ok();
@@ -524,12 +610,13 @@ Status Filesystem::ReadDir(uint64_t ino, uint64_t offset,
 }
 
 Status Filesystem::CheckOpen(uint64_t ino, int flags) const {
-  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
+  const TreeRef t = impl_->Current();
+  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, Impl::Node(*t, ino));
   if (n->type == NodeType::kDirectory && (flags & O_ACCMODE) != O_RDONLY) {
     return Err(EISDIR, "inode {} is a directory", ino);
   }
-  if (((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC)) && !impl_->IsOverlayIno(ino) &&
-      !impl_->IsTensorIno(ino)) {
+  if (((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC)) && !impl_->IsOverlayIno(*t, ino) &&
+      !impl_->IsTensorIno(*t, ino)) {
     return Err(EROFS, "inode {} is read-only{}", ino,
                impl_->overlay.writable
                    ? " (config.yaml, tensor files, stored files of tokenizer/ and archive/, "
@@ -541,17 +628,18 @@ Status Filesystem::CheckOpen(uint64_t ino, int flags) const {
 
 Result<ReadPlan> Filesystem::Read(uint64_t ino, uint64_t offset, uint64_t size,
                                   uint64_t fh) const {
-  if (impl_->IsOverlayIno(ino)) return impl_->ReadOverlay(ino, offset, size, fh);
-  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
+  const TreeRef t = impl_->Current();
+  if (impl_->IsOverlayIno(*t, ino)) return impl_->ReadOverlay(ino, offset, size, fh);
+  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, Impl::Node(*t, ino));
   if (n->type == NodeType::kDirectory) return Err(EISDIR, "inode {} is a directory", ino);
   if (n->type != NodeType::kFile) return Err(EINVAL, "inode {} is not a regular file", ino);
   // A tensor being written, read through a writing handle: its staged bytes.
-  if (n->tensor && impl_->IsTensorIno(ino)) {
+  if (n->tensor && impl_->IsTensorIno(*t, ino)) {
     if (auto staged = impl_->ReadStagedTensor(ino, fh, offset, size); staged) {
       return std::move(*staged);
     }
   }
-  NEMOFS_RETURN_IF_ERROR(impl_->CheckStale(*n, fmt::format("inode {}", ino)));
+  NEMOFS_RETURN_IF_ERROR(t->CheckStale(*n, fmt::format("inode {}", ino)));
   if (offset >= n->size) return ReadPlan{};
   size = std::min(size, n->size - offset);
   if (n->data) {
@@ -560,29 +648,31 @@ Result<ReadPlan> Filesystem::Read(uint64_t ino, uint64_t offset, uint64_t size,
     plan.keepalive.push_back(n->data);
     return plan;
   }
-  Result<ReadPlan> plan = n->tensor         ? checkpoint::PlanTensorRead(*n->tensor, *impl_->src,
+  Result<ReadPlan> plan = n->tensor         ? checkpoint::PlanTensorRead(*n->tensor, *t->src,
                                                                          offset, size)
-                          : n->safetensors ? impl_->ReadSafetensors(offset, size)
-                                           : impl_->src->Plan(n->blob, offset, size);
-  if (plan.ok()) impl_->HoldForRead(&*plan);
+                          : n->safetensors ? t->ReadSafetensors(offset, size)
+                                           : t->src->Plan(n->blob, offset, size);
+  if (plan.ok()) impl_->HoldForRead(t, &*plan);
   return plan;
 }
 
 Result<std::string> Filesystem::ReadLink(uint64_t ino) const {
-  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
+  const TreeRef t = impl_->Current();
+  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, Impl::Node(*t, ino));
   if (n->type != NodeType::kSymlink) return Err(EINVAL, "inode {} is not a symbolic link", ino);
   return n->link_target;
 }
 
 Result<std::string> Filesystem::GetXattr(uint64_t ino, std::string_view name) const {
-  if (ino > impl_->nodes.size() && impl_->IsOverlayIno(ino)) {  // a new file: none
-    NEMOFS_RETURN_IF_ERROR(impl_->OverlayAttr(ino));
+  const TreeRef t = impl_->Current();
+  if (!t->nodes.Has(ino) && impl_->IsOverlayIno(*t, ino)) {  // a new file: none
+    NEMOFS_RETURN_IF_ERROR(impl_->OverlayAttr(*t, ino));
     return Err(ENODATA, "inode {} has no attribute {}", ino, name);
   }
-  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
+  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, Impl::Node(*t, ino));
   if (ino == kRootIno) {
-    if (name == "user.nemofs.format") return impl_->info.format;
-    if (name == "user.nemofs.source") return impl_->info.source;
+    if (name == "user.nemofs.format") return t->info.format;
+    if (name == "user.nemofs.source") return t->info.source;
   }
   if (n->tensor) {
     if (name == "user.nemofs.dtype") return std::string(torch::Info(n->tensor->dtype).name);
@@ -593,11 +683,12 @@ Result<std::string> Filesystem::GetXattr(uint64_t ino, std::string_view name) co
 }
 
 Result<std::vector<std::string>> Filesystem::ListXattr(uint64_t ino) const {
-  if (ino > impl_->nodes.size() && impl_->IsOverlayIno(ino)) {
-    NEMOFS_RETURN_IF_ERROR(impl_->OverlayAttr(ino));
+  const TreeRef t = impl_->Current();
+  if (!t->nodes.Has(ino) && impl_->IsOverlayIno(*t, ino)) {
+    NEMOFS_RETURN_IF_ERROR(impl_->OverlayAttr(*t, ino));
     return std::vector<std::string>{};
   }
-  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, impl_->Node(ino));
+  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, Impl::Node(*t, ino));
   if (ino == kRootIno) return std::vector<std::string>{"user.nemofs.format", "user.nemofs.source"};
   if (n->tensor) {
     return std::vector<std::string>{"user.nemofs.dtype", "user.nemofs.shape", "user.nemofs.key"};
@@ -623,13 +714,14 @@ Result<uint64_t> Filesystem::Resolve(std::string_view path) const {
   return cur;
 }
 
-const CheckpointInfo& Filesystem::info() const { return impl_->info; }
+CheckpointInfo Filesystem::info() const { return impl_->Current()->info; }
 
 std::vector<std::string> Filesystem::Verify(
     const std::function<void(uint64_t, uint64_t)>& progress) const {
-  std::vector<std::string> problems = impl_->info.warnings;
-  for (const auto& e : impl_->info.weight_errors) problems.push_back(e);
-  source::Source& src = *impl_->src;
+  const TreeRef t = impl_->Current();
+  std::vector<std::string> problems = t->info.warnings;
+  for (const auto& e : t->info.weight_errors) problems.push_back(e);
+  source::Source& src = *t->src;
   // Totals for progress: tensor bytes + zip bytes.
   std::vector<const source::Entry*> zips;
   uint64_t total = 0, done = 0;
@@ -715,7 +807,7 @@ std::vector<std::string> Filesystem::Verify(
 }
 
 std::string Filesystem::DescribeWritable() const {
-  return impl_->DescribeWritable(!impl_->info.config.empty());
+  return impl_->DescribeWritable(!impl_->Current()->info.config.empty());
 }
 
 std::vector<TensorEntry> Filesystem::ListTensors() const {
@@ -726,11 +818,12 @@ std::vector<TensorEntry> Filesystem::ListTensors() const {
                      std::string(torch::Info(t.dtype).name), t.shape, t.nbytes()});
     }
   };
-  add(impl_->catalog.tensors, "tensors");
-  add(impl_->catalog.optimizer, "optimizer");
-  for (const auto& r : impl_->catalog.ranks) add(r.tensors, "ranks/" + r.name);
+  const TreeRef t = impl_->Current();
+  add(t->catalog.tensors, "tensors");
+  add(t->catalog.optimizer, "optimizer");
+  for (const auto& r : t->catalog.ranks) add(r.tensors, "ranks/" + r.name);
   return out;
 }
-uint64_t Filesystem::node_count() const { return impl_->nodes.size(); }
+uint64_t Filesystem::node_count() const { return impl_->Current()->nodes.size(); }
 
 }  // namespace nemofs

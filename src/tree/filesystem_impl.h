@@ -43,6 +43,8 @@ struct Safetensors {
 // A file created next to the config: staged (memory, or a spill file past
 // a few MiB: util/spill.h) until it is stored in the checkpoint (at fsync
 // or unmount); editors' temp files never are.
+struct Tree;
+
 struct ScratchFile {
   explicit ScratchFile(std::shared_ptr<SpillPool> pool) : data(std::move(pool)) {}
   uint64_t ino = 0;
@@ -142,8 +144,11 @@ struct Overlay {
 // extents over the stored content, shared by its writing handles, until a
 // commit (fsync, close, the last release) patches them into the source.
 struct StagedTensor {
-  StagedTensor(std::shared_ptr<SpillPool> pool, const checkpoint::Tensor* t)
-      : tensor(t), edit(std::move(pool), t->nbytes()) {}
+  StagedTensor(std::shared_ptr<SpillPool> pool, std::shared_ptr<const Tree> in,
+               const checkpoint::Tensor* t)
+      : tree(std::move(in)), tensor(t), edit(std::move(pool), t->nbytes()) {}
+  // The tree whose catalog `tensor` is in (Impl::Reload moves it to the next).
+  std::shared_ptr<const Tree> tree;
   const checkpoint::Tensor* tensor = nullptr;
   tree::StagedEdit edit;  // over the stored bytes
   bool dirty = false;       // differs from what is stored
@@ -172,17 +177,29 @@ struct TensorWrites {
   mutable std::shared_mutex patch_mu;
 };
 
-struct Filesystem::Impl {
+// The tree as built from the source at one moment (DESIGN.md §2): the
+// source, its catalog, the node table and what is derived from them.
+// Immutable once published, except for its atomic and mutex-guarded
+// members. A commit that changes what the checkpoint holds (a replaced
+// weight file) builds the next one (Impl::Reload) and publishes it in its
+// place, keeping the inode of every path that stays. Whoever uses one holds
+// it (shared_ptr) for as long: a request from its start to its end, a read
+// plan until its reply is sent, a staged tensor write while it points into
+// its catalog.
+struct Tree {
+  uint64_t generation = 0;  // 0 as opened, +1 per reload
   std::unique_ptr<source::Source> src;
   checkpoint::Catalog catalog;  // tensors the nodes point into; never resized after build
   Safetensors safetensors;
   tree::NodeTable nodes;
   CheckpointInfo info;
-  Overlay overlay;
-  TensorWrites tensor_writes;
-  // Drops the kernel's cached pages and attributes of nodes (the FUSE
-  // front end's; none elsewhere). Called without any lock held.
-  std::function<void(const std::vector<uint64_t>&)> invalidate;
+  // Entry paths the catalog was read from (weight files, distributed
+  // checkpoint files): replacing one of them makes a new tree.
+  std::set<std::string, std::less<>> weight_paths;
+  uint64_t root = 1;
+  uint64_t archive = 0;
+  uint64_t config_ino = 0;  // 0 without a config
+  std::string config_path;
 
   // Blobs whose stored bytes no longer match what the tree shows (a chunk
   // file re-encoded by a tensor write has another size; a copy that could
@@ -195,9 +212,9 @@ struct Filesystem::Impl {
     bool file_only = false;
   };
   mutable std::mutex stale_mu;
-  std::map<uint32_t, Stale> stale;  // by blob
-  std::atomic<bool> any_stale{false};
-  void MarkStale(uint32_t blob, std::string why, bool file_only = false) {
+  mutable std::map<uint32_t, Stale> stale;  // by blob
+  mutable std::atomic<bool> any_stale{false};
+  void MarkStale(uint32_t blob, std::string why, bool file_only = false) const {
     std::lock_guard<std::mutex> lock(stale_mu);
     auto [it, added] = stale.emplace(blob, Stale{why, file_only});
     if (!added && !file_only) it->second = Stale{std::move(why), false};
@@ -220,12 +237,49 @@ struct Filesystem::Impl {
     if (!w) return Ok();
     return Err(ESTALE, "{}: {}", shown, *w);
   }
-  // Stored files written through the tree (tokenizer/, archive/): set for
-  // a node once it is replaced, which makes it an overlay node. Sized
-  // nodes.size() + 1 by SetUpWrites; null on a read-only tree.
-  std::unique_ptr<std::atomic<bool>[]> replaced;
+  // Every node (inode) whose bytes come from one of `blobs`.
+  std::vector<uint64_t> NodesOfBlobs(const std::set<uint32_t>& blobs) const;
+  Result<ReadPlan> ReadSafetensors(uint64_t offset, uint64_t size) const;
+};
+using TreeRef = std::shared_ptr<const Tree>;
+
+struct Filesystem::Impl {
+  FilesystemOptions options;
+  // The current tree; Current() for a request's use.
+  std::atomic<TreeRef> tree;
+  TreeRef Current() const { return tree.load(std::memory_order_acquire); }
+  Overlay overlay;
+  TensorWrites tensor_writes;
+  // Drops the kernel's cached pages and attributes of nodes (the FUSE
+  // front end's; none elsewhere). Called without any lock held.
+  std::function<void(const std::vector<uint64_t>&)> invalidate;
+  // Drops the kernel's cached names (directory inode, name) of entries a
+  // new tree no longer has.
+  std::function<void(const std::vector<std::pair<uint64_t, std::string>>&)> invalidate_entries;
+
+  // Builds the tree of the source as it is now (Open's work, without the
+  // journal hook and the writes set-up).
+  static Result<std::unique_ptr<Tree>> BuildTree(const FilesystemOptions& options);
+  // After a commit that changed what the checkpoint holds (commit_mu
+  // held): builds the tree again, gives every path that stays its inode,
+  // publishes it, moves staged tensor writes over to it and invalidates
+  // what the kernel cached of what changed. On failure the old tree stays
+  // and what it shows of the changed files reads ESTALE.
+  Status Reload(std::string_view why);
+  // Gives a built tree the write bits of a writable mount (the config, the
+  // scratch directories, tensor files and replaceable stored files).
+  void ApplyWritePerms(Tree& t) const;
+
+  // Stored files written through the tree (tokenizer/, archive/): a node
+  // once replaced is an overlay node (for the mount's life: a new tree
+  // keeps its inode). Inodes here, read without a lock.
+  mutable std::mutex replaced_mu;
+  std::set<uint64_t> replaced;
+  std::atomic<bool> any_replaced{false};
   bool IsReplaced(uint64_t ino) const {
-    return replaced && ino <= nodes.size() && replaced[ino].load(std::memory_order_acquire);
+    if (!any_replaced.load(std::memory_order_acquire)) return false;
+    std::lock_guard<std::mutex> lock(replaced_mu);
+    return replaced.count(ino) != 0;
   }
   // Makes stored file `ino` an overlay node holding its current bytes (none
   // with O_TRUNC), to be stored back like a new file, but at the close of
@@ -248,45 +302,24 @@ struct Filesystem::Impl {
     };
   }
 
-  Result<ReadPlan> ReadSafetensors(uint64_t offset, uint64_t size) const {
-    ReadPlan plan;
-    const uint64_t end = std::min(safetensors.size, offset + size);
-    const std::string& head = *safetensors.head;
-    if (offset < head.size()) {
-      plan.AddMemory(head.data() + offset, std::min<uint64_t>(head.size(), end) - offset);
-      plan.keepalive.push_back(safetensors.head);
-    }
-    auto it =
-        std::upper_bound(safetensors.segments.begin(), safetensors.segments.end(), offset,
-                         [](uint64_t off, const Safetensors::Segment& s) { return off < s.start; });
-    if (it != safetensors.segments.begin()) --it;
-    for (; it != safetensors.segments.end() && it->start < end; ++it) {
-      uint64_t seg_end = it->start + it->tensor->nbytes();
-      if (seg_end <= offset) continue;
-      uint64_t from = std::max(offset, it->start);
-      uint64_t to = std::min(end, seg_end);
-      NEMOFS_ASSIGN_OR_RETURN(ReadPlan part, checkpoint::PlanTensorRead(
-                                                 *it->tensor, *src, from - it->start, to - from));
-      plan.Append(part);
-    }
-    return plan;
-  }
-
   // ---- writes.cc
   // For a writable Filesystem: sets up writes when the source can take
   // them, else logs why not and stays read-only.
-  Status EnableWrites(const write::FileIdentity& identity, const std::string& config_path,
-                      uint64_t root, uint64_t config_dir, uint64_t config_ino);
+  Status EnableWrites(Tree& t, const write::FileIdentity& identity);
   // Enables writes: config node `config_ino` (current text `text`), linked
   // as config.yaml in `root` and as `config_base` in `config_dir`.
-  void SetUpWrites(std::unique_ptr<write::ConfigCommitter> committer, std::string text,
+  void SetUpWrites(Tree& t, std::unique_ptr<write::ConfigCommitter> committer, std::string text,
                    uint64_t root, uint64_t config_dir, const std::string& config_base,
                    uint64_t config_ino);
   // True for the nodes writes.cc answers for (the config, scratch files).
-  bool IsOverlayIno(uint64_t ino) const {
-    return overlay.writable && (ino == overlay.config_ino || ino > nodes.size() || IsReplaced(ino));
+  // Scratch files have inodes no tree has (Overlay::next_ino).
+  bool IsOverlayIno(const Tree& t, uint64_t ino) const {
+    return overlay.writable &&
+           (ino == overlay.config_ino || !t.nodes.Has(ino) || IsReplaced(ino));
   }
-  Result<NodeAttr> OverlayAttr(uint64_t ino) const;
+  Result<NodeAttr> OverlayAttr(const Tree& t, uint64_t ino) const;
+  bool IsOverlayIno(uint64_t ino) const { return IsOverlayIno(*Current(), ino); }
+  Result<NodeAttr> OverlayAttr(uint64_t ino) const { return OverlayAttr(*Current(), ino); }
   Result<NodeAttr> LookupScratch(uint64_t parent, std::string_view name) const;
   std::vector<std::pair<std::string, uint64_t>> ScratchChildren(uint64_t dir) const;
   Result<ReadPlan> ReadOverlay(uint64_t ino, uint64_t offset, uint64_t size, uint64_t fh) const;
@@ -301,6 +334,7 @@ struct Filesystem::Impl {
   // temp files and changed since their last store. On failure their content
   // is written under <cache_dir>/unsaved/ and the error names that folder.
   Status StoreNewFiles(uint64_t only, std::string_view why);
+
   // EEXIST when new file `name` of scratch directory `dir` would be stored
   // where a checkpoint file or another new file (not inode `ignore`) is or
   // will be. `overlay.mu` held.
@@ -308,11 +342,12 @@ struct Filesystem::Impl {
 
   // ---- tensor_writes.cc
   // A tensor file of a writable tree (tensors/, optimizer/, ranks/).
-  bool IsTensorIno(uint64_t ino) const {
+  bool IsTensorIno(const Tree& t, uint64_t ino) const {
     if (!overlay.writable) return false;
-    const tree::Node* n = nodes.Get(ino);
+    const tree::Node* n = t.nodes.Get(ino);
     return n && n->tensor;
   }
+  bool IsTensorIno(uint64_t ino) const { return IsTensorIno(*Current(), ino); }
   Result<OpenedFile> OpenTensor(uint64_t ino, int flags);
   Result<uint64_t> WriteTensor(uint64_t ino, uint64_t fh, uint64_t offset, std::string_view data);
   // The staged bytes, for a handle opened for writing; nullopt: read stored.
@@ -330,18 +365,17 @@ struct Filesystem::Impl {
   std::string DescribeWritable(bool has_config) const;
   // Gives tensor files, and stored files a write replaces (StartReplace),
   // the write bits their stored files grant.
-  void EnableStoredFileWrites();
-  // Every node whose bytes come from one of `blobs`.
-  std::vector<uint64_t> NodesOfBlobs(const std::set<uint32_t>& blobs) const;
+  static void EnableStoredFileWrites(Tree& t);
   // A shared hold of patch_mu for a read plan of stored bytes (writable only).
-  void HoldForRead(ReadPlan* plan) const;
+  // Also keeps the tree `t` alive for the plan's life (its descriptors).
+  void HoldForRead(const TreeRef& t, ReadPlan* plan) const;
 
-  Result<const tree::Node*> Node(uint64_t ino) const {
-    const tree::Node* n = nodes.Get(ino);
+  static Result<const tree::Node*> Node(const Tree& t, uint64_t ino) {
+    const tree::Node* n = t.nodes.Get(ino);
     if (!n) return Err(ENOENT, "no inode {}", ino);
     return n;
   }
-  NodeAttr Attr(uint64_t ino, const tree::Node& n) const {
+  static NodeAttr Attr(uint64_t ino, const tree::Node& n) {
     NodeAttr a;
     a.ino = ino;
     a.type = n.type;

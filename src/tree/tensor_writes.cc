@@ -74,6 +74,10 @@ std::string Filesystem::Impl::WhyTensorNotWritable(const checkpoint::Tensor& t,
 
 
 std::string Filesystem::Impl::DescribeWritable(bool has_config) const {
+  const TreeRef tree = Current();
+  const CheckpointInfo& info = tree->info;
+  const checkpoint::Catalog& catalog = tree->catalog;
+  const source::Source* src = tree->src.get();
   if (std::string why = write::WhyReadOnly(info.source, false); !why.empty()) {
     return "nothing (" + why + ")";
   }
@@ -113,14 +117,17 @@ std::string Filesystem::Impl::DescribeWritable(bool has_config) const {
   return list;
 }
 
-void Filesystem::Impl::HoldForRead(ReadPlan* plan) const {
+void Filesystem::Impl::HoldForRead(const TreeRef& t, ReadPlan* plan) const {
+  plan->keepalive.push_back(t);
   if (!overlay.writable) return;
   auto hold = std::make_shared<std::shared_lock<std::shared_mutex>>(tensor_writes.patch_mu);
   plan->keepalive.push_back(std::move(hold));
 }
 
 Result<OpenedFile> Filesystem::Impl::OpenTensor(uint64_t ino, int flags) {
-  const tree::Node* n = nodes.Get(ino);
+  const TreeRef tree = Current();
+  const CheckpointInfo& info = tree->info;
+  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, Node(*tree, ino));
   const bool write = (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC);
   if (!write) return OpenedFile{};
   if (!(n->perm & 0222)) {
@@ -128,15 +135,15 @@ Result<OpenedFile> Filesystem::Impl::OpenTensor(uint64_t ino, int flags) {
                info.read_only_reason.empty() ? "its files have no write permission"
                                              : info.read_only_reason);
   }
-  NEMOFS_RETURN_IF_ERROR(CheckStale(*n, "tensor " + n->tensor->key));
-  if (std::string why = WhyTensorNotWritable(*n->tensor, *src); !why.empty()) {
+  NEMOFS_RETURN_IF_ERROR(tree->CheckStale(*n, "tensor " + n->tensor->key));
+  if (std::string why = WhyTensorNotWritable(*n->tensor, *tree->src); !why.empty()) {
     return Err(EROFS, "tensor {} cannot be written in place: {}", n->tensor->key, why);
   }
   TensorWrites& w = tensor_writes;
   std::lock_guard<std::mutex> lock(w.mu);
   auto& staged = w.staged[ino];
   if (!staged) {
-    staged = std::make_shared<StagedTensor>(overlay.spill, n->tensor);
+    staged = std::make_shared<StagedTensor>(overlay.spill, tree, n->tensor);
     staged->mtime_sec = n->mtime_sec;
     staged->mtime_nsec = n->mtime_nsec;
     w.staged_count.store(w.staged.size());
@@ -219,7 +226,8 @@ std::optional<Result<ReadPlan>> Filesystem::Impl::ReadStagedTensor(uint64_t ino,
         plan.keepalive.push_back(piece.bytes);
         break;
       case tree::StagedEdit::Piece::kBase: {
-        auto part = checkpoint::PlanTensorRead(*s->tensor, *src, piece.offset, piece.length);
+        auto part =
+            checkpoint::PlanTensorRead(*s->tensor, *s->tree->src, piece.offset, piece.length);
         if (!part) return Result<ReadPlan>(part.error());
         plan.Append(*part);
         break;
@@ -234,7 +242,7 @@ std::optional<Result<ReadPlan>> Filesystem::Impl::ReadStagedTensor(uint64_t ino,
         break;
     }
   }
-  HoldForRead(&plan);
+  HoldForRead(s->tree, &plan);
   return plan;
 }
 
@@ -252,7 +260,8 @@ void Filesystem::Impl::StagedAttr(uint64_t ino, NodeAttr* attr) const {
 
 Result<NodeAttr> Filesystem::Impl::SetTensorAttr(uint64_t ino, uint64_t fh,
                                                  const AttrChange& change) {
-  const tree::Node* n = nodes.Get(ino);
+  const TreeRef tree = Current();
+  NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, Node(*tree, ino));
   if (change.set_mode) {
     return Err(EPERM, "tensor {}: the mode of a tensor file cannot be changed", n->tensor->key);
   }
@@ -307,6 +316,7 @@ Status Filesystem::Impl::FlushTensor(uint64_t ino, uint64_t fh, bool fsync) {
 
 void Filesystem::Impl::ReleaseTensor(uint64_t ino, uint64_t fh) {
   bool last = false;
+  std::string key;
   {
     std::lock_guard<std::mutex> lock(tensor_writes.mu);
     auto h = tensor_writes.handles.find(fh);
@@ -315,6 +325,7 @@ void Filesystem::Impl::ReleaseTensor(uint64_t ino, uint64_t fh) {
     auto it = tensor_writes.staged.find(ino);
     if (it == tensor_writes.staged.end()) return;
     last = --it->second->handles == 0;
+    key = it->second->tensor->key;
   }
   if (!last) return;
   // Writes through a shared mapping can come after the last close: what
@@ -322,8 +333,7 @@ void Filesystem::Impl::ReleaseTensor(uint64_t ino, uint64_t fh) {
   // left to tell), then the staging is dropped.
   Status st = CommitTensor(ino, "at the last release");
   if (!st.ok()) {
-    spdlog::error("tensor {}: the staged write is dropped: {}", nodes.Get(ino)->tensor->key,
-                  st.error().message());
+    spdlog::error("tensor {}: the staged write is dropped: {}", key, st.error().message());
   }
   {
     std::lock_guard<std::mutex> lock(tensor_writes.mu);
@@ -336,39 +346,31 @@ void Filesystem::Impl::ReleaseTensor(uint64_t ino, uint64_t fh) {
   if (invalidate) invalidate({ino});  // the kernel's pages of the staged bytes
 }
 
-std::vector<uint64_t> Filesystem::Impl::NodesOfBlobs(const std::set<uint32_t>& blobs) const {
-  std::vector<uint64_t> out;
-  for (uint64_t ino = 1; ino <= nodes.size(); ++ino) {
-    const tree::Node* n = nodes.Get(ino);
-    if (n->type != NodeType::kFile) continue;
-    bool hit = n->safetensors || (n->blob != source::kNoBlob && blobs.count(n->blob));
-    if (!hit && n->tensor) {
-      for (const auto& c : n->tensor->chunks) {
-        hit = hit || blobs.count(c.lazy ? c.lazy->blob() : c.blob);
-      }
-    }
-    if (hit) out.push_back(ino);
-  }
-  return out;
-}
-
 Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
-  const checkpoint::Tensor& t = *nodes.Get(ino)->tensor;
   std::lock_guard<std::mutex> commit(overlay.commit_mu);
-  const uint64_t nbytes = t.nbytes();
   tree::StagedEdit::Changes changes;  // views of the staged bytes: a write meanwhile copies
   uint64_t size = 0, generation = 0;
+  // The tree the staged tensor is of: the current one (a reload, under
+  // commit_mu too, moves staged tensors over).
+  TreeRef tree;
+  const checkpoint::Tensor* tensor = nullptr;
   {
     std::lock_guard<std::mutex> lock(tensor_writes.mu);
     auto it = tensor_writes.staged.find(ino);
     if (it == tensor_writes.staged.end() || !it->second->dirty) return Ok();
     StagedTensor& s = *it->second;
+    tree = s.tree;
+    tensor = s.tensor;
     size = s.edit.size();
-    if (size == nbytes) {
+    if (size == tensor->nbytes()) {
       NEMOFS_ASSIGN_OR_RETURN(changes, s.edit.Snapshot());
     }
     generation = s.generation;
   }
+  const checkpoint::Tensor& t = *tensor;
+  const uint64_t nbytes = t.nbytes();
+  source::Source* src = tree->src.get();
+  const CheckpointInfo& info = tree->info;
   const std::string shown = fmt::format("tensor {}", t.key);
   if (size != nbytes) {
     std::string shape;
@@ -559,7 +561,7 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
         if (done.ok()) return;
         spdlog::error("{}: committed, but this mount cannot show it: {}", shown,
                       done.error().message());
-        MarkStale(blob, "a write was committed but this mount cannot show it (" +
+        tree->MarkStale(blob, "a write was committed but this mount cannot show it (" +
                             done.error().message() + "); remount");
       };
       if (rewrite) {
@@ -573,7 +575,7 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
       for (const auto* wk : decoded) refresh(wk->blob, wk->lazy->PatchDecoded(wk->offset, wk->bytes));
       // The chunk files' own archive/ view: its size is the old one.
       for (uint32_t b : reencoded) {
-        MarkStale(b,
+        tree->MarkStale(b,
                   "its chunk file was re-encoded by a tensor write (another size); remount to "
                   "see it as stored",
                   true);
@@ -592,7 +594,7 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
       s.dirty = false;
     }
   }
-  if (invalidate && !blobs.empty()) invalidate(NodesOfBlobs(blobs));
+  if (invalidate && !blobs.empty()) invalidate(tree->NodesOfBlobs(blobs));
   return Ok();
 }
 

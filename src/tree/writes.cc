@@ -156,13 +156,14 @@ std::vector<std::string> Filesystem::UnstoredTempFiles() const {
   return out;
 }
 
-Status Filesystem::Impl::EnableWrites(const write::FileIdentity& identity,
-                                      const std::string& config_path, uint64_t root,
-                                      uint64_t config_dir, uint64_t config_ino) {
-  auto committer = write::ConfigCommitter::Create(*src, config_ino ? config_path : "", identity);
+Status Filesystem::Impl::EnableWrites(Tree& t, const write::FileIdentity& identity) {
+  const std::string& config_path = t.config_path;
+  const uint64_t config_ino = t.config_ino;
+  auto committer =
+      write::ConfigCommitter::Create(*t.src, config_ino ? config_path : "", identity);
   if (!committer) {
     if (committer.error().code() != EROFS) return committer.error();
-    info.read_only_reason = committer.error().message();
+    t.info.read_only_reason = committer.error().message();
     spdlog::info("read-only: {}", committer.error().message());
     return Ok();
   }
@@ -170,49 +171,57 @@ Status Filesystem::Impl::EnableWrites(const write::FileIdentity& identity,
     // No config: tensor files are the only writable ones.
     overlay.writable = true;
     overlay.committer = std::move(*committer);
-    overlay.next_ino = nodes.size() + 1;
-    replaced = std::make_unique<std::atomic<bool>[]>(nodes.size() + 1);
-    EnableStoredFileWrites();
+    overlay.next_ino = t.nodes.size() + 1;
+    ApplyWritePerms(t);
     spdlog::debug("tensor files are writable: a commit is an in-place patch");
     return Ok();
   }
-  const source::Entry* entry = src->Find(config_path);
-  if (!entry) return Err(EIO, "{}: config '{}' vanished", info.source, config_path);
-  NEMOFS_ASSIGN_OR_RETURN(std::string text, src->ReadAll(*entry, kMaxFileBytes));
-  SetUpWrites(std::move(*committer), std::move(text), root, config_dir,
-              config_path.substr(config_path.rfind('/') + 1), config_ino);
+  const source::Entry* entry = t.src->Find(config_path);
+  if (!entry) return Err(EIO, "{}: config '{}' vanished", t.info.source, config_path);
+  NEMOFS_ASSIGN_OR_RETURN(std::string text, t.src->ReadAll(*entry, kMaxFileBytes));
+  SetUpWrites(t, std::move(*committer), std::move(text), t.root,
+              t.nodes.Get(config_ino)->parent, config_path.substr(config_path.rfind('/') + 1),
+              config_ino);
   spdlog::debug("config.yaml is writable: a save is an {}", overlay.committer->Describe());
   return Ok();
 }
 
-void Filesystem::Impl::SetUpWrites(std::unique_ptr<write::ConfigCommitter> committer,
+void Filesystem::Impl::SetUpWrites(Tree& t, std::unique_ptr<write::ConfigCommitter> committer,
                                    std::string text, uint64_t root, uint64_t config_dir,
                                    const std::string& config_base, uint64_t config_ino) {
   Overlay& o = overlay;
   o.writable = true;
   o.committer = std::move(committer);
   o.config_ino = config_ino;
-  o.config_name = info.config;
+  o.config_name = t.info.config;
   o.committed = std::make_shared<const std::string>(std::move(text));
   o.scratch_dirs = {root, config_dir};
   {
-    auto slash = info.config.rfind('/');
-    o.store_prefix[config_dir] = slash == std::string::npos ? "" : info.config.substr(0, slash + 1);
+    auto slash = t.info.config.rfind('/');
+    o.store_prefix[config_dir] =
+        slash == std::string::npos ? "" : t.info.config.substr(0, slash + 1);
     o.store_prefix[root] = "";  // the root's new files go to the top level
   }
   o.config_names = {{root, "config.yaml"}, {config_dir, config_base}};
-  o.next_ino = nodes.size() + 1;
-  replaced = std::make_unique<std::atomic<bool>[]>(nodes.size() + 1);
-  // Write bits as the source grants them (tree/access.h).
-  nodes.Get(config_ino)->perm |= nodes.Get(config_ino)->write_perm;
-  for (uint64_t dir : o.scratch_dirs) nodes.Get(dir)->perm |= nodes.Get(dir)->write_perm;
-  EnableStoredFileWrites();
+  o.next_ino = t.nodes.size() + 1;
+  ApplyWritePerms(t);
 }
 
-void Filesystem::Impl::EnableStoredFileWrites() {
-  const bool files = src->storage() != source::Storage::kFile;
-  for (uint64_t ino = 1; ino <= nodes.size(); ++ino) {
-    tree::Node* n = nodes.Get(ino);
+void Filesystem::Impl::ApplyWritePerms(Tree& t) const {
+  // Write bits as the source grants them (tree/access.h).
+  if (tree::Node* n = t.nodes.Get(overlay.config_ino); n && overlay.config_ino) {
+    n->perm |= n->write_perm;
+  }
+  for (uint64_t dir : overlay.scratch_dirs) {
+    if (tree::Node* n = t.nodes.Get(dir)) n->perm |= n->write_perm;
+  }
+  EnableStoredFileWrites(t);
+}
+
+void Filesystem::Impl::EnableStoredFileWrites(Tree& t) {
+  const bool files = t.src->storage() != source::Storage::kFile;
+  for (size_t i = 0; i < t.nodes.size(); ++i) {
+    tree::Node* n = &t.nodes.At(i);
     // Tensor files, and stored files that can be replaced (StartReplace).
     const bool stored = files && n->type == NodeType::kFile && n->blob != source::kNoBlob &&
                         !n->data && !n->safetensors;
@@ -220,11 +229,12 @@ void Filesystem::Impl::EnableStoredFileWrites() {
   }
 }
 
-Result<NodeAttr> Filesystem::Impl::OverlayAttr(uint64_t ino) const {
+Result<NodeAttr> Filesystem::Impl::OverlayAttr(const Tree& t, uint64_t ino) const {
   const Overlay& o = overlay;
   std::lock_guard<std::mutex> lock(o.mu);
   if (ino == o.config_ino) {
-    NodeAttr a = Attr(ino, *nodes.Get(ino));
+    NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, Node(t, ino));
+    NodeAttr a = Attr(ino, *n);
     a.size = o.editing ? o.edit->size() : o.committed->size();
     if (o.mtime_set) {
       a.mtime_sec = o.mtime_sec;
@@ -240,12 +250,12 @@ Result<NodeAttr> Filesystem::Impl::OverlayAttr(uint64_t ino) const {
   a.type = NodeType::kFile;
   a.perm = f.mode & 07777;
   // New files belong to the tree root's owner (only they may create them).
-  a.uid = nodes.Get(o.scratch_dirs.empty() ? 1 : *o.scratch_dirs.begin())->uid;
-  a.gid = nodes.Get(o.scratch_dirs.empty() ? 1 : *o.scratch_dirs.begin())->gid;
+  a.uid = t.nodes.Get(t.root)->uid;
+  a.gid = t.nodes.Get(t.root)->gid;
   a.size = f.data.size();
   a.nlink = f.linked ? 1 : 0;
-  if (!f.member.empty()) {  // a stored file being replaced: its node's owner, mode, links
-    const tree::Node* n = nodes.Get(ino);
+  if (const tree::Node* n = t.nodes.Get(ino); !f.member.empty() && n) {
+    // A stored file being replaced: its node's owner, mode, links.
     a.perm = n->perm;
     a.uid = n->uid;
     a.gid = n->gid;
@@ -399,6 +409,8 @@ Status Filesystem::Impl::CheckStorePathLocked(uint64_t dir, std::string_view nam
   const Overlay& o = overlay;
   if (IsEditorTempName(name)) return Ok();
   const std::string path = StorePath(o, dir, name);
+  const TreeRef t = Current();
+  const source::Source* src = t->src.get();
   if (src->Find(path)) {
     return Err(EEXIST,
                "'{}' would be stored as '{}', which the checkpoint has already (see archive/)",
@@ -489,6 +501,23 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
   std::string names;
   for (const auto& f : files) names += (names.empty() ? "" : ", ") + f.path;
   auto start = std::chrono::steady_clock::now();
+  // A folder's weight file about to be replaced: its descriptor opened now
+  // (if no read opened it yet) keeps the old file's bytes readable for this
+  // tree until the next one is there, where a read opening it by name
+  // after the rename would get the new file's bytes at the old offsets.
+  const TreeRef t = Current();
+  if (t->src->storage() == source::Storage::kFolder) {
+    for (const auto& [f, version] : which) {
+      const tree::Node* n = t->nodes.Get(f->ino);
+      if (f->member.empty() || !n || n->blob == source::kNoBlob ||
+          !t->weight_paths.count(f->member)) {
+        continue;
+      }
+      if (auto opened = t->src->Locate(n->blob); !opened.ok()) {
+        spdlog::debug("{}: {}", f->member, opened.error().message());
+      }
+    }
+  }
   Status st = o.committer->StoreFiles(files, ProgressLogger(names));
   if (!st.ok()) {
     // Never lose them: a copy under the cache directory, named in the error.
@@ -510,7 +539,7 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
                                    "copying them to {} failed too: they are only in the "
                                    "mount's memory",
                                    dir);
-    spdlog::error("could not store new files {} in {} ({}): {}; {}", names, info.source, why,
+    spdlog::error("could not store new files {} in {} ({}): {}; {}", names, options.source, why,
                   st.error().message(), where);
     return Err(st.error().code(), "could not store {} in the checkpoint: {}; {}", names,
                st.error().message(), where);
@@ -524,29 +553,35 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
       f->stored_digest = digests[i];
     }
   }
-  // A replaced stored file: whatever else read its old bytes (tensors of a
-  // weight file, a hard link's name) is stale now.
-  std::set<uint32_t> replaced_blobs;
+  // A replaced stored file: its own node shows the new bytes (it is an
+  // overlay node); what else read its old bytes (the tensors of a weight
+  // file, index.json, model.safetensors) comes from a new tree, built from
+  // the checkpoint as it is now.
+  // Until then the old tree reads the old bytes, which are still there: a
+  // plain tar's superseded member, a compressed one's extracted copy, a
+  // folder file's descriptor opened above.
   std::vector<uint64_t> replaced_nodes;
+  std::string weights;
+  std::vector<uint32_t> weight_blobs;
   for (const auto& [f, version] : which) {
     if (f->member.empty()) continue;
-    const tree::Node* n = nodes.Get(f->ino);
     replaced_nodes.push_back(f->ino);
-    if (n->blob == source::kNoBlob) continue;
-    replaced_blobs.insert(n->blob);
-    MarkStale(n->blob, fmt::format("'{}' was replaced through the mount; remount to read what it "
-                                   "holds now",
-                                   f->member));
+    const tree::Node* n = t->nodes.Get(f->ino);
+    if (!n || !t->weight_paths.count(f->member)) continue;
+    weights += (weights.empty() ? "" : ", ") + f->member;
+    if (n->blob != source::kNoBlob) weight_blobs.push_back(n->blob);
   }
-  if (!replaced_blobs.empty()) {
-    for (uint64_t ino : NodesOfBlobs(replaced_blobs)) {
-      const tree::Node* n = nodes.Get(ino);
-      if (n->tensor) {
-        spdlog::warn("tensor {} reads ESTALE from now on: its file was replaced (remount to see "
-                     "the new one's tensors)",
-                     n->tensor->key);
+  if (!weights.empty()) {
+    if (Status reloaded = Reload("replaced " + weights); !reloaded.ok()) {
+      // Its old tensors are not what the checkpoint holds: they fail.
+      for (uint32_t blob : weight_blobs) {
+        t->MarkStale(blob, fmt::format("{} was replaced through the mount and this mount could "
+                                       "not read it again ({}); remount to see its tensors",
+                                       weights, reloaded.error().message()));
       }
-      replaced_nodes.push_back(ino);
+      spdlog::error("{} replaced, but the tensors it holds now cannot be shown: {}; the old ones "
+                    "read ESTALE until a remount",
+                    weights, reloaded.error().message());
     }
   }
   if (invalidate && !replaced_nodes.empty()) invalidate(replaced_nodes);
@@ -562,7 +597,7 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
     counts += fmt::format("{}replaced {} stored file{}", counts.empty() ? "" : " and ",
                           replaced_count, replaced_count == 1 ? "" : "s");
   }
-  spdlog::info("{} in {} ({}, {}): {} in {:.1f} ms", counts, info.source, o.committer->Describe(),
+  spdlog::info("{} in {} ({}, {}): {} in {:.1f} ms", counts, options.source, o.committer->Describe(),
                why, names, ms);
   return Ok();
 }
@@ -588,40 +623,37 @@ bool Filesystem::writable() const { return impl_->overlay.writable; }
 
 bool Filesystem::Volatile(uint64_t ino) const {
   const Overlay& o = impl_->overlay;
-  return o.writable && (ino == o.config_ino || ino > impl_->nodes.size() ||
+  return o.writable && (ino == o.config_ino || !impl_->Current()->nodes.Has(ino) ||
                         o.scratch_dirs.count(ino) > 0 || impl_->IsReplaced(ino));
 }
 
 Status Filesystem::Impl::StartReplace(uint64_t ino, int flags) {
-  const tree::Node* n = nodes.Get(ino);
+  const TreeRef t = Current();
+  const source::Source* src = t->src.get();
+  const tree::Node* n = t->nodes.Get(ino);
   if (!overlay.writable || !n || n->type != NodeType::kFile || n->tensor || n->safetensors ||
       n->data || n->blob == source::kNoBlob) {
     return Ok();
   }
-  // The member's path: archive entry i is node archive + i (filesystem.cc).
-  constexpr uint64_t kArchiveIno = 2;
   const auto& entries = src->entries();
-  if (ino <= kArchiveIno || ino - kArchiveIno >= entries.size() ||
-      entries[ino - kArchiveIno].blob != n->blob) {
-    return Ok();
-  }
-  const source::Entry& e = entries[ino - kArchiveIno];
+  if (n->entry >= entries.size() || entries[n->entry].blob != n->blob) return Ok();
+  const source::Entry& e = entries[n->entry];
   if (src->storage() == source::Storage::kFile) {
     return Err(EROFS, "{} is the checkpoint's one file; write its tensors through tensors/",
                e.path);
   }
   if (!(n->write_perm & 0222)) {
     return Err(EROFS, "{} cannot be replaced: {}", e.path,
-               info.read_only_reason.empty() ? "it has no write permission"
-                                             : info.read_only_reason);
+               t->info.read_only_reason.empty() ? "it has no write permission"
+                                                : t->info.read_only_reason);
   }
-  NEMOFS_RETURN_IF_ERROR(CheckStale(*n, e.path));
+  NEMOFS_RETURN_IF_ERROR(t->CheckStale(*n, e.path));
   Overlay& o = overlay;
   auto f = std::make_shared<ScratchFile>(o.spill);
   if (!(flags & O_TRUNC)) {
     // Its bytes as they are, staged (a spill file past a few MiB: the
     // kernel copies file to file), to be changed and stored back whole.
-    NEMOFS_ASSIGN_OR_RETURN(ReadPlan plan, src->Plan(e.blob, 0, e.size));
+    NEMOFS_ASSIGN_OR_RETURN(ReadPlan plan, t->src->Plan(e.blob, 0, e.size));
     uint64_t at = 0;
     for (const ReadPiece& piece : plan.pieces) {
       if (piece.fd >= 0) {
@@ -649,7 +681,9 @@ Status Filesystem::Impl::StartReplace(uint64_t ino, int flags) {
     f->stored_version = f->version;  // as stored: nothing to store until it changes
     f->stored_digest = digest;
     o.scratch.emplace(ino, f);
-    replaced[ino].store(true, std::memory_order_release);
+    std::lock_guard<std::mutex> flag(replaced_mu);
+    replaced.insert(ino);
+    any_replaced.store(true, std::memory_order_release);
   }
   spdlog::info("{}: opened for writing; stored again at the close of a descriptor that wrote "
                "({})",
@@ -911,7 +945,8 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
     std::lock_guard<std::mutex> lock(o.mu);
     struct timespec now = Now();
     if (ino == o.config_ino) {
-      if (change.set_mode && (change.mode & 07777) != impl_->nodes.Get(ino)->perm) {
+      if (change.set_mode &&
+          (change.mode & 07777) != impl_->Current()->nodes.Get(ino)->perm) {
         return Err(EPERM, "the mode of config.yaml cannot be changed");
       }
       if (change.set_size) {
@@ -1029,7 +1064,8 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
       NEMOFS_RETURN_IF_ERROR(impl_->CheckStorePathLocked(new_parent, new_name, 0));
     }
     if (replaced) UnlinkScratchLocked(o, replaced);
-    auto f = NewScratchLocked(o, new_parent, new_name, impl_->nodes.Get(o.config_ino)->perm);
+    auto f = NewScratchLocked(o, new_parent, new_name,
+                              impl_->Current()->nodes.Get(o.config_ino)->perm);
     if (replaced && replaced->stored) f->stored = true;  // a new content for a stored file
     return f->data.Assign(*o.committed);
   }
