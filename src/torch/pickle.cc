@@ -439,6 +439,7 @@ class Machine {
     out_->arena.push_back(std::make_unique<Value>());
     Value* v = out_->arena.back().get();
     v->kind = k;
+    v->opcode = op_;
     return v;
   }
   // Big integers (over 8 bytes) cost quadratic time to turn into decimal.
@@ -553,15 +554,19 @@ class Machine {
 Result<Value*> Machine::NewGlobal(std::string_view module, std::string_view name) {
   // Python 3 maps Python 2 module names when loading protocol < 3
   // (_compat_pickle.IMPORT_MAPPING); these two are the ones checkpoints use.
+  bool renamed = false;
   if (proto_ < 3) {
     if (module == "__builtin__") {
       module = "builtins";
+      renamed = true;
     } else if (module == "copy_reg") {
       module = "copyreg";
+      renamed = true;
     }
   }
   NEMOFS_RETURN_IF_ERROR(Charge(module.size() + name.size()));
   Value* v = New(Kind::kGlobal);
+  v->boolean = renamed;
   v->str = module;
   v->name = name;
   auto key = std::make_pair(v->str, v->name);
@@ -585,7 +590,11 @@ Result<Value*> Machine::Reduce(Value* callable, Value* args) {
     } else if (m == "builtins" && (n == "bytes" || n == "bytearray")) {
       NEMOFS_ASSIGN_OR_RETURN(made, ReduceBytes(args, false));
     }
-    if (made) return made;
+    if (made) {
+      made->callable = callable;
+      made->args = args;
+      return made;
+    }
   }
   Value* v = New(Kind::kCall);
   v->callable = callable;
@@ -1082,6 +1091,7 @@ Status Machine::Step() {
                     KindName(name->kind));
       }
       NEMOFS_ASSIGN_OR_RETURN(Value * g, NewGlobal(module->str, name->str));
+      g->items = {module, name};
       return Push(g);
     }
 

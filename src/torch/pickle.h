@@ -13,6 +13,18 @@
 // kObject for the caller to interpret. Every global the pickle names is
 // recorded in Unpickled::globals, so callers can report dangerous ones.
 //
+// Re-emission (pickle_writer.h) needs a little more than the object graph,
+// so the VM also keeps:
+// * `opcode`: the opcode that created each Value (NEWOBJ / NEWOBJ_EX / INST /
+//   OBJ for kObject, FROZENSET, BYTEARRAY8, PERSID, GLOBAL / STACK_GLOBAL,
+//   REDUCE for the structural builtins above);
+// * for a kDict / kSet / kBytes made by REDUCE of one of those builtins, the
+//   call itself in `callable` and `args` (OrderedDict() vs {}, defaultdict's
+//   factory, _codecs.encode's text);
+// * for a kGlobal: from STACK_GLOBAL, the two str Values it was built from in
+//   `items`; from GLOBAL / INST, `boolean` = true when the module name was
+//   renamed from Python 2's (__builtin__, copy_reg).
+//
 // Limits (all checked; exceeding one is an EINVAL error naming the offset):
 // stack depth, memo size, total bytes of strings/bytes, number of values.
 //
@@ -52,15 +64,18 @@ enum class Kind {
 
 struct Value {
   Kind kind = Kind::kNone;
-  bool boolean = false;
+  bool boolean = false;              // kBool; kGlobal: module renamed from Python 2 (see above)
+  uint8_t opcode = 0;               // the opcode that created it (see above)
   int64_t integer = 0;
   double real = 0;
   std::string str;                  // kString, kBytes, kBigInt (decimal), kGlobal: module
   std::string name;                 // kGlobal: name
   std::vector<const Value*> items;  // kList, kTuple, kSet; extra APPENDs on kCall/kObject
   std::vector<std::pair<const Value*, const Value*>> entries;  // kDict; SETITEMs on kCall/kObject
-  const Value* callable = nullptr;  // kCall, kObject: the kGlobal (or other value) called
-  const Value* args = nullptr;      // kCall, kObject: argument tuple; kPersistentId: the id
+  const Value* callable = nullptr;  // kCall, kObject: the kGlobal (or other value) called;
+                                    // kDict/kSet/kBytes made by REDUCE: the builtin called
+  const Value* args = nullptr;      // kCall, kObject, REDUCE-made kDict/kSet/kBytes: argument
+                                    // tuple; kPersistentId: the id
   const Value* kwargs = nullptr;    // kObject from NEWOBJ_EX
   const Value* state = nullptr;     // BUILD state (last BUILD wins), on any kind
 
