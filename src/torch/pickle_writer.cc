@@ -69,7 +69,7 @@ constexpr char kByteArray8 = '\x96';
 
 constexpr uint8_t U(char c) { return static_cast<uint8_t>(c); }
 
-constexpr size_t kBatchSize = 1000;          // _pickle.c BATCHSIZE
+constexpr size_t kBatchSize = 1000;            // _pickle.c BATCHSIZE
 constexpr size_t kFrameSizeTarget = 64 << 10;  // FRAME_SIZE_TARGET
 constexpr size_t kFrameSizeMin = 4;            // FRAME_SIZE_MIN
 constexpr size_t kFrameHeaderSize = 9;
@@ -78,39 +78,14 @@ void PutLE(std::string* out, uint64_t v, int n) {
   for (int i = 0; i < n; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
 }
 
-// The Python 2 names protocol < 3 writes for Python 3 modules (pickle.py with
-// fix_imports, from _compat_pickle.REVERSE_IMPORT_MAPPING; the renamed
-// builtins of REVERSE_NAME_MAPPING that a checkpoint could hold).
-std::pair<std::string_view, std::string_view> Python2Name(std::string_view module,
-                                                          std::string_view name) {
-  static constexpr std::pair<std::string_view, std::string_view> kNames[][2] = {
-      {{"builtins", "range"}, {"__builtin__", "xrange"}},
-      {{"builtins", "str"}, {"__builtin__", "unicode"}},
-      {{"builtins", "int"}, {"__builtin__", "long"}},
-      {{"builtins", "chr"}, {"__builtin__", "unichr"}},
-      {{"functools", "reduce"}, {"__builtin__", "reduce"}},
-  };
-  for (const auto& [py3, py2] : kNames) {
-    if (py3.first == module && py3.second == name) return py2;
-  }
-  static constexpr std::pair<std::string_view, std::string_view> kModules[] = {
-      {"builtins", "__builtin__"}, {"copyreg", "copy_reg"},   {"queue", "Queue"},
-      {"socketserver", "SocketServer"}, {"configparser", "ConfigParser"}, {"reprlib", "repr"},
-      {"_markupbase", "markupbase"},    {"winreg", "_winreg"},    {"_thread", "thread"},
-      {"_dummy_thread", "dummy_thread"}, {"xmlrpc.client", "xmlrpclib"},
-      {"http.client", "httplib"},       {"html.entities", "htmlentitydefs"},
-      {"html.parser", "HTMLParser"},    {"http.cookies", "Cookie"},
-      {"http.cookiejar", "cookielib"},  {"http.server", "BaseHTTPServer"},
-      {"subprocess", "commands"},       {"urllib.parse", "urlparse"},
-      {"urllib.robotparser", "robotparser"}, {"urllib.request", "urllib2"},
-      {"dbm", "anydbm"},                {"collections.abc", "_abcoll"},
-      {"_bz2", "bz2"},                  {"_functools", "functools"},
-      {"_pickle", "pickle"},
-  };
-  for (const auto& [py3, py2] : kModules) {
-    if (py3 == module) return {py2, name};
-  }
-  return {module, name};
+// The Python 2 module names protocol < 3 writes (pickle's fix_imports):
+// only the two that pickle.h's VM maps back (__builtin__, copy_reg), so a
+// written pickle always re-reads as the same graph; these are also the only
+// renamed modules a checkpoint's globals come from.
+std::string_view Python2Module(std::string_view module) {
+  if (module == "builtins") return "__builtin__";
+  if (module == "copyreg") return "copy_reg";
+  return module;
 }
 
 // Two's complement little-endian bytes of an int, as save_long sizes them
@@ -320,7 +295,8 @@ class Pickler {
       out_.Write(s);
     } else {
       uint64_t mag = x < 0 ? 0 - static_cast<uint64_t>(x) : static_cast<uint64_t>(x);
-      WriteLongBytes(LongBytes(x < 0, {static_cast<uint32_t>(mag), static_cast<uint32_t>(mag >> 32)}));
+      WriteLongBytes(
+          LongBytes(x < 0, {static_cast<uint32_t>(mag), static_cast<uint32_t>(mag >> 32)}));
     }
   }
   void WriteLongBytes(const std::string& b) {
@@ -695,12 +671,11 @@ class Pickler {
     } else {
       std::string_view module = v->str, name = v->name;
       bool from_text = v->opcode == U(op::kGlobal) || v->opcode == U(op::kInst);
-      if (from_text && v->boolean) {
-        module = Python2Name(module, "").first;  // __builtin__ / copy_reg, as read
-      } else if (!from_text && proto_ < 3) {
-        std::tie(module, name) = Python2Name(module, name);
+      if ((from_text && v->boolean) || (!from_text && proto_ < 3)) {
+        module = Python2Module(module);  // as read / as fix_imports writes it
       }
-      if (module.find('\n') != std::string_view::npos || name.find('\n') != std::string_view::npos) {
+      if (module.find('\n') != std::string_view::npos ||
+          name.find('\n') != std::string_view::npos) {
         return Fail("global {}.{} has a newline in its name, which GLOBAL cannot hold",
                     module.substr(0, 60), name.substr(0, 60));
       }

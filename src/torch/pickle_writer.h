@@ -27,6 +27,7 @@
 #pragma once
 
 #include <string>
+#include <string_view>
 #include <unordered_map>
 
 #include "nemofs/result.h"

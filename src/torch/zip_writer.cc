@@ -18,7 +18,9 @@ constexpr uint64_t kMax32 = 0xFFFFFFFFull;  // miniz's MZ_UINT32_MAX: ">=" means
 constexpr uint64_t kAlignment = 64;         // inline_container.cc kFieldAlignment
 constexpr size_t kCopyBuffer = 1 << 20;
 
-void Put16(std::string* s, uint64_t v) { s->append({static_cast<char>(v), static_cast<char>(v >> 8)}); }
+void Put16(std::string* s, uint64_t v) {
+  s->append({static_cast<char>(v), static_cast<char>(v >> 8)});
+}
 void Put32(std::string* s, uint64_t v) {
   for (int i = 0; i < 4; ++i) s->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
 }
@@ -27,9 +29,7 @@ void Put64(std::string* s, uint64_t v) {
 }
 
 uint16_t Flags(uint64_t size) { return size ? 0x0808 : 0x0800; }  // bit 3 only with data
-bool LocalZip64(const ZipWrittenRecord& r) {
-  return r.size >= kMax32 || r.local_header >= kMax32;
-}
+bool LocalZip64(const ZipWrittenRecord& r) { return r.size >= kMax32 || r.local_header >= kMax32; }
 
 bool CopyUnsupported(int e) {
   return e == EXDEV || e == ENOSYS || e == EINVAL || e == EOPNOTSUPP || e == EBADF;
@@ -44,8 +44,8 @@ Status KernelCopy(int in, uint64_t from, int out, uint64_t to, uint64_t length,
   while (length > 0) {
     auto off_in = static_cast<loff_t>(from);
     auto off_out = static_cast<loff_t>(to);
-    ssize_t n = ::copy_file_range(in, &off_in, out, &off_out, std::min<uint64_t>(length, 1ull << 30),
-                                  0);
+    ssize_t n =
+        ::copy_file_range(in, &off_in, out, &off_out, std::min<uint64_t>(length, 1ull << 30), 0);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && first && CopyUnsupported(errno)) {
       *unsupported = true;
@@ -214,8 +214,8 @@ Status ZipWriter::AddCopy(std::string name, uint64_t length, int src_fd, uint64_
   return End(r, *crc32);
 }
 
-Status ZipWriter::AddCopy(std::string name, uint64_t length, const ByteReader& src,
-                          uint64_t offset, std::optional<uint32_t> crc32) {
+Status ZipWriter::AddCopy(std::string name, uint64_t length, const ByteReader& src, uint64_t offset,
+                          std::optional<uint32_t> crc32) {
   NEMOFS_ASSIGN_OR_RETURN(ZipWrittenRecord * r, Begin(std::move(name), length));
   std::string what = fmt::format("{}: record {}", what_, r->name);
   uint32_t crc = 0;
@@ -224,8 +224,8 @@ Status ZipWriter::AddCopy(std::string name, uint64_t length, const ByteReader& s
     size_t k = std::min<uint64_t>(length - done, buf.size());
     NEMOFS_RETURN_IF_ERROR(src.Read(offset + done, buf.data(), k, what));
     if (!crc32) crc = Crc32(std::string_view(buf.data(), k), crc);
-    NEMOFS_RETURN_IF_ERROR(PwriteFull(fd_, std::string_view(buf.data(), k), base_ + r->data + done,
-                                      what));
+    NEMOFS_RETURN_IF_ERROR(
+        PwriteFull(fd_, std::string_view(buf.data(), k), base_ + r->data + done, what));
     done += k;
   }
   return End(r, crc32 ? *crc32 : crc);

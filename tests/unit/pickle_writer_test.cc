@@ -192,8 +192,8 @@ TEST(PickleWriter, FixturesByteIdentical) {
 TEST(PickleWriter, PythonCorpusByteIdentical) {
   TempDir dir;
   WriteFile(dir.Join("corpus.py"), kCorpus);
-  auto r = Sh("/usr/bin/python3 " + ShellQuote(dir.Join("corpus.py")) + " " +
-              ShellQuote(dir.path()));
+  auto r =
+      Sh("/usr/bin/python3 " + ShellQuote(dir.Join("corpus.py")) + " " + ShellQuote(dir.path()));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto files = Lines(r.out);
   ASSERT_EQ(files.size(), 80u);
@@ -239,7 +239,9 @@ std::string PythonLoads(const std::string& pickle, const std::string& expr) {
   auto r = Sh("/usr/bin/python3 -c " +
               ShellQuote("import pickle,sys,collections,copyreg\n"
                          "x = pickle.load(open(sys.argv[1], 'rb'))\n"
-                         "want = " + expr + "\n"
+                         "want = " +
+                         expr +
+                         "\n"
                          "print('same' if x == want and type(x) == type(want) else repr(x))") +
               " " + ShellQuote(dir.Join("p.pkl")));
   return r.exit_code == 0 ? r.out : r.err;
@@ -263,8 +265,11 @@ TEST(PickleWriter, SynthesisedValuesLoadInPython) {
     big->str = "-1267650600228229401496703205376";  // -2**100
     Value* list = g.New(Kind::kList);
     list->items = {bytes, bytes, empty, big};
-    root->entries = {{g.Str("b"), bytes}, {g.Str("l"), list}, {g.Str("s"), set},
-                     {g.Str("od"), od}, {g.Str("g"), g.Global("copyreg", "_reconstructor")}};
+    root->entries = {{g.Str("b"), bytes},
+                     {g.Str("l"), list},
+                     {g.Str("s"), set},
+                     {g.Str("od"), od},
+                     {g.Str("g"), g.Global("copyreg", "_reconstructor")}};
     auto w = WritePickle(root, proto);
     ASSERT_TRUE(w.ok()) << w.error().message();
     EXPECT_EQ(PythonLoads(*w,
@@ -287,8 +292,22 @@ TEST(PickleWriter, ReplacementsAndEditedReducedDicts) {
   // An OrderedDict whose entries came from its REDUCE arguments (Python 2
   // style), edited afterwards: written as OrderedDict() + SETITEMS.
   static constexpr char kPickle[] =
-      "\x80\x02" "ccollections\nOrderedDict\n" "]" "(" "X\x01\x00\x00\x00" "a" "K\x01" "\x86"
-      "X\x01\x00\x00\x00" "b" "K\x02" "\x86" "e" "\x85" "R" ".";
+      "\x80\x02"
+      "ccollections\nOrderedDict\n"
+      "]"
+      "("
+      "X\x01\x00\x00\x00"
+      "a"
+      "K\x01"
+      "\x86"
+      "X\x01\x00\x00\x00"
+      "b"
+      "K\x02"
+      "\x86"
+      "e"
+      "\x85"
+      "R"
+      ".";
   const std::string pickle(kPickle, sizeof kPickle - 1);
   auto u = Unpickle(pickle, "t");
   ASSERT_TRUE(u.ok()) << u.error().message();

@@ -40,8 +40,9 @@ void Rewrite(const std::string& path, int out, uint64_t base, bool known_crc, bo
   auto zip = ZipArchive::Open(reader, path);
   ASSERT_TRUE(zip.ok()) << zip.error().message();
   std::vector<ZipEntry> entries = zip->entries();
-  std::sort(entries.begin(), entries.end(),
-            [](const ZipEntry& a, const ZipEntry& b) { return a.local_header_offset < b.local_header_offset; });
+  std::sort(entries.begin(), entries.end(), [](const ZipEntry& a, const ZipEntry& b) {
+    return a.local_header_offset < b.local_header_offset;
+  });
   ZipWriter w(out, base, "out.zip");
   for (const auto& e : entries) {
     std::optional<uint32_t> crc;
@@ -61,9 +62,9 @@ void Rewrite(const std::string& path, int out, uint64_t base, bool known_crc, bo
 }
 
 TEST(ZipWriter, RewriteOfTorchSaveFilesIsByteIdentical) {
-  for (const char* rel : {"torch/dtypes.pt", "torch/lightning.ckpt", "torch/complex.pt",
-                          "torch/dtypes_p4.pt",
-                          "torch/megatron_lm_tp2/iter_0000010/mp_rank_00/model_optim_rng.pt"}) {
+  for (const char* rel :
+       {"torch/dtypes.pt", "torch/lightning.ckpt", "torch/complex.pt", "torch/dtypes_p4.pt",
+        "torch/megatron_lm_tp2/iter_0000010/mp_rank_00/model_optim_rng.pt"}) {
     for (int mode = 0; mode < 3; ++mode) {
       SCOPED_TRACE(std::string(rel) + " mode " + std::to_string(mode));
       TempDir dir;
