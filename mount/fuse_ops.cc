@@ -443,10 +443,11 @@ void OpRmdir(fuse_req_t req, fuse_ino_t parent, const char*) {
   int code = Ctx(req)->fs->writable() ? EPERM : EROFS;
   ReplyError(req, "rmdir", parent, Error(code, "directories of the tree cannot be removed"));
 }
-// Extended attributes are the tree's own (user.nemofs.*): not settable.
-// `user.nemofs.store` on the root: stores the new files now (what
+// Extended attributes are the tree's own (user.nemofs.*): settable only
+// on a new tensor file (its dtype and shape). `user.nemofs.store` on the root: stores the new files now (what
 // `nemofs umount` asks before unmounting, so that it can report a failure).
-void OpSetXattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char*, size_t, int) {
+void OpSetXattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value,
+                size_t size, int) {
   if (ino == FUSE_ROOT_ID && std::string_view(name) == "user.nemofs.store") {
     return Guard(req, "setxattr", ino, [&] {
       auto st = Ctx(req)->fs->StoreNewFiles();
@@ -454,7 +455,12 @@ void OpSetXattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char*, s
       fuse_reply_err(req, 0);
     });
   }
-  ReplyError(req, "setxattr", ino, Error(ENOTSUP, "extended attributes cannot be set"));
+  // user.nemofs.dtype / shape of a new tensor file (Filesystem::SetXattr).
+  Guard(req, "setxattr", ino, [&] {
+    auto st = Ctx(req)->fs->SetXattr(ino, name, std::string_view(value, size));
+    if (!st) return ReplyError(req, "setxattr", ino, st.error());
+    fuse_reply_err(req, 0);
+  });
 }
 void OpRemoveXattr(fuse_req_t req, fuse_ino_t ino, const char*) {
   ReplyError(req, "removexattr", ino, Error(ENOTSUP, "extended attributes cannot be removed"));

@@ -258,6 +258,9 @@ class Filesystem {
   // Extended attributes (user.nemofs.*): ENODATA when absent.
   Result<std::string> GetXattr(uint64_t ino, std::string_view name) const;
   Result<std::vector<std::string>> ListXattr(uint64_t ino) const;
+  // setxattr(2): user.nemofs.dtype / user.nemofs.shape of a new tensor
+  // file (issue 11); ENOTSUP for anything else.
+  Status SetXattr(uint64_t ino, std::string_view name, std::string_view value);
   // Resolves a path of the tree ("config.yaml", "archive/x/y"; no symlinks followed).
   Result<uint64_t> Resolve(std::string_view path) const;
 

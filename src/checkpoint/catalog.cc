@@ -44,25 +44,33 @@ std::string Join(const std::string& path, const std::string& part) {
 }
 
 // Calls fn(path, value) for every tensor (good or bad) reachable from `v`
-// through dicts, lists and tuples.
+// through dicts, lists and tuples; FlattenIn also gives the container that
+// holds it and, for a dict, the entry's key (nullptr in a list or tuple).
 template <typename Fn>
-void Flatten(const TorchFile& f, const Value* v, const std::string& path, int depth,
-             std::unordered_set<const Value*>& active, Fn&& fn) {
+void FlattenIn(const TorchFile& f, const Value* v, const std::string& path, int depth,
+               std::unordered_set<const Value*>& active, const Value* parent, const Value* key,
+               Fn&& fn) {
   if (!v || depth > kMaxDepth || active.count(v)) return;
   if (f.tensors.count(v) || f.bad_tensors.count(v)) {
-    fn(path, v);
+    fn(path, v, parent, key);
     return;
   }
   active.insert(v);
   if (v->Is(Kind::kDict)) {
     for (const auto& [k, val] : v->entries)
-      Flatten(f, val, Join(path, KeyText(k)), depth + 1, active, fn);
+      FlattenIn(f, val, Join(path, KeyText(k)), depth + 1, active, v, k, fn);
   } else if (v->Is(Kind::kList) || v->Is(Kind::kTuple)) {
     for (size_t i = 0; i < v->items.size(); ++i) {
-      Flatten(f, v->items[i], Join(path, std::to_string(i)), depth + 1, active, fn);
+      FlattenIn(f, v->items[i], Join(path, std::to_string(i)), depth + 1, active, v, nullptr, fn);
     }
   }
   active.erase(v);
+}
+template <typename Fn>
+void Flatten(const TorchFile& f, const Value* v, const std::string& path, int depth,
+             std::unordered_set<const Value*>& active, Fn&& fn) {
+  FlattenIn(f, v, path, depth, active, nullptr, nullptr,
+            [&](const std::string& p, const Value* t, const Value*, const Value*) { fn(p, t); });
 }
 
 Tensor FromStored(const std::string& key, const StoredTensor& s, uint32_t blob) {
@@ -274,6 +282,81 @@ std::string EscapeKey(std::string_view key) {
     }
   }
   return out;
+}
+
+std::string UnescapeKey(std::string_view name) {
+  if (name == "%00") return "";
+  std::string out;
+  for (size_t i = 0; i < name.size(); ++i) {
+    if (name[i] == '%' && i + 2 < name.size()) {
+      std::string_view code = name.substr(i + 1, 2);
+      if (code == "2F" || code == "2f") {
+        out += '/';
+        i += 2;
+        continue;
+      }
+      if (code == "25") {
+        out += '%';
+        i += 2;
+        continue;
+      }
+      if (code == "2E" || code == "2e") {
+        out += '.';
+        i += 2;
+        continue;
+      }
+    }
+    out += name[i];
+  }
+  return out;
+}
+
+Result<TensorPlace> LocateTensorKey(const TorchFile& file, bool optimizer, std::string_view key,
+                                    const std::string& name) {
+  const Value* root = file.pickle.root;
+  Roles roles = RolesOf(root);
+  TensorPlace place;
+  std::unordered_set<const Value*> active;
+  bool found = false;
+  FlattenIn(file, root, "", 0, active, nullptr, nullptr,
+            [&](const std::string& path, const Value* v, const Value* parent, const Value* k) {
+              if (found) return;
+              std::string rest;
+              const bool is_opt = Under(path, roles.optimizer, &rest);
+              if (is_opt != optimizer) return;
+              std::string tree_key =
+                  is_opt ? rest : (Under(path, roles.model, &rest) ? rest : path);
+              if (tree_key != key) return;
+              found = true;
+              place.value = v;
+              place.dict = parent;
+              place.key = k;
+              if (k) {
+                const std::string last = KeyText(k);
+                place.prefix = tree_key.size() > last.size()
+                                   ? tree_key.substr(0, tree_key.size() - last.size() - 1)
+                                   : "";
+              }
+            });
+  if (found) {
+    if (!place.dict || !place.dict->Is(Kind::kDict) || !place.key) {
+      return Err(EINVAL, "{}: tensor {} is an item of a list or tuple, not of a dict: it cannot be "
+                 "removed or renamed", name, key);
+    }
+    return place;
+  }
+  // Not there: where a new one goes, the dict of the role's tensors.
+  if (optimizer) {
+    return Err(EINVAL, "{}: new optimizer tensors cannot be added (optimizer/ keys are positions "
+               "in the optimizer's state)", name);
+  }
+  const Value* dict = roles.model.empty() ? root : root ? root->Get(roles.model) : nullptr;
+  if (!dict || !dict->Is(Kind::kDict)) {
+    return Err(EINVAL, "{}: its {} is not a dict: a tensor cannot be added", name,
+               roles.model.empty() ? "top-level object" : "'" + roles.model + "'");
+  }
+  place.dict = dict;
+  return place;
 }
 
 Json RenderPickle(const TorchFile& file) {

@@ -23,6 +23,7 @@
 #include "checkpoint/tensor.h"
 #include "nemofs/result.h"
 #include "source/source.h"
+#include "torch/torch_file.h"
 
 namespace nemofs::checkpoint {
 
@@ -47,8 +48,27 @@ struct Catalog {
 // the rest of the checkpoint still mounts.
 Catalog BuildCatalog(source::Source& src, const Layout& layout);
 
+// Where tensor `key` of tensors/ (or, with `optimizer`, of optimizer/) is
+// in the pickle of a single torch.save weight file, by the catalog's own
+// key rules: the dict holding it, the entry's key and the tree key's part
+// before that entry's (its `prefix`: "" for a flat state dict). For a key
+// the file does not have: the dict a new tensor goes into (`key` and
+// `value` null). EINVAL naming `name` where there is none (a tensor in a
+// list, a file whose top level is not a dict, a new optimizer tensor).
+struct TensorPlace {
+  const torch::Value* dict = nullptr;
+  const torch::Value* key = nullptr;
+  const torch::Value* value = nullptr;
+  std::string prefix;
+};
+Result<TensorPlace> LocateTensorKey(const torch::TorchFile& file, bool optimizer,
+                                    std::string_view key, const std::string& name);
+
 // File name of a key: '/' -> "%2F", '%' -> "%25" (DESIGN.md §2); the keys
 // "", "." and ".." become "%00", "%2E" and "%2E%2E".
 std::string EscapeKey(std::string_view key);
+// The key of a file name: EscapeKey undone ("%2F" -> '/', "%25" -> '%',
+// "%00" -> "", "%2E" -> "."); other text unchanged.
+std::string UnescapeKey(std::string_view name);
 
 }  // namespace nemofs::checkpoint

@@ -426,6 +426,10 @@ Result<std::unique_ptr<Tree>> Filesystem::Impl::BuildTree(const FilesystemOption
   layout.cache_dir = options.cache_dir;
   impl->catalog = checkpoint::BuildCatalog(src, layout);
   for (const auto& w : layout.weight_files) impl->weight_paths.insert(w.path);
+  if (!layout.per_rank && layout.dist_backend.empty() && layout.weight_files.size() == 1 &&
+      impl->catalog.errors.empty()) {
+    impl->structural_file = layout.weight_files[0].path;
+  }
   if (!layout.dist_backend.empty()) {
     for (const Entry& e : src.entries()) {
       if (e.type == EntryType::kFile &&
@@ -577,6 +581,10 @@ Result<NodeAttr> Filesystem::Lookup(uint64_t parent, std::string_view name) cons
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* dir, Impl::Node(*t, parent));
   if (dir->type != NodeType::kDirectory) return Err(ENOTDIR, "inode {} is not a directory", parent);
   if (name == ".") return Impl::Attr(parent, *dir);
+  if (impl_->overlay.tensor_dirs.count(parent) && name != "..") {
+    NEMOFS_ASSIGN_OR_RETURN(uint64_t ino, impl_->LookupTensorDir(parent, name));
+    return GetAttr(ino);
+  }
   if (name == "..") return GetAttr(dir->parent);
   auto it = std::lower_bound(
       dir->children.begin(), dir->children.end(), name,
@@ -593,6 +601,15 @@ Status Filesystem::ReadDir(uint64_t ino, uint64_t offset,
   const TreeRef t = impl_->Current();
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* dir, Impl::Node(*t, ino));
   if (dir->type != NodeType::kDirectory) return Err(ENOTDIR, "inode {} is not a directory", ino);
+  if (impl_->overlay.tensor_dirs.count(ino)) {
+    const auto listing = impl_->TensorDirListing(ino);
+    for (uint64_t i = offset; i < listing.size(); ++i) {
+      const tree::Node* n = t->nodes.Get(listing[i].second);
+      DirEntry e{listing[i].first, listing[i].second, n ? n->type : NodeType::kFile};
+      if (!fn(e, i + 1)) break;
+    }
+    return Ok();
+  }
   for (uint64_t i = offset; i < dir->children.size(); ++i) {
     const auto& [name, child] = dir->children[i];
     DirEntry e{name, child, t->nodes.Get(child)->type};
@@ -667,6 +684,7 @@ Result<std::string> Filesystem::GetXattr(uint64_t ino, std::string_view name) co
   const TreeRef t = impl_->Current();
   if (!t->nodes.Has(ino) && impl_->IsOverlayIno(*t, ino)) {  // a new file: none
     NEMOFS_RETURN_IF_ERROR(impl_->OverlayAttr(*t, ino));
+    if (auto v = impl_->NewTensorXattr(ino, name)) return *v;
     return Err(ENODATA, "inode {} has no attribute {}", ino, name);
   }
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, Impl::Node(*t, ino));
@@ -686,7 +704,11 @@ Result<std::vector<std::string>> Filesystem::ListXattr(uint64_t ino) const {
   const TreeRef t = impl_->Current();
   if (!t->nodes.Has(ino) && impl_->IsOverlayIno(*t, ino)) {
     NEMOFS_RETURN_IF_ERROR(impl_->OverlayAttr(*t, ino));
-    return std::vector<std::string>{};
+    std::vector<std::string> names;
+    for (const char* n : {"user.nemofs.dtype", "user.nemofs.shape", "user.nemofs.key"}) {
+      if (impl_->NewTensorXattr(ino, n)) names.emplace_back(n);
+    }
+    return names;
   }
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, Impl::Node(*t, ino));
   if (ino == kRootIno) return std::vector<std::string>{"user.nemofs.format", "user.nemofs.source"};
@@ -694,6 +716,11 @@ Result<std::vector<std::string>> Filesystem::ListXattr(uint64_t ino) const {
     return std::vector<std::string>{"user.nemofs.dtype", "user.nemofs.shape", "user.nemofs.key"};
   }
   return std::vector<std::string>{};
+}
+
+Status Filesystem::SetXattr(uint64_t ino, std::string_view name, std::string_view value) {
+  if (!impl_->overlay.writable) return Err(EROFS, "the tree is read-only");
+  return impl_->SetTensorXattr(ino, name, value);
 }
 
 Result<uint64_t> Filesystem::Resolve(std::string_view path) const {

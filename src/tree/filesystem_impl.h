@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 
 #include "checkpoint/catalog.h"
+#include "torch/dtype.h"
 #include "nemofs/filesystem.h"
 #include "source/source.h"
 #include "tree/node_table.h"
@@ -67,6 +68,14 @@ struct ScratchFile {
   // directory's scratch names (the tree links it).
   std::string member;
   size_t stored_digest = 0;  // of what was stored (data, mode, mtime): equal = nothing to do
+  // In a tensor directory (issue 11): a new tensor file, stored by the
+  // next structural commit (Impl::StoreStructure) as tensor `name`
+  // (unescaped). Its dtype and shape come from the user.nemofs.* xattrs
+  // (raw bytes) or, for "KEY.npy", from the header: at the last close such
+  // a file becomes the raw tensor file KEY (ConvertNpyLocked).
+  bool tensor = false;
+  std::optional<torch::DType> dtype;
+  std::optional<std::vector<int64_t>> shape;
   // Set by a failed write into it (EFBIG, ENOSPC): its content is not what
   // was meant, so it is not stored (fsync fails, unmount names it) until it
   // is rewritten from scratch (an O_TRUNC open or a truncate to 0 clears it).
@@ -133,6 +142,15 @@ struct Overlay {
   bool mtime_staged = false;
   int64_t staged_mtime_sec = 0;
   uint32_t staged_mtime_nsec = 0;
+  // Structural writes (issue 11) in the directories of tensor files
+  // (tensors/, optimizer/) of a source with one torch.save weight file:
+  // new tensors are scratch files there (ScratchFile::tensor); a deleted
+  // tree tensor is a hidden name (`removed`), a renamed one a hidden name
+  // and a new one for its inode (`renamed`). Shown at once; stored by the
+  // next structural commit (fsync of a tensor file, unmount).
+  std::set<uint64_t> tensor_dirs;
+  std::set<std::pair<uint64_t, std::string>, std::less<>> removed;
+  std::map<std::pair<uint64_t, std::string>, uint64_t, std::less<>> renamed;
   std::map<uint64_t, std::shared_ptr<ScratchFile>> scratch;        // by inode
   std::map<std::pair<uint64_t, std::string>, uint64_t, std::less<>> scratch_names;
   uint64_t next_ino = 0;
@@ -200,6 +218,9 @@ struct Tree {
   uint64_t archive = 0;
   uint64_t config_ino = 0;  // 0 without a config
   std::string config_path;
+  // Tensors can be added, removed and renamed (issue 11): one torch.save
+  // weight file (not per-rank, not a distributed checkpoint); its path.
+  std::string structural_file;
 
   // Blobs whose stored bytes no longer match what the tree shows (a chunk
   // file re-encoded by a tensor write has another size; a copy that could
@@ -265,7 +286,9 @@ struct Filesystem::Impl {
   // publishes it, moves staged tensor writes over to it and invalidates
   // what the kernel cached of what changed. On failure the old tree stays
   // and what it shows of the changed files reads ESTALE.
-  Status Reload(std::string_view why);
+  // `carry`: paths of the new tree ("tensors/k") to give these inodes
+  // (names the overlay showed for them: a renamed tensor's).
+  Status Reload(std::string_view why, const std::map<std::string, uint64_t>& carry = {});
   // Gives a built tree the write bits of a writable mount (the config, the
   // scratch directories, tensor files and replaceable stored files).
   void ApplyWritePerms(Tree& t) const;
@@ -339,6 +362,31 @@ struct Filesystem::Impl {
   // where a checkpoint file or another new file (not inode `ignore`) is or
   // will be. `overlay.mu` held.
   Status CheckStorePathLocked(uint64_t dir, std::string_view name, uint64_t ignore) const;
+
+  // ---- writes.cc: structural writes (issue 11), the names
+  void SetUpTensorDirs(Tree& t);
+  // The inode shown as `name` in tensor directory `dir` (0: none).
+  // `overlay.mu` held.
+  uint64_t TensorDirChildLocked(const Tree& t, uint64_t dir, std::string_view name) const;
+  Result<uint64_t> LookupTensorDir(uint64_t dir, std::string_view name) const;
+  // What tensor directory `dir` shows, sorted by name.
+  std::vector<std::pair<std::string, uint64_t>> TensorDirListing(uint64_t dir) const;
+  // Takes `name` out of tensor directory `dir`. `overlay.mu` held.
+  void RemoveTensorNameLocked(const Tree& t, uint64_t dir, const std::string& name);
+  Status UnlinkTensor(uint64_t dir, std::string_view name);
+  Status RenameTensor(uint64_t dir, std::string_view name, std::string_view new_name,
+                      unsigned int flags);
+  // A new tensor file's last close (or fsync): an .npy becomes the raw
+  // tensor KEY; a raw file needs its dtype and shape. EINVAL (and, with
+  // `remove_on_error`, the file removed) when it is no tensor. `overlay.mu` held.
+  Status FinishNewTensorLocked(const std::shared_ptr<ScratchFile>& f, bool remove_on_error = true);
+  // user.nemofs.dtype / user.nemofs.shape of a new tensor file.
+  Status SetTensorXattr(uint64_t ino, std::string_view name, std::string_view value);
+  std::optional<std::string> NewTensorXattr(uint64_t ino, std::string_view name) const;
+  // ---- structure.cc: the structural commit
+  // Stores the structural changes (new, deleted, renamed tensors) by
+  // repacking the weight file, then reads the checkpoint again (Reload).
+  Status StoreStructure(std::string_view why);
 
   // ---- tensor_writes.cc
   // A tensor file of a writable tree (tensors/, optimizer/, ranks/).

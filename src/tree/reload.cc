@@ -49,7 +49,8 @@ std::unordered_map<std::string, PathInfo> Paths(const tree::NodeTable& nodes, ui
 
 }  // namespace
 
-Status Filesystem::Impl::Reload(std::string_view why) {
+Status Filesystem::Impl::Reload(std::string_view why,
+                                const std::map<std::string, uint64_t>& carry) {
   const auto start = std::chrono::steady_clock::now();
   const TreeRef old = Current();
   NEMOFS_ASSIGN_OR_RETURN(std::unique_ptr<Tree> t, BuildTree(options));
@@ -65,6 +66,11 @@ Status Filesystem::Impl::Reload(std::string_view why) {
   std::unordered_set<uint64_t> used;
   inos[t->root - 1] = kRootIno;
   used.insert(kRootIno);
+  for (const auto& [path, ino] : carry) {
+    auto it = new_paths.find(path);
+    if (it == new_paths.end() || inos[it->second.ino - 1] || !used.insert(ino).second) continue;
+    inos[it->second.ino - 1] = ino;
+  }
   for (const auto& [path, info] : new_paths) {
     uint64_t& ino = inos[info.ino - 1];
     if (ino) continue;
@@ -84,7 +90,10 @@ Status Filesystem::Impl::Reload(std::string_view why) {
     t->nodes.Remap(std::move(inos));
     // A new file the mount stored shows as that file (an overlay node) for
     // the mount's life; the tree's node of the same name stays hidden.
+    // (Tensor directories keep it: their listing puts the file first,
+    // and a structural commit needs the tree's tensor, e.g. to delete it.)
     for (const auto& [key, ino] : overlay.scratch_names) {
+      if (overlay.tensor_dirs.count(key.first)) continue;
       tree::Node* dir = t->nodes.Get(key.first);
       if (!dir) continue;
       std::erase_if(dir->children, [&](const auto& c) { return c.first == key.second; });

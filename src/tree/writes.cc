@@ -14,6 +14,7 @@
 #include <fstream>
 #include <set>
 
+#include "checkpoint/npy.h"
 #include "tree/filesystem_impl.h"
 #include "write/yaml_check.h"
 
@@ -172,6 +173,7 @@ Status Filesystem::Impl::EnableWrites(Tree& t, const write::FileIdentity& identi
     overlay.writable = true;
     overlay.committer = std::move(*committer);
     overlay.next_ino = t.nodes.size() + 1;
+    SetUpTensorDirs(t);
     ApplyWritePerms(t);
     spdlog::debug("tensor files are writable: a commit is an in-place patch");
     return Ok();
@@ -204,6 +206,7 @@ void Filesystem::Impl::SetUpWrites(Tree& t, std::unique_ptr<write::ConfigCommitt
   }
   o.config_names = {{root, "config.yaml"}, {config_dir, config_base}};
   o.next_ino = t.nodes.size() + 1;
+  SetUpTensorDirs(t);
   ApplyWritePerms(t);
 }
 
@@ -214,6 +217,19 @@ void Filesystem::Impl::ApplyWritePerms(Tree& t) const {
   }
   for (uint64_t dir : overlay.scratch_dirs) {
     if (tree::Node* n = t.nodes.Get(dir)) n->perm |= n->write_perm;
+  }
+  // Tensor directories: who may write the weight file may add and remove
+  // tensors (its tensor files have its write bits).
+  for (uint64_t dir : overlay.tensor_dirs) {
+    tree::Node* n = t.nodes.Get(dir);
+    if (!n) continue;
+    for (const auto& [name, child] : n->children) {
+      if (const tree::Node* c = t.nodes.Get(child); c && c->tensor) {
+        n->perm |= c->write_perm;
+        break;
+      }
+    }
+    if (n->children.empty()) n->perm |= t.nodes.Get(t.root)->write_perm;
   }
   EnableStoredFileWrites(t);
 }
@@ -453,7 +469,8 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
   {
     std::lock_guard<std::mutex> lock(o.mu);
     for (const auto& [ino, f] : o.scratch) {
-      if (!f->linked || (only && ino != only) || (f->member.empty() && IsEditorTempName(f->name))) {
+      if (!f->linked || f->tensor || (only && ino != only) ||
+          (f->member.empty() && IsEditorTempName(f->name))) {
         continue;
       }
       if (f->write_failed) {  // not what was meant: never stored (unmount names it)
@@ -603,8 +620,19 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
 }
 
 Status Filesystem::Fsync(uint64_t ino, uint64_t fh) {
-  if (impl_->IsTensorIno(ino)) return impl_->FlushTensor(ino, fh, true);
   Overlay& o = impl_->overlay;
+  if (impl_->IsTensorIno(ino)) {
+    NEMOFS_RETURN_IF_ERROR(impl_->FlushTensor(ino, fh, true));
+    return impl_->StoreStructure("on fsync");
+  }
+  std::shared_ptr<ScratchFile> tensor;
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    auto it = o.scratch.find(ino);
+    if (it != o.scratch.end() && it->second->tensor) tensor = it->second;
+    if (tensor && !tensor->dtype) NEMOFS_RETURN_IF_ERROR(impl_->FinishNewTensorLocked(tensor, false));
+  }
+  if (tensor) return impl_->StoreStructure("on fsync");
   NEMOFS_RETURN_IF_ERROR(Flush(ino, fh));  // the config's commit, or a poisoned handle's error
   if (!impl_->IsOverlayIno(ino) || ino == o.config_ino) return Ok();
   return impl_->StoreNewFiles(ino, "on fsync");
@@ -616,7 +644,9 @@ Status Filesystem::StoreNewFiles() {
   for (const std::string& line : UnstoredTempFiles()) spdlog::warn("{}", line);
   Status timed = impl_->CommitStagedMtime("time only, at unmount");
   Status stored = impl_->StoreNewFiles(0, "at unmount");
-  return timed.ok() ? stored : timed;
+  Status structure = impl_->StoreStructure("at unmount");
+  if (!timed.ok()) return timed;
+  return stored.ok() ? structure : stored;
 }
 
 bool Filesystem::writable() const { return impl_->overlay.writable; }
@@ -624,7 +654,8 @@ bool Filesystem::writable() const { return impl_->overlay.writable; }
 bool Filesystem::Volatile(uint64_t ino) const {
   const Overlay& o = impl_->overlay;
   return o.writable && (ino == o.config_ino || !impl_->Current()->nodes.Has(ino) ||
-                        o.scratch_dirs.count(ino) > 0 || impl_->IsReplaced(ino));
+                        o.scratch_dirs.count(ino) > 0 || o.tensor_dirs.count(ino) > 0 ||
+                        impl_->IsReplaced(ino));
 }
 
 Status Filesystem::Impl::StartReplace(uint64_t ino, int flags) {
@@ -743,11 +774,13 @@ Result<std::pair<NodeAttr, OpenedFile>> Filesystem::Create(uint64_t parent, std:
                                                            uint32_t mode, int flags) {
   Overlay& o = impl_->overlay;
   if (!o.writable) return Err(EROFS, "the tree is read-only");
-  if (!o.scratch_dirs.count(parent)) {
+  const bool tensor_dir = o.tensor_dirs.count(parent) > 0;
+  if (!o.scratch_dirs.count(parent) && !tensor_dir) {
     return Err(EPERM,
                "cannot create '{}': new files can be created only in the mount's root and in "
-               "config.yaml's archive/ directory (where they are stored in the checkpoint); "
-               "not in this directory in this version",
+               "config.yaml's archive/ directory (where they are stored in the checkpoint), "
+               "and new tensors in tensors/ (and optimizer/) of a checkpoint with one weight "
+               "file; not in this directory in this version",
                name);
   }
   if (name.size() > kMaxName) return Err(ENAMETOOLONG, "name too long");
@@ -762,11 +795,21 @@ Result<std::pair<NodeAttr, OpenedFile>> Filesystem::Create(uint64_t parent, std:
   uint64_t ino;
   {
     std::lock_guard<std::mutex> lock(o.mu);
-    NEMOFS_RETURN_IF_ERROR(impl_->CheckStorePathLocked(parent, name, 0));
+    if (!tensor_dir) NEMOFS_RETURN_IF_ERROR(impl_->CheckStorePathLocked(parent, name, 0));
     if (o.scratch.size() >= kMaxScratchFiles) {
       return Err(ENOSPC, "{} new files exist already (the limit)", o.scratch.size());
     }
-    ino = NewScratchLocked(o, parent, name, mode)->ino;
+    auto f = NewScratchLocked(o, parent, name, mode);
+    f->tensor = tensor_dir;
+    ino = f->ino;
+  }
+  if (tensor_dir) {
+    spdlog::debug("new tensor file '{}' created: a tensor at its last close (.npy header, or "
+                  "user.nemofs.dtype/shape), stored at fsync or unmount",
+                  name);
+    NEMOFS_ASSIGN_OR_RETURN(OpenedFile f, OpenFile(ino, flags));
+    NEMOFS_ASSIGN_OR_RETURN(NodeAttr a, GetAttr(ino));
+    return std::make_pair(a, f);
   }
   spdlog::debug("new file '{}' created ({})", name,
                 IsEditorTempName(name) ? "an editor's temp file: in memory only"
@@ -863,6 +906,10 @@ Status Filesystem::Flush(uint64_t ino, uint64_t fh, int pid) {
       // a descriptor that may have written (nothing if it did not change).
       // (Not after an O_TRUNC alone: a shell's `>` closes a dup of the
       // descriptor before writing; an emptied file is stored at unmount.)
+      if (h != o.handles.end() && h->second.wrote && h->second.scratch &&
+          h->second.scratch->tensor && h->second.scratch->handles == 1) {
+        return impl_->FinishNewTensorLocked(h->second.scratch);
+      }
       if (h == o.handles.end() || !h->second.wrote || !h->second.scratch ||
           h->second.scratch->member.empty()) {
         return Ok();
@@ -1014,6 +1061,7 @@ Result<NodeAttr> Filesystem::SetAttr(uint64_t ino, uint64_t fh, const AttrChange
 Status Filesystem::Unlink(uint64_t parent, std::string_view name) {
   Overlay& o = impl_->overlay;
   if (!o.writable) return Err(EROFS, "the tree is read-only");
+  if (o.tensor_dirs.count(parent)) return impl_->UnlinkTensor(parent, name);
   std::lock_guard<std::mutex> lock(o.mu);
   auto it = o.scratch_names.find(std::make_pair(parent, std::string(name)));
   if (it == o.scratch_names.end()) {
@@ -1039,6 +1087,13 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
   };
   const bool to_config = is_config(new_parent, new_name);
   const bool from_config = is_config(parent, name);
+  if (o.tensor_dirs.count(parent) || o.tensor_dirs.count(new_parent)) {
+    if (parent != new_parent) {
+      // mv falls back to a copy (a new tensor there) and an unlink.
+      return Err(EXDEV, "tensor files are renamed within their directory only");
+    }
+    return impl_->RenameTensor(parent, name, new_name, flags);
+  }
   if (!o.scratch_dirs.count(new_parent)) {
     return Err(EPERM, "cannot rename into this directory: it is part of the checkpoint");
   }
@@ -1125,6 +1180,243 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
   src->parent = new_parent;
   src->name = std::string(new_name);
   o.scratch_names.emplace(key, src->ino);
+  return Ok();
+}
+
+// ---- Structural writes of tensors/ and optimizer/ (issue 11): the names.
+
+void Filesystem::Impl::SetUpTensorDirs(Tree& t) {
+  if (t.structural_file.empty()) return;
+  const tree::Node* root = t.nodes.Get(t.root);
+  for (const auto& [name, ino] : root->children) {
+    if (name == "tensors" || name == "optimizer") overlay.tensor_dirs.insert(ino);
+  }
+}
+
+uint64_t Filesystem::Impl::TensorDirChildLocked(const Tree& t, uint64_t dir,
+                                                std::string_view name) const {
+  const Overlay& o = overlay;
+  const auto key = std::make_pair(dir, std::string(name));
+  if (auto r = o.renamed.find(key); r != o.renamed.end()) return r->second;
+  if (auto s = o.scratch_names.find(key); s != o.scratch_names.end()) return s->second;
+  if (o.removed.count(key)) return 0;
+  const tree::Node* d = t.nodes.Get(dir);
+  if (!d) return 0;
+  auto it = std::lower_bound(
+      d->children.begin(), d->children.end(), name,
+      [](const std::pair<std::string, uint64_t>& c, std::string_view n) { return c.first < n; });
+  return it != d->children.end() && it->first == name ? it->second : 0;
+}
+
+Result<uint64_t> Filesystem::Impl::LookupTensorDir(uint64_t dir, std::string_view name) const {
+  const TreeRef t = Current();
+  std::lock_guard<std::mutex> lock(overlay.mu);
+  uint64_t ino = TensorDirChildLocked(*t, dir, name);
+  if (!ino) return Err(ENOENT, "no '{}' in inode {}", name, dir);
+  return ino;
+}
+
+std::vector<std::pair<std::string, uint64_t>> Filesystem::Impl::TensorDirListing(
+    uint64_t dir) const {
+  const TreeRef t = Current();
+  std::vector<std::pair<std::string, uint64_t>> out;
+  const tree::Node* d = t->nodes.Get(dir);
+  std::lock_guard<std::mutex> lock(overlay.mu);
+  const Overlay& o = overlay;
+  if (d) {
+    for (const auto& [name, ino] : d->children) {
+      const auto key = std::make_pair(dir, name);
+      if (o.removed.count(key) || o.renamed.count(key) || o.scratch_names.count(key)) continue;
+      out.emplace_back(name, ino);
+    }
+  }
+  for (auto it = o.renamed.lower_bound(std::make_pair(dir, std::string()));
+       it != o.renamed.end() && it->first.first == dir; ++it) {
+    out.emplace_back(it->first.second, it->second);
+  }
+  for (auto it = o.scratch_names.lower_bound(std::make_pair(dir, std::string()));
+       it != o.scratch_names.end() && it->first.first == dir; ++it) {
+    out.emplace_back(it->first.second, it->second);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+void Filesystem::Impl::RemoveTensorNameLocked(const Tree& t, uint64_t dir,
+                                              const std::string& name) {
+  Overlay& o = overlay;
+  const auto key = std::make_pair(dir, name);
+  if (auto s = o.scratch_names.find(key); s != o.scratch_names.end()) {
+    auto f = o.scratch.at(s->second);
+    UnlinkScratchLocked(o, f);
+    // A new tensor stored already is the tree's now (behind the file).
+    if (f->stored) o.removed.insert(key);
+  }
+  if (o.renamed.erase(key)) return;
+  const tree::Node* d = t.nodes.Get(dir);
+  if (d && std::any_of(d->children.begin(), d->children.end(),
+                       [&](const auto& c) { return c.first == name; })) {
+    o.removed.insert(key);
+  }
+}
+
+Status Filesystem::Impl::UnlinkTensor(uint64_t dir, std::string_view name) {
+  const TreeRef t = Current();
+  std::lock_guard<std::mutex> lock(overlay.mu);
+  if (!TensorDirChildLocked(*t, dir, name)) return Err(ENOENT, "no tensor file '{}'", name);
+  RemoveTensorNameLocked(*t, dir, std::string(name));
+  spdlog::info("tensor file '{}' deleted: the tensor leaves the checkpoint at the next fsync or "
+               "unmount",
+               name);
+  return Ok();
+}
+
+Status Filesystem::Impl::RenameTensor(uint64_t dir, std::string_view name,
+                                      std::string_view new_name, unsigned int flags) {
+  const TreeRef t = Current();
+  Overlay& o = overlay;
+  std::lock_guard<std::mutex> lock(o.mu);
+  const uint64_t from = TensorDirChildLocked(*t, dir, name);
+  if (!from) return Err(ENOENT, "no tensor file '{}'", name);
+  const uint64_t to = TensorDirChildLocked(*t, dir, new_name);
+  if (to == from) return Ok();
+  if (to && (flags & RENAME_NOREPLACE)) return Err(EEXIST, "'{}' exists", new_name);
+  const std::string src(name), dst(new_name);
+  if (to) RemoveTensorNameLocked(*t, dir, dst);
+  const auto src_key = std::make_pair(dir, src);
+  const auto dst_key = std::make_pair(dir, dst);
+  if (auto s = o.scratch_names.find(src_key); s != o.scratch_names.end()) {
+    auto f = o.scratch.at(s->second);
+    o.scratch_names.erase(s);
+    if (f->stored) o.removed.insert(src_key);  // the stored copy goes (renamed away)
+    f->name = dst;
+    ++f->version;
+    o.scratch_names.emplace(dst_key, f->ino);
+  } else {
+    o.renamed.erase(src_key);
+    const tree::Node* d = t->nodes.Get(dir);
+    if (d && std::any_of(d->children.begin(), d->children.end(),
+                         [&](const auto& c) { return c.first == src && c.second == from; })) {
+      o.removed.insert(src_key);
+    }
+    // Back to its own name: nothing left to change.
+    if (d && std::any_of(d->children.begin(), d->children.end(),
+                         [&](const auto& c) { return c.first == dst && c.second == from; })) {
+      o.removed.erase(dst_key);
+    } else {
+      o.renamed[dst_key] = from;
+    }
+  }
+  spdlog::info("tensor file '{}' renamed '{}': the key follows at the next fsync or unmount", src,
+               dst);
+  return Ok();
+}
+
+Status Filesystem::Impl::FinishNewTensorLocked(const std::shared_ptr<ScratchFile>& f,
+                                               bool remove_on_error) {
+  Overlay& o = overlay;
+  auto fail = [&](Error e) -> Status {
+    spdlog::error("new tensor file '{}' refused: {}{}", f->name, e.message(),
+                  remove_on_error ? "; the file is removed, nothing is stored" : "");
+    if (remove_on_error) UnlinkScratchLocked(o, f);
+    return e;
+  };
+  const bool npy = f->name.size() > 4 && f->name.compare(f->name.size() - 4, 4, ".npy") == 0;
+  if (npy) {
+    auto head = f->data.Read(0, std::min<uint64_t>(f->data.size(), 10));
+    if (!head) return fail(head.error());
+    const uint64_t need = checkpoint::NpyHeaderNeed(*head);
+    auto header = f->data.Read(0, std::min<uint64_t>(f->data.size(), need));
+    if (!header) return fail(header.error());
+    auto h = checkpoint::ParseNpyHeader(*header, "tensors/" + f->name);
+    if (!h) return fail(Error(EINVAL, h.error().message()));
+    if (h->raw2 && f->dtype && torch::Info(*f->dtype).itemsize == 2) {
+      h->dtype = *f->dtype;  // bfloat16 (or float16) named by the xattr
+    } else if (h->raw2 && h->dtype == torch::DType::kUInt16 && !f->dtype &&
+               f->data.size() >= h->data_offset) {
+      // '<u2' without an xattr: uint16 as numpy says.
+    }
+    if (f->data.size() != h->data_offset + h->nbytes()) {
+      return fail(Error(EINVAL, fmt::format("tensors/{}: the .npy header says {} data bytes "
+                                            "({} {}), the file has {}",
+                                            f->name, h->nbytes(), torch::Info(h->dtype).name,
+                                            h->numel(), f->data.size() - std::min(f->data.size(), h->data_offset))));
+    }
+    auto data = f->data.Read(h->data_offset, h->nbytes());
+    if (!data) return fail(data.error());
+    std::string raw = checkpoint::NeedsConversion(*h) ? checkpoint::ToCOrderLittleEndian(*h, *data)
+                                                      : std::move(*data);
+    // The file becomes the raw tensor KEY (replacing what had that name).
+    const std::string key_name = f->name.substr(0, f->name.size() - 4);
+    const TreeRef t = Current();
+    if (TensorDirChildLocked(*t, f->parent, key_name)) RemoveTensorNameLocked(*t, f->parent, key_name);
+    if (Status st = f->data.Assign(raw); !st.ok()) return fail(st.error());
+    o.scratch_names.erase(std::make_pair(f->parent, f->name));
+    f->name = key_name;
+    o.scratch_names.emplace(std::make_pair(f->parent, f->name), f->ino);
+    f->dtype = h->dtype;
+    f->shape = h->shape;
+    ++f->version;
+    spdlog::info("new tensor {}: {} {} from its .npy header{}", key_name,
+                 torch::Info(h->dtype).name, checkpoint::ShapeString(h->shape),
+                 checkpoint::NeedsConversion(*h) ? " (converted to C order, little-endian)" : "");
+    return Ok();
+  }
+  if (!f->dtype || !f->shape) {
+    return fail(Error(EINVAL, fmt::format("tensors/{}: a raw tensor file needs user.nemofs.dtype "
+                                          "and user.nemofs.shape set before its last close (or "
+                                          "write it as {}.npy)",
+                                          f->name, f->name)));
+  }
+  uint64_t numel = 1;
+  for (int64_t d : *f->shape) numel *= static_cast<uint64_t>(d);
+  const uint64_t want = numel * torch::Info(*f->dtype).itemsize;
+  if (f->data.size() != want) {
+    return fail(Error(EINVAL, fmt::format("tensors/{}: {} {} is {} bytes, the file has {}", f->name,
+                                          torch::Info(*f->dtype).name,
+                                          checkpoint::ShapeString(*f->shape), want,
+                                          f->data.size())));
+  }
+  return Ok();
+}
+
+std::optional<std::string> Filesystem::Impl::NewTensorXattr(uint64_t ino,
+                                                          std::string_view name) const {
+  std::lock_guard<std::mutex> lock(overlay.mu);
+  auto it = overlay.scratch.find(ino);
+  if (it == overlay.scratch.end() || !it->second->tensor) return std::nullopt;
+  const ScratchFile& f = *it->second;
+  if (name == "user.nemofs.dtype" && f.dtype) return std::string(torch::Info(*f.dtype).name);
+  if (name == "user.nemofs.shape" && f.shape) {
+    std::string out = "[";
+    for (size_t i = 0; i < f.shape->size(); ++i) out += (i ? "," : "") + std::to_string((*f.shape)[i]);
+    return out + "]";
+  }
+  if (name == "user.nemofs.key") return checkpoint::UnescapeKey(f.name);
+  return std::nullopt;
+}
+
+Status Filesystem::Impl::SetTensorXattr(uint64_t ino, std::string_view name,
+                                        std::string_view value) {
+  Overlay& o = overlay;
+  std::lock_guard<std::mutex> lock(o.mu);
+  auto it = o.scratch.find(ino);
+  if (it == o.scratch.end() || !it->second->tensor) {
+    return Err(ENOTSUP, "attribute {} can be set only on a new tensor file", name);
+  }
+  ScratchFile& f = *it->second;
+  if (name == "user.nemofs.dtype") {
+    auto d = torch::DTypeFromName(value);
+    if (!d) return Err(EINVAL, "user.nemofs.dtype '{}' is not a dtype (bfloat16, float32, ...)", value);
+    f.dtype = *d;
+  } else if (name == "user.nemofs.shape") {
+    NEMOFS_ASSIGN_OR_RETURN(auto shape, checkpoint::ParseShapeText(value));
+    f.shape = std::move(shape);
+  } else {
+    return Err(ENOTSUP, "attribute {} cannot be set (user.nemofs.dtype and user.nemofs.shape can)",
+               name);
+  }
+  ++f.version;
   return Ok();
 }
 

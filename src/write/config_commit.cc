@@ -363,6 +363,41 @@ Status ConfigCommitter::StoreFiles(const std::vector<NewFile>& files,
   return Err(EINVAL, "unknown commit kind");
 }
 
+Status ConfigCommitter::ReplaceSingleFile(std::string_view data,
+                                          const std::function<void(uint64_t, uint64_t)>& progress) {
+  if (kind_ != Kind::kFile) {
+    return Err(EINVAL, "{}: not a single-file checkpoint", target_);
+  }
+  struct stat st {};
+  if (::stat(target_.c_str(), &st) != 0) return Err(errno, "{}: {}", target_, std::strerror(errno));
+  NEMOFS_RETURN_IF_ERROR(CheckIdentity(FromStat(st)));
+  const std::string dir = DirOf(target_);
+  const std::string base = target_.substr(target_.rfind('/') + 1);
+  UniqueFd dirfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dirfd.valid()) return Err(errno, "{}: {}", dir, std::strerror(errno));
+  const std::string prefix = fmt::format(".{}{}", base, source::kCommitTempMarker);
+  RemoveStaleTempsAt(dirfd.get(), dir, prefix);
+  ReplaceOptions options;
+  options.temp_path = fmt::format("{}{}", prefix, ::getpid());
+  options.mode = st.st_mode & 07777;
+  options.owner = std::make_pair(st.st_uid, st.st_gid);
+  options.folder_sync_is_error = true;
+  options.on_written = [] { MaybeCrash("file:written"); };
+  options.on_renamed = [] { MaybeCrash("file:renamed"); };
+  const std::string tmp_shown = dir + "/" + options.temp_path;
+  NEMOFS_RETURN_IF_ERROR(ReplaceFileAt(dirfd.get(), dir, base, options, [&](int fd) -> Status {
+    constexpr size_t kStep = 64 << 20;
+    for (size_t at = 0; at < data.size(); at += kStep) {
+      NEMOFS_RETURN_IF_ERROR(
+          PwriteFull(fd, data.substr(at, std::min(kStep, data.size() - at)), at, tmp_shown));
+      if (progress) progress(std::min(at + kStep, data.size()), data.size());
+    }
+    return Ok();
+  }));
+  NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
+  return Ok();
+}
+
 Status ConfigCommitter::PatchInPlace(const std::vector<Patch>& data,
                                      const std::vector<Patch>& meta,
                                      const std::function<void(uint64_t, uint64_t)>& progress) {

@@ -79,6 +79,14 @@ class ConfigCommitter {
   Status StoreFiles(const std::vector<NewFile>& files,
                     const std::function<void(uint64_t, uint64_t)>& progress);
 
+  // A single-file source (kFile: a Lightning .ckpt, a .pt) given new
+  // content whole (a structural tensor write repacks it): a temp file
+  // beside it, fsync, rename over, fsync the folder; mode and owner kept.
+  // ESTALE when the file changed behind the mount; on failure it is as it
+  // was.
+  Status ReplaceSingleFile(std::string_view data,
+                           const std::function<void(uint64_t, uint64_t)>& progress);
+
   // One same-size change of stored bytes (tensor writes): `bytes` at
   // `offset` of `file` (source::StoredPlace: relative to the source folder,
   // "" = the source file itself).

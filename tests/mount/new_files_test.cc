@@ -467,8 +467,8 @@ TEST(NewFilesTouchD, TheTimeIsStoredWithTheFile) {
 }
 
 // The refusals say what is true: new regular files in the root and
-// archive/ are stored; directories cannot be made there, and tensors/
-// takes no new file in this version (EPERM, named in the log).
+// archive/ are stored (and new tensors in tensors/); directories cannot be
+// made, and tokenizer/ takes no new file (EPERM, named in the log).
 TEST(NewFilesRefusals, MkdirAndACreateInTensorsSayWhatIsAllowed) {
   TempDir dir;
   std::string src = MakeSource(Kind("plain_tar"), dir);
@@ -477,7 +477,7 @@ TEST(NewFilesRefusals, MkdirAndACreateInTensorsSayWhatIsAllowed) {
   auto r = Sh("mkdir " + Q(m->path() + "/newdir"));
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("Operation not permitted"), std::string::npos) << r.err;
-  r = Sh("touch " + Q(m->path() + "/tensors/new.bin"));
+  r = Sh("touch " + Q(m->path() + "/tokenizer/new.bin"));
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("Operation not permitted"), std::string::npos) << r.err;
   m->Unmount();

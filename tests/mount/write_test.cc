@@ -362,7 +362,7 @@ TEST_F(Refusals, EverythingButTheWritableFilesIsRefused) {
       // Stored files are replaceable (replace_test.cc); synthesized ones are not.
       {"echo x >> model.safetensors", "Read-only file system"},
       {"truncate -s 0 index.json", "Read-only file system"},
-      {"touch tensors/new", "Operation not permitted"},
+      {"touch tokenizer/new", "Operation not permitted"},
       {"mkdir newdir", "Operation not permitted"},
       {"ln -s config.yaml link", "Operation not permitted"},
       {"rm config.yaml", "Operation not permitted"},
