@@ -693,6 +693,11 @@ Result<std::string> Filesystem::GetXattr(uint64_t ino, std::string_view name) co
     if (name == "user.nemofs.source") return t->info.source;
   }
   if (n->tensor) {
+    if (auto r = impl_->RetypeOf(ino); r && (name == "user.nemofs.dtype" ||
+                                              name == "user.nemofs.shape")) {
+      return name == "user.nemofs.dtype" ? std::string(torch::Info(r->dtype).name)
+                                         : ShapeText(r->shape);
+    }
     if (name == "user.nemofs.dtype") return std::string(torch::Info(n->tensor->dtype).name);
     if (name == "user.nemofs.shape") return ShapeText(n->tensor->shape);
     if (name == "user.nemofs.key") return n->tensor->key;

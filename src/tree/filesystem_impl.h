@@ -74,6 +74,9 @@ struct ScratchFile {
   // (raw bytes) or, for "KEY.npy", from the header: at the last close such
   // a file becomes the raw tensor file KEY (ConvertNpyLocked).
   bool tensor = false;
+  // model.safetensors written whole (issue 11 §4): at its close, parsed
+  // and applied as the tensor changes it implies (Impl::ApplySafetensors).
+  bool safetensors = false;
   std::optional<torch::DType> dtype;
   std::optional<std::vector<int64_t>> shape;
   // Set by a failed write into it (EFBIG, ENOSPC): its content is not what
@@ -192,6 +195,16 @@ struct TensorWrites {
   std::map<uint64_t, TensorHandle> handles;                  // by fh
   uint64_t next_fh = uint64_t{1} << 62;  // apart from the overlay's handles
   std::atomic<size_t> staged_count{0};   // staged.size(), read without `mu`
+  // A tree tensor given another dtype or shape (user.nemofs.* set on it,
+  // issue 11): what it is to become; its bytes are the staged ones (or the
+  // stored ones, for a reshape of the same size), stored by the next
+  // structural commit. By inode.
+  struct Retype {
+    torch::DType dtype;
+    std::vector<int64_t> shape;
+    uint64_t nbytes() const;
+  };
+  std::map<uint64_t, Retype> retyped;
   mutable std::shared_mutex patch_mu;
 };
 
@@ -383,6 +396,17 @@ struct Filesystem::Impl {
   // user.nemofs.dtype / user.nemofs.shape of a new tensor file.
   Status SetTensorXattr(uint64_t ino, std::string_view name, std::string_view value);
   std::optional<std::string> NewTensorXattr(uint64_t ino, std::string_view name) const;
+  std::optional<TensorWrites::Retype> RetypeOf(uint64_t ino) const {
+    std::lock_guard<std::mutex> lock(tensor_writes.mu);
+    auto it = tensor_writes.retyped.find(ino);
+    if (it == tensor_writes.retyped.end()) return std::nullopt;
+    return it->second;
+  }
+  // model.safetensors opened for writing: staged like a replaced file.
+  Status StartSafetensorsUpload(uint64_t ino, int flags);
+  // Its last close: the changes it implies, staged and stored (EINVAL for
+  // an invalid file: nothing changes). `overlay.mu` not held.
+  Status ApplySafetensors(const std::shared_ptr<ScratchFile>& f);
   // ---- structure.cc: the structural commit
   // Stores the structural changes (new, deleted, renamed tensors) by
   // repacking the weight file, then reads the checkpoint again (Reload).

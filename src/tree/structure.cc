@@ -19,6 +19,8 @@
 #include <set>
 
 #include "checkpoint/catalog.h"
+#include "checkpoint/npy.h"
+#include "checkpoint/tensor.h"
 #include "torch/torch_file.h"
 #include "torch/torch_repack.h"
 #include "tree/filesystem_impl.h"
@@ -149,6 +151,93 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
       }
     }
   }
+  // Tree tensors given another dtype or shape: their bytes as they are now
+  // (staged over stored), into a spill buffer each.
+  std::vector<std::unique_ptr<SpillBytes>> retyped_bytes;
+  std::vector<uint64_t> retyped_done;
+  {
+    std::map<uint64_t, TensorWrites::Retype> retyped;
+    {
+      std::lock_guard<std::mutex> lock(tensor_writes.mu);
+      retyped = tensor_writes.retyped;
+    }
+    for (const auto& [ino, r] : retyped) {
+      const tree::Node* n = t->nodes.Get(ino);
+      if (!n || !n->tensor || !o.tensor_dirs.count(n->parent)) continue;
+      const tree::Node* d = t->nodes.Get(n->parent);
+      std::string name;
+      for (const auto& [child, child_ino] : d->children) {
+        if (child_ino == ino) name = child;
+      }
+      std::string key = n->tensor->key;
+      {
+        std::lock_guard<std::mutex> lock(o.mu);
+        if (o.removed.count(std::make_pair(n->parent, name))) {
+          key.clear();  // deleted, unless renamed:
+          for (const auto& [k, alias] : o.renamed) {
+            if (alias == ino) key = checkpoint::UnescapeKey(k.second);
+          }
+        }
+      }
+      if (key.empty()) continue;
+      std::shared_ptr<StagedTensor> staged;
+      {
+        std::lock_guard<std::mutex> lock(tensor_writes.mu);
+        if (auto it = tensor_writes.staged.find(ino); it != tensor_writes.staged.end()) {
+          staged = it->second;
+        }
+      }
+      const uint64_t have = staged ? staged->edit.size() : n->tensor->nbytes();
+      if (have != r.nbytes()) {
+        spdlog::error("not stored: tensor {} as {} {}: that is {} bytes, its file has {} (write or "
+                      "truncate it to that size)",
+                      key, torch::Info(r.dtype).name, checkpoint::ShapeString(r.shape), r.nbytes(),
+                      have);
+        continue;
+      }
+      auto buf = std::make_unique<SpillBytes>(o.spill);
+      constexpr uint64_t kWindow = 8 << 20;
+      std::string chunk;
+      for (uint64_t at = 0; at < have; at += kWindow) {
+        const uint64_t len = std::min(kWindow, have - at);
+        std::vector<tree::StagedEdit::Piece> pieces;
+        if (staged) {
+          std::lock_guard<std::mutex> lock(tensor_writes.mu);
+          NEMOFS_ASSIGN_OR_RETURN(pieces, staged->edit.Pieces(at, len));
+        } else {
+          pieces.push_back({tree::StagedEdit::Piece::kBase, at, len, nullptr});
+        }
+        uint64_t pos = at;
+        for (const auto& p : pieces) {
+          if (p.kind == tree::StagedEdit::Piece::kStaged) {
+            NEMOFS_RETURN_IF_ERROR(buf->Write(pos, std::string_view(p.bytes->data(), p.length)));
+          } else if (p.kind == tree::StagedEdit::Piece::kBase) {
+            NEMOFS_ASSIGN_OR_RETURN(ReadPlan plan, checkpoint::PlanTensorRead(
+                                                       *n->tensor, *t->src, p.offset, p.length));
+            chunk.resize(p.length);
+            NEMOFS_RETURN_IF_ERROR(ExecuteReadPlan(plan, chunk.data()));
+            NEMOFS_RETURN_IF_ERROR(buf->Write(pos, chunk));
+          } else {
+            NEMOFS_RETURN_IF_ERROR(buf->Resize(std::max(buf->size(), pos + p.length)));
+          }
+          pos += p.length;
+        }
+      }
+      NEMOFS_RETURN_IF_ERROR(buf->Resize(have));
+      NewOne a;
+      a.key = key;
+      a.optimizer = false;
+      for (const auto& [rn, rino] : t->nodes.Get(t->root)->children) {
+        if (rino == n->parent) a.optimizer = rn == "optimizer";
+      }
+      a.dtype = r.dtype;
+      a.shape = r.shape;
+      NEMOFS_ASSIGN_OR_RETURN(a.bytes, buf->Snapshot());
+      retyped_bytes.push_back(std::move(buf));
+      retyped_done.push_back(ino);
+      adds.push_back(std::move(a));
+    }
+  }
   for (const auto& p : pending) {
     spdlog::warn("not stored: {} (a new tensor file without user.nemofs.dtype and "
                  "user.nemofs.shape matching its size; write it as KEY.npy, or set them)",
@@ -241,12 +330,24 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
   {
     std::lock_guard<std::mutex> lock(o.mu);
     for (const auto& a : adds) {
+      if (!a.file) continue;  // a retyped tree tensor
       a.file->stored = true;
       a.file->stored_version = std::max(a.file->stored_version, a.version);
     }
     for (const auto& k : removed_done) o.removed.erase(k);
     for (const auto& [k, ino] : renamed_done) {
       if (auto it = o.renamed.find(k); it != o.renamed.end() && it->second == ino) o.renamed.erase(it);
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(tensor_writes.mu);
+    for (uint64_t ino : retyped_done) {
+      tensor_writes.retyped.erase(ino);
+      auto it = tensor_writes.staged.find(ino);
+      if (it != tensor_writes.staged.end() && it->second->handles == 0) {
+        tensor_writes.staged.erase(it);
+        tensor_writes.staged_count.store(tensor_writes.staged.size());
+      }
     }
   }
   const double ms =

@@ -117,6 +117,12 @@ std::string Filesystem::Impl::DescribeWritable(bool has_config) const {
   return list;
 }
 
+uint64_t TensorWrites::Retype::nbytes() const {
+  uint64_t n = torch::Info(dtype).itemsize;
+  for (int64_t d : shape) n *= static_cast<uint64_t>(d);
+  return n;
+}
+
 void Filesystem::Impl::HoldForRead(const TreeRef& t, ReadPlan* plan) const {
   plan->keepalive.push_back(t);
   if (!overlay.writable) return;
@@ -178,7 +184,8 @@ Result<uint64_t> Filesystem::Impl::WriteTensor(uint64_t ino, uint64_t fh, uint64
   }
   if (h->second.failed) return *h->second.failed;
   StagedTensor& s = *w.staged.at(ino);
-  const uint64_t nbytes = s.tensor->nbytes();
+  uint64_t nbytes = s.tensor->nbytes();
+  if (auto r = w.retyped.find(ino); r != w.retyped.end()) nbytes = std::max(nbytes, r->second.nbytes());
   if (offset + data.size() > MaxStaged(nbytes) || offset + data.size() < offset) {
     Error e(EFBIG, fmt::format("tensor {} has {} bytes; a write up to byte {} cannot be staged "
                                "(changing a tensor's size is not supported)",
@@ -270,6 +277,16 @@ Result<NodeAttr> Filesystem::Impl::SetTensorAttr(uint64_t ino, uint64_t fh,
     {
       std::lock_guard<std::mutex> lock(tensor_writes.mu);
       auto it = tensor_writes.staged.find(ino);
+      const auto retype = tensor_writes.retyped.find(ino);
+      if (it == tensor_writes.staged.end() && retype != tensor_writes.retyped.end()) {
+        // A retyped tensor truncated by path: staged (until the structural
+        // commit) like a descriptor's writes.
+        auto staged = std::make_shared<StagedTensor>(overlay.spill, tree, n->tensor);
+        staged->mtime_sec = n->mtime_sec;
+        staged->mtime_nsec = n->mtime_nsec;
+        it = tensor_writes.staged.emplace(ino, std::move(staged)).first;
+        tensor_writes.staged_count.store(tensor_writes.staged.size());
+      }
       if (it == tensor_writes.staged.end()) {
         // truncate(2) by path with no descriptor open: to the same size it
         // changes nothing; any other size cannot be committed.
@@ -280,7 +297,11 @@ Result<NodeAttr> Filesystem::Impl::SetTensorAttr(uint64_t ino, uint64_t fh,
         }
       } else {
         StagedTensor& s = *it->second;
-        if (change.size > MaxStaged(s.tensor->nbytes())) {
+        const uint64_t limit =
+            retype == tensor_writes.retyped.end()
+                ? MaxStaged(s.tensor->nbytes())
+                : MaxStaged(std::max(s.tensor->nbytes(), retype->second.nbytes()));
+        if (change.size > limit) {
           return Err(EFBIG, "tensor {} has {} bytes; {} cannot be staged", s.tensor->key,
                      s.tensor->nbytes(), change.size);
         }
@@ -290,7 +311,7 @@ Result<NodeAttr> Filesystem::Impl::SetTensorAttr(uint64_t ino, uint64_t fh,
         if (auto h = tensor_writes.handles.find(fh); h != tensor_writes.handles.end()) {
           h->second.wrote = true;
         }
-        commit_now = s.handles == 0;
+        commit_now = s.handles == 0 && retype == tensor_writes.retyped.end();
       }
     }
     if (commit_now) NEMOFS_RETURN_IF_ERROR(CommitTensor(ino, "on truncate"));
@@ -338,7 +359,8 @@ void Filesystem::Impl::ReleaseTensor(uint64_t ino, uint64_t fh) {
   {
     std::lock_guard<std::mutex> lock(tensor_writes.mu);
     auto it = tensor_writes.staged.find(ino);
-    if (it != tensor_writes.staged.end() && it->second->handles == 0) {
+    if (it != tensor_writes.staged.end() && it->second->handles == 0 &&
+        !tensor_writes.retyped.count(ino)) {  // a retyped one waits for the structural commit
       tensor_writes.staged.erase(it);
       tensor_writes.staged_count.store(tensor_writes.staged.size());
     }
@@ -358,6 +380,9 @@ Status Filesystem::Impl::CommitTensor(uint64_t ino, std::string_view why) {
     std::lock_guard<std::mutex> lock(tensor_writes.mu);
     auto it = tensor_writes.staged.find(ino);
     if (it == tensor_writes.staged.end() || !it->second->dirty) return Ok();
+    // Another dtype or shape: stored by the structural commit (its size is
+    // checked there).
+    if (tensor_writes.retyped.count(ino)) return Ok();
     StagedTensor& s = *it->second;
     tree = s.tree;
     tensor = s.tensor;

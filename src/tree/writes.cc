@@ -15,6 +15,8 @@
 #include <set>
 
 #include "checkpoint/npy.h"
+#include "checkpoint/catalog.h"
+#include <nlohmann/json.hpp>
 #include "tree/filesystem_impl.h"
 #include "write/yaml_check.h"
 
@@ -219,17 +221,26 @@ void Filesystem::Impl::ApplyWritePerms(Tree& t) const {
     if (tree::Node* n = t.nodes.Get(dir)) n->perm |= n->write_perm;
   }
   // Tensor directories: who may write the weight file may add and remove
-  // tensors (its tensor files have its write bits).
+  // tensors (its tensor files have its write bits), and write
+  // model.safetensors back.
+  uint32_t weights_write = 0;
   for (uint64_t dir : overlay.tensor_dirs) {
     tree::Node* n = t.nodes.Get(dir);
     if (!n) continue;
+    uint32_t bits = n->children.empty() ? t.nodes.Get(t.root)->write_perm : 0;
     for (const auto& [name, child] : n->children) {
       if (const tree::Node* c = t.nodes.Get(child); c && c->tensor) {
-        n->perm |= c->write_perm;
+        bits = c->write_perm;
         break;
       }
     }
-    if (n->children.empty()) n->perm |= t.nodes.Get(t.root)->write_perm;
+    n->perm |= bits;
+    weights_write |= bits;
+  }
+  if (weights_write) {
+    for (const auto& [name, child] : t.nodes.Get(t.root)->children) {
+      if (tree::Node* c = t.nodes.Get(child); c && c->safetensors) c->perm |= weights_write;
+    }
   }
   EnableStoredFileWrites(t);
 }
@@ -469,7 +480,7 @@ Status Filesystem::Impl::StoreNewFiles(uint64_t only, std::string_view why) {
   {
     std::lock_guard<std::mutex> lock(o.mu);
     for (const auto& [ino, f] : o.scratch) {
-      if (!f->linked || f->tensor || (only && ino != only) ||
+      if (!f->linked || f->tensor || f->safetensors || (only && ino != only) ||
           (f->member.empty() && IsEditorTempName(f->name))) {
         continue;
       }
@@ -662,6 +673,9 @@ Status Filesystem::Impl::StartReplace(uint64_t ino, int flags) {
   const TreeRef t = Current();
   const source::Source* src = t->src.get();
   const tree::Node* n = t->nodes.Get(ino);
+  if (overlay.writable && n && n->safetensors && !overlay.tensor_dirs.empty()) {
+    return StartSafetensorsUpload(ino, flags);
+  }
   if (!overlay.writable || !n || n->type != NodeType::kFile || n->tensor || n->safetensors ||
       n->data || n->blob == source::kNoBlob) {
     return Ok();
@@ -895,6 +909,7 @@ Status Filesystem::Flush(uint64_t ino, uint64_t fh, int pid) {
   if (!impl_->IsOverlayIno(ino)) return Ok();
   const int tgid = ino == o.config_ino ? ThreadGroupOf(pid) : 0;
   if (ino != o.config_ino) {
+    std::shared_ptr<ScratchFile> upload;
     {
       std::lock_guard<std::mutex> lock(o.mu);
       auto h = o.handles.find(fh);
@@ -910,11 +925,16 @@ Status Filesystem::Flush(uint64_t ino, uint64_t fh, int pid) {
           h->second.scratch->tensor && h->second.scratch->handles == 1) {
         return impl_->FinishNewTensorLocked(h->second.scratch);
       }
-      if (h == o.handles.end() || !h->second.wrote || !h->second.scratch ||
-          h->second.scratch->member.empty()) {
+      if (h != o.handles.end() && h->second.wrote && h->second.scratch &&
+          h->second.scratch->safetensors && h->second.scratch->handles == 1) {
+        upload = h->second.scratch;
+      }
+      if (!upload && (h == o.handles.end() || !h->second.wrote || !h->second.scratch ||
+                      h->second.scratch->member.empty())) {
         return Ok();
       }
     }
+    if (upload) return impl_->ApplySafetensors(upload);
     return impl_->StoreNewFiles(ino, "on close");
   }
   std::string text;
@@ -1399,10 +1419,47 @@ std::optional<std::string> Filesystem::Impl::NewTensorXattr(uint64_t ino,
 Status Filesystem::Impl::SetTensorXattr(uint64_t ino, std::string_view name,
                                         std::string_view value) {
   Overlay& o = overlay;
+  if (name != "user.nemofs.dtype" && name != "user.nemofs.shape") {
+    return Err(ENOTSUP, "attribute {} cannot be set (user.nemofs.dtype and user.nemofs.shape can)",
+               name);
+  }
+  const TreeRef t = Current();
+  if (const tree::Node* n = t->nodes.Get(ino); n && n->tensor) {
+    // A tree tensor of a tensor directory: retyped (or reshaped), stored by
+    // the next structural commit with its staged (or stored) bytes.
+    if (!o.tensor_dirs.count(n->parent)) {
+      return Err(EPERM, "tensor {}: its dtype and shape cannot be changed in this checkpoint "
+                 "(one torch.save weight file only, in this version)", n->tensor->key);
+    }
+    if (!(n->perm & 0222)) return Err(EROFS, "tensor {} is read-only", n->tensor->key);
+    std::lock_guard<std::mutex> lock(tensor_writes.mu);
+    auto [r, fresh] = tensor_writes.retyped.try_emplace(
+        ino, TensorWrites::Retype{n->tensor->dtype, n->tensor->shape});
+    if (name == "user.nemofs.dtype") {
+      auto d = torch::DTypeFromName(value);
+      if (!d) {
+        if (fresh) tensor_writes.retyped.erase(r);
+        return Err(EINVAL, "user.nemofs.dtype '{}' is not a dtype (bfloat16, float32, ...)", value);
+      }
+      r->second.dtype = *d;
+    } else {
+      auto shape = checkpoint::ParseShapeText(value);
+      if (!shape) {
+        if (fresh) tensor_writes.retyped.erase(r);
+        return shape.error();
+      }
+      r->second.shape = std::move(*shape);
+    }
+    spdlog::info("tensor {}: to become {} {} ({} bytes) at the next fsync or unmount; write or "
+                 "truncate the file to that size",
+                 n->tensor->key, torch::Info(r->second.dtype).name,
+                 checkpoint::ShapeString(r->second.shape), r->second.nbytes());
+    return Ok();
+  }
   std::lock_guard<std::mutex> lock(o.mu);
   auto it = o.scratch.find(ino);
   if (it == o.scratch.end() || !it->second->tensor) {
-    return Err(ENOTSUP, "attribute {} can be set only on a new tensor file", name);
+    return Err(ENOTSUP, "attribute {} can be set only on a tensor file", name);
   }
   ScratchFile& f = *it->second;
   if (name == "user.nemofs.dtype") {
@@ -1418,6 +1475,238 @@ Status Filesystem::Impl::SetTensorXattr(uint64_t ino, std::string_view name,
   }
   ++f.version;
   return Ok();
+}
+
+// ---- model.safetensors written back (issue 11 §4)
+
+Status Filesystem::Impl::StartSafetensorsUpload(uint64_t ino, int flags) {
+  const TreeRef t = Current();
+  const tree::Node* n = t->nodes.Get(ino);
+  Overlay& o = overlay;
+  auto f = std::make_shared<ScratchFile>(o.spill);
+  if (!(flags & O_TRUNC)) {
+    // Its bytes as they are (an in-place edit of a few of them): copied,
+    // as a replaced file's are.
+    constexpr uint64_t kStep = 8 << 20;
+    std::string buf;
+    for (uint64_t at = 0; at < n->size; at += kStep) {
+      const uint64_t len = std::min(kStep, n->size - at);
+      NEMOFS_ASSIGN_OR_RETURN(ReadPlan plan, t->ReadSafetensors(at, len));
+      buf.resize(len);
+      NEMOFS_RETURN_IF_ERROR(ExecuteReadPlan(plan, buf.data()));
+      NEMOFS_RETURN_IF_ERROR(f->data.Write(at, buf));
+    }
+  }
+  std::lock_guard<std::mutex> lock(o.mu);
+  if (IsReplaced(ino)) return Ok();  // another open won the race
+  f->ino = ino;
+  f->parent = t->root;
+  f->name = "model.safetensors";
+  f->safetensors = true;
+  f->mode = 0644;
+  f->mtime_sec = n->mtime_sec;
+  f->mtime_nsec = n->mtime_nsec;
+  f->stored_version = f->version;
+  o.scratch.emplace(ino, f);
+  std::lock_guard<std::mutex> flag(replaced_mu);
+  replaced.insert(ino);
+  any_replaced.store(true, std::memory_order_release);
+  return Ok();
+}
+
+Status Filesystem::Impl::ApplySafetensors(const std::shared_ptr<ScratchFile>& f) {
+  Overlay& o = overlay;
+  const std::string what = "model.safetensors";
+  // The upload is done with, whatever happens: the synthesized file shows
+  // again (after the commit, the new tensors).
+  auto drop = [&] {
+    std::lock_guard<std::mutex> lock(o.mu);
+    o.scratch.erase(f->ino);
+    std::lock_guard<std::mutex> flag(replaced_mu);
+    replaced.erase(f->ino);
+  };
+  SpillBytes::View view;
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    auto snap = f->data.Snapshot();
+    if (!snap) return snap.error();
+    view = std::move(*snap);
+  }
+  const std::string_view file = view.bytes;
+  struct Entry {
+    std::string key;
+    torch::DType dtype;
+    std::vector<int64_t> shape;
+    uint64_t begin = 0, end = 0;  // in `file`
+  };
+  std::vector<Entry> entries;
+  auto bad = [&](std::string why) -> Status {
+    spdlog::error("{} not applied: {}; nothing changed", what, why);
+    drop();
+    return Err(EINVAL, "{}: {}", what, why);
+  };
+  if (file.size() < 8) return bad(fmt::format("{} bytes: no header length", file.size()));
+  uint64_t hlen = 0;
+  for (int i = 0; i < 8; ++i) hlen |= uint64_t{static_cast<unsigned char>(file[i])} << (8 * i);
+  if (hlen > file.size() - 8) {
+    return bad(fmt::format("its header length {} runs past its {} bytes", hlen, file.size()));
+  }
+  const uint64_t data0 = 8 + hlen;
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(file.substr(8, hlen));
+  } catch (const std::exception& e) {
+    return bad(fmt::format("its header is not JSON: {}", e.what()));
+  }
+  if (!header.is_object()) return bad("its header is not a JSON object");
+  for (const auto& [key, v] : header.items()) {
+    if (key == "__metadata__") continue;
+    if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") ||
+        !v.contains("data_offsets") || !v["dtype"].is_string() || !v["shape"].is_array() ||
+        !v["data_offsets"].is_array() || v["data_offsets"].size() != 2) {
+      return bad(fmt::format("tensor '{}': no dtype, shape and data_offsets [begin, end]", key));
+    }
+    Entry e;
+    e.key = key;
+    std::optional<torch::DType> dtype;
+    for (int d = 0; d <= static_cast<int>(torch::DType::kQUInt2x4); ++d) {
+      const auto& info = torch::Info(static_cast<torch::DType>(d));
+      if (!info.safetensors.empty() && info.safetensors == v["dtype"].get<std::string>()) {
+        dtype = info.dtype;
+      }
+    }
+    if (!dtype) return bad(fmt::format("tensor '{}': dtype '{}' is unknown", key, v["dtype"].dump()));
+    e.dtype = *dtype;
+    uint64_t numel = 1;
+    for (const auto& d : v["shape"]) {
+      if (!d.is_number_unsigned() || d.get<uint64_t>() > (uint64_t{1} << 40)) {
+        return bad(fmt::format("tensor '{}': shape {} is not a list of sizes", key, v["shape"].dump()));
+      }
+      e.shape.push_back(static_cast<int64_t>(d.get<uint64_t>()));
+      numel *= d.get<uint64_t>();
+      if (numel > (uint64_t{1} << 50)) return bad(fmt::format("tensor '{}' is too large", key));
+    }
+    const auto& off = v["data_offsets"];
+    if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned()) {
+      return bad(fmt::format("tensor '{}': data_offsets {} are not offsets", key, off.dump()));
+    }
+    e.begin = off[0].get<uint64_t>();
+    e.end = off[1].get<uint64_t>();
+    if (e.end < e.begin || e.end > file.size() - data0) {
+      return bad(fmt::format("tensor '{}': data_offsets {} lie outside its {} data bytes", key,
+                             off.dump(), file.size() - data0));
+    }
+    if (e.end - e.begin != numel * torch::Info(e.dtype).itemsize) {
+      return bad(fmt::format("tensor '{}': {} {} is {} bytes, its data_offsets give {}", key,
+                             torch::Info(e.dtype).name, v["shape"].dump(),
+                             numel * torch::Info(e.dtype).itemsize, e.end - e.begin));
+    }
+    e.begin += data0;
+    e.end += data0;
+    entries.push_back(std::move(e));
+  }
+  {
+    std::vector<const Entry*> order;
+    for (const auto& e : entries) order.push_back(&e);
+    std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
+    // As safetensors itself requires: the tensors cover the data exactly,
+    // no overlap and no hole (nor bytes after the last one).
+    uint64_t at = data0;
+    for (const Entry* e : order) {
+      if (e->begin != at) {
+        return bad(e->begin < at ? fmt::format("tensor '{}' overlaps the one before it", e->key)
+                                 : fmt::format("{} bytes before tensor '{}' belong to no tensor",
+                                               e->begin - at, e->key));
+      }
+      at = e->end;
+    }
+    if (at != file.size()) {
+      return bad(fmt::format("{} bytes after the last tensor belong to no tensor",
+                             file.size() - at));
+    }
+  }
+  // What tensors/ shows now, and what the upload changes of it.
+  const TreeRef t = Current();
+  uint64_t dir = 0;
+  for (const auto& [name, ino] : t->nodes.Get(t->root)->children) {
+    if (name == "tensors" && o.tensor_dirs.count(ino)) dir = ino;
+  }
+  if (!dir) return bad("this checkpoint's tensors/ cannot change");
+  std::map<std::string, const Entry*> by_key;
+  for (const auto& e : entries) by_key.emplace(e.key, &e);
+  std::vector<std::string> remove;        // names
+  std::vector<const Entry*> put;          // new or changed
+  std::set<std::string> seen;
+  std::string chunk;
+  for (const auto& [name, ino] : TensorDirListing(dir)) {
+    const std::string key = checkpoint::UnescapeKey(name);
+    std::optional<torch::DType> dtype;
+    std::vector<int64_t> shape;
+    const checkpoint::Tensor* tree_tensor = nullptr;
+    std::shared_ptr<ScratchFile> scratch;
+    if (const tree::Node* n = t->nodes.Get(ino); n && n->tensor && !IsReplaced(ino)) {
+      tree_tensor = n->tensor;
+      dtype = n->tensor->dtype;
+      shape = n->tensor->shape;
+    } else {
+      std::lock_guard<std::mutex> lock(o.mu);
+      auto it = o.scratch.find(ino);
+      if (it == o.scratch.end() || !it->second->tensor || !it->second->dtype) continue;
+      scratch = it->second;
+      dtype = scratch->dtype;
+      shape = *scratch->shape;
+    }
+    if (torch::Info(*dtype).safetensors.empty()) continue;  // not in model.safetensors: kept
+    auto it = by_key.find(key);
+    if (it == by_key.end()) {
+      remove.push_back(name);
+      continue;
+    }
+    seen.insert(key);
+    const Entry& e = *it->second;
+    bool same = e.dtype == *dtype && e.shape == shape;
+    for (uint64_t at = 0; same && at < e.end - e.begin; at += 8 << 20) {
+      const uint64_t len = std::min<uint64_t>(8 << 20, e.end - e.begin - at);
+      if (tree_tensor) {
+        NEMOFS_ASSIGN_OR_RETURN(ReadPlan plan,
+                                checkpoint::PlanTensorRead(*tree_tensor, *t->src, at, len));
+        chunk.resize(len);
+        NEMOFS_RETURN_IF_ERROR(ExecuteReadPlan(plan, chunk.data()));
+      } else {
+        std::lock_guard<std::mutex> lock(o.mu);
+        NEMOFS_ASSIGN_OR_RETURN(chunk, scratch->data.Read(at, len));
+      }
+      same = chunk == file.substr(e.begin + at, len);
+    }
+    if (!same) put.push_back(&e);
+  }
+  for (const auto& e : entries) {
+    if (!seen.count(e.key)) put.push_back(&e);
+  }
+  {
+    std::lock_guard<std::mutex> lock(o.mu);
+    for (const auto& name : remove) RemoveTensorNameLocked(*t, dir, name);
+    for (const Entry* e : put) {
+      const std::string name = checkpoint::EscapeKey(e->key);
+      if (TensorDirChildLocked(*t, dir, name)) RemoveTensorNameLocked(*t, dir, name);
+      auto nf = NewScratchLocked(o, dir, name, 0644);
+      nf->tensor = true;
+      nf->dtype = e->dtype;
+      nf->shape = e->shape;
+      if (Status st = nf->data.Write(0, file.substr(e->begin, e->end - e->begin)); !st.ok()) {
+        UnlinkScratchLocked(o, nf);
+        drop();
+        return st;
+      }
+      ++nf->version;
+    }
+  }
+  drop();
+  view = {};
+  spdlog::info("{} written: {} tensor(s) removed, {} new or changed", what, remove.size(),
+               put.size());
+  if (remove.empty() && put.empty()) return Ok();
+  return StoreStructure("model.safetensors written");
 }
 
 }  // namespace nemofs

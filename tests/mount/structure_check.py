@@ -110,6 +110,34 @@ def edit(mount, plan_path):
         if esc(key) not in listing:
             fail(key + " is not listed")
 
+    # Reshape: more rows (the new ones zero), and a retype of the same size.
+    plan["retyped"] = {}
+    used = {gone, moved, replaced}
+    for key in keys:
+        v = index["tensors"][key]
+        if key in used or len(v["shape"]) != 2:
+            continue
+        path = os.path.join(tdir, esc(key))
+        shape = [v["shape"][0] + 2, v["shape"][1]]
+        os.setxattr(path, "user.nemofs.shape", ("%d,%d" % tuple(shape)).encode())
+        itemsize = v["nbytes"] // (v["shape"][0] * v["shape"][1])
+        os.truncate(path, shape[0] * shape[1] * itemsize)
+        if json.loads(os.getxattr(path, "user.nemofs.shape")) != shape:
+            fail("the new shape does not show")
+        if os.stat(path).st_size != shape[0] * shape[1] * itemsize:
+            fail("the truncated size does not show")
+        plan["retyped"][key] = {"mode": "grow", "shape": shape, "dtype": v["dtype"]}
+        used.add(key)
+        break
+    for key in keys:
+        v = index["tensors"][key]
+        if key in used or v["dtype"] not in ("bfloat16", "float16"):
+            continue
+        to = "float16" if v["dtype"] == "bfloat16" else "bfloat16"
+        os.setxattr(os.path.join(tdir, esc(key)), "user.nemofs.dtype", to.encode())
+        plan["retyped"][key] = {"mode": "reinterpret", "shape": v["shape"], "dtype": to}
+        break
+
     # A file that is no tensor: EINVAL at its close, and it is gone.
     p = os.path.join(tdir, "nemofs.bad")
     f = open(p, "wb")
@@ -134,6 +162,68 @@ def edit(mount, plan_path):
     json.dump(plan, open(plan_path, "w"))
     print("edited: %d deleted, %d renamed, %d added" % (
         len(plan["deleted"]), len(plan["renamed"]), len(plan["added"])))
+
+
+def write_back(mount, plan_path):
+    """model.safetensors copied out, changed (a key dropped, one added, one
+    with new values, one with another shape) and copied back whole."""
+    path = os.path.join(mount, "model.safetensors")
+    data = open(path, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    body = data[8 + n:]
+    keys = sorted(k for k in header if header[k]["data_offsets"][1] > header[k]["data_offsets"][0])
+    codes = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64,
+             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BF16": np.uint16,
+             "BOOL": np.bool_}
+    tensors = {}
+    for k, v in header.items():
+        b, e = v["data_offsets"]
+        tensors[k] = (v["dtype"], v["shape"], body[b:e])
+    plan = {"deleted": [], "renamed": {}, "added": {}, "optimizer_deleted": [],
+            "optimizer_renamed": {}, "retyped": {}}
+    gone, changed, reshaped = keys[0], keys[1], keys[2]
+    del tensors[gone]
+    plan["deleted"].append(gone)
+
+    def values(code, shape, raw):
+        a = np.frombuffer(raw, dtype=codes[code]).reshape(shape)
+        return a
+
+    dt, shape, raw = tensors[changed]
+    a = values(dt, shape, raw).copy()
+    a.reshape(-1)[0] = a.reshape(-1)[-1]  # another value, same dtype and shape
+    if a.tobytes() == raw:
+        a.reshape(-1)[0] = 0 if a.reshape(-1)[0] else 1
+    tensors[changed] = (dt, shape, a.tobytes())
+    dt, shape, raw = tensors[reshaped]
+    tensors[reshaped] = ("F32", [2, 3], np.arange(6, dtype=np.float32).tobytes())
+    tensors["written.back"] = ("I32", [4], np.array([7, 8, 9, 10], np.int32).tobytes())
+    names = {np.float32: "float32", np.float64: "float64", np.float16: "float16",
+             np.int64: "int64", np.int32: "int32", np.int16: "int16", np.int8: "int8",
+             np.uint8: "uint8", np.bool_: "bool"}
+    for k in (changed, reshaped, "written.back"):
+        code, shape, raw = tensors[k]
+        arr = values(code, shape, raw)
+        plan["added"][k] = {"values": arr.view(np.uint16).tolist() if code == "BF16"
+                            else arr.astype(np.float64).tolist(),
+                            "dtype": "bfloat16" if code == "BF16" else names[codes[code]],
+                            "shape": list(shape)}
+    out_header, out_body, at = {}, b"", 0
+    for k, (code, shape, raw) in tensors.items():
+        out_header[k] = {"dtype": code, "shape": shape, "data_offsets": [at, at + len(raw)]}
+        out_body += raw
+        at += len(raw)
+    if meta:
+        out_header["__metadata__"] = meta
+    h = json.dumps(out_header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    open(plan_path + ".st", "wb").write(len(h).to_bytes(8, "little") + h + out_body)
+    with open(plan_path + ".st", "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read())  # the close applies it
+    json.dump(plan, open(plan_path, "w"))
+    print("written back: 1 deleted, %d new or changed" % len(plan["added"]))
 
 
 # ---- check
@@ -224,14 +314,24 @@ def check(original, source, plan_path):
         del want[k]
     for k, new in plan["renamed"].items():
         want[new] = want.pop(k)
-    dtypes = {"float32": torch.float32, "float64": torch.float64, "int16": torch.int16,
-              "int64": torch.int64, "bfloat16": torch.bfloat16}
+    dtypes = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+              "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
+              "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool,
+              "bfloat16": torch.bfloat16}
     for k, a in plan["added"].items():
         if a["dtype"] == "bfloat16":
             t = torch.tensor(np.array(a["values"], dtype=np.uint16).view(np.int16)).view(torch.bfloat16)
         else:
             t = torch.tensor(np.array(a["values"], dtype=np.float64)).to(dtypes[a["dtype"]])
         want[k] = t.reshape(a["shape"])
+    for k, r in plan.get("retyped", {}).items():
+        dt = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(r["dtype"])
+        if r["mode"] == "grow":
+            old = want[k]
+            extra = torch.zeros([r["shape"][0] - old.shape[0], old.shape[1]], dtype=old.dtype)
+            want[k] = torch.cat([old, extra])
+        else:
+            want[k] = want[k].contiguous().view(dt).reshape(r["shape"])
     wopt = dict(bo)
     for k in plan["optimizer_deleted"]:
         del wopt[k]
@@ -261,6 +361,8 @@ def check(original, source, plan_path):
 if __name__ == "__main__":
     if sys.argv[1] == "edit":
         edit(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "safetensors":
+        write_back(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "check":
         check(sys.argv[2], sys.argv[3], sys.argv[4])
     else:

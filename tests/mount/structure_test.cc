@@ -73,6 +73,49 @@ INSTANTIATE_TEST_SUITE_P(Sources, Structure,
                                            "torch/dtypes.pt", "torch/dtypes_legacy.pt"),
                          [](const auto& info) { return TestName(info.param); });
 
+// model.safetensors written back whole (copied out, changed: a key
+// dropped, values changed, a shape changed, a key added, and copied in):
+// its close stores the changes it implies; torch.load of the result is
+// the original with the same changes.
+class SafetensorsWriteBack : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(SafetensorsWriteBack, ItsCloseStoresTheChangesItImplies) {
+  TempDir dir;
+  const std::string src = Source(GetParam(), dir);
+  const std::string orig = dir.Join("orig");
+  ASSERT_EQ(Sh("cp -a " + Q(src) + " " + Q(orig)).exit_code, 0);
+  const std::string plan = dir.Join("plan.json");
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("/usr/bin/python3 " + Q(Check()) + " safetensors " + Q(m->path()) + " " + Q(plan),
+              120);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+  // Stored at the close, shown at once.
+  auto ls = Sh(Q(NemofsBinary()) + " ls " + Q(src) + " written.back");
+  EXPECT_NE(ls.out.find("written.back"), std::string::npos) << ls.out << ls.err << m->Log();
+  EXPECT_EQ(Sh("getfattr --only-values -n user.nemofs.shape " +
+               Q(m->path() + "/tensors/written.back")).out,
+            "[4]");
+  // An invalid file: EINVAL at its close, nothing changes.
+  const std::string before = Sh("sha256sum < " + Q(src) + " 2>/dev/null || true").out;
+  r = Sh("/usr/bin/python3 -c \"f = open('" + m->path() + "/model.safetensors', 'wb'); "
+         "f.write((64).to_bytes(8, 'little') + b'{not json'); f.close()\"");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("Invalid argument"), std::string::npos) << r.err;
+  EXPECT_EQ(Sh("sha256sum < " + Q(src) + " 2>/dev/null || true").out, before);
+  m->Unmount();
+  EXPECT_NE(m->Log().find("model.safetensors not applied"), std::string::npos) << m->Log();
+  r = Sh("/usr/bin/python3 " + Q(Check()) + " check " + Q(orig) + " " + Q(src) + " " + Q(plan),
+         120);
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(Sh(Q(NemofsBinary()) + " verify " + Q(src)).exit_code, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Sources, SafetensorsWriteBack,
+                         ::testing::Values("tiny_gpt.nemo", "tiny_gpt_gz.nemo",
+                                           "kind:extracted_nemo_folder", "torch/lightning.ckpt"),
+                         [](const auto& info) { return TestName(info.param); });
+
 // During the mount, after an fsync stored them: index.json and
 // model.safetensors list the new tensor, the renamed one keeps its inode
 // under its new name, and a second round of changes is stored too.
