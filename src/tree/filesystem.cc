@@ -12,6 +12,7 @@
 
 #include "checkpoint/catalog.h"
 #include "checkpoint/layout.h"
+#include "checkpoint/npy.h"
 #include "nemofs/strings.h"
 #include "source/source.h"
 #include "source/stream_check.h"
@@ -37,6 +38,7 @@ void tree::NodeTable::Remap(std::vector<uint64_t> inos) {
   auto to = [&](uint64_t built) { return inos.at(built - 1); };
   for (auto& n : nodes_) {
     n.parent = to(n.parent);
+    if (n.npy_twin) n.npy_twin = to(n.npy_twin);
     for (auto& child : n.children) child.second = to(child.second);
   }
   index_.clear();
@@ -147,7 +149,24 @@ void AddTensorViews(Tree& impl, uint64_t root, int64_t sec, uint32_t nsec,
   // give an (empty) tensors/: the error is printed and logged by `mount`,
   // listed by `info`, `verify` and `ls`.
   if (!cat.tensors.empty() || !cat.errors.empty() || !cat.bad.empty()) {
-    add_tensors(add_dir(root, "tensors"), cat.tensors);
+    const uint64_t tdir = add_dir(root, "tensors");
+    add_tensors(tdir, cat.tensors);
+    // npy/: each tensor numpy has a type for, as KEY.npy (bfloat16 as
+    // '<u2', its dtype in the xattr).
+    uint64_t npy = 0;
+    for (const auto& t : cat.tensors) {
+      auto header = checkpoint::MakeNpyHeader(t.dtype, t.shape);
+      if (!header) continue;
+      if (!npy) npy = add_dir(root, "npy");
+      uint64_t ino = AddFile(nodes, npy, checkpoint::EscapeKey(t.key) + ".npy", sec, nsec);
+      tree::Node* n = nodes.Get(ino);
+      n->tensor = &t;
+      n->npy_header = Text(std::move(*header));
+      n->size = n->npy_header->size() + t.nbytes();
+      for (const auto& [name, child] : nodes.Get(tdir)->children) {
+        if (nodes.Get(child)->tensor == &t) nodes.Get(child)->npy_twin = ino;
+      }
+    }
   }
   if (!cat.optimizer.empty()) add_tensors(add_dir(root, "optimizer"), cat.optimizer);
   if (!cat.ranks.empty()) {
@@ -523,7 +542,7 @@ Result<std::unique_ptr<Tree>> Filesystem::Impl::BuildTree(const FilesystemOption
       // A tensor file may be written where every file its bytes are in may be
       // (tensor writes: tree/tensor_writes.cc).
       uint32_t tensor_write = 0;
-      if (n->tensor) {
+      if (n->tensor && !n->npy_header) {
         tensor_write = folder ? 0222u : archive_write;
         for (const auto& c : n->tensor->chunks) {
           const uint32_t blob = c.lazy ? c.lazy->blob() : c.blob;
@@ -563,7 +582,7 @@ Result<NodeAttr> Filesystem::GetAttr(uint64_t ino) const {
   if (impl_->IsOverlayIno(*t, ino)) return impl_->OverlayAttr(*t, ino);
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* n, Impl::Node(*t, ino));
   NodeAttr a = Impl::Attr(ino, *n);
-  if (n->tensor) impl_->StagedAttr(ino, &a);
+  if (n->tensor && !n->npy_header) impl_->StagedAttr(ino, &a);
   return a;
 }
 
@@ -585,6 +604,10 @@ Result<NodeAttr> Filesystem::Lookup(uint64_t parent, std::string_view name) cons
     NEMOFS_ASSIGN_OR_RETURN(uint64_t ino, impl_->LookupTensorDir(parent, name));
     return GetAttr(ino);
   }
+  if (parent == impl_->overlay.npy_dir && parent && name != "..") {
+    NEMOFS_ASSIGN_OR_RETURN(uint64_t ino, impl_->LookupNpy(name));
+    return GetAttr(ino);
+  }
   if (name == "..") return GetAttr(dir->parent);
   auto it = std::lower_bound(
       dir->children.begin(), dir->children.end(), name,
@@ -601,8 +624,9 @@ Status Filesystem::ReadDir(uint64_t ino, uint64_t offset,
   const TreeRef t = impl_->Current();
   NEMOFS_ASSIGN_OR_RETURN(const tree::Node* dir, Impl::Node(*t, ino));
   if (dir->type != NodeType::kDirectory) return Err(ENOTDIR, "inode {} is not a directory", ino);
-  if (impl_->overlay.tensor_dirs.count(ino)) {
-    const auto listing = impl_->TensorDirListing(ino);
+  if (impl_->overlay.tensor_dirs.count(ino) || (ino == impl_->overlay.npy_dir && ino)) {
+    const auto listing = ino == impl_->overlay.npy_dir ? impl_->NpyListing()
+                                                       : impl_->TensorDirListing(ino);
     for (uint64_t i = offset; i < listing.size(); ++i) {
       const tree::Node* n = t->nodes.Get(listing[i].second);
       DirEntry e{listing[i].first, listing[i].second, n ? n->type : NodeType::kFile};
@@ -663,6 +687,24 @@ Result<ReadPlan> Filesystem::Read(uint64_t ino, uint64_t offset, uint64_t size,
     ReadPlan plan;
     plan.AddMemory(n->data->data() + offset, size);
     plan.keepalive.push_back(n->data);
+    return plan;
+  }
+  if (n->npy_header) {
+    const std::string& h = *n->npy_header;
+    ReadPlan plan;
+    if (offset < h.size()) {
+      const uint64_t k = std::min<uint64_t>(size, h.size() - offset);
+      plan.AddMemory(h.data() + offset, k);
+      plan.keepalive.push_back(n->npy_header);
+      offset += k;
+      size -= k;
+    }
+    if (size) {
+      NEMOFS_ASSIGN_OR_RETURN(ReadPlan part, checkpoint::PlanTensorRead(
+                                                 *n->tensor, *t->src, offset - h.size(), size));
+      plan.Append(part);
+    }
+    impl_->HoldForRead(t, &plan);
     return plan;
   }
   Result<ReadPlan> plan = n->tensor         ? checkpoint::PlanTensorRead(*n->tensor, *t->src,

@@ -152,6 +152,11 @@ struct Overlay {
   // and a new one for its inode (`renamed`). Shown at once; stored by the
   // next structural commit (fsync of a tensor file, unmount).
   std::set<uint64_t> tensor_dirs;
+  // npy/ of such a source, and the tensors/ it shows (KEY.npy for KEY):
+  // its listing follows tensors/ (committed tensors only; rm and mv in it
+  // are those of tensors/, a new KEY.npy goes to tensors/).
+  uint64_t npy_dir = 0;
+  uint64_t npy_tensors = 0;
   std::set<std::pair<uint64_t, std::string>, std::less<>> removed;
   std::map<std::pair<uint64_t, std::string>, uint64_t, std::less<>> renamed;
   std::map<uint64_t, std::shared_ptr<ScratchFile>> scratch;        // by inode
@@ -384,6 +389,8 @@ struct Filesystem::Impl {
   Result<uint64_t> LookupTensorDir(uint64_t dir, std::string_view name) const;
   // What tensor directory `dir` shows, sorted by name.
   std::vector<std::pair<std::string, uint64_t>> TensorDirListing(uint64_t dir) const;
+  std::vector<std::pair<std::string, uint64_t>> NpyListing() const;
+  Result<uint64_t> LookupNpy(std::string_view name) const;
   // Takes `name` out of tensor directory `dir`. `overlay.mu` held.
   void RemoveTensorNameLocked(const Tree& t, uint64_t dir, const std::string& name);
   Status UnlinkTensor(uint64_t dir, std::string_view name);
@@ -417,7 +424,7 @@ struct Filesystem::Impl {
   bool IsTensorIno(const Tree& t, uint64_t ino) const {
     if (!overlay.writable) return false;
     const tree::Node* n = t.nodes.Get(ino);
-    return n && n->tensor;
+    return n && n->tensor && !n->npy_header;  // npy/ files are read views
   }
   bool IsTensorIno(uint64_t ino) const { return IsTensorIno(*Current(), ino); }
   Result<OpenedFile> OpenTensor(uint64_t ino, int flags);

@@ -41,6 +41,11 @@ struct Node {
   std::shared_ptr<const std::string> data;
   const checkpoint::Tensor* tensor = nullptr;
   bool safetensors = false;
+  // npy/KEY.npy (issue 11 §7): `tensor`'s bytes after this synthesized
+  // .npy header. Such a node is a read view: never written as a tensor.
+  std::shared_ptr<const std::string> npy_header;
+  // A tensor file of tensors/: its npy/ twin's inode (0: none).
+  uint64_t npy_twin = 0;
   std::string link_target;                                 // kSymlink
   std::vector<std::pair<std::string, uint64_t>> children;  // kDirectory: sorted by name
 };

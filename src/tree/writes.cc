@@ -252,7 +252,7 @@ void Filesystem::Impl::EnableStoredFileWrites(Tree& t) {
     // Tensor files, and stored files that can be replaced (StartReplace).
     const bool stored = files && n->type == NodeType::kFile && n->blob != source::kNoBlob &&
                         !n->data && !n->safetensors;
-    if (n->tensor || stored) n->perm |= n->write_perm;
+    if ((n->tensor && !n->npy_header) || stored) n->perm |= n->write_perm;
   }
 }
 
@@ -666,6 +666,7 @@ bool Filesystem::Volatile(uint64_t ino) const {
   const Overlay& o = impl_->overlay;
   return o.writable && (ino == o.config_ino || !impl_->Current()->nodes.Has(ino) ||
                         o.scratch_dirs.count(ino) > 0 || o.tensor_dirs.count(ino) > 0 ||
+                        (o.npy_dir && ino == o.npy_dir) ||
                         impl_->IsReplaced(ino));
 }
 
@@ -788,6 +789,8 @@ Result<std::pair<NodeAttr, OpenedFile>> Filesystem::Create(uint64_t parent, std:
                                                            uint32_t mode, int flags) {
   Overlay& o = impl_->overlay;
   if (!o.writable) return Err(EROFS, "the tree is read-only");
+  // A new KEY.npy of npy/ is a new tensor of tensors/ (it shows there).
+  if (o.npy_dir && parent == o.npy_dir) parent = o.npy_tensors;
   const bool tensor_dir = o.tensor_dirs.count(parent) > 0;
   if (!o.scratch_dirs.count(parent) && !tensor_dir) {
     return Err(EPERM,
@@ -1082,6 +1085,12 @@ Status Filesystem::Unlink(uint64_t parent, std::string_view name) {
   Overlay& o = impl_->overlay;
   if (!o.writable) return Err(EROFS, "the tree is read-only");
   if (o.tensor_dirs.count(parent)) return impl_->UnlinkTensor(parent, name);
+  if (o.npy_dir && parent == o.npy_dir) {  // npy/KEY.npy is tensors/KEY
+    if (name.size() <= 4 || name.substr(name.size() - 4) != ".npy") {
+      return Err(ENOENT, "no '{}' in npy/", name);
+    }
+    return impl_->UnlinkTensor(o.npy_tensors, name.substr(0, name.size() - 4));
+  }
   std::lock_guard<std::mutex> lock(o.mu);
   auto it = o.scratch_names.find(std::make_pair(parent, std::string(name)));
   if (it == o.scratch_names.end()) {
@@ -1107,6 +1116,15 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
   };
   const bool to_config = is_config(new_parent, new_name);
   const bool from_config = is_config(parent, name);
+  if (o.npy_dir && parent == o.npy_dir && new_parent == o.npy_dir) {
+    auto base = [](std::string_view n) -> std::optional<std::string_view> {
+      if (n.size() <= 4 || n.substr(n.size() - 4) != ".npy") return std::nullopt;
+      return n.substr(0, n.size() - 4);
+    };
+    auto from = base(name), to = base(new_name);
+    if (!from || !to) return Err(EINVAL, "files of npy/ are named KEY.npy");
+    return impl_->RenameTensor(o.npy_tensors, *from, *to, flags);
+  }
   if (o.tensor_dirs.count(parent) || o.tensor_dirs.count(new_parent)) {
     if (parent != new_parent) {
       // mv falls back to a copy (a new tensor there) and an unlink.
@@ -1210,7 +1228,32 @@ void Filesystem::Impl::SetUpTensorDirs(Tree& t) {
   const tree::Node* root = t.nodes.Get(t.root);
   for (const auto& [name, ino] : root->children) {
     if (name == "tensors" || name == "optimizer") overlay.tensor_dirs.insert(ino);
+    if (name == "tensors") overlay.npy_tensors = ino;
+    if (name == "npy") overlay.npy_dir = ino;
   }
+  if (!overlay.npy_tensors) overlay.npy_dir = 0;
+}
+
+std::vector<std::pair<std::string, uint64_t>> Filesystem::Impl::NpyListing() const {
+  const TreeRef t = Current();
+  std::vector<std::pair<std::string, uint64_t>> out;
+  for (const auto& [name, ino] : TensorDirListing(overlay.npy_tensors)) {
+    const tree::Node* n = t->nodes.Get(ino);
+    if (n && n->npy_twin && !IsReplaced(ino)) out.emplace_back(name + ".npy", n->npy_twin);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+Result<uint64_t> Filesystem::Impl::LookupNpy(std::string_view name) const {
+  if (name.size() > 4 && name.substr(name.size() - 4) == ".npy") {
+    auto ino = LookupTensorDir(overlay.npy_tensors, name.substr(0, name.size() - 4));
+    if (ino.ok()) {
+      const tree::Node* n = Current()->nodes.Get(*ino);
+      if (n && n->npy_twin) return n->npy_twin;
+    }
+  }
+  return Err(ENOENT, "no '{}' in npy/", name);
 }
 
 uint64_t Filesystem::Impl::TensorDirChildLocked(const Tree& t, uint64_t dir,

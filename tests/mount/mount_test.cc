@@ -234,7 +234,7 @@ TEST(Cli, MountDaemonizesAndUmountWaitsForTheDaemon) {
   auto ls = Sh("ls " + Q(mnt));
   EXPECT_EQ(
       ls.out,
-      "archive\ncheckpoint.json\nconfig.yaml\nindex.json\nmodel.safetensors\ntensors\ntokenizer\n");
+      "archive\ncheckpoint.json\nconfig.yaml\nindex.json\nmodel.safetensors\nnpy\ntensors\ntokenizer\n");
   auto um = Sh(Q(NemofsBinary()) + " umount " + Q(mnt));
   EXPECT_EQ(um.exit_code, 0) << um.err;
   EXPECT_FALSE(IsMounted(mnt));

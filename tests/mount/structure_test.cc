@@ -234,3 +234,46 @@ INSTANTIATE_TEST_SUITE_P(
 
 }  // namespace
 }  // namespace nemofs::testing
+
+namespace nemofs::testing {
+namespace {
+
+// npy/: every tensor numpy has a type for, as KEY.npy that np.load reads
+// with mmap_mode='r' (bfloat16 as uint16, its dtype in the xattr), the same
+// bytes as tensors/KEY; in a writable mount rm and np.save there are those
+// of tensors/.
+TEST(NpyView, NpLoadReadsEveryTensorAndWritesGoToTensors) {
+  TempDir dir;
+  const std::string src = Source("torch/dtypes.pt", dir);
+  auto m = Mount::StartWritable(src);
+  ASSERT_TRUE(m);
+  auto r = Sh("/usr/bin/python3 -c \"\nimport numpy as np, os, json, sys\nm = sys.argv[1]\n"
+              "idx = json.load(open(m + '/index.json'))['tensors']\nn = 0\n"
+              "for name in sorted(os.listdir(m + '/npy')):\n"
+              "    key = name[:-4]\n"
+              "    a = np.load(m + '/npy/' + name, mmap_mode='r')\n"
+              "    raw = open(m + '/tensors/' + key, 'rb').read()\n"
+              "    assert list(a.shape) == idx[key]['shape'], (key, a.shape)\n"
+              "    assert a.tobytes() == raw, key\n"
+              "    assert os.getxattr(m + '/npy/' + name, 'user.nemofs.dtype').decode() == "
+              "idx[key]['dtype']\n"
+              "    n += 1\n"
+              "print(n, len(idx))\n\" " + Q(m->path()));
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  // Every tensor has its .npy (dtypes.pt has none of the dtypes numpy lacks:
+  // quantized, float8, complex32).
+  EXPECT_EQ(r.out, "31 31\n") << r.out;
+  const std::string npy = m->path() + "/npy/";
+  r = Sh("cd " + Q(npy) + " && rm float32.npy && mv int8.npy int8.moved.npy && "
+         "/usr/bin/python3 -c \"import numpy as np; np.save('added.npy', np.arange(3.0))\" && "
+         "ls ../tensors | grep -c -e '^float32$' -e '^int8.moved$' -e '^added$'");
+  EXPECT_EQ(r.out, "2\n") << r.out << r.err << m->Log();
+  EXPECT_NE(Sh("stat " + Q(npy + "float32.npy")).exit_code, 0);
+  m->Unmount();
+  auto ls = Sh(Q(NemofsBinary()) + " ls " + Q(src) + " | grep -c -e '^float32 ' -e '^int8 ' "
+              "-e '^int8.moved ' -e '^added '");
+  EXPECT_EQ(ls.out, "2\n") << "int8.moved and added, not float32 or int8";
+}
+
+}  // namespace
+}  // namespace nemofs::testing

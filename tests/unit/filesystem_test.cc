@@ -63,7 +63,7 @@ TEST(Filesystem, RootListingAndDotDot) {
                 }).ok());
   EXPECT_EQ(names,
             (std::vector<std::string>{"archive", "checkpoint.json", "config.yaml", "index.json",
-                                      "model.safetensors", "tensors", "tokenizer"}));
+                                      "model.safetensors", "npy", "tensors", "tokenizer"}));
   // Resuming from an offset continues after the entries already returned.
   names.clear();
   uint64_t expected_next = 6;
@@ -72,7 +72,7 @@ TEST(Filesystem, RootListingAndDotDot) {
                   EXPECT_EQ(next, expected_next++);
                   return true;
                 }).ok());
-  EXPECT_EQ(names, (std::vector<std::string>{"tensors", "tokenizer"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"npy", "tensors", "tokenizer"}));
   auto archive = fs->Lookup(Filesystem::kRootIno, "archive");
   ASSERT_TRUE(archive.ok());
   EXPECT_EQ(fs->Lookup(archive->ino, "..")->ino, Filesystem::kRootIno);
