@@ -67,6 +67,8 @@ bool AllZero(const unsigned char* block) {
 }
 
 bool ParseDecimal(std::string_view s, uint64_t* out) {
+  // Leading zeros are digits like any other for GNU tar and Python's tarfile.
+  while (s.size() > 1 && s[0] == '0') s.remove_prefix(1);
   if (s.empty() || s.size() > 19) return false;
   uint64_t v = 0;
   for (char c : s) {

@@ -296,14 +296,19 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
     note((at.key ? "replaced " : "added ") + a.key);
   }
 
-  // The new file, then its store: the one commit point of the kind.
+  // The new file, then its store: the one commit point of the kind. A
+  // plain tar takes it written in place after its last member (once);
+  // other kinds from a temp file.
   RepackOutput out;
-  NEMOFS_RETURN_IF_ERROR(out.Create(o.spill->dir));
   torch::TorchSource from{reader, range.fd, range.offset};
-  NEMOFS_ASSIGN_OR_RETURN(torch::RepackResult packed,
-                          torch::RepackTorchFile(file, from, edits, out.fd(), 0, name));
-  for (const auto& n : packed.notes) spdlog::info("{}: {}", name, n);
-  NEMOFS_ASSIGN_OR_RETURN(std::string_view bytes, out.Map(packed.bytes));
+  torch::RepackResult packed;
+  std::string_view bytes;
+  const bool in_place = o.committer->StreamsNewFiles();
+  if (!in_place) {
+    NEMOFS_RETURN_IF_ERROR(out.Create(o.spill->dir));
+    NEMOFS_ASSIGN_OR_RETURN(packed, torch::RepackTorchFile(file, from, edits, out.fd(), 0, name));
+    NEMOFS_ASSIGN_OR_RETURN(bytes, out.Map(packed.bytes));
+  }
   auto progress = ProgressLogger(path);
   Status st = Ok();
   if (src.storage() == source::Storage::kFile) {
@@ -318,8 +323,15 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
     f.mtime_sec = now.tv_sec;
     f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
     f.stored_before = true;  // it replaces the weight file
+    if (in_place) {
+      f.writer = [&](int fd, uint64_t offset) -> Result<uint64_t> {
+        NEMOFS_ASSIGN_OR_RETURN(packed, torch::RepackTorchFile(file, from, edits, fd, offset, name));
+        return packed.bytes;
+      };
+    }
     st = o.committer->StoreFiles({f}, progress);
   }
+  for (const auto& n : packed.notes) spdlog::info("{}: {}", name, n);
   if (!st.ok()) {
     spdlog::error("{}: structural changes not stored ({}): {}; the checkpoint is unchanged and "
                   "they stay staged in this mount",

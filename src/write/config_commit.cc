@@ -316,8 +316,8 @@ Status ConfigCommitter::StoreFiles(const std::vector<NewFile>& files,
       const bool dot = member_name_.rfind("./", 0) == 0;
       std::vector<NewMember> members;
       for (const auto& f : files) {
-        members.push_back(
-            NewMember{(dot ? "./" : "") + f.path, f.data, f.mtime_sec, f.mode & 07777, ""});
+        members.push_back(NewMember{(dot ? "./" : "") + f.path, f.data, f.mtime_sec,
+                                    f.mode & 07777, "", f.writer});
       }
       return AppendToPlainTar(std::move(members));
     }

@@ -70,7 +70,12 @@ class ConfigCommitter {
     int64_t mtime_sec = 0;
     uint32_t mtime_nsec = 0;
     bool stored_before = false;  // an update of a file an earlier store wrote
+    // Plain tar only: the bytes are written in place by this call instead
+    // of coming from `data` (write/tar_append.h NewMember::writer).
+    std::function<Result<uint64_t>(int fd, uint64_t offset)> writer;
   };
+  // Whether StoreFiles takes NewFile::writer (a plain tar).
+  bool StreamsNewFiles() const { return kind_ == Kind::kPlainTar; }
   // Stores every file of `files` in one commit, with the same crash rules
   // as a config commit: plain tar, one append of all of them (an update
   // is a new copy that supersedes the old); compressed tar, one rewrite;

@@ -37,18 +37,35 @@ Result<AppendResult> AppendTarMembers(int fd, uint64_t end, const std::vector<Ne
   };
   for (size_t i = 0; i < members.size(); ++i) {
     const NewMember& m = members[i];
-    if (m.name.size() > 100) {  // the name needs a PAX path record
-      std::string records = PaxRecord("path", m.name);
+    // PAX records: the path past 100 bytes; the size past the ustar field
+    // (8 GiB - 1), or not known yet (a writer: 20 digits, rewritten after).
+    constexpr uint64_t kUstarMaxSize = 077777777777ull;
+    const bool big = m.writer || m.data.size() > kUstarMaxSize;
+    std::string records;
+    if (m.name.size() > 100) records += PaxRecord("path", m.name);
+    uint64_t size_record_at = 0;  // of the size digits, for a writer
+    const size_t size_digits_from = records.size();
+    if (big) records += PaxRecord("size", fmt::format("{:020}", m.writer ? 0 : m.data.size()));
+    if (!records.empty()) {
       pending += Header("././@PaxHeader", 'x', records.size(), m.mtime, 0644);
+      // "NN size=" precedes the digits.
+      size_record_at = pending_at + pending.size() + size_digits_from +
+                       records.substr(size_digits_from).find('=') + 1;
       pending += records;
       Pad(&pending, kBlock);
     }
-    std::string header = Header(m.name, '0', m.data.size(), m.mtime, m.mode);
+    std::string header = Header(m.name, '0', big ? 0 : m.data.size(), m.mtime, m.mode);
     CopyOwner(m.owner_from, &header);
     pending += header;
     const uint64_t data_at = pending_at + pending.size();
     if (i == 0) r.data_offset = data_at;
-    if (m.data.size() <= (1u << 20)) {
+    if (m.writer) {
+      NEMOFS_RETURN_IF_ERROR(flush());
+      NEMOFS_ASSIGN_OR_RETURN(uint64_t written, m.writer(fd, data_at));
+      NEMOFS_RETURN_IF_ERROR(
+          PwriteFull(fd, fmt::format("{:020}", written), size_record_at, what));
+      pending_at = data_at + written;
+    } else if (m.data.size() <= (1u << 20)) {
       pending += m.data;
     } else {
       NEMOFS_RETURN_IF_ERROR(flush());

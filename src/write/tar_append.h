@@ -12,10 +12,13 @@
 //                 follows, and as the last member of its name it wins (as
 //                 in tarfile, tar -x and NeMo's restore).
 // A crash before step 2 completes leaves the old archive; after, the new one.
+// A member of 8 GiB or more (past the ustar size field) gets its size in a
+// PAX 'size' record, as GNU tar and Python's tarfile write and read it.
 // Superseded copies stay until `nemofs repack`.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -42,6 +45,12 @@ struct NewMember {
   int64_t mtime = 0;
   uint32_t mode = 0644;
   std::string owner_from;  // a ustar header to copy the owner from, or ""
+  // Set: the data is not in `data` but written by this call into the tar
+  // itself, at (fd, offset) right after the member's headers; it returns
+  // how many bytes it wrote. (A repacked weight file is written once, in
+  // place, instead of to a temp file and then copied.) Its size goes in a
+  // PAX 'size' record of fixed width, rewritten once the data is there.
+  std::function<Result<uint64_t>(int fd, uint64_t offset)> writer;
 };
 
 // Appends every member of `members` in one commit (the same two steps as

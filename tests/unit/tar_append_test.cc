@@ -88,6 +88,42 @@ TEST(TarAppend, LongNamesGetAPaxPathRecord) {
   EXPECT_EQ(r.out, "xxxxx.yaml b'b: 1\\n'\n") << r.err;
 }
 
+// A member written in place by a writer (a repacked weight file): its size
+// goes in a PAX record, rewritten once known; past 8 GiB (the ustar size
+// field's limit) too. Python's tarfile, GNU tar and our index agree on it,
+// and its bytes are where the writer put them. The 9 GiB member is sparse.
+TEST(TarAppend, AWriterMemberOfAnySizeGetsAPaxSizeRecord) {
+  TempDir dir;
+  std::string path = dir.Join("m.nemo");
+  ASSERT_EQ(Sh("cp " + ShellQuote(TestData("tiny_gpt.nemo")) + " " + ShellQuote(path)).exit_code,
+            0);
+  UniqueFd fd(::open(path.c_str(), O_RDWR));
+  for (uint64_t size : {uint64_t{5}, (uint64_t{9} << 30) + 3}) {
+    NewMember m;
+    m.name = "./big.bin";
+    m.mtime = 1700000000;
+    uint64_t wrote_at = 0;
+    m.writer = [&](int out, uint64_t at) -> Result<uint64_t> {
+      wrote_at = at;
+      NEMOFS_RETURN_IF_ERROR(PwriteFull(out, "head", at, path));
+      NEMOFS_RETURN_IF_ERROR(PwriteFull(out, "x", at + size - 1, path));
+      return size;
+    };
+    auto r = AppendTarMembers(fd.get(), EndOf(path), {m}, path);
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    EXPECT_EQ(r->data_offset, wrote_at);
+    auto py = Sh("/usr/bin/python3 -c 'import sys,tarfile; t=tarfile.open(sys.argv[1]); "
+                 "m=[x for x in t.getmembers() if x.name == \"./big.bin\"][-1]; "
+                 "print(m.size, m.offset_data)' " + ShellQuote(path));
+    EXPECT_EQ(py.out, std::to_string(size) + " " + std::to_string(wrote_at) + "\n") << py.err;
+    auto gnu = Sh("tar -tvf " + ShellQuote(path) + " | grep big.bin | tail -1 | awk '{print $3}'");
+    EXPECT_EQ(gnu.out, std::to_string(size) + "\n") << gnu.err;
+    auto src = source::OpenSource(path, {});
+    ASSERT_TRUE(src.ok()) << src.error().message();
+    EXPECT_EQ((*src)->Find("big.bin")->size, size);
+  }
+}
+
 TEST(TarAppend, RefusesAnArchiveThatChanged) {
   TempDir dir;
   std::string path = dir.Join("m.nemo");
