@@ -815,8 +815,16 @@ int RunRepack(const std::string& source, const std::string& out_arg, const Cache
     PrintError(stats.error().message());
     return stats.error().code() == EINVAL ? kExitSource : kExitFailure;
   }
-  fmt::print("repacked {} -> {}: {} members, {} -> {} bytes\n", *real, out, stats->members,
-             stats->bytes_in, stats->bytes_out);
+  if (stats->members || out != *real || stats->bytes_in != stats->bytes_out) {
+    fmt::print("repacked {} -> {}: {} members, {} -> {} bytes\n", *real, out, stats->members,
+               stats->bytes_in, stats->bytes_out);
+  } else {
+    fmt::print("{}: nothing to rewrite (its commits replace files whole)\n", *real);
+  }
+  if (stats->orphans) {
+    fmt::print("removed {} file{} ({} bytes) left by interrupted commits\n", stats->orphans,
+               stats->orphans == 1 ? "" : "s", stats->orphan_bytes);
+  }
   return kExitOk;
 }
 
@@ -835,6 +843,7 @@ int RunVerify(const std::string& source, const CacheArgs& cache_dir, bool quiet)
   });
   if (tty) fmt::print(stderr, "\n");
   for (const auto& p : problems) fmt::print("problem: {}\n", p);
+  for (const auto& o : fs->Orphans()) fmt::print("orphan: {}\n", o);
   const auto& i = fs->info();
   fmt::print("{}: {} ({} tensors, {} bytes): {}\n", i.source, i.description, i.tensors,
              i.tensor_bytes, problems.empty() ? "OK"

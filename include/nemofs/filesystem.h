@@ -278,6 +278,11 @@ class Filesystem {
   // `progress(done_bytes, total_bytes)` is called as it goes.
   std::vector<std::string> Verify(
       const std::function<void(uint64_t, uint64_t)>& progress = nullptr) const;
+  // Files interrupted commits left beside or inside the source (a folder
+  // commit's temp file, a compressed archive's rewrite), one line each:
+  // not problems of the checkpoint (readers ignore them), but dead space
+  // that `nemofs repack` removes.
+  std::vector<std::string> Orphans() const;
   // Every tensor file of the tree: tensors/, then optimizer/, then ranks/.
   std::vector<TensorEntry> ListTensors() const;
   uint64_t node_count() const;

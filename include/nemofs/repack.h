@@ -24,8 +24,14 @@ struct RepackStats {
   uint64_t members = 0;  // members written (superseded and unsafe ones are not)
   uint64_t bytes_in = 0;
   uint64_t bytes_out = 0;
+  // Files interrupted commits left (write/orphans.h), removed.
+  uint64_t orphans = 0;
+  uint64_t orphan_bytes = 0;
 };
 
+// A folder or single-file source (no archive to rewrite: its commits replace
+// files whole) gets only its orphans removed, in place (EINVAL with a
+// different OUT). Orphans beside an archive are removed after its rewrite.
 // Crash points for tests: "repack:written" (temp file complete, not renamed).
 Result<RepackStats> Repack(const std::string& source, const std::string& out,
                            const std::string& cache_dir,

@@ -21,6 +21,7 @@
 #include "tree/filesystem_impl.h"
 #include "tree/node_table.h"
 #include "util/json_util.h"
+#include "write/orphans.h"
 
 namespace nemofs {
 
@@ -878,6 +879,16 @@ std::vector<std::string> Filesystem::Verify(
     if (std::find(unique.begin(), unique.end(), p) == unique.end()) unique.push_back(std::move(p));
   }
   return unique;
+}
+
+std::vector<std::string> Filesystem::Orphans() const {
+  std::vector<std::string> out;
+  for (const auto& o : write::FindOrphans(impl_->Current()->info.source)) {
+    out.push_back(fmt::format("{}: left by an interrupted commit ({} bytes; not part of the "
+                              "checkpoint); `nemofs repack` removes it",
+                              o.path, o.bytes));
+  }
+  return out;
 }
 
 std::string Filesystem::DescribeWritable() const {

@@ -14,6 +14,7 @@
 #include "util/io.h"
 #include "write/config_commit.h"
 #include "write/fault.h"
+#include "write/orphans.h"
 #include "write/tar_writer.h"
 
 namespace nemofs::write {
@@ -60,11 +61,26 @@ Result<RepackStats> Repack(const std::string& source, const std::string& out,
   so.cache_dir = cache_dir;
   so.cache_max = cache_max;
   NEMOFS_ASSIGN_OR_RETURN(auto src, source::OpenSource(source, so));
-  if (src->storage() == source::Storage::kFolder || src->storage() == source::Storage::kFile) {
-    return Err(EINVAL, "{}: repack rewrites tar archives (.nemo); this is a {}", source,
-               src->Kind());
-  }
   RepackStats stats;
+  auto orphans = [&]() -> Status {
+    const auto found = FindOrphans(source);
+    for (const auto& o : found) {
+      ++stats.orphans;
+      stats.orphan_bytes += o.bytes;
+    }
+    return RemoveOrphans(found);
+  };
+  if (src->storage() == source::Storage::kFolder || src->storage() == source::Storage::kFile) {
+    if (out != source) {
+      return Err(EINVAL, "{}: a {} is repacked in place only (its commits replace files whole: "
+                 "only what interrupted ones left is removed); -o needs a tar archive",
+                 source, src->Kind());
+    }
+    NEMOFS_ASSIGN_OR_RETURN(struct stat st, Stat(source));
+    stats.bytes_in = stats.bytes_out = static_cast<uint64_t>(st.st_size);
+    NEMOFS_RETURN_IF_ERROR(orphans());
+    return stats;
+  }
   uint64_t total = 0;
   for (const auto& e : src->entries()) {
     if (e.type == source::EntryType::kFile) total += e.size;
@@ -142,6 +158,7 @@ Result<RepackStats> Repack(const std::string& source, const std::string& out,
   // The cache entry of a compressed SOURCE replaced in place is superseded now.
   src.reset();
   source::SweepCache(cache_dir, cache_max);
+  if (out == source) NEMOFS_RETURN_IF_ERROR(orphans());
   return stats;
 }
 

@@ -4,6 +4,8 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+
+#include <filesystem>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -181,10 +183,26 @@ TEST(Repack, KeepsTarOwnerNamesAndIds) {
   }
 }
 
-TEST(Repack, RefusesFolders) {
+// A folder (or single file) has no archive to rewrite: repack in place
+// removes what interrupted commits left (a dead process's temp files, not a
+// live one's), and refuses another OUT.
+TEST(Repack, AFolderGetsItsOrphansRemovedInPlaceOnly) {
   auto r = Repack(TestData("nemo2_tiny"), "/tmp/never", "/tmp", nullptr);
   ASSERT_FALSE(r.ok());
-  EXPECT_NE(r.error().message().find("repack rewrites tar archives"), std::string::npos);
+  EXPECT_NE(r.error().message().find("repacked in place only"), std::string::npos);
+  testing::TempDir dir;
+  const std::string src = dir.Join("src");
+  ASSERT_EQ(Sh("cp -a " + ShellQuote(TestData("nemo2_tiny")) + " " + ShellQuote(src)).exit_code, 0);
+  // pid 999999999 cannot exist; our own is alive.
+  testing::WriteFile(src + "/context/.model.yaml.nemofs-tmp.999999999", "half a save");
+  const std::string live = src + "/.x.nemofs-tmp." + std::to_string(::getpid());
+  testing::WriteFile(live, "a save running now");
+  auto done = Repack(src, src, dir.Join("cache"), nullptr);
+  ASSERT_TRUE(done.ok()) << done.error().message();
+  EXPECT_EQ(done->orphans, 1u);
+  EXPECT_EQ(done->orphan_bytes, 11u);
+  EXPECT_FALSE(std::filesystem::exists(src + "/context/.model.yaml.nemofs-tmp.999999999"));
+  EXPECT_TRUE(std::filesystem::exists(live));
 }
 
 }  // namespace
