@@ -221,27 +221,31 @@ Result<std::string> MakeNpyHeader(torch::DType dtype, const std::vector<int64_t>
   return out + dict;
 }
 
-std::string ToCOrderLittleEndian(const NpyHeader& h, std::string_view in) {
+std::string ToCOrderLittleEndianRange(const NpyHeader& h, std::string_view in, uint64_t first,
+                                      uint64_t count) {
   const uint32_t item = torch::Info(h.dtype).itemsize;
-  std::string out(in);
-  if (in.size() != h.nbytes()) return out;  // not this header's data: callers check first
-  if (h.big_endian && item > 1) {
-    const bool complex = h.dtype == DType::kComplex64 || h.dtype == DType::kComplex128;
-    const uint32_t unit = complex ? item / 2 : item;
-    for (size_t i = 0; i + unit <= out.size(); i += unit) std::reverse(&out[i], &out[i + unit]);
-  }
-  if (h.fortran_order && h.shape.size() > 1) {
+  const uint64_t total = h.numel();
+  if (in.size() != h.nbytes() || first > total) return {};
+  count = std::min(count, total - first);
+  std::string out;
+  if (!(h.fortran_order && h.shape.size() > 1)) {
+    out.assign(in.substr(first * item, count * item));
+  } else {
     // Fortran order is the C order of the reversed shape: element
     // [i0..in] is at Fortran offset sum(ik * prod(shape[0..k-1])).
     const size_t n = h.shape.size();
     std::vector<uint64_t> fstride(n, 1);
     for (size_t k = 1; k < n; ++k) fstride[k] = fstride[k - 1] * static_cast<uint64_t>(h.shape[k - 1]);
-    std::string c(out.size(), '\0');
     std::vector<int64_t> idx(n, 0);
-    const uint64_t total = h.numel();
-    uint64_t f = 0;  // Fortran element offset of idx
-    for (uint64_t e = 0; e < total; ++e) {
-      std::memcpy(&c[e * item], &out[f * item], item);
+    uint64_t f = 0, rest = first;  // the C index of `first`, and its Fortran offset
+    for (size_t k = n; k-- > 0;) {
+      idx[k] = static_cast<int64_t>(rest % static_cast<uint64_t>(h.shape[k]));
+      rest /= static_cast<uint64_t>(h.shape[k]);
+      f += static_cast<uint64_t>(idx[k]) * fstride[k];
+    }
+    out.resize(count * item);
+    for (uint64_t e = 0; e < count; ++e) {
+      std::memcpy(&out[e * item], &in[f * item], item);
       for (size_t k = n; k-- > 0;) {  // C order: the last index fastest
         if (++idx[k] < h.shape[k]) {
           f += fstride[k];
@@ -251,9 +255,18 @@ std::string ToCOrderLittleEndian(const NpyHeader& h, std::string_view in) {
         idx[k] = 0;
       }
     }
-    out = std::move(c);
+  }
+  if (h.big_endian && item > 1) {
+    const bool complex = h.dtype == DType::kComplex64 || h.dtype == DType::kComplex128;
+    const uint32_t unit = complex ? item / 2 : item;
+    for (size_t i = 0; i + unit <= out.size(); i += unit) std::reverse(&out[i], &out[i + unit]);
   }
   return out;
+}
+
+std::string ToCOrderLittleEndian(const NpyHeader& h, std::string_view in) {
+  if (in.size() != h.nbytes()) return std::string(in);  // not this header's data: callers check
+  return ToCOrderLittleEndianRange(h, in, 0, h.numel());
 }
 
 }  // namespace nemofs::checkpoint

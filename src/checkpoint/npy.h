@@ -53,6 +53,11 @@ Result<std::string> MakeNpyHeader(torch::DType dtype, const std::vector<int64_t>
 // the same size. Byte swaps and a Fortran-order transpose as needed; `in`
 // of another size than the header's data comes back unchanged.
 std::string ToCOrderLittleEndian(const NpyHeader& h, std::string_view in);
+// Elements [first, first + count) of that result, computed from `in` (the
+// whole data part, e.g. a mapped file) without the rest: a tensor of any
+// size is converted window by window.
+std::string ToCOrderLittleEndianRange(const NpyHeader& h, std::string_view in, uint64_t first,
+                                      uint64_t count);
 // Whether ToCOrderLittleEndian would change anything.
 inline bool NeedsConversion(const NpyHeader& h) {
   return (h.big_endian && torch::Info(h.dtype).itemsize > 1) ||

@@ -322,17 +322,26 @@ class Pickler {
   // write_unicode_binary + memoize.
   Status SaveUnicode(const Value* v) {
     const std::string& s = v->str;
+    return SaveSized(v, s.size() <= 0xff && proto_ >= 4, op::kShortBinUnicode, op::kBinUnicode,
+                     op::kBinUnicode8, "a str");
+  }
+
+  // The opcode + length + payload of a str or bytes (the 1-, 4- or 8-byte
+  // length form, as CPython picks it), then its memo entry.
+  Status SaveSized(const Value* v, bool short_form, char op1, char op4, char op8,
+                   const char* what) {
+    const std::string& s = v->str;
     std::string header;
-    if (s.size() <= 0xff && proto_ >= 4) {
-      header = {op::kShortBinUnicode, static_cast<char>(s.size())};
+    if (short_form) {
+      header = {op1, static_cast<char>(s.size())};
     } else if (s.size() <= 0xffffffffull) {
-      header = std::string(1, op::kBinUnicode);
+      header = std::string(1, op4);
       PutLE(&header, s.size(), 4);
     } else if (proto_ >= 4) {
-      header = std::string(1, op::kBinUnicode8);
+      header = std::string(1, op8);
       PutLE(&header, s.size(), 8);
     } else {
-      return Fail("a str of {} bytes needs protocol 4", s.size());
+      return Fail("{} of {} bytes needs protocol 4", what, s.size());
     }
     out_.WriteBytes(header, s);
     Memoize(v);
@@ -380,21 +389,8 @@ class Pickler {
       Memoize(v);
       return Ok();
     }
-    std::string header;
-    if (s.size() <= 0xff) {
-      header = {op::kShortBinBytes, static_cast<char>(s.size())};
-    } else if (s.size() <= 0xffffffffull) {
-      header = std::string(1, op::kBinBytes);
-      PutLE(&header, s.size(), 4);
-    } else if (proto_ >= 4) {
-      header = std::string(1, op::kBinBytes8);
-      PutLE(&header, s.size(), 8);
-    } else {
-      return Fail("bytes of {} bytes need protocol 4", s.size());
-    }
-    out_.WriteBytes(header, s);
-    Memoize(v);
-    return Ok();
+    return SaveSized(v, s.size() <= 0xff, op::kShortBinBytes, op::kBinBytes, op::kBinBytes8,
+                     "bytes");
   }
 
   // save_tuple.

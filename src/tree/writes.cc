@@ -1405,15 +1405,25 @@ Status Filesystem::Impl::FinishNewTensorLocked(const std::shared_ptr<ScratchFile
                                             f->name, h->nbytes(), torch::Info(h->dtype).name,
                                             h->numel(), f->data.size() - std::min(f->data.size(), h->data_offset))));
     }
-    auto data = f->data.Read(h->data_offset, h->nbytes());
-    if (!data) return fail(data.error());
-    std::string raw = checkpoint::NeedsConversion(*h) ? checkpoint::ToCOrderLittleEndian(*h, *data)
-                                                      : std::move(*data);
+    // The data, C order little-endian, into a new buffer window by window
+    // (from a mapped snapshot: a tensor of any size, no copy of it in the heap).
+    SpillBytes raw(o.spill);
+    {
+      auto snap = f->data.Snapshot();
+      if (!snap) return fail(snap.error());
+      const std::string_view in = snap->bytes.substr(h->data_offset);
+      const uint32_t item = torch::Info(h->dtype).itemsize;
+      const uint64_t window = std::max<uint64_t>(1, (8u << 20) / item);
+      for (uint64_t e = 0; e < h->numel(); e += window) {
+        const std::string part = checkpoint::ToCOrderLittleEndianRange(*h, in, e, window);
+        if (Status st = raw.Write(e * item, part); !st.ok()) return fail(st.error());
+      }
+    }
     // The file becomes the raw tensor KEY (replacing what had that name).
     const std::string key_name = f->name.substr(0, f->name.size() - 4);
     const TreeRef t = Current();
     if (TensorDirChildLocked(*t, f->parent, key_name)) RemoveTensorNameLocked(*t, f->parent, key_name);
-    if (Status st = f->data.Assign(raw); !st.ok()) return fail(st.error());
+    f->data.Swap(raw);
     o.scratch_names.erase(std::make_pair(f->parent, f->name));
     f->name = key_name;
     o.scratch_names.emplace(std::make_pair(f->parent, f->name), f->ino);

@@ -58,6 +58,11 @@ class SpillBytes {
   // Puts `length` bytes at `offset` of descriptor `fd` at `at` of the buffer
   // (the kernel copies, file to file, once the buffer is in a spill file).
   Status CopyFrom(int fd, uint64_t offset, uint64_t length, uint64_t at, std::string_view what);
+  // Exchanges the contents of two buffers (of one pool or two).
+  void Swap(SpillBytes& other) noexcept {
+    pool_.swap(other.pool_);
+    storage_.swap(other.storage_);
+  }
   // Up to `n` bytes at `offset` (fewer at the end).
   Result<std::string> Read(uint64_t offset, uint64_t n) const;
 

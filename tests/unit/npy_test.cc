@@ -66,6 +66,11 @@ TEST(Npy, HeadersNumpyWritesParseAndConvertToCOrderLittleEndian) {
     EXPECT_EQ(ToCOrderLittleEndian(*h, std::string_view(file).substr(h->data_offset)),
               ReadFile(want))
         << c.expr;
+    // Window by window (5 elements at a time), the same bytes.
+    std::string windows;
+    const std::string_view data = std::string_view(file).substr(h->data_offset);
+    for (uint64_t e = 0; e < h->numel(); e += 5) windows += ToCOrderLittleEndianRange(*h, data, e, 5);
+    EXPECT_EQ(windows, ReadFile(want)) << c.expr;
     // Our own header for the same array: np.load gives it back.
     auto ours = MakeNpyHeader(h->dtype, h->shape);
     ASSERT_TRUE(ours.ok()) << ours.error().message();
