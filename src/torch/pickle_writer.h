@@ -40,9 +40,11 @@ struct PickleWriteOptions {
   // copy of a dict, say); the replacement's own references are followed, and
   // replaced too. Keys and values must outlive the call.
   const std::unordered_map<const Value*, const Value*>* replace = nullptr;
-  // Deepest nesting written (the writer recurses like CPython's, whose
-  // recursion limit keeps real pickles far shallower); deeper: EINVAL.
-  size_t max_depth = 3000;
+  // Deepest nesting written; deeper: EINVAL. CPython's pickler stops at
+  // its recursion limit (1000) too, so no pickle it wrote is deeper. The
+  // writer recurses (3 frames a level): 1000 levels fit the stack of a
+  // sanitizer build, where 3000 overflowed it.
+  size_t max_depth = 1000;
 };
 
 // Protocols 2 to 5 (torch.save writes 2 unless told otherwise). EINVAL for
