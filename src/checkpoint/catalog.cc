@@ -504,6 +504,7 @@ Catalog BuildCatalog(source::Source& src, const Layout& layout) {
     return cat;
   }
   MergeResult merged = MergeRanks(shards, cfg);
+  cat.merge = cfg;
   cat.tensors = std::move(merged.merged);
   cat.unmerged = std::move(merged.unmerged);
   return cat;

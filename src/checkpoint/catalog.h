@@ -16,10 +16,12 @@
 #pragma once
 
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "checkpoint/layout.h"
+#include "checkpoint/merge.h"
 #include "checkpoint/tensor.h"
 #include "nemofs/result.h"
 #include "source/source.h"
@@ -41,6 +43,9 @@ struct Catalog {
   std::string checkpoint_json;                  // "" when there is no torch.save state
   std::vector<std::string> errors;              // weight files that could not be read at all
   std::vector<std::string> warnings;
+  // Per-rank checkpoints whose tensors/ was merged: the rules it was merged
+  // by (structural writes split changes back by the same ones).
+  std::optional<MergeConfig> merge;
 };
 
 // Reads the weight files the layout names (metadata only) and builds the

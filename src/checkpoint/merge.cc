@@ -234,4 +234,95 @@ MergeResult MergeRanks(const std::vector<RankTensor>& shards, const MergeConfig&
   return out;
 }
 
+Result<std::pair<std::string, int>> RankKeyOf(const std::string& key, const MergeConfig& cfg) {
+  int64_t layer = 0;
+  size_t len = 0;
+  const size_t at = LayerIndex(key, &layer, &len);
+  if (at == std::string::npos || cfg.pp_size <= 1) return std::make_pair(key, -1);
+  if (cfg.num_layers <= 0 || cfg.num_layers % cfg.pp_size != 0) {
+    return Err(EINVAL, "{}: num_layers ({}) is unknown or not split evenly over {} pipeline "
+               "stages, so the stage of layer {} is unknown",
+               key, cfg.num_layers, cfg.pp_size, layer);
+  }
+  if (layer >= cfg.num_layers) {
+    return Err(EINVAL, "{}: layer {} is past num_layers {} of the config", key, layer,
+               cfg.num_layers);
+  }
+  const int64_t per_stage = cfg.num_layers / cfg.pp_size;
+  return std::make_pair(key.substr(0, at) + std::to_string(layer % per_stage) + key.substr(at + len),
+                        static_cast<int>(layer / per_stage));
+}
+
+Result<std::vector<RankSlice>> SplitForRanks(const std::string& key,
+                                             const std::vector<int64_t>& shape,
+                                             const MergeConfig& cfg,
+                                             const std::vector<int>& stages) {
+  NEMOFS_ASSIGN_OR_RETURN(auto placed, RankKeyOf(key, cfg));
+  std::vector<int> pps;
+  if (placed.second >= 0) {
+    pps.push_back(placed.second);
+  } else if (!stages.empty()) {
+    pps = stages;
+  } else {
+    for (int p = 0; p < std::max(1, cfg.pp_size); ++p) pps.push_back(p);
+  }
+  // The TP rule of the name.
+  const int tp = std::max(1, cfg.tp_size);
+  size_t dim = 0;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> by_tp(tp);
+  std::vector<int64_t> local = shape;
+  const int64_t whole = shape.empty() ? 1 : shape[0];
+  if (tp == 1) {
+    by_tp[0] = {{0, whole}};
+  } else {
+    const Split split = SplitOf(key);
+    if (split == Split::kPerRank) {
+      return Err(EINVAL, "{}: per-rank state (_extra_state) cannot be written as one tensor", key);
+    }
+    if (split == Split::kUnknown) {
+      return Err(EINVAL, "{}: with tensor parallelism {} a tensor needs a name whose split is "
+                 "known (a column-parallel *.linear_qkv/linear_fc1/word_embeddings/"
+                 "output_layer weight, a row-parallel *.linear_proj/linear_fc2 weight, or a "
+                 "replicated norm or bias; see README \"Per-rank checkpoints\"): reads could "
+                 "not merge it back",
+                 key, tp);
+    }
+    if (split == Split::kReplicated) {
+      for (auto& r : by_tp) r = {{0, whole}};
+    } else {
+      dim = split == Split::kDim0 ? 0 : 1;
+      if (shape.size() <= dim) {
+        return Err(EINVAL, "{}: split along dim {} over {} TP ranks, but it has {} dims", key, dim,
+                   tp, shape.size());
+      }
+      const bool gated = cfg.gated_mlp && dim == 0 && IsGatedFc1(key);
+      const int64_t parts = gated ? 2 * tp : tp;
+      if (shape[dim] % parts != 0) {
+        return Err(EINVAL, "{}: dim {} ({}) cannot be split evenly over {} TP ranks{}", key, dim,
+                   shape[dim], tp, gated ? " as gate and up halves (SwiGLU)" : "");
+      }
+      const int64_t n = shape[dim] / parts;
+      local[dim] = gated ? 2 * n : n;
+      for (int r = 0; r < tp; ++r) {
+        by_tp[r] = {{r * n, (r + 1) * n}};
+        if (gated) by_tp[r].push_back({shape[0] / 2 + r * n, shape[0] / 2 + (r + 1) * n});
+      }
+    }
+  }
+  std::vector<RankSlice> out;
+  for (int p : pps) {
+    for (int r = 0; r < tp; ++r) {
+      RankSlice s;
+      s.tp = r;
+      s.pp = p;
+      s.key = placed.first;
+      s.shape = local;
+      s.dim = dim;
+      s.ranges = by_tp[r];
+      out.push_back(std::move(s));
+    }
+  }
+  return out;
+}
+
 }  // namespace nemofs::checkpoint

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "checkpoint/tensor.h"
+#include "nemofs/result.h"
 
 namespace nemofs::checkpoint {
 
@@ -45,5 +46,35 @@ struct MergeResult {
 };
 
 MergeResult MergeRanks(const std::vector<RankTensor>& shards, const MergeConfig& config);
+
+// The way back (issue 11, structural writes of per-rank checkpoints): where
+// the bytes of global tensor `key` (of `shape`) go, by the rules above. One
+// slice per rank file that holds it: the PP stage of its layer (a key
+// without a layer index: each of `stages`, the stages that hold it now, or
+// every stage for a new key when `stages` is empty), times every TP rank.
+// A slice's C-order bytes are, in order, the given ranges of global dim
+// `dim` (every index of the other dims): one range for a TP shard, two for
+// the halves of a gated fc1, the whole dim for a replicated tensor.
+// EINVAL with the reason when the rules cannot place it: a split dim that
+// TP does not divide (twice TP for a gated fc1), a name without a known TP
+// split while TP > 1 (reads could not merge it back), per-rank
+// _extra_state, a layer index past num_layers or num_layers unknown.
+struct RankSlice {
+  int tp = 0;
+  int pp = 0;
+  std::string key;             // the rank's own key
+  std::vector<int64_t> shape;  // the rank's shape
+  size_t dim = 0;
+  std::vector<std::pair<int64_t, int64_t>> ranges;  // [begin, end) of global dim `dim`
+};
+Result<std::vector<RankSlice>> SplitForRanks(const std::string& key,
+                                             const std::vector<int64_t>& shape,
+                                             const MergeConfig& config,
+                                             const std::vector<int>& stages);
+
+// The rank's key of global `key` (PP renumbering undone) and its stage;
+// the key itself and stage -1 when it has no layer index (or PP is 1).
+// EINVAL when the layer cannot be placed.
+Result<std::pair<std::string, int>> RankKeyOf(const std::string& key, const MergeConfig& config);
 
 }  // namespace nemofs::checkpoint

@@ -450,6 +450,15 @@ Result<std::unique_ptr<Tree>> Filesystem::Impl::BuildTree(const FilesystemOption
       impl->catalog.errors.empty()) {
     impl->structural_file = layout.weight_files[0].path;
   }
+  // Per-rank structural writes need one commit point over all the rank
+  // files: a tar's (one append, or one rewrite). A folder would replace
+  // them one by one, so its tensors keep only same-size writes for now.
+  if (layout.per_rank && layout.dist_backend.empty() && impl->catalog.merge &&
+      impl->catalog.errors.empty() &&
+      (src.storage() == source::Storage::kPlainTar ||
+       src.storage() == source::Storage::kCompressedTar)) {
+    impl->rank_files = layout.weight_files;
+  }
   if (!layout.dist_backend.empty()) {
     for (const Entry& e : src.entries()) {
       if (e.type == EntryType::kFile &&

@@ -239,6 +239,11 @@ struct Tree {
   // Tensors can be added, removed and renamed (issue 11): one torch.save
   // weight file (not per-rank, not a distributed checkpoint); its path.
   std::string structural_file;
+  // Or a per-rank checkpoint (not expert-parallel, every rank file read):
+  // its rank files, a change of a merged tensor split back to each by
+  // catalog.merge's rules.
+  std::vector<checkpoint::WeightFile> rank_files;
+  bool structural() const { return !structural_file.empty() || !rank_files.empty(); }
 
   // Blobs whose stored bytes no longer match what the tree shows (a chunk
   // file re-encoded by a tensor write has another size; a copy that could
@@ -400,6 +405,12 @@ struct Filesystem::Impl {
   // tensor KEY; a raw file needs its dtype and shape. EINVAL (and, with
   // `remove_on_error`, the file removed) when it is no tensor. `overlay.mu` held.
   Status FinishNewTensorLocked(const std::shared_ptr<ScratchFile>& f, bool remove_on_error = true);
+  // Per-rank checkpoints (structure.cc): EINVAL with the reason when global
+  // tensor `key` of `shape` cannot be split back to the rank files, or
+  // (with `old_key`) when a rename would move it to other rank files or
+  // split it by another rule. Ok for every other kind.
+  Status CheckRankSplit(const Tree& t, const std::string& key, const std::vector<int64_t>& shape,
+                        const std::string& old_key = "") const;
   // user.nemofs.dtype / user.nemofs.shape of a new tensor file.
   Status SetTensorXattr(uint64_t ino, std::string_view name, std::string_view value);
   std::optional<std::string> NewTensorXattr(uint64_t ino, std::string_view name) const;

@@ -19,6 +19,7 @@
 #include <set>
 
 #include "checkpoint/catalog.h"
+#include "checkpoint/merge.h"
 #include "checkpoint/npy.h"
 #include "checkpoint/tensor.h"
 #include "torch/torch_file.h"
@@ -77,7 +78,151 @@ struct Gone {
   std::string new_key;  // empty: deleted
 };
 
+// One weight file to repack: the file as parsed, its edits, its new bytes.
+struct RepackJob {
+  std::string path;  // entry path
+  std::string name;  // for messages
+  const source::Entry* entry = nullptr;
+  source::FileRange range;
+  std::unique_ptr<FdReader> reader;
+  torch::TorchFile file;
+  std::vector<torch::TorchEdit> edits;
+  RepackOutput out;
+  torch::RepackResult packed;
+  std::string_view bytes;  // the repacked file (not in place)
+};
+
+// A deletion (new_key empty) or rename of tree key `key` of the file.
+Status AddGoneEdit(RepackJob& j, bool optimizer, const std::string& key,
+                   const std::string& new_key) {
+  NEMOFS_ASSIGN_OR_RETURN(checkpoint::TensorPlace at,
+                          checkpoint::LocateTensorKey(j.file, optimizer, key, j.name));
+  if (new_key.empty()) {
+    j.edits.push_back(torch::TorchEdit::Remove(at.dict, at.key));
+    return Ok();
+  }
+  // The entry keeps its place; only its own part of the dotted key can
+  // change (the dict it is in stays).
+  std::string entry_name = new_key;
+  if (!at.prefix.empty()) {
+    if (new_key.rfind(at.prefix + ".", 0) != 0) {
+      return Err(EINVAL, "{}: tensor {} cannot become {}: a rename changes only the part of the "
+                 "key after {}",
+                 j.name, key, new_key, at.prefix);
+    }
+    entry_name = new_key.substr(at.prefix.size() + 1);
+  }
+  j.edits.push_back(torch::TorchEdit::Rename(at.dict, at.key, entry_name));
+  return Ok();
+}
+
+// Tree key `key` set to a new tensor (`bytes` outlive the repack); whether
+// the file had that key.
+Result<bool> AddSetEdit(RepackJob& j, bool optimizer, const std::string& key, torch::DType dtype,
+                        const std::vector<int64_t>& shape, std::string_view bytes) {
+  NEMOFS_ASSIGN_OR_RETURN(checkpoint::TensorPlace at,
+                          checkpoint::LocateTensorKey(j.file, optimizer, key, j.name));
+  torch::NewTensor nt;
+  nt.dtype = dtype;
+  nt.shape = shape;
+  nt.bytes = bytes;
+  std::string entry_name = key;
+  if (at.key && !at.prefix.empty()) entry_name = key.substr(at.prefix.size() + 1);
+  j.edits.push_back(torch::TorchEdit::SetTensor(at.dict, entry_name, std::move(nt)));
+  return at.key != nullptr;
+}
+
+// Which rank files hold which of their own keys (model tensors), by rank
+// folder name ("tp0_pp1") and key.
+class RankKeys {
+ public:
+  explicit RankKeys(const Tree& t) : t_(t) {
+    for (const auto& r : t.catalog.ranks) {
+      for (const auto& x : r.tensors) have_.emplace(r.name, x.key);
+    }
+  }
+  bool Holds(const checkpoint::WeightFile& w, const std::string& key) const {
+    return have_.count({fmt::format("tp{}_pp{}", w.tp, w.pp), key}) != 0;
+  }
+  // The PP stages whose rank files hold `key` (none: a new key).
+  std::vector<int> Stages(const std::string& key) const {
+    std::set<int> out;
+    for (const auto& w : t_.rank_files) {
+      if (Holds(w, key)) out.insert(w.pp);
+    }
+    return {out.begin(), out.end()};
+  }
+
+ private:
+  const Tree& t_;
+  std::set<std::pair<std::string, std::string>> have_;
+};
+
+// The bytes of a slice of global tensor bytes `global` (C order): a view
+// of them when the slice is one run, else copied into a spill buffer kept
+// in `keep`.
+Result<std::string_view> SliceBytes(std::string_view global, const std::vector<int64_t>& shape,
+                                    torch::DType dtype, const checkpoint::RankSlice& sl,
+                                    const std::shared_ptr<SpillPool>& spill,
+                                    std::vector<SpillBytes::View>* keep) {
+  if (shape.empty()) return global;
+  uint64_t row = torch::Info(dtype).itemsize;  // bytes of one index of dim sl.dim
+  for (size_t d = sl.dim + 1; d < shape.size(); ++d) row *= static_cast<uint64_t>(shape[d]);
+  uint64_t outer = 1;
+  for (size_t d = 0; d < sl.dim; ++d) outer *= static_cast<uint64_t>(shape[d]);
+  const uint64_t span = static_cast<uint64_t>(shape[sl.dim]) * row;
+  if (outer == 1 && sl.ranges.size() == 1) {
+    return global.substr(static_cast<uint64_t>(sl.ranges[0].first) * row,
+                         static_cast<uint64_t>(sl.ranges[0].second - sl.ranges[0].first) * row);
+  }
+  SpillBytes buf(spill);
+  std::string window;
+  uint64_t at = 0;
+  for (uint64_t o = 0; o < outer; ++o) {
+    for (const auto& [b, e] : sl.ranges) {
+      window.append(global.substr(o * span + static_cast<uint64_t>(b) * row,
+                                  static_cast<uint64_t>(e - b) * row));
+      if (window.size() >= (8u << 20)) {
+        NEMOFS_RETURN_IF_ERROR(buf.Write(at, window));
+        at += window.size();
+        window.clear();
+      }
+    }
+  }
+  NEMOFS_RETURN_IF_ERROR(buf.Write(at, window));
+  NEMOFS_ASSIGN_OR_RETURN(SpillBytes::View view, buf.Snapshot());
+  keep->push_back(std::move(view));
+  return keep->back().bytes;
+}
+
 }  // namespace
+
+Status Filesystem::Impl::CheckRankSplit(const Tree& t, const std::string& key,
+                                        const std::vector<int64_t>& shape,
+                                        const std::string& old_key) const {
+  if (t.rank_files.empty()) return Ok();
+  const checkpoint::MergeConfig& cfg = *t.catalog.merge;
+  const RankKeys rank_keys(t);
+  const std::string& held = old_key.empty() ? key : old_key;
+  NEMOFS_ASSIGN_OR_RETURN(auto local, checkpoint::RankKeyOf(held, cfg));
+  const std::vector<int> stages = rank_keys.Stages(local.first);
+  NEMOFS_ASSIGN_OR_RETURN(auto slices, checkpoint::SplitForRanks(key, shape, cfg, stages));
+  if (old_key.empty()) return Ok();
+  NEMOFS_ASSIGN_OR_RETURN(auto before, checkpoint::SplitForRanks(old_key, shape, cfg, stages));
+  bool same = before.size() == slices.size();
+  for (size_t i = 0; same && i < slices.size(); ++i) {
+    same = before[i].tp == slices[i].tp && before[i].pp == slices[i].pp &&
+           before[i].shape == slices[i].shape && before[i].dim == slices[i].dim &&
+           before[i].ranges == slices[i].ranges;
+  }
+  if (!same) {
+    return Err(EINVAL, "{} cannot become {} in a per-rank checkpoint: the new name puts it on "
+               "other pipeline stages or splits it over the TP ranks by another rule (copy it "
+               "to the new name and delete the old one instead)",
+               old_key, key);
+  }
+  return Ok();
+}
 
 Status Filesystem::Impl::StoreStructure(std::string_view why) {
   Overlay& o = overlay;
@@ -245,98 +390,148 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
   }
   if (adds.empty() && gone.empty()) return Ok();
 
-  // The weight file, parsed again (metadata only), and the edits.
+  // The weight files, parsed again (metadata only), and their edits: the
+  // one weight file, or the rank files a per-rank change splits back to.
   source::Source& src = *t->src;
-  const std::string& path = t->structural_file;
-  const source::Entry* entry = src.Find(path);
-  if (!entry) return Err(EIO, "{}: weight file {} vanished", options.source, path);
-  const std::string name =
-      src.storage() == source::Storage::kFile ? src.path() : src.path() + ":" + path;
-  NEMOFS_ASSIGN_OR_RETURN(source::FileRange range, src.Locate(entry->blob));
-  FdReader reader(range.fd, range.offset, range.length);
-  NEMOFS_ASSIGN_OR_RETURN(torch::TorchFile file, torch::LoadTorchFile(reader, name));
-  std::vector<torch::TorchEdit> edits;
-  std::set<std::pair<bool, std::string>> replaced;  // keys a new tensor takes over
-  for (const auto& a : adds) replaced.emplace(a.optimizer, a.key);
+  std::vector<std::unique_ptr<RepackJob>> jobs;
+  std::vector<SpillBytes::View> slice_bytes;  // per-rank slices copied out
   std::string summary;
   auto note = [&](const std::string& what) { summary += (summary.empty() ? "" : ", ") + what; };
-  for (const auto& g : gone) {
-    if (replaced.count({g.optimizer, g.key}) && g.new_key.empty()) continue;  // set in place
-    NEMOFS_ASSIGN_OR_RETURN(checkpoint::TensorPlace at,
-                            checkpoint::LocateTensorKey(file, g.optimizer, g.key, name));
-    if (g.new_key.empty()) {
-      edits.push_back(torch::TorchEdit::Remove(at.dict, at.key));
-      note("deleted " + g.key);
-      continue;
+  auto job_of = [&](const std::string& path) -> Result<RepackJob*> {
+    for (auto& j : jobs) {
+      if (j->path == path) return j.get();
     }
-    // The entry keeps its place; only its own part of the dotted key can
-    // change (the dict it is in stays).
-    std::string entry_name = g.new_key;
-    if (!at.prefix.empty()) {
-      if (g.new_key.rfind(at.prefix + ".", 0) != 0) {
-        return Err(EINVAL, "{}: tensor {} cannot become {}: a rename changes only the part of the "
-                   "key after {}",
-                   name, g.key, g.new_key, at.prefix);
+    auto j = std::make_unique<RepackJob>();
+    j->path = path;
+    j->entry = src.Find(path);
+    if (!j->entry) return Err(EIO, "{}: weight file {} vanished", options.source, path);
+    j->name = src.storage() == source::Storage::kFile ? src.path() : src.path() + ":" + path;
+    NEMOFS_ASSIGN_OR_RETURN(j->range, src.Locate(j->entry->blob));
+    j->reader = std::make_unique<FdReader>(j->range.fd, j->range.offset, j->range.length);
+    NEMOFS_ASSIGN_OR_RETURN(j->file, torch::LoadTorchFile(*j->reader, j->name));
+    jobs.push_back(std::move(j));
+    return jobs.back().get();
+  };
+  std::set<std::pair<bool, std::string>> replaced;  // keys a new tensor takes over
+  for (const auto& a : adds) replaced.emplace(a.optimizer, a.key);
+  if (t->rank_files.empty()) {
+    NEMOFS_ASSIGN_OR_RETURN(RepackJob * j, job_of(t->structural_file));
+    for (const auto& g : gone) {
+      if (replaced.count({g.optimizer, g.key}) && g.new_key.empty()) continue;  // set in place
+      NEMOFS_RETURN_IF_ERROR(AddGoneEdit(*j, g.optimizer, g.key, g.new_key));
+      note((g.new_key.empty() ? "deleted " : "renamed " + g.key + " to ") +
+           (g.new_key.empty() ? g.key : g.new_key));
+    }
+    for (const auto& a : adds) {
+      NEMOFS_ASSIGN_OR_RETURN(bool existed, AddSetEdit(*j, a.optimizer, a.key, a.dtype, a.shape,
+                                                       a.bytes.bytes));
+      note((existed ? "replaced " : "added ") + a.key);
+    }
+  } else {
+    const checkpoint::MergeConfig& cfg = *t->catalog.merge;
+    const RankKeys rank_keys(*t);
+    auto file_of = [&](int tp, int pp) -> const checkpoint::WeightFile* {
+      for (const auto& w : t->rank_files) {
+        if (w.tp == tp && w.pp == pp) return &w;
       }
-      entry_name = g.new_key.substr(at.prefix.size() + 1);
+      return nullptr;
+    };
+    for (const auto& g : gone) {
+      if (replaced.count({g.optimizer, g.key}) && g.new_key.empty()) continue;
+      NEMOFS_ASSIGN_OR_RETURN(auto local, checkpoint::RankKeyOf(g.key, cfg));
+      std::string new_local;
+      if (!g.new_key.empty()) {
+        NEMOFS_ASSIGN_OR_RETURN(auto to, checkpoint::RankKeyOf(g.new_key, cfg));
+        new_local = to.first;
+      }
+      int files = 0;
+      for (const auto& w : t->rank_files) {
+        if (local.second >= 0 && w.pp != local.second) continue;
+        if (!rank_keys.Holds(w, local.first)) continue;
+        NEMOFS_ASSIGN_OR_RETURN(RepackJob * j, job_of(w.path));
+        NEMOFS_RETURN_IF_ERROR(AddGoneEdit(*j, false, local.first, new_local));
+        ++files;
+      }
+      note((g.new_key.empty() ? "deleted " + g.key : "renamed " + g.key + " to " + g.new_key) +
+           fmt::format(" ({} rank files)", files));
     }
-    edits.push_back(torch::TorchEdit::Rename(at.dict, at.key, entry_name));
-    note("renamed " + g.key + " to " + g.new_key);
-  }
-  for (const auto& a : adds) {
-    NEMOFS_ASSIGN_OR_RETURN(checkpoint::TensorPlace at,
-                            checkpoint::LocateTensorKey(file, a.optimizer, a.key, name));
-    torch::NewTensor nt;
-    nt.dtype = a.dtype;
-    nt.shape = a.shape;
-    nt.bytes = a.bytes.bytes;
-    std::string entry_name = a.key;
-    if (at.key && !at.prefix.empty()) entry_name = a.key.substr(at.prefix.size() + 1);
-    edits.push_back(torch::TorchEdit::SetTensor(at.dict, entry_name, std::move(nt)));
-    note((at.key ? "replaced " : "added ") + a.key);
+    for (const auto& a : adds) {
+      NEMOFS_ASSIGN_OR_RETURN(auto local, checkpoint::RankKeyOf(a.key, cfg));
+      const std::vector<int> stages = rank_keys.Stages(local.first);
+      NEMOFS_ASSIGN_OR_RETURN(auto slices, checkpoint::SplitForRanks(a.key, a.shape, cfg, stages));
+      bool existed = false;
+      for (const auto& sl : slices) {
+        const checkpoint::WeightFile* w = file_of(sl.tp, sl.pp);
+        if (!w) {
+          return Err(EIO, "{}: no rank file for TP rank {} of PP stage {}", options.source, sl.tp,
+                     sl.pp);
+        }
+        NEMOFS_ASSIGN_OR_RETURN(std::string_view part,
+                                SliceBytes(a.bytes.bytes, a.shape, a.dtype, sl, o.spill,
+                                           &slice_bytes));
+        NEMOFS_ASSIGN_OR_RETURN(RepackJob * j, job_of(w->path));
+        NEMOFS_ASSIGN_OR_RETURN(bool had, AddSetEdit(*j, false, sl.key, a.dtype, sl.shape, part));
+        existed |= had;
+      }
+      note(fmt::format("{}{} ({} rank files)", existed ? "replaced " : "added ", a.key,
+                       slices.size()));
+    }
   }
 
-  // The new file, then its store: the one commit point of the kind. A
-  // plain tar takes it written in place after its last member (once);
-  // other kinds from a temp file.
-  RepackOutput out;
-  torch::TorchSource from{reader, range.fd, range.offset};
-  torch::RepackResult packed;
-  std::string_view bytes;
+  // The new files, then their store: the one commit point of the kind. A
+  // plain tar takes them written in place after its last member (once);
+  // other kinds from temp files.
   const bool in_place = o.committer->StreamsNewFiles();
+  uint64_t written = 0;
   if (!in_place) {
-    NEMOFS_RETURN_IF_ERROR(out.Create(o.spill->dir));
-    NEMOFS_ASSIGN_OR_RETURN(packed, torch::RepackTorchFile(file, from, edits, out.fd(), 0, name));
-    NEMOFS_ASSIGN_OR_RETURN(bytes, out.Map(packed.bytes));
+    for (auto& j : jobs) {
+      NEMOFS_RETURN_IF_ERROR(j->out.Create(o.spill->dir));
+      torch::TorchSource from{*j->reader, j->range.fd, j->range.offset};
+      NEMOFS_ASSIGN_OR_RETURN(j->packed,
+                              torch::RepackTorchFile(j->file, from, j->edits, j->out.fd(), 0, j->name));
+      NEMOFS_ASSIGN_OR_RETURN(j->bytes, j->out.Map(j->packed.bytes));
+    }
   }
-  auto progress = ProgressLogger(path);
+  const std::string shown = jobs.size() == 1 ? jobs[0]->name
+                                             : fmt::format("{} ({} rank files)", src.path(), jobs.size());
+  auto progress = ProgressLogger(jobs.size() == 1 ? jobs[0]->path : src.path());
   Status st = Ok();
   if (src.storage() == source::Storage::kFile) {
-    st = o.committer->ReplaceSingleFile(bytes, progress);
+    st = o.committer->ReplaceSingleFile(jobs[0]->bytes, progress);
   } else {
     struct timespec now {};
     ::clock_gettime(CLOCK_REALTIME, &now);
-    write::ConfigCommitter::NewFile f;
-    f.path = path;
-    f.data = bytes;
-    f.mode = entry->mode & 07777;
-    f.mtime_sec = now.tv_sec;
-    f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
-    f.stored_before = true;  // it replaces the weight file
-    if (in_place) {
-      f.writer = [&](int fd, uint64_t offset) -> Result<uint64_t> {
-        NEMOFS_ASSIGN_OR_RETURN(packed, torch::RepackTorchFile(file, from, edits, fd, offset, name));
-        return packed.bytes;
-      };
+    std::vector<write::ConfigCommitter::NewFile> files;
+    for (auto& jp : jobs) {
+      RepackJob* j = jp.get();
+      write::ConfigCommitter::NewFile f;
+      f.path = j->path;
+      f.data = j->bytes;
+      f.mode = j->entry->mode & 07777;
+      f.mtime_sec = now.tv_sec;
+      f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+      f.stored_before = true;  // it replaces the weight file
+      if (in_place) {
+        f.writer = [j](int fd, uint64_t offset) -> Result<uint64_t> {
+          torch::TorchSource from{*j->reader, j->range.fd, j->range.offset};
+          NEMOFS_ASSIGN_OR_RETURN(j->packed,
+                                  torch::RepackTorchFile(j->file, from, j->edits, fd, offset, j->name));
+          return j->packed.bytes;
+        };
+      }
+      files.push_back(std::move(f));
     }
-    st = o.committer->StoreFiles({f}, progress);
+    st = o.committer->StoreFiles(files, progress);
   }
-  for (const auto& n : packed.notes) spdlog::info("{}: {}", name, n);
+  for (const auto& j : jobs) {
+    written += j->packed.bytes;
+    for (const auto& n : j->packed.notes) spdlog::info("{}: {}", j->name, n);
+  }
   if (!st.ok()) {
     spdlog::error("{}: structural changes not stored ({}): {}; the checkpoint is unchanged and "
                   "they stay staged in this mount",
-                  name, summary, st.error().message());
-    return Err(st.error().code(), "{}: the tensor changes ({}) could not be stored: {}", name,
+                  shown, summary, st.error().message());
+    return Err(st.error().code(), "{}: the tensor changes ({}) could not be stored: {}", shown,
                summary, st.error().message());
   }
   {
@@ -364,15 +559,14 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
   }
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-  spdlog::info("stored tensor changes in {} ({}, {}): {} ({:.1f} MiB written) in {:.1f} ms", name,
-               o.committer->Describe(), why, summary, static_cast<double>(packed.bytes) / (1 << 20),
-               ms);
+  spdlog::info("stored tensor changes in {} ({}, {}): {} ({:.1f} MiB written) in {:.1f} ms", shown,
+               o.committer->Describe(), why, summary, static_cast<double>(written) / (1 << 20), ms);
   if (Status reloaded = Reload("tensor changes stored", carry); !reloaded.ok()) {
-    spdlog::error("{}: stored, but this mount cannot read it again: {}; remount to see it", name,
+    spdlog::error("{}: stored, but this mount cannot read it again: {}; remount to see it", shown,
                   reloaded.error().message());
-    for (uint32_t b : {entry->blob}) {
-      t->MarkStale(b, "its weight file was repacked and this mount could not read it again; "
-                      "remount");
+    for (const auto& j : jobs) {
+      t->MarkStale(j->entry->blob, "its weight file was repacked and this mount could not read it "
+                                   "again; remount");
     }
   }
   return Ok();

@@ -1224,7 +1224,7 @@ Status Filesystem::Rename(uint64_t parent, std::string_view name, uint64_t new_p
 // ---- Structural writes of tensors/ and optimizer/ (issue 11): the names.
 
 void Filesystem::Impl::SetUpTensorDirs(Tree& t) {
-  if (t.structural_file.empty()) return;
+  if (!t.structural()) return;
   const tree::Node* root = t.nodes.Get(t.root);
   for (const auto& [name, ino] : root->children) {
     if (name == "tensors" || name == "optimizer") overlay.tensor_dirs.insert(ino);
@@ -1344,6 +1344,14 @@ Status Filesystem::Impl::RenameTensor(uint64_t dir, std::string_view name,
   const uint64_t to = TensorDirChildLocked(*t, dir, new_name);
   if (to == from) return Ok();
   if (to && (flags & RENAME_NOREPLACE)) return Err(EEXIST, "'{}' exists", new_name);
+  if (const tree::Node* n = t->nodes.Get(from); n && n->tensor) {
+    if (Status st = CheckRankSplit(*t, checkpoint::UnescapeKey(new_name), n->tensor->shape,
+                                   n->tensor->key);
+        !st.ok()) {
+      spdlog::error("rename of tensor file '{}' refused: {}", name, st.error().message());
+      return st;
+    }
+  }
   const std::string src(name), dst(new_name);
   if (to) RemoveTensorNameLocked(*t, dir, dst);
   const auto src_key = std::make_pair(dir, src);
@@ -1405,6 +1413,11 @@ Status Filesystem::Impl::FinishNewTensorLocked(const std::shared_ptr<ScratchFile
                                             f->name, h->nbytes(), torch::Info(h->dtype).name,
                                             h->numel(), f->data.size() - std::min(f->data.size(), h->data_offset))));
     }
+    if (Status st = CheckRankSplit(*Current(), checkpoint::UnescapeKey(f->name.substr(0, f->name.size() - 4)),
+                                   h->shape);
+        !st.ok()) {
+      return fail(Error(EINVAL, st.error().message()));
+    }
     // The data, C order little-endian, into a new buffer window by window
     // (from a mapped snapshot: a tensor of any size, no copy of it in the heap).
     SpillBytes raw(o.spill);
@@ -1450,6 +1463,9 @@ Status Filesystem::Impl::FinishNewTensorLocked(const std::shared_ptr<ScratchFile
                                           checkpoint::ShapeString(*f->shape), want,
                                           f->data.size())));
   }
+  if (Status st = CheckRankSplit(*Current(), checkpoint::UnescapeKey(f->name), *f->shape); !st.ok()) {
+    return fail(Error(EINVAL, st.error().message()));
+  }
   return Ok();
 }
 
@@ -1482,7 +1498,7 @@ Status Filesystem::Impl::SetTensorXattr(uint64_t ino, std::string_view name,
     // the next structural commit with its staged (or stored) bytes.
     if (!o.tensor_dirs.count(n->parent)) {
       return Err(EPERM, "tensor {}: its dtype and shape cannot be changed in this checkpoint "
-                 "(one torch.save weight file only, in this version)", n->tensor->key);
+                 "(a single torch.save weight file or a per-rank .nemo, in this version)", n->tensor->key);
     }
     if (!(n->perm & 0222)) return Err(EROFS, "tensor {} is read-only", n->tensor->key);
     std::lock_guard<std::mutex> lock(tensor_writes.mu);
@@ -1500,6 +1516,11 @@ Status Filesystem::Impl::SetTensorXattr(uint64_t ino, std::string_view name,
       if (!shape) {
         if (fresh) tensor_writes.retyped.erase(r);
         return shape.error();
+      }
+      if (Status st = CheckRankSplit(*t, n->tensor->key, *shape); !st.ok()) {
+        if (fresh) tensor_writes.retyped.erase(r);
+        spdlog::error("tensor {}: shape {} refused: {}", n->tensor->key, value, st.error().message());
+        return st;
       }
       r->second.shape = std::move(*shape);
     }

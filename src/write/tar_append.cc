@@ -52,7 +52,9 @@ Result<AppendResult> AppendTarMembers(int fd, uint64_t end, const std::vector<Ne
       size_record_at = pending_at + pending.size() + size_digits_from +
                        records.substr(size_digits_from).find('=') + 1;
       pending += records;
-      Pad(&pending, kBlock);
+      // (to the archive's block boundary: `pending` may start mid-block,
+      // after the previous member's data)
+      pending.append((kBlock - (pending_at + pending.size()) % kBlock) % kBlock, '\0');
     }
     std::string header = Header(m.name, '0', big ? 0 : m.data.size(), m.mtime, m.mode);
     CopyOwner(m.owner_from, &header);

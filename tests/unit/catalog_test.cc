@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <set>
+
 #include <filesystem>
 
 #include "checkpoint/merge.h"
@@ -198,6 +200,80 @@ TEST(Merge, MissingTpRankIsRefused) {
   auto r = MergeRanks({{0, 0, Shard("embedding.word_embeddings.weight", {3, 8}, 0)}}, cfg);
   EXPECT_TRUE(r.merged.empty());
   EXPECT_NE(r.unmerged["embedding.word_embeddings.weight"].find("TP rank 1"), std::string::npos);
+}
+
+// SplitForRanks is MergeRanks undone: the slices it gives, stored as rank
+// tensors, merge back to the global tensor, each merged chunk being the
+// slice's range of the split dim.
+TEST(Merge, SplitForRanksIsMergeUndone) {
+  struct Case {
+    std::string key;
+    std::vector<int64_t> shape;
+    MergeConfig cfg;
+    size_t files;  // rank files that get a slice
+  };
+  const Case cases[] = {
+      {"decoder.layers.3.self_attention.linear_qkv.weight", {12, 4}, {2, 2, 4, false}, 2},
+      {"decoder.layers.1.self_attention.linear_proj.weight", {4, 6}, {2, 2, 4, false}, 2},
+      {"decoder.layers.0.mlp.linear_fc1.weight", {8, 4}, {2, 1, 2, true}, 2},
+      {"decoder.final_layernorm.weight", {8}, {2, 2, 4, false}, 4},
+      {"output_layer.weight", {6, 2}, {3, 1, 2, false}, 3},
+      {"anything.at.all", {5}, {1, 2, 2, false}, 2},
+  };
+  for (const auto& c : cases) {
+    auto slices = SplitForRanks(c.key, c.shape, c.cfg, {});
+    ASSERT_TRUE(slices.ok()) << c.key << ": " << slices.error().message();
+    ASSERT_EQ(slices->size(), c.files) << c.key;
+    std::vector<RankTensor> shards;
+    uint64_t at = 0;
+    for (const auto& s : *slices) {
+      shards.push_back({s.tp, s.pp, Shard(s.key, s.shape, at)});
+      at += 1 << 20;
+    }
+    MergeResult r = MergeRanks(shards, c.cfg);
+    const Tensor* t = FindTensor(r.merged, c.key);
+    ASSERT_NE(t, nullptr) << c.key << (r.unmerged.empty() ? "" : ": " + r.unmerged.begin()->second);
+    EXPECT_EQ(t->shape, c.shape) << c.key;
+    // Merged chunks, from the first stage's slices, cover the same ranges.
+    std::set<std::pair<int64_t, int64_t>> want, got;
+    const int first = (*slices)[0].pp;
+    for (const auto& s : *slices) {
+      if (s.pp != first) continue;
+      for (auto rg : s.ranges) want.insert(rg);
+    }
+    const size_t dim = (*slices)[0].dim;
+    for (const auto& ch : t->chunks) {
+      if (c.shape.empty()) break;
+      got.emplace(ch.offsets[dim], ch.offsets[dim] + ch.sizes[dim]);
+    }
+    EXPECT_EQ(got, want) << c.key;
+  }
+  // Layer renumbering: global layer 3 of 4 over 2 stages is local 1 of stage 1.
+  auto rk = RankKeyOf("decoder.layers.3.x.weight", {1, 2, 4, false});
+  ASSERT_TRUE(rk.ok());
+  EXPECT_EQ(rk->first, "decoder.layers.1.x.weight");
+  EXPECT_EQ(rk->second, 1);
+}
+
+TEST(Merge, SplitForRanksRefusesWhatReadsCouldNotMergeBack) {
+  auto msg = [](const std::string& key, std::vector<int64_t> shape, MergeConfig cfg) {
+    auto r = SplitForRanks(key, shape, cfg, {});
+    return r.ok() ? std::string("ok") : r.error().message();
+  };
+  EXPECT_NE(msg("mystery.weight", {4}, {2, 1, 2, false}).find("split is known"), std::string::npos);
+  EXPECT_NE(msg("output_layer.weight", {5, 2}, {2, 1, 2, false}).find("evenly"), std::string::npos);
+  EXPECT_NE(msg("decoder.layers.0.mlp.linear_fc1.weight", {6, 2}, {2, 1, 2, true}).find("SwiGLU"),
+            std::string::npos);
+  EXPECT_NE(msg("decoder.layers.7.x.layer_norm_weight", {4}, {1, 2, 4, false}).find("past"),
+            std::string::npos);
+  EXPECT_NE(msg("decoder.layers.0.x.layer_norm_weight", {4}, {1, 2, 3, false}).find("evenly"),
+            std::string::npos);
+  EXPECT_NE(msg("decoder.layers.0.self_attention.core_attention._extra_state", {4},
+                {2, 1, 2, false}).find("_extra_state"),
+            std::string::npos);
+  EXPECT_NE(msg("decoder.layers.0.self_attention.linear_proj.weight", {4}, {2, 1, 2, false})
+                .find("dims"),
+            std::string::npos);
 }
 
 TEST(Tensor, ChunkValidation) {

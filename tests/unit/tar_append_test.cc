@@ -124,6 +124,40 @@ TEST(TarAppend, AWriterMemberOfAnySizeGetsAPaxSizeRecord) {
   }
 }
 
+// Several members in one append, each after one whose data ends mid-block
+// (a writer's, a large one's, a small one's): every header, PAX ones
+// included, is on a block boundary, and GNU tar reads every member back.
+TEST(TarAppend, MembersAfterOnesEndingMidBlockStayAligned) {
+  TempDir dir;
+  std::string path = dir.Join("m.nemo");
+  ASSERT_EQ(Sh("cp " + ShellQuote(TestData("tiny_gpt.nemo")) + " " + ShellQuote(path)).exit_code,
+            0);
+  UniqueFd fd(::open(path.c_str(), O_RDWR));
+  const std::string big((3u << 19) + 7, 'b');  // past the 1 MiB copied-in-pending limit
+  std::vector<NewMember> members(4);
+  members[0].name = "./w1.bin";
+  members[0].writer = [&](int out, uint64_t at) -> Result<uint64_t> {
+    NEMOFS_RETURN_IF_ERROR(PwriteFull(out, "writer-one", at, path));
+    return 10;
+  };
+  members[1].name = "./w2.bin";  // a writer right after a writer
+  members[1].writer = [&](int out, uint64_t at) -> Result<uint64_t> {
+    NEMOFS_RETURN_IF_ERROR(PwriteFull(out, "second", at, path));
+    return 6;
+  };
+  members[2].name = "./big.bin";
+  members[2].data = big;
+  members[3].name = "./" + std::string(120, 'l') + ".txt";  // a PAX path after the big one
+  members[3].data = "last";
+  for (auto& m : members) m.mtime = 1700000000;
+  auto r = AppendTarMembers(fd.get(), EndOf(path), members, path);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  auto gnu = Sh("cd " + ShellQuote(dir.path()) + " && mkdir x && tar -xf m.nemo -C x && cat x/w1.bin; "
+                "echo; cat x/w2.bin; echo; wc -c < x/big.bin; cat x/llll*.txt");
+  EXPECT_EQ(gnu.exit_code, 0) << gnu.err;
+  EXPECT_EQ(gnu.out, "writer-one\nsecond\n" + std::to_string(big.size()) + "\nlast") << gnu.err;
+}
+
 TEST(TarAppend, RefusesAnArchiveThatChanged) {
   TempDir dir;
   std::string path = dir.Join("m.nemo");
