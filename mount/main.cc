@@ -821,6 +821,10 @@ int RunRepack(const std::string& source, const std::string& out_arg, const Cache
   } else {
     fmt::print("{}: nothing to rewrite (its commits replace files whole)\n", *real);
   }
+  if (stats->dcp_reclaimed) {
+    fmt::print("{}: {} bytes of superseded distributed-checkpoint items reclaimed\n", *real,
+               stats->dcp_reclaimed);
+  }
   if (stats->orphans) {
     fmt::print("removed {} file{} ({} bytes) left by interrupted commits\n", stats->orphans,
                stats->orphans == 1 ? "" : "s", stats->orphan_bytes);

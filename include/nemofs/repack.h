@@ -27,6 +27,10 @@ struct RepackStats {
   // Files interrupted commits left (write/orphans.h), removed.
   uint64_t orphans = 0;
   uint64_t orphan_bytes = 0;
+  // DCP / torch_dist folders: superseded items dropped (their live items
+  // copied into a fresh .distcp, dist/dcp_writer.h RepackDcp).
+  uint64_t dcp_folders = 0;
+  uint64_t dcp_reclaimed = 0;
 };
 
 // A folder or single-file source (no archive to rewrite: its commits replace

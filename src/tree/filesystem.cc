@@ -459,6 +459,14 @@ Result<std::unique_ptr<Tree>> Filesystem::Impl::BuildTree(const FilesystemOption
        src.storage() == source::Storage::kCompressedTar)) {
     impl->rank_files = layout.weight_files;
   }
+  // DCP / torch_dist folders take new items in a new .distcp and a new
+  // .metadata (dist/dcp_writer.h); inside an archive they are read-only
+  // for structure (not yet), as zarr is.
+  if ((layout.dist_backend == "torch_dist" || layout.dist_backend == "dcp") &&
+      src.storage() == source::Storage::kFolder && impl->catalog.errors.empty()) {
+    impl->dcp = true;
+    impl->dcp_dir = layout.dist_dir;
+  }
   if (!layout.dist_backend.empty()) {
     for (const Entry& e : src.entries()) {
       if (e.type == EntryType::kFile &&

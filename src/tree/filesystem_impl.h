@@ -243,7 +243,11 @@ struct Tree {
   // its rank files, a change of a merged tensor split back to each by
   // catalog.merge's rules.
   std::vector<checkpoint::WeightFile> rank_files;
-  bool structural() const { return !structural_file.empty() || !rank_files.empty(); }
+  // Or a PyTorch DCP / Megatron torch_dist folder (a folder source): its
+  // folder, relative to the source's ("" = the source itself).
+  bool dcp = false;
+  std::string dcp_dir;
+  bool structural() const { return !structural_file.empty() || !rank_files.empty() || dcp; }
 
   // Blobs whose stored bytes no longer match what the tree shows (a chunk
   // file re-encoded by a tensor write has another size; a copy that could

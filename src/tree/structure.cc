@@ -22,9 +22,11 @@
 #include "checkpoint/merge.h"
 #include "checkpoint/npy.h"
 #include "checkpoint/tensor.h"
+#include "dist/dcp_writer.h"
 #include "torch/torch_file.h"
 #include "torch/torch_repack.h"
 #include "tree/filesystem_impl.h"
+#include "util/atomic_replace.h"
 #include "util/fd.h"
 
 namespace nemofs {
@@ -390,142 +392,183 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
   }
   if (adds.empty() && gone.empty()) return Ok();
 
-  // The weight files, parsed again (metadata only), and their edits: the
-  // one weight file, or the rank files a per-rank change splits back to.
   source::Source& src = *t->src;
   std::vector<std::unique_ptr<RepackJob>> jobs;
   std::vector<SpillBytes::View> slice_bytes;  // per-rank slices copied out
   std::string summary;
   auto note = [&](const std::string& what) { summary += (summary.empty() ? "" : ", ") + what; };
-  auto job_of = [&](const std::string& path) -> Result<RepackJob*> {
-    for (auto& j : jobs) {
-      if (j->path == path) return j.get();
-    }
-    auto j = std::make_unique<RepackJob>();
-    j->path = path;
-    j->entry = src.Find(path);
-    if (!j->entry) return Err(EIO, "{}: weight file {} vanished", options.source, path);
-    j->name = src.storage() == source::Storage::kFile ? src.path() : src.path() + ":" + path;
-    NEMOFS_ASSIGN_OR_RETURN(j->range, src.Locate(j->entry->blob));
-    j->reader = std::make_unique<FdReader>(j->range.fd, j->range.offset, j->range.length);
-    NEMOFS_ASSIGN_OR_RETURN(j->file, torch::LoadTorchFile(*j->reader, j->name));
-    jobs.push_back(std::move(j));
-    return jobs.back().get();
-  };
-  std::set<std::pair<bool, std::string>> replaced;  // keys a new tensor takes over
-  for (const auto& a : adds) replaced.emplace(a.optimizer, a.key);
-  if (t->rank_files.empty()) {
-    NEMOFS_ASSIGN_OR_RETURN(RepackJob * j, job_of(t->structural_file));
-    for (const auto& g : gone) {
-      if (replaced.count({g.optimizer, g.key}) && g.new_key.empty()) continue;  // set in place
-      NEMOFS_RETURN_IF_ERROR(AddGoneEdit(*j, g.optimizer, g.key, g.new_key));
-      note((g.new_key.empty() ? "deleted " : "renamed " + g.key + " to ") +
-           (g.new_key.empty() ? g.key : g.new_key));
-    }
-    for (const auto& a : adds) {
-      NEMOFS_ASSIGN_OR_RETURN(bool existed, AddSetEdit(*j, a.optimizer, a.key, a.dtype, a.shape,
-                                                       a.bytes.bytes));
-      note((existed ? "replaced " : "added ") + a.key);
-    }
-  } else {
-    const checkpoint::MergeConfig& cfg = *t->catalog.merge;
-    const RankKeys rank_keys(*t);
-    auto file_of = [&](int tp, int pp) -> const checkpoint::WeightFile* {
-      for (const auto& w : t->rank_files) {
-        if (w.tp == tp && w.pp == pp) return &w;
-      }
-      return nullptr;
-    };
+  std::string shown;
+  std::string how = o.committer->Describe();
+  uint64_t written = 0;
+  Status st = Ok();
+  if (t->dcp) {
+    // A distributed checkpoint: new items in a new .distcp, a new
+    // .metadata renamed over (its one commit point, dist/dcp_writer.h).
+    how = "new .distcp file and .metadata rename";
+    std::vector<dist::DcpEdit> edits;
+    std::set<std::pair<bool, std::string>> replaced;
+    for (const auto& a : adds) replaced.emplace(a.optimizer, a.key);
     for (const auto& g : gone) {
       if (replaced.count({g.optimizer, g.key}) && g.new_key.empty()) continue;
-      NEMOFS_ASSIGN_OR_RETURN(auto local, checkpoint::RankKeyOf(g.key, cfg));
-      std::string new_local;
-      if (!g.new_key.empty()) {
-        NEMOFS_ASSIGN_OR_RETURN(auto to, checkpoint::RankKeyOf(g.new_key, cfg));
-        new_local = to.first;
-      }
-      int files = 0;
-      for (const auto& w : t->rank_files) {
-        if (local.second >= 0 && w.pp != local.second) continue;
-        if (!rank_keys.Holds(w, local.first)) continue;
-        NEMOFS_ASSIGN_OR_RETURN(RepackJob * j, job_of(w.path));
-        NEMOFS_RETURN_IF_ERROR(AddGoneEdit(*j, false, local.first, new_local));
-        ++files;
-      }
-      note((g.new_key.empty() ? "deleted " + g.key : "renamed " + g.key + " to " + g.new_key) +
-           fmt::format(" ({} rank files)", files));
+      edits.push_back(g.new_key.empty() ? dist::DcpEdit::Remove(g.key)
+                                        : dist::DcpEdit::Rename(g.key, g.new_key));
+      note(g.new_key.empty() ? "deleted " + g.key : "renamed " + g.key + " to " + g.new_key);
     }
     for (const auto& a : adds) {
-      NEMOFS_ASSIGN_OR_RETURN(auto local, checkpoint::RankKeyOf(a.key, cfg));
-      const std::vector<int> stages = rank_keys.Stages(local.first);
-      NEMOFS_ASSIGN_OR_RETURN(auto slices, checkpoint::SplitForRanks(a.key, a.shape, cfg, stages));
-      bool existed = false;
-      for (const auto& sl : slices) {
-        const checkpoint::WeightFile* w = file_of(sl.tp, sl.pp);
-        if (!w) {
-          return Err(EIO, "{}: no rank file for TP rank {} of PP stage {}", options.source, sl.tp,
-                     sl.pp);
-        }
-        NEMOFS_ASSIGN_OR_RETURN(std::string_view part,
-                                SliceBytes(a.bytes.bytes, a.shape, a.dtype, sl, o.spill,
-                                           &slice_bytes));
-        NEMOFS_ASSIGN_OR_RETURN(RepackJob * j, job_of(w->path));
-        NEMOFS_ASSIGN_OR_RETURN(bool had, AddSetEdit(*j, false, sl.key, a.dtype, sl.shape, part));
-        existed |= had;
+      torch::NewTensor nt;
+      nt.dtype = a.dtype;
+      nt.shape = a.shape;
+      nt.bytes = a.bytes.bytes;
+      edits.push_back(dist::DcpEdit::SetTensor(a.key, std::move(nt)));
+      note("set " + a.key);
+    }
+    UniqueFd root(::open(src.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!root.valid()) return Err(errno, "{}: {}", src.path(), std::strerror(errno));
+    NEMOFS_ASSIGN_OR_RETURN(UniqueFd dir, OpenFolderBeneath(root.get(), src.path(), t->dcp_dir));
+    shown = t->dcp_dir.empty() ? src.path() : src.path() + "/" + t->dcp_dir;
+    auto loaded = dist::LoadDcpMetadata(dir.get(), shown);
+    if (!loaded.ok()) {
+      st = loaded.error();
+    } else {
+      auto done = dist::CommitDcpEdits(dir.get(), shown, *loaded, edits);
+      if (done.ok()) {
+        written = done->bytes_written;
+        for (const auto& n : done->notes) spdlog::info("{}: {}", shown, n);
+      } else {
+        st = done.error();
       }
-      note(fmt::format("{}{} ({} rank files)", existed ? "replaced " : "added ", a.key,
-                       slices.size()));
     }
-  }
-
-  // The new files, then their store: the one commit point of the kind. A
-  // plain tar takes them written in place after its last member (once);
-  // other kinds from temp files.
-  const bool in_place = o.committer->StreamsNewFiles();
-  uint64_t written = 0;
-  if (!in_place) {
-    for (auto& j : jobs) {
-      NEMOFS_RETURN_IF_ERROR(j->out.Create(o.spill->dir));
-      torch::TorchSource from{*j->reader, j->range.fd, j->range.offset};
-      NEMOFS_ASSIGN_OR_RETURN(j->packed,
-                              torch::RepackTorchFile(j->file, from, j->edits, j->out.fd(), 0, j->name));
-      NEMOFS_ASSIGN_OR_RETURN(j->bytes, j->out.Map(j->packed.bytes));
-    }
-  }
-  const std::string shown = jobs.size() == 1 ? jobs[0]->name
-                                             : fmt::format("{} ({} rank files)", src.path(), jobs.size());
-  auto progress = ProgressLogger(jobs.size() == 1 ? jobs[0]->path : src.path());
-  Status st = Ok();
-  if (src.storage() == source::Storage::kFile) {
-    st = o.committer->ReplaceSingleFile(jobs[0]->bytes, progress);
   } else {
-    struct timespec now {};
-    ::clock_gettime(CLOCK_REALTIME, &now);
-    std::vector<write::ConfigCommitter::NewFile> files;
-    for (auto& jp : jobs) {
-      RepackJob* j = jp.get();
-      write::ConfigCommitter::NewFile f;
-      f.path = j->path;
-      f.data = j->bytes;
-      f.mode = j->entry->mode & 07777;
-      f.mtime_sec = now.tv_sec;
-      f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
-      f.stored_before = true;  // it replaces the weight file
-      if (in_place) {
-        f.writer = [j](int fd, uint64_t offset) -> Result<uint64_t> {
-          torch::TorchSource from{*j->reader, j->range.fd, j->range.offset};
-          NEMOFS_ASSIGN_OR_RETURN(j->packed,
-                                  torch::RepackTorchFile(j->file, from, j->edits, fd, offset, j->name));
-          return j->packed.bytes;
-        };
+    // The weight files, parsed again (metadata only), and their edits: the
+    // one weight file, or the rank files a per-rank change splits back to.
+    auto job_of = [&](const std::string& path) -> Result<RepackJob*> {
+      for (auto& j : jobs) {
+        if (j->path == path) return j.get();
       }
-      files.push_back(std::move(f));
+      auto j = std::make_unique<RepackJob>();
+      j->path = path;
+      j->entry = src.Find(path);
+      if (!j->entry) return Err(EIO, "{}: weight file {} vanished", options.source, path);
+      j->name = src.storage() == source::Storage::kFile ? src.path() : src.path() + ":" + path;
+      NEMOFS_ASSIGN_OR_RETURN(j->range, src.Locate(j->entry->blob));
+      j->reader = std::make_unique<FdReader>(j->range.fd, j->range.offset, j->range.length);
+      NEMOFS_ASSIGN_OR_RETURN(j->file, torch::LoadTorchFile(*j->reader, j->name));
+      jobs.push_back(std::move(j));
+      return jobs.back().get();
+    };
+    std::set<std::pair<bool, std::string>> replaced;  // keys a new tensor takes over
+    for (const auto& a : adds) replaced.emplace(a.optimizer, a.key);
+    if (t->rank_files.empty()) {
+      NEMOFS_ASSIGN_OR_RETURN(RepackJob * j, job_of(t->structural_file));
+      for (const auto& g : gone) {
+        if (replaced.count({g.optimizer, g.key}) && g.new_key.empty()) continue;  // set in place
+        NEMOFS_RETURN_IF_ERROR(AddGoneEdit(*j, g.optimizer, g.key, g.new_key));
+        note((g.new_key.empty() ? "deleted " : "renamed " + g.key + " to ") +
+             (g.new_key.empty() ? g.key : g.new_key));
+      }
+      for (const auto& a : adds) {
+        NEMOFS_ASSIGN_OR_RETURN(bool existed, AddSetEdit(*j, a.optimizer, a.key, a.dtype, a.shape,
+                                                         a.bytes.bytes));
+        note((existed ? "replaced " : "added ") + a.key);
+      }
+    } else {
+      const checkpoint::MergeConfig& cfg = *t->catalog.merge;
+      const RankKeys rank_keys(*t);
+      auto file_of = [&](int tp, int pp) -> const checkpoint::WeightFile* {
+        for (const auto& w : t->rank_files) {
+          if (w.tp == tp && w.pp == pp) return &w;
+        }
+        return nullptr;
+      };
+      for (const auto& g : gone) {
+        if (replaced.count({g.optimizer, g.key}) && g.new_key.empty()) continue;
+        NEMOFS_ASSIGN_OR_RETURN(auto local, checkpoint::RankKeyOf(g.key, cfg));
+        std::string new_local;
+        if (!g.new_key.empty()) {
+          NEMOFS_ASSIGN_OR_RETURN(auto to, checkpoint::RankKeyOf(g.new_key, cfg));
+          new_local = to.first;
+        }
+        int files = 0;
+        for (const auto& w : t->rank_files) {
+          if (local.second >= 0 && w.pp != local.second) continue;
+          if (!rank_keys.Holds(w, local.first)) continue;
+          NEMOFS_ASSIGN_OR_RETURN(RepackJob * j, job_of(w.path));
+          NEMOFS_RETURN_IF_ERROR(AddGoneEdit(*j, false, local.first, new_local));
+          ++files;
+        }
+        note((g.new_key.empty() ? "deleted " + g.key : "renamed " + g.key + " to " + g.new_key) +
+             fmt::format(" ({} rank files)", files));
+      }
+      for (const auto& a : adds) {
+        NEMOFS_ASSIGN_OR_RETURN(auto local, checkpoint::RankKeyOf(a.key, cfg));
+        const std::vector<int> stages = rank_keys.Stages(local.first);
+        NEMOFS_ASSIGN_OR_RETURN(auto slices, checkpoint::SplitForRanks(a.key, a.shape, cfg, stages));
+        bool existed = false;
+        for (const auto& sl : slices) {
+          const checkpoint::WeightFile* w = file_of(sl.tp, sl.pp);
+          if (!w) {
+            return Err(EIO, "{}: no rank file for TP rank {} of PP stage {}", options.source, sl.tp,
+                       sl.pp);
+          }
+          NEMOFS_ASSIGN_OR_RETURN(std::string_view part,
+                                  SliceBytes(a.bytes.bytes, a.shape, a.dtype, sl, o.spill,
+                                             &slice_bytes));
+          NEMOFS_ASSIGN_OR_RETURN(RepackJob * j, job_of(w->path));
+          NEMOFS_ASSIGN_OR_RETURN(bool had, AddSetEdit(*j, false, sl.key, a.dtype, sl.shape, part));
+          existed |= had;
+        }
+        note(fmt::format("{}{} ({} rank files)", existed ? "replaced " : "added ", a.key,
+                         slices.size()));
+      }
     }
-    st = o.committer->StoreFiles(files, progress);
-  }
-  for (const auto& j : jobs) {
-    written += j->packed.bytes;
-    for (const auto& n : j->packed.notes) spdlog::info("{}: {}", j->name, n);
+
+    // The new files, then their store: the one commit point of the kind. A
+    // plain tar takes them written in place after its last member (once);
+    // other kinds from temp files.
+    const bool in_place = o.committer->StreamsNewFiles();
+    if (!in_place) {
+      for (auto& j : jobs) {
+        NEMOFS_RETURN_IF_ERROR(j->out.Create(o.spill->dir));
+        torch::TorchSource from{*j->reader, j->range.fd, j->range.offset};
+        NEMOFS_ASSIGN_OR_RETURN(j->packed,
+                                torch::RepackTorchFile(j->file, from, j->edits, j->out.fd(), 0, j->name));
+        NEMOFS_ASSIGN_OR_RETURN(j->bytes, j->out.Map(j->packed.bytes));
+      }
+    }
+    shown = jobs.size() == 1 ? jobs[0]->name
+                                               : fmt::format("{} ({} rank files)", src.path(), jobs.size());
+    auto progress = ProgressLogger(jobs.size() == 1 ? jobs[0]->path : src.path());
+    if (src.storage() == source::Storage::kFile) {
+      st = o.committer->ReplaceSingleFile(jobs[0]->bytes, progress);
+    } else {
+      struct timespec now {};
+      ::clock_gettime(CLOCK_REALTIME, &now);
+      std::vector<write::ConfigCommitter::NewFile> files;
+      for (auto& jp : jobs) {
+        RepackJob* j = jp.get();
+        write::ConfigCommitter::NewFile f;
+        f.path = j->path;
+        f.data = j->bytes;
+        f.mode = j->entry->mode & 07777;
+        f.mtime_sec = now.tv_sec;
+        f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+        f.stored_before = true;  // it replaces the weight file
+        if (in_place) {
+          f.writer = [j](int fd, uint64_t offset) -> Result<uint64_t> {
+            torch::TorchSource from{*j->reader, j->range.fd, j->range.offset};
+            NEMOFS_ASSIGN_OR_RETURN(j->packed,
+                                    torch::RepackTorchFile(j->file, from, j->edits, fd, offset, j->name));
+            return j->packed.bytes;
+          };
+        }
+        files.push_back(std::move(f));
+      }
+      st = o.committer->StoreFiles(files, progress);
+    }
+    for (const auto& j : jobs) {
+      written += j->packed.bytes;
+      for (const auto& n : j->packed.notes) spdlog::info("{}: {}", j->name, n);
+    }
   }
   if (!st.ok()) {
     spdlog::error("{}: structural changes not stored ({}): {}; the checkpoint is unchanged and "
@@ -560,7 +603,7 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   spdlog::info("stored tensor changes in {} ({}, {}): {} ({:.1f} MiB written) in {:.1f} ms", shown,
-               o.committer->Describe(), why, summary, static_cast<double>(written) / (1 << 20), ms);
+               how, why, summary, static_cast<double>(written) / (1 << 20), ms);
   if (Status reloaded = Reload("tensor changes stored", carry); !reloaded.ok()) {
     spdlog::error("{}: stored, but this mount cannot read it again: {}; remount to see it", shown,
                   reloaded.error().message());

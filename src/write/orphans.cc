@@ -1,14 +1,19 @@
 #include "write/orphans.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <string_view>
 
+#include "dist/dcp_writer.h"
 #include "source/source.h"
+#include "util/fd.h"
 
 namespace nemofs::write {
 namespace {
@@ -45,6 +50,25 @@ void Consider(const std::filesystem::directory_entry& e, std::string_view must_s
 
 }  // namespace
 
+std::vector<std::string> DcpFolders(const std::string& path) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  namespace fs = std::filesystem;
+  if (fs::is_regular_file(fs::path(path) / ".metadata", ec)) out.push_back(path);
+  for (fs::recursive_directory_iterator it(path, fs::directory_options::skip_permission_denied, ec),
+       end;
+       !ec && it != end; it.increment(ec)) {
+    if (it->is_symlink(ec)) {
+      it.disable_recursion_pending();
+      continue;
+    }
+    if (it->is_directory(ec) && fs::is_regular_file(it->path() / ".metadata", ec)) {
+      out.push_back(it->path().string());
+    }
+  }
+  return out;
+}
+
 std::vector<Orphan> FindOrphans(const std::string& path) {
   std::vector<Orphan> out;
   std::error_code ec;
@@ -59,6 +83,20 @@ std::vector<Orphan> FindOrphans(const std::string& path) {
         continue;
       }
       Consider(*it, "", &out);
+    }
+    // DCP folders: .distcp files a commit wrote that .metadata does not use.
+    for (const std::string& folder : DcpFolders(path)) {
+      UniqueFd fd(::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+      if (!fd.valid()) continue;
+      auto loaded = dist::LoadDcpMetadata(fd.get(), folder);
+      if (!loaded) continue;  // verify reports an unreadable .metadata itself
+      for (const std::string& name : dist::ListDcpOrphans(fd.get(), *loaded)) {
+        const std::string full = folder + "/" + name;
+        if (std::any_of(out.begin(), out.end(), [&](const Orphan& o) { return o.path == full; })) {
+          continue;
+        }
+        out.push_back({full, static_cast<uint64_t>(fs::file_size(full, ec))});
+      }
     }
     return out;
   }

@@ -24,6 +24,9 @@ struct Orphan {
 // entries named after it). Unreadable folders are skipped.
 std::vector<Orphan> FindOrphans(const std::string& path);
 
+// The folders of `path` (itself included) that hold a DCP .metadata.
+std::vector<std::string> DcpFolders(const std::string& path);
+
 // Removes them; the first failure is returned (the rest are still tried).
 Status RemoveOrphans(const std::vector<Orphan>& orphans);
 

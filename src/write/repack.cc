@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#include "dist/dcp_writer.h"
 #include "source/cache.h"
 #include "source/source.h"
 #include "source/tar_index.h"
@@ -78,7 +79,18 @@ Result<RepackStats> Repack(const std::string& source, const std::string& out,
     }
     NEMOFS_ASSIGN_OR_RETURN(struct stat st, Stat(source));
     stats.bytes_in = stats.bytes_out = static_cast<uint64_t>(st.st_size);
+    // What interrupted commits left first (not live items), then DCP
+    // folders' items superseded by structural commits.
     NEMOFS_RETURN_IF_ERROR(orphans());
+    if (src->storage() == source::Storage::kFolder) {
+      for (const std::string& folder : DcpFolders(source)) {
+        UniqueFd fd(::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+        if (!fd.valid()) return Err(errno, "{}: {}", folder, std::strerror(errno));
+        NEMOFS_ASSIGN_OR_RETURN(uint64_t freed, dist::RepackDcp(fd.get(), folder, 1));
+        ++stats.dcp_folders;
+        stats.dcp_reclaimed += freed;
+      }
+    }
     return stats;
   }
   uint64_t total = 0;

@@ -119,6 +119,68 @@ INSTANTIATE_TEST_SUITE_P(Sources, RankStructure,
                                            "gz:torch/tiny_gpt_tp2pp2.nemo"),
                          [](const auto& info) { return TestName(info.param); });
 
+// PyTorch DCP / Megatron torch_dist folders (a bare one, NeMo 2's
+// weights/): new items go to a new .distcp, a new .metadata is renamed
+// over; the old .distcp files are not rewritten. The oracle reads the
+// folder by PyTorch's read path (tests/tools/dcp_read.py).
+class DcpStructure : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(DcpStructure, ChangesGoToANewDistcpAndMetadata) {
+  TempDir dir;
+  const std::string fixture = GetParam().substr(0, GetParam().find(':'));
+  const std::string sub = GetParam().find(':') == std::string::npos
+                              ? ""
+                              : "/" + GetParam().substr(GetParam().find(':') + 1);
+  const std::string src = Source(fixture, dir);
+  const std::string orig = dir.Join("orig");
+  ASSERT_EQ(Sh("cp -a " + Q(src) + " " + Q(orig)).exit_code, 0);
+  const std::string plan = dir.Join("plan.json");
+  const std::string check = std::string(NEMOFS_SOURCE_DIR) + "/tests/mount/dcp_structure_check.py";
+  {
+    auto m = Mount::StartWritable(src);
+    ASSERT_TRUE(m);
+    auto r = Sh("/usr/bin/python3 " + Q(check) + " edit " + Q(m->path()) + " " + Q(plan), 120);
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+    EXPECT_EQ(Sh("diff -r " + Q(src) + " " + Q(orig)).exit_code, 0);
+    m->Unmount();
+    EXPECT_NE(m->Log().find("new .distcp file and .metadata rename"), std::string::npos)
+        << m->Log();
+  }
+  auto r = Sh("/usr/bin/python3 " + Q(check) + " check " + Q(orig + sub) + " " + Q(src + sub) +
+                  " " + Q(plan),
+              120);
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+  EXPECT_EQ(v.out.find("orphan:"), std::string::npos) << v.out;
+  // repack drops the superseded items (the deleted and replaced tensors'),
+  // and PyTorch's reader reads the same tensors after it.
+  const std::string digests =
+      "/usr/bin/python3 " + Q(std::string(NEMOFS_SOURCE_DIR) + "/tests/tools/dcp_read.py") + " " +
+      Q(src + sub) + " | /usr/bin/python3 -c \"import json,sys; d = json.load(sys.stdin); "
+      "print(json.dumps({k: v['sha256'] for k, v in d['tensors'].items()}, sort_keys=True))\"";
+  const std::string before_repack = Sh(digests).out;
+  auto rp = Sh(Q(NemofsBinary()) + " repack " + Q(src));
+  EXPECT_EQ(rp.exit_code, 0) << rp.out << rp.err;
+  EXPECT_NE(rp.out.find("bytes of superseded distributed-checkpoint items reclaimed"),
+            std::string::npos) << rp.out;
+  EXPECT_EQ(rp.out.find(": 0 bytes of superseded"), std::string::npos) << rp.out;
+  EXPECT_EQ(Sh(digests).out, before_repack);
+  EXPECT_GT(before_repack.size(), 10u);
+  // A fresh mount shows the new tensor.
+  auto again = Mount::Start(src);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(Sh("getfattr --only-values -n user.nemofs.shape " +
+               Q(again->path() + "/tensors/model.nemofs_head.weight")).out,
+            "[10,4]");
+  again->Unmount();
+}
+
+INSTANTIATE_TEST_SUITE_P(Sources, DcpStructure,
+                         ::testing::Values("dist/torch_dist_v23", "dist/torch_dist_v22",
+                                           "dist/nemo2:weights"),
+                         [](const auto& info) { return TestName(info.param); });
+
 // model.safetensors written back whole (copied out, changed: a key
 // dropped, values changed, a shape changed, a key added, and copied in):
 // its close stores the changes it implies; torch.load of the result is
@@ -267,7 +329,8 @@ TEST_P(StructureCrash, LeavesTheOldWeightsOrTheNew) {
   // A crash before the rename leaves the temp file: verify names it (the
   // checkpoint is fine: exit 0), repack removes it.
   const bool temp_left = c.step == "rewrite:written" || c.step == "folder:written" ||
-                         c.step == "file:written";
+                         c.step == "file:written" || c.step == "dcp:distcp-written" ||
+                         c.step == "dcp:metadata-written";
   EXPECT_EQ(v.out.find("orphan: ") != std::string::npos, temp_left) << v.out;
   auto rp = Sh(Q(NemofsBinary()) + " repack " + Q(src));
   EXPECT_EQ(rp.exit_code, 0) << rp.out << rp.err;
@@ -287,7 +350,10 @@ INSTANTIATE_TEST_SUITE_P(
                       CrashCase{"kind:extracted_nemo_folder", "folder:written", false},
                       CrashCase{"kind:extracted_nemo_folder", "folder:renamed", true},
                       CrashCase{"torch/lightning.ckpt", "file:written", false},
-                      CrashCase{"torch/lightning.ckpt", "file:renamed", true}),
+                      CrashCase{"torch/lightning.ckpt", "file:renamed", true},
+                      CrashCase{"dist/torch_dist_v23", "dcp:distcp-written", false},
+                      CrashCase{"dist/torch_dist_v23", "dcp:metadata-written", false},
+                      CrashCase{"dist/torch_dist_v23", "dcp:metadata-renamed", true}),
     [](const auto& info) { return TestName(info.param.source + "_" + info.param.step); });
 
 }  // namespace
@@ -355,7 +421,7 @@ TEST_P(StructureFullDisk, TheCommitFailsWithEnospcAndChangesNothing) {
     src = MakeSourceAt(kind, fs_dir + "/" + (kind.tar ? "src.nemo" : "src"));
   } else {
     src = fs_dir + "/" + std::filesystem::path(GetParam()).filename().string();
-    ASSERT_EQ(Sh("cp " + Q(TestData(GetParam())) + " " + Q(src)).exit_code, 0);
+    ASSERT_EQ(Sh("cp -a " + Q(TestData(GetParam())) + " " + Q(src)).exit_code, 0);
   }
   Sh("dd if=/dev/zero of=" + Q(fs_dir + "/fill") + " bs=4k");
   ASSERT_EQ(Sh("stat -f -c %a " + Q(fs_dir)).out, "0\n") << "the tmpfs is not full";
@@ -380,7 +446,8 @@ TEST_P(StructureFullDisk, TheCommitFailsWithEnospcAndChangesNothing) {
 
 INSTANTIATE_TEST_SUITE_P(Sources, StructureFullDisk,
                          ::testing::Values("kind:plain_tar", "kind:gzip_tar",
-                                           "kind:extracted_nemo_folder", "torch/lightning.ckpt"),
+                                           "kind:extracted_nemo_folder", "torch/lightning.ckpt",
+                                           "dist/torch_dist_v23"),
                          [](const auto& info) { return TestName(info.param); });
 
 // kill -9 of the daemon at random instants while a 32 MiB tensor is being
