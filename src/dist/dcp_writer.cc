@@ -19,6 +19,7 @@
 
 #include "torch/pickle_writer.h"
 #include "torch/tensor_save.h"
+#include "torch/value_arena.h"
 #include "util/atomic_replace.h"
 #include "util/fd.h"
 #include "util/io.h"
@@ -29,6 +30,8 @@ namespace {
 
 using torch::Kind;
 using torch::Value;
+using torch::ValueArena;
+using torch::InvalidEdit;
 
 constexpr uint64_t kMaxMetadataBytes = 1ull << 30;
 constexpr uint8_t kNewObj = 0x81;
@@ -238,28 +241,7 @@ class Editor {
  private:
   template <typename... Args>
   Error Fail(fmt::format_string<Args...> format, Args&&... args) const {
-    return Err(EINVAL, "{}: {}", name_, fmt::format(format, std::forward<Args>(args)...));
-  }
-
-  Value* New(Kind k) {
-    arena_.emplace_back();
-    arena_.back().kind = k;
-    return &arena_.back();
-  }
-  Value* Str(std::string s) {
-    Value* v = New(Kind::kString);
-    v->str = std::move(s);
-    return v;
-  }
-  Value* Int(int64_t i) {
-    Value* v = New(Kind::kInt);
-    v->integer = i;
-    return v;
-  }
-  Value* Tuple(std::vector<const Value*> items) {
-    Value* v = New(Kind::kTuple);
-    v->items = std::move(items);
-    return v;
+    return InvalidEdit(name_, format, std::forward<Args>(args)...);
   }
   // The file's global `module.name` (memoised there: written once, then
   // fetched), else one of that name under another module, else a new one.
@@ -270,25 +252,25 @@ class Editor {
       if (any_module && !by_name && v->Is(Kind::kGlobal) && v->name == name) by_name = v.get();
     }
     if (by_name) return by_name;
-    Value* g = New(Kind::kGlobal);
+    Value* g = arena_.New(Kind::kGlobal);
     g->str = module;
     g->name = name;
     return g;
   }
   // torch.Size((dims...)) as the file writes it.
   Value* Size(const std::vector<int64_t>& dims) {
-    Value* inner = New(Kind::kTuple);
-    for (int64_t d : dims) inner->items.push_back(Int(d));
-    Value* call = New(Kind::kCall);
+    Value* inner = arena_.New(Kind::kTuple);
+    for (int64_t d : dims) inner->items.push_back(arena_.Int(d));
+    Value* call = arena_.New(Kind::kCall);
     call->opcode = kReduce;
     call->callable = size_global_;
-    call->args = Tuple({inner});
+    call->args = arena_.Tuple({inner});
     return call;
   }
   // A new instance like `tmpl` (its class reference, NEWOBJ arguments and
   // state form), or NEWOBJ of module.cls.
   Value* ObjectLike(const Value* tmpl, std::string_view module, std::string_view cls) {
-    Value* o = New(Kind::kObject);
+    Value* o = arena_.New(Kind::kObject);
     if (tmpl) {
       *o = *tmpl;
       o->state = nullptr;
@@ -296,7 +278,7 @@ class Editor {
     }
     o->opcode = kNewObj;
     o->callable = Global(module, cls, true);
-    o->args = New(Kind::kTuple);
+    o->args = arena_.New(Kind::kTuple);
     return o;
   }
   // A state dict with `fields`, keyed (and ordered) like the template's
@@ -305,7 +287,7 @@ class Editor {
   void SetState(Value* obj, const Value* tmpl,
                 const std::vector<std::pair<std::string, const Value*>>& fields) {
     const Value* ts = State(tmpl);
-    Value* d = New(Kind::kDict);
+    Value* d = arena_.New(Kind::kDict);
     std::set<std::string> done;
     if (ts) {
       for (const auto& [k, v] : ts->entries) {
@@ -320,17 +302,17 @@ class Editor {
       }
     }
     for (const auto& [n, fv] : fields) {
-      if (!done.count(n)) d->entries.emplace_back(Str(n), fv);
+      if (!done.count(n)) d->entries.emplace_back(arena_.Str(n), fv);
     }
     if (tmpl && tmpl->state && tmpl->state->Is(Kind::kTuple) && tmpl->state->items.size() == 2) {
-      obj->state = Tuple({tmpl->state->items[0], d});  // (None, {...}) form
+      obj->state = arena_.Tuple({tmpl->state->items[0], d});  // (None, {...}) form
     } else {
       obj->state = d;
     }
   }
   // A copy of `obj` whose state has field `name` = `value`.
   Value* WithField(const Value* obj, const std::string& name, const Value* value) {
-    Value* o = New(obj->kind);
+    Value* o = arena_.New(obj->kind);
     *o = *obj;
     SetState(o, obj, {{name, value}});
     return o;
@@ -370,7 +352,7 @@ class Editor {
 
   const LoadedDcp& loaded_;
   const std::string& name_;
-  std::deque<Value> arena_;
+  ValueArena arena_;
   std::unordered_map<const Value*, const Value*> replace_;
   std::vector<std::string> notes_;
   std::set<std::string> flattened_;
@@ -442,20 +424,20 @@ Status Editor::Init() {
   }
   if (!size_global_) size_global_ = Global("torch", "Size", false);
   if (!layout_) {
-    Value* call = New(Kind::kCall);
+    Value* call = arena_.New(Kind::kCall);
     call->opcode = kReduce;
     call->callable = Global("torch.serialization", "_get_layout", false);
-    call->args = Tuple({Str("torch.strided")});
+    call->args = arena_.Tuple({arena_.Str("torch.strided")});
     layout_ = call;
   }
   if (!mem_format_) {
-    Value* call = New(Kind::kCall);
+    Value* call = arena_.New(Kind::kCall);
     call->opcode = kReduce;
     call->callable = Global("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING", false);
-    call->args = Tuple({Int(0)});
+    call->args = arena_.Tuple({arena_.Int(0)});
     mem_format_ = call;
   }
-  path_ = Str("");
+  path_ = arena_.Str("");
   return Ok();
 }
 
@@ -467,20 +449,20 @@ Result<const Value*> Editor::MakeTensorMetadata(const torch::NewTensor& t) {
   Value* props = ObjectLike(props_t_, kMeta, "TensorProperties");
   const Value* pstate = props_t_ ? props_t_->state : nullptr;
   if (pstate && pstate->Is(Kind::kTuple) && !pstate->items.empty()) {
-    Value* tuple = Tuple(pstate->items);
+    Value* tuple = arena_.Tuple(pstate->items);
     tuple->items[0] = dtype;
     props->state = tuple;
   } else if (State(props_t_)) {
     SetState(props, props_t_, {{"dtype", dtype}});
   } else {
-    Value* no = New(Kind::kBool);
-    props->state = Tuple({dtype, layout_, no, mem_format_, no});
+    Value* no = arena_.New(Kind::kBool);
+    props->state = arena_.Tuple({dtype, layout_, no, mem_format_, no});
   }
 
   std::vector<int64_t> zeros(t.shape.size(), 0);
   Value* chunk = ObjectLike(chunk_t_, kMeta, "ChunkStorageMetadata");
   SetState(chunk, chunk_t_, {{"offsets", Size(zeros)}, {"sizes", Size(t.shape)}});
-  Value* chunks = New(Kind::kList);
+  Value* chunks = arena_.New(Kind::kList);
   chunks->items.push_back(chunk);
 
   Value* tsm = ObjectLike(tsm_t_, kMeta, "TensorStorageMetadata");
@@ -508,7 +490,7 @@ Status Editor::Apply(const DcpEdit& e) {
       if (FindKey(e.to) != npos) {
         return Fail("cannot rename {} to {}: that key exists", e.fqn, e.to);
       }
-      const Value* key = Str(e.to);
+      const Value* key = arena_.Str(e.to);
       sdm_[i].first = key;
       for (auto& [index, info] : sd_) {
         if (FqnOf(index) == e.fqn) index = WithField(index, "fqn", key);
@@ -522,7 +504,7 @@ Status Editor::Apply(const DcpEdit& e) {
               fmt::format("{}: planner_data of {} was a nested path; {} is mapped to the top level",
                           name_, e.fqn, e.to));
         }
-        planner_[p] = {key, Tuple({key})};
+        planner_[p] = {key, arena_.Tuple({key})};
       }
       if (size_t m = FindIn(mcore_, e.fqn); m != npos) mcore_[m].first = key;
       return Ok();
@@ -539,28 +521,28 @@ Status Editor::Apply(const DcpEdit& e) {
         sdm_[i].second = tsm;
         EraseStorage(e.fqn);
       } else {
-        key = Str(e.fqn);
+        key = arena_.Str(e.fqn);
         sdm_.emplace_back(key, tsm);
       }
       std::vector<int64_t> zeros(e.tensor.shape.size(), 0);
       Value* index = ObjectLike(index_t_, "torch.distributed.checkpoint.metadata", "MetadataIndex");
-      SetState(index, index_t_, {{"fqn", key}, {"offset", Size(zeros)}, {"index", Int(0)}});
+      SetState(index, index_t_, {{"fqn", key}, {"offset", Size(zeros)}, {"index", arena_.Int(0)}});
       Value* info = ObjectLike(info_t_, "torch.distributed.checkpoint.filesystem", "_StorageInfo");
-      Value* offset = Int(0);
-      Value* length = Int(0);
+      Value* offset = arena_.Int(0);
+      Value* length = arena_.Int(0);
       std::vector<std::pair<std::string, const Value*>> fields = {
           {"relative_path", path_}, {"offset", offset}, {"length", length}};
       if (Field(info_t_, "transform_descriptors")) {
-        fields.emplace_back("transform_descriptors", New(Kind::kList));
+        fields.emplace_back("transform_descriptors", arena_.New(Kind::kList));
       }
       SetState(info, info_t_, fields);
       sd_.emplace_back(index, info);
       pending_.push_back({&e.tensor, e.fqn, offset, length, info});
       if (planner_orig_ && FindIn(planner_, e.fqn) == npos) {
-        planner_.emplace_back(key, Tuple({key}));
+        planner_.emplace_back(key, arena_.Tuple({key}));
       }
       if (mcore_orig_ && FindIn(mcore_, e.fqn) == npos) {
-        mcore_.emplace_back(key, New(Kind::kDict));
+        mcore_.emplace_back(key, arena_.New(Kind::kDict));
       }
       return Ok();
     }
@@ -582,7 +564,7 @@ const std::unordered_map<const Value*, const Value*>& Editor::Finish() {
   auto swap_in = [&](const Value* orig,
                      const std::vector<std::pair<const Value*, const Value*>>& entries) {
     if (!orig || orig->entries == entries) return;
-    Value* c = New(Kind::kDict);
+    Value* c = arena_.New(Kind::kDict);
     *c = *orig;
     c->entries = entries;
     replace_[orig] = c;

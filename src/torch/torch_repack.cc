@@ -7,6 +7,7 @@
 #include <unordered_set>
 
 #include "torch/pickle_writer.h"
+#include "torch/value_arena.h"
 #include "torch/zip_reader.h"
 
 namespace nemofs::torch {
@@ -43,23 +44,7 @@ class Repacker {
  private:
   template <typename... Args>
   Error Fail(fmt::format_string<Args...> format, Args&&... args) const {
-    return Err(EINVAL, "{}: {}", name_, fmt::format(format, std::forward<Args>(args)...));
-  }
-
-  Value* New(Kind k) {
-    arena_.emplace_back();
-    arena_.back().kind = k;
-    return &arena_.back();
-  }
-  Value* Str(std::string s) {
-    Value* v = New(Kind::kString);
-    v->str = std::move(s);
-    return v;
-  }
-  Value* Int(int64_t i) {
-    Value* v = New(Kind::kInt);
-    v->integer = i;
-    return v;
+    return InvalidEdit(name_, format, std::forward<Args>(args)...);
   }
   // An existing global of the file (written once and then fetched from the
   // memo, as torch.save would), else a new one.
@@ -67,7 +52,7 @@ class Repacker {
     for (const auto& v : file_.pickle.arena) {
       if (v->IsGlobal(module, name)) return v.get();
     }
-    Value* g = New(Kind::kGlobal);
+    Value* g = arena_.New(Kind::kGlobal);
     g->str = module;
     g->name = name;
     return g;
@@ -76,7 +61,7 @@ class Repacker {
   Result<Value*> Copy(const Value* dict) {
     if (auto it = copies_.find(dict); it != copies_.end()) return it->second;
     if (!dict || !dict->Is(Kind::kDict)) return Fail("the edited value is not a dict");
-    Value* c = New(Kind::kDict);
+    Value* c = arena_.New(Kind::kDict);
     *c = *dict;
     copies_.emplace(dict, c);
     replace_[dict] = c;
@@ -108,7 +93,7 @@ class Repacker {
   const TorchFile& file_;
   const TorchSource& src_;
   const std::string& name_;
-  std::deque<Value> arena_;
+  ValueArena arena_;
   std::unordered_map<const Value*, Value*> copies_;
   std::unordered_map<const Value*, const Value*> replace_;
   std::set<std::string> used_keys_;
@@ -146,33 +131,33 @@ Result<const Value*> Repacker::MakeTensor(const NewTensor& t, const std::string&
   }
   std::string key = FreshKey();
   bool typed = !info.storage.empty();
-  if (!storage_str_) storage_str_ = Str("storage");
-  if (!cpu_str_) cpu_str_ = Str("cpu");
-  Value* pid_tuple = New(Kind::kTuple);
+  if (!storage_str_) storage_str_ = arena_.Str("storage");
+  if (!cpu_str_) cpu_str_ = arena_.Str("cpu");
+  Value* pid_tuple = arena_.New(Kind::kTuple);
   pid_tuple->items = {storage_str_,
                       Global("torch", typed ? info.storage : std::string_view("UntypedStorage")),
-                      Str(key), cpu_str_, Int(static_cast<int64_t>(typed ? numel : nbytes))};
-  Value* pid = New(Kind::kPersistentId);
+                      arena_.Str(key), cpu_str_, arena_.Int(static_cast<int64_t>(typed ? numel : nbytes))};
+  Value* pid = arena_.New(Kind::kPersistentId);
   pid->args = pid_tuple;
-  Value* size = New(Kind::kTuple);
-  Value* stride = New(Kind::kTuple);
+  Value* size = arena_.New(Kind::kTuple);
+  Value* stride = arena_.New(Kind::kTuple);
   std::vector<int64_t> strides(t.shape.size(), 1);
   for (size_t i = t.shape.size(); i-- > 1;) {
     strides[i - 1] = strides[i] * std::max<int64_t>(t.shape[i], 1);
   }
   for (size_t i = 0; i < t.shape.size(); ++i) {
-    size->items.push_back(Int(t.shape[i]));
-    stride->items.push_back(Int(strides[i]));
+    size->items.push_back(arena_.Int(t.shape[i]));
+    stride->items.push_back(arena_.Int(strides[i]));
   }
-  Value* hooks = New(Kind::kDict);  // OrderedDict(): GLOBAL, EMPTY_TUPLE, REDUCE
+  Value* hooks = arena_.New(Kind::kDict);  // OrderedDict(): GLOBAL, EMPTY_TUPLE, REDUCE
   hooks->opcode = 'R';
   hooks->callable = Global("collections", "OrderedDict");
-  hooks->args = New(Kind::kTuple);
-  Value* no_grad = New(Kind::kBool);
-  Value* args = New(Kind::kTuple);
-  args->items = {pid, Int(0), size, stride, no_grad, hooks};
+  hooks->args = arena_.New(Kind::kTuple);
+  Value* no_grad = arena_.New(Kind::kBool);
+  Value* args = arena_.New(Kind::kTuple);
+  args->items = {pid, arena_.Int(0), size, stride, no_grad, hooks};
   if (!typed) args->items.push_back(Global("torch", info.name));
-  Value* call = New(Kind::kCall);
+  Value* call = arena_.New(Kind::kCall);
   call->opcode = 'R';
   call->callable = Global("torch._utils", typed ? "_rebuild_tensor_v2" : "_rebuild_tensor_v3");
   call->args = args;
@@ -206,14 +191,14 @@ Status Repacker::Apply(const TorchEdit& e) {
       if (find_name(e.name) != d->entries.end()) {
         return Fail("cannot rename {} to '{}': that key exists", KeyText(e.key), e.name);
       }
-      it->first = Str(e.name);
+      it->first = arena_.Str(e.name);
       return Ok();
     }
     case TorchEdit::Op::kSetTensor: {
       NEMOFS_ASSIGN_OR_RETURN(const Value* t, MakeTensor(e.tensor, "'" + e.name + "'"));
       auto it = find_name(e.name);
       if (it == d->entries.end()) {
-        d->entries.emplace_back(Str(e.name), t);
+        d->entries.emplace_back(arena_.Str(e.name), t);
       } else {
         replaced_.emplace_back(it->second, e.name);
         it->second = t;
@@ -309,9 +294,9 @@ Result<RepackResult> Repacker::Run(const std::vector<TorchEdit>& edits, int out_
       if (nk == legacy_keys.end()) {
         return Fail("legacy storage '{}' is used by no readable tensor", key->str);
       }
-      Value* fresh = New(Kind::kTuple);
+      Value* fresh = arena_.New(Kind::kTuple);
       fresh->items.assign(t->items.begin(), t->items.begin() + 5);
-      fresh->items[2] = Str(nk->second);
+      fresh->items[2] = arena_.Str(nk->second);
       replace_[t] = fresh;
     }
   }
