@@ -458,6 +458,9 @@ Result<std::unique_ptr<Tree>> Filesystem::Impl::BuildTree(const FilesystemOption
       (src.storage() == source::Storage::kPlainTar ||
        src.storage() == source::Storage::kCompressedTar)) {
     impl->rank_files = layout.weight_files;
+    for (const auto& r : impl->catalog.ranks) {
+      for (const auto& x : r.tensors) impl->rank_keys.emplace(r.name, x.key);
+    }
   }
   // DCP / torch_dist folders take new items in a new .distcp and a new
   // .metadata (dist/dcp_writer.h); inside an archive they are read-only

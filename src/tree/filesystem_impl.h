@@ -243,6 +243,9 @@ struct Tree {
   // its rank files, a change of a merged tensor split back to each by
   // catalog.merge's rules.
   std::vector<checkpoint::WeightFile> rank_files;
+  // Which rank file holds which of its own keys: (rank folder "tp0_pp1",
+  // key) of every model tensor of every rank, set with rank_files.
+  std::set<std::pair<std::string, std::string>> rank_keys;
   // Or a PyTorch DCP / Megatron torch_dist folder (a folder source): its
   // folder, relative to the source's ("" = the source itself).
   bool dcp = false;

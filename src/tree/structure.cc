@@ -134,17 +134,12 @@ Result<bool> AddSetEdit(RepackJob& j, bool optimizer, const std::string& key, to
   return at.key != nullptr;
 }
 
-// Which rank files hold which of their own keys (model tensors), by rank
-// folder name ("tp0_pp1") and key.
+// Which rank files hold which of their own keys (Tree::rank_keys).
 class RankKeys {
  public:
-  explicit RankKeys(const Tree& t) : t_(t) {
-    for (const auto& r : t.catalog.ranks) {
-      for (const auto& x : r.tensors) have_.emplace(r.name, x.key);
-    }
-  }
+  explicit RankKeys(const Tree& t) : t_(t) {}
   bool Holds(const checkpoint::WeightFile& w, const std::string& key) const {
-    return have_.count({fmt::format("tp{}_pp{}", w.tp, w.pp), key}) != 0;
+    return t_.rank_keys.count({fmt::format("tp{}_pp{}", w.tp, w.pp), key}) != 0;
   }
   // The PP stages whose rank files hold `key` (none: a new key).
   std::vector<int> Stages(const std::string& key) const {
@@ -157,7 +152,6 @@ class RankKeys {
 
  private:
   const Tree& t_;
-  std::set<std::pair<std::string, std::string>> have_;
 };
 
 // The bytes of a slice of global tensor bytes `global` (C order): a view
