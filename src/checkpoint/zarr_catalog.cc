@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/dist_catalog.h"
+#include "checkpoint/zarr.h"
 #include "nemofs/strings.h"
 #include "util/atomic_replace.h"
 #include "util/fd.h"
@@ -24,22 +25,6 @@
 
 namespace nemofs::checkpoint {
 namespace {
-
-std::optional<torch::DType> ZarrDType(const std::string& s) {
-  static const std::pair<const char*, torch::DType> kMap[] = {
-      {"<f8", torch::DType::kFloat64},   {"<f4", torch::DType::kFloat32},
-      {"<f2", torch::DType::kFloat16},   {"bfloat16", torch::DType::kBFloat16},
-      {"<i8", torch::DType::kInt64},     {"<i4", torch::DType::kInt32},
-      {"<i2", torch::DType::kInt16},     {"|i1", torch::DType::kInt8},
-      {"|u1", torch::DType::kUInt8},     {"|b1", torch::DType::kBool},
-      {"<c8", torch::DType::kComplex64}, {"<c16", torch::DType::kComplex128},
-      {"<u2", torch::DType::kUInt16},    {"<u4", torch::DType::kUInt32},
-      {"<u8", torch::DType::kUInt64}};
-  for (const auto& [name, dt] : kMap) {
-    if (s == name) return dt;
-  }
-  return std::nullopt;
-}
 
 // fill_value as the bytes of one element; "" when null.
 std::string FillBytes(const nlohmann::json& v, torch::DType dt) {

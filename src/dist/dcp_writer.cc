@@ -576,6 +576,13 @@ const std::unordered_map<const Value*, const Value*>& Editor::Finish() {
   return replace_;
 }
 
+Status ParseLoaded(LoadedDcp* out, const std::string& what) {
+  out->protocol = torch::PickleProtocol(out->bytes);
+  NEMOFS_ASSIGN_OR_RETURN(out->pickle, torch::Unpickle(out->bytes, what));
+  NEMOFS_ASSIGN_OR_RETURN(out->md, ParseDcpMetadata(out->pickle, what));
+  return Ok();
+}
+
 }  // namespace
 
 DcpEdit DcpEdit::Remove(std::string fqn) {
@@ -624,61 +631,111 @@ Result<LoadedDcp> LoadDcpMetadata(int dir_fd, const std::string& name) {
   out.mode = st.st_mode & 07777;
   out.uid = st.st_uid;
   out.gid = st.st_gid;
-  out.protocol = torch::PickleProtocol(out.bytes);
-  NEMOFS_ASSIGN_OR_RETURN(out.pickle, torch::Unpickle(out.bytes, what));
-  NEMOFS_ASSIGN_OR_RETURN(out.md, ParseDcpMetadata(out.pickle, what));
+  NEMOFS_RETURN_IF_ERROR(ParseLoaded(&out, what));
   return out;
 }
 
-Result<DcpCommitResult> CommitDcpEdits(int dir_fd, const std::string& name, const LoadedDcp& loaded,
-                                       const std::vector<DcpEdit>& edits) {
+Result<LoadedDcp> ParseDcpMetadataBytes(std::string bytes, const std::string& what) {
+  if (bytes.size() > kMaxMetadataBytes) {
+    return Err(EFBIG, "{}: {} bytes is more than nemofs reads ({})", what, bytes.size(),
+               kMaxMetadataBytes);
+  }
+  LoadedDcp out;
+  out.bytes = std::move(bytes);
+  out.size = static_cast<off_t>(out.bytes.size());
+  NEMOFS_RETURN_IF_ERROR(ParseLoaded(&out, what));
+  return out;
+}
+
+std::string FreeDistcpName(const LoadedDcp& loaded, const std::set<std::string>& files) {
+  const std::set<std::string> referenced = ReferencedFiles(loaded);
+  for (uint64_t n = 0;; ++n) {
+    std::string file = fmt::format("{}{}_0{}", kDcpFilePrefix, n, kDistcpSuffix);
+    if (!referenced.count(file) && !files.count(file)) return file;
+  }
+}
+
+struct DcpCommitPlan::Impl {
+  Impl(const LoadedDcp& loaded, const std::string& name) : loaded(loaded), editor(loaded, name) {}
+  const LoadedDcp& loaded;
+  Editor editor;
+  std::vector<Editor::Pending*> items;
+};
+
+DcpCommitPlan::DcpCommitPlan() = default;
+DcpCommitPlan::~DcpCommitPlan() = default;
+bool DcpCommitPlan::has_items() const { return !impl_->items.empty(); }
+void DcpCommitPlan::SetNewFile(const std::string& file) { impl_->editor.SetNewFile(file); }
+std::vector<std::string>& DcpCommitPlan::notes() { return impl_->editor.notes(); }
+
+Result<uint64_t> DcpCommitPlan::WriteItems(int fd, uint64_t offset, const std::string& shown) {
+  uint64_t at = 0;
+  for (Editor::Pending* p : impl_->items) {
+    NEMOFS_ASSIGN_OR_RETURN(auto saved,
+                            torch::SaveTensorZip(*p->tensor, fd, offset + at, shown + ": " + p->fqn));
+    p->offset->integer = static_cast<int64_t>(at);
+    p->length->integer = static_cast<int64_t>(saved.bytes);
+    at += saved.bytes;
+  }
+  return at;
+}
+
+Result<std::string> DcpCommitPlan::Metadata(const std::string& shown) {
+  torch::PickleWriteOptions options;
+  options.replace = &impl_->editor.Finish();
+  auto pickle = torch::WritePickle(impl_->loaded.pickle.root, impl_->loaded.protocol, options);
+  if (!pickle) return pickle.error().Context(shown);
+  return std::move(*pickle);
+}
+
+Result<std::unique_ptr<DcpCommitPlan>> PlanDcpEdits(const LoadedDcp& loaded,
+                                                    const std::string& name,
+                                                    const std::vector<DcpEdit>& edits) {
   if (!loaded.pickle.root) return Err(EINVAL, "{}: no parsed {}", name, kDcpMetadataName);
   if (loaded.protocol < 2 || loaded.protocol > 5) {
     return Err(EINVAL, "{}/{}: pickle protocol {} cannot be re-emitted (2 to 5 can)", name,
                kDcpMetadataName, loaded.protocol);
   }
+  std::unique_ptr<DcpCommitPlan> plan(new DcpCommitPlan());
+  plan->impl_ = std::make_unique<DcpCommitPlan::Impl>(loaded, name);
+  NEMOFS_RETURN_IF_ERROR(plan->impl_->editor.Init());
+  for (const auto& e : edits) NEMOFS_RETURN_IF_ERROR(plan->impl_->editor.Apply(e));
+  plan->impl_->items = plan->impl_->editor.LivePending();
+  return plan;
+}
+
+Result<DcpCommitResult> CommitDcpEdits(int dir_fd, const std::string& name, const LoadedDcp& loaded,
+                                       const std::vector<DcpEdit>& edits) {
   NEMOFS_RETURN_IF_ERROR(CheckUnchanged(dir_fd, name, loaded));
-  Editor editor(loaded, name);
-  NEMOFS_RETURN_IF_ERROR(editor.Init());
-  for (const auto& e : edits) NEMOFS_RETURN_IF_ERROR(editor.Apply(e));
+  NEMOFS_ASSIGN_OR_RETURN(std::unique_ptr<DcpCommitPlan> plan, PlanDcpEdits(loaded, name, edits));
 
   DcpCommitResult result;
-  std::vector<Editor::Pending*> items = editor.LivePending();
   // Written only when the commit fails: the new file is then unreferenced.
   std::string created;
   auto fail = [&](Error err) -> Error {
     if (!created.empty()) ::unlinkat(dir_fd, created.c_str(), 0);
     return err;
   };
-  if (!items.empty()) {
+  if (plan->has_items()) {
     NEMOFS_ASSIGN_OR_RETURN(auto made, CreateDistcp(dir_fd, name, ReferencedFiles(loaded)));
     auto& [fd, file] = made;
     created = file;
-    editor.SetNewFile(file);
-    const std::string shown = name + "/" + file;
-    uint64_t at = 0;
-    for (Editor::Pending* p : items) {
-      auto saved = torch::SaveTensorZip(*p->tensor, fd.get(), at, shown + ": " + p->fqn);
-      if (!saved) return fail(saved.error());
-      p->offset->integer = static_cast<int64_t>(at);
-      p->length->integer = static_cast<int64_t>(saved->bytes);
-      at += saved->bytes;
-    }
+    plan->SetNewFile(file);
+    auto at = plan->WriteItems(fd.get(), 0, name + "/" + file);
+    if (!at) return fail(at.error());
     if (auto st = FinishDistcp(dir_fd, fd.get(), name, file, loaded); !st.ok()) {
       return fail(st.error());
     }
     result.distcp_file = file;
-    result.bytes_written = at;
+    result.bytes_written = *at;
   }
   write::MaybeCrash("dcp:distcp-written");
 
-  torch::PickleWriteOptions options;
-  options.replace = &editor.Finish();
-  auto pickle = torch::WritePickle(loaded.pickle.root, loaded.protocol, options);
-  if (!pickle) return fail(pickle.error().Context(name + "/" + kDcpMetadataName));
+  auto pickle = plan->Metadata(name + "/" + kDcpMetadataName);
+  if (!pickle) return fail(pickle.error());
   if (auto st = WriteMetadata(dir_fd, name, loaded, *pickle); !st.ok()) return fail(st.error());
   result.bytes_written += pickle->size();
-  result.notes = std::move(editor.notes());
+  result.notes = std::move(plan->notes());
   return result;
 }
 

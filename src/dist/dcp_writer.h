@@ -45,6 +45,8 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -103,6 +105,39 @@ struct DcpCommitResult {
 // checkpoint `loaded` was read from and commits them as described above.
 Result<DcpCommitResult> CommitDcpEdits(int dir_fd, const std::string& name, const LoadedDcp& loaded,
                                        const std::vector<DcpEdit>& edits);
+
+// The same edits for a checkpoint that is not a folder of its own (a DCP
+// folder inside a .nemo archive): the caller stores the new .distcp and
+// .metadata, as one commit of its container. PlanDcpEdits applies `edits`
+// (refusals as CommitDcpEdits'); then, when has_items(), SetNewFile names the
+// new .distcp (FreeDistcpName) and WriteItems writes its items back to back
+// into `fd` from `offset` (the file's byte 0); Metadata() is the new
+// .metadata after that.
+class DcpCommitPlan {
+ public:
+  ~DcpCommitPlan();
+  bool has_items() const;
+  void SetNewFile(const std::string& file);
+  Result<uint64_t> WriteItems(int fd, uint64_t offset, const std::string& shown);
+  Result<std::string> Metadata(const std::string& shown);
+  std::vector<std::string>& notes();
+
+ private:
+  friend Result<std::unique_ptr<DcpCommitPlan>> PlanDcpEdits(const LoadedDcp&, const std::string&,
+                                                             const std::vector<DcpEdit>&);
+  DcpCommitPlan();
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+Result<std::unique_ptr<DcpCommitPlan>> PlanDcpEdits(const LoadedDcp& loaded,
+                                                    const std::string& name,
+                                                    const std::vector<DcpEdit>& edits);
+// `.metadata` bytes read from anywhere (an archive member), parsed as
+// LoadDcpMetadata parses the file (no identity: dev/ino/mtime are 0).
+Result<LoadedDcp> ParseDcpMetadataBytes(std::string bytes, const std::string& what);
+// The first `__nemofs_<n>_0.distcp` that neither an item of `loaded` nor
+// one of `files` (the folder's file names) uses.
+std::string FreeDistcpName(const LoadedDcp& loaded, const std::set<std::string>& files);
 
 // Names (in the folder) of what interrupted commits left: `__nemofs_*.distcp`
 // files no item of `loaded` references, and .metadata temps of processes

@@ -147,10 +147,15 @@ Result<std::unique_ptr<Source>> DirectorySource::Open(const std::string& path) {
     std::string rel = p.generic_string().substr(prefix_len);
     // A config commit's temp file that a crash left behind (see
     // write/config_commit.h): never part of the checkpoint.
-    if (IsCommitTempName(p.filename().native())) continue;
+    if (IsCommitTempName(p.filename().native())) {
+      std::error_code dir_ec;
+      if (it->is_directory(dir_ec) && !it->is_symlink(dir_ec)) it.disable_recursion_pending();
+      continue;
+    }
     // The rollback journal of a patch in progress (rolled back before any
-    // open, so only a live mount's own): not part of the checkpoint either.
-    if (rel == kFolderJournalName) continue;
+    // open, so only a live mount's own) and a folder commit's journal
+    // (finished before any open): not part of the checkpoint either.
+    if (rel == kFolderJournalName || rel == kFolderCommitJournalName) continue;
     struct stat lst {};
     if (::lstat(p.c_str(), &lst) != 0) {
       skip(rel, std::strerror(errno));

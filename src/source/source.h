@@ -181,5 +181,9 @@ inline bool IsCommitTempName(std::string_view base) {
 // folder source (which does not show it).
 inline constexpr std::string_view kJournalSuffix = ".nemofs-journal";
 inline constexpr std::string_view kFolderJournalName = ".nemofs-journal";
+// The roll-forward journal of a folder's multi-path commit
+// (write/folder_txn.h), finished before any open: not part of the
+// checkpoint. Its stage folder is a commit temp (IsCommitTempName).
+inline constexpr std::string_view kFolderCommitJournalName = ".nemofs-commit";
 
 }  // namespace nemofs::source

@@ -26,6 +26,10 @@
 #include "util/spill.h"
 #include "write/config_commit.h"
 
+namespace nemofs::dist {
+struct DcpEdit;
+}  // namespace nemofs::dist
+
 namespace nemofs {
 
 // model.safetensors, synthesized: an 8-byte little-endian header length,
@@ -250,7 +254,14 @@ struct Tree {
   // folder, relative to the source's ("" = the source itself).
   bool dcp = false;
   std::string dcp_dir;
-  bool structural() const { return !structural_file.empty() || !rank_files.empty() || dcp; }
+  // Or a Megatron-Core zarr folder (a folder source): its folder, as dcp_dir.
+  // A change is arrays staged and moved in by one roll-forward journal
+  // (write/folder_txn.h).
+  bool zarr = false;
+  std::string zarr_dir;
+  bool structural() const {
+    return !structural_file.empty() || !rank_files.empty() || dcp || zarr;
+  }
 
   // Blobs whose stored bytes no longer match what the tree shows (a chunk
   // file re-encoded by a tensor write has another size; a copy that could
@@ -412,11 +423,13 @@ struct Filesystem::Impl {
   // tensor KEY; a raw file needs its dtype and shape. EINVAL (and, with
   // `remove_on_error`, the file removed) when it is no tensor. `overlay.mu` held.
   Status FinishNewTensorLocked(const std::shared_ptr<ScratchFile>& f, bool remove_on_error = true);
-  // Per-rank checkpoints (structure.cc): EINVAL with the reason when global
-  // tensor `key` of `shape` cannot be split back to the rank files, or
-  // (with `old_key`) when a rename would move it to other rank files or
-  // split it by another rule. Ok for every other kind.
-  Status CheckRankSplit(const Tree& t, const std::string& key, const std::vector<int64_t>& shape,
+  // Whether the checkpoint can store tensor `key` of `shape` (new, reshaped,
+  // or renamed from `old_key`), checked at the close, rename or setxattr
+  // (structure.cc); EINVAL with the reason when not:
+  // * per-rank: it cannot be split back to the rank files, or a rename
+  //   would move it to other rank files or split it by another rule;
+  // * zarr: the key cannot name an array folder (empty, '/', a leading '.').
+  Status CheckStoredKey(const Tree& t, const std::string& key, const std::vector<int64_t>& shape,
                         const std::string& old_key = "") const;
   // user.nemofs.dtype / user.nemofs.shape of a new tensor file.
   Status SetTensorXattr(uint64_t ino, std::string_view name, std::string_view value);
@@ -433,6 +446,10 @@ struct Filesystem::Impl {
   // an invalid file: nothing changes). `overlay.mu` not held.
   Status ApplySafetensors(const std::shared_ptr<ScratchFile>& f);
   // ---- structure.cc: the structural commit
+  // A DCP / torch_dist folder inside a .nemo archive: `edits` stored as a
+  // new .distcp member and a new .metadata member in one commit.
+  Status StoreDcpInArchive(const Tree& t, const std::vector<dist::DcpEdit>& edits,
+                           const std::string& shown, uint64_t* written);
   // Stores the structural changes (new, deleted, renamed tensors) by
   // repacking the weight file, then reads the checkpoint again (Reload).
   Status StoreStructure(std::string_view why);

@@ -13,6 +13,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -22,12 +23,15 @@
 #include "checkpoint/merge.h"
 #include "checkpoint/npy.h"
 #include "checkpoint/tensor.h"
+#include "checkpoint/zarr.h"
 #include "dist/dcp_writer.h"
 #include "torch/torch_file.h"
 #include "torch/torch_repack.h"
 #include "tree/filesystem_impl.h"
 #include "util/atomic_replace.h"
 #include "util/fd.h"
+#include "util/io.h"
+#include "write/folder_txn.h"
 
 namespace nemofs {
 namespace {
@@ -193,9 +197,14 @@ Result<std::string_view> SliceBytes(std::string_view global, const std::vector<i
 
 }  // namespace
 
-Status Filesystem::Impl::CheckRankSplit(const Tree& t, const std::string& key,
+Status Filesystem::Impl::CheckStoredKey(const Tree& t, const std::string& key,
                                         const std::vector<int64_t>& shape,
                                         const std::string& old_key) const {
+  if (t.zarr && (key.empty() || key.front() == '.' || key.find('/') != std::string::npos)) {
+    return Err(EINVAL, "'{}' cannot be the key of a zarr checkpoint's tensor: each key is the "
+               "name of its array's folder (no '/', no leading '.')",
+               key);
+  }
   if (t.rank_files.empty()) return Ok();
   const checkpoint::MergeConfig& cfg = *t.catalog.merge;
   const RankKeys rank_keys(t);
@@ -217,6 +226,77 @@ Status Filesystem::Impl::CheckRankSplit(const Tree& t, const std::string& key,
                "to the new name and delete the old one instead)",
                old_key, key);
   }
+  return Ok();
+}
+
+Status Filesystem::Impl::StoreDcpInArchive(const Tree& t, const std::vector<dist::DcpEdit>& edits,
+                                           const std::string& shown, uint64_t* written) {
+  source::Source& src = *t.src;
+  Overlay& o = overlay;
+  const std::string prefix = t.dcp_dir.empty() ? "" : t.dcp_dir + "/";
+  const std::string md_path = prefix + dist::kDcpMetadataName;
+  const source::Entry* md = src.Find(md_path);
+  if (!md) return Err(EIO, "{}: its {} vanished", shown, dist::kDcpMetadataName);
+  NEMOFS_ASSIGN_OR_RETURN(std::string bytes, src.ReadAll(*md, 1ull << 30));
+  NEMOFS_ASSIGN_OR_RETURN(dist::LoadedDcp loaded,
+                          dist::ParseDcpMetadataBytes(std::move(bytes), shown + "/" + md_path));
+  NEMOFS_ASSIGN_OR_RETURN(auto plan, dist::PlanDcpEdits(loaded, shown, edits));
+  std::set<std::string> files;
+  for (const auto& e : src.entries()) {
+    if (e.path.rfind(prefix, 0) == 0 && e.path.find('/', prefix.size()) == std::string::npos) {
+      files.insert(e.path.substr(prefix.size()));
+    }
+  }
+  struct timespec now {};
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  auto file_of = [&](const std::string& path, bool stored_before) {
+    write::ConfigCommitter::NewFile f;
+    f.path = path;
+    f.mode = md->mode & 07777;
+    f.mtime_sec = now.tv_sec;
+    f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+    f.stored_before = stored_before;
+    return f;
+  };
+  const bool in_place = o.committer->StreamsNewFiles();
+  std::vector<write::ConfigCommitter::NewFile> out;
+  RepackOutput items;  // not in place: the new .distcp, written first
+  std::string distcp;
+  uint64_t item_bytes = 0;
+  std::string metadata;
+  if (plan->has_items()) {
+    distcp = dist::FreeDistcpName(loaded, files);
+    plan->SetNewFile(distcp);
+    write::ConfigCommitter::NewFile f = file_of(prefix + distcp, false);
+    const std::string what = shown + "/" + distcp;
+    if (in_place) {
+      f.writer = [&plan, &item_bytes, what](int fd, uint64_t offset) -> Result<uint64_t> {
+        NEMOFS_ASSIGN_OR_RETURN(item_bytes, plan->WriteItems(fd, offset, what));
+        return item_bytes;
+      };
+    } else {
+      NEMOFS_RETURN_IF_ERROR(items.Create(o.spill->dir));
+      NEMOFS_ASSIGN_OR_RETURN(item_bytes, plan->WriteItems(items.fd(), 0, what));
+      NEMOFS_ASSIGN_OR_RETURN(f.data, items.Map(item_bytes));
+    }
+    out.push_back(std::move(f));
+  }
+  write::ConfigCommitter::NewFile m = file_of(md_path, true);
+  if (in_place) {
+    // After the items' writer: their offsets are in the new .metadata.
+    m.writer = [&plan, &metadata, shown, md_path](int fd, uint64_t offset) -> Result<uint64_t> {
+      NEMOFS_ASSIGN_OR_RETURN(metadata, plan->Metadata(shown + "/" + md_path));
+      NEMOFS_RETURN_IF_ERROR(PwriteFull(fd, metadata, offset, shown + "/" + md_path));
+      return metadata.size();
+    };
+  } else {
+    NEMOFS_ASSIGN_OR_RETURN(metadata, plan->Metadata(shown + "/" + md_path));
+    m.data = metadata;
+  }
+  out.push_back(std::move(m));
+  NEMOFS_RETURN_IF_ERROR(o.committer->StoreFiles(out, ProgressLogger(src.path())));
+  *written = item_bytes + metadata.size();
+  for (const auto& n : plan->notes()) spdlog::info("{}: {}", shown, n);
   return Ok();
 }
 
@@ -416,22 +496,67 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
       edits.push_back(dist::DcpEdit::SetTensor(a.key, std::move(nt)));
       note("set " + a.key);
     }
-    UniqueFd root(::open(src.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (!root.valid()) return Err(errno, "{}: {}", src.path(), std::strerror(errno));
-    NEMOFS_ASSIGN_OR_RETURN(UniqueFd dir, OpenFolderBeneath(root.get(), src.path(), t->dcp_dir));
-    shown = t->dcp_dir.empty() ? src.path() : src.path() + "/" + t->dcp_dir;
-    auto loaded = dist::LoadDcpMetadata(dir.get(), shown);
-    if (!loaded.ok()) {
-      st = loaded.error();
-    } else {
-      auto done = dist::CommitDcpEdits(dir.get(), shown, *loaded, edits);
-      if (done.ok()) {
-        written = done->bytes_written;
-        for (const auto& n : done->notes) spdlog::info("{}: {}", shown, n);
+    if (src.storage() == source::Storage::kFolder) {
+      UniqueFd root(::open(src.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+      if (!root.valid()) return Err(errno, "{}: {}", src.path(), std::strerror(errno));
+      NEMOFS_ASSIGN_OR_RETURN(UniqueFd dir, OpenFolderBeneath(root.get(), src.path(), t->dcp_dir));
+      shown = t->dcp_dir.empty() ? src.path() : src.path() + "/" + t->dcp_dir;
+      auto loaded = dist::LoadDcpMetadata(dir.get(), shown);
+      if (!loaded.ok()) {
+        st = loaded.error();
       } else {
-        st = done.error();
+        auto done = dist::CommitDcpEdits(dir.get(), shown, *loaded, edits);
+        if (done.ok()) {
+          written = done->bytes_written;
+          for (const auto& n : done->notes) spdlog::info("{}: {}", shown, n);
+        } else {
+          st = done.error();
+        }
       }
+    } else {
+      // Inside a .nemo archive: the new .distcp and the new .metadata are
+      // stored as two members in one commit of the archive (one append, the
+      // second superseding the old .metadata, or one rewrite).
+      how = o.committer->Describe() + " of a new .distcp and .metadata";
+      shown = src.path() + ":" + (t->dcp_dir.empty() ? "." : t->dcp_dir);
+      st = StoreDcpInArchive(*t, edits, shown, &written);
     }
+  } else if (t->zarr) {
+    // A zarr folder: each new tensor a new array folder, deleted ones
+    // moved out, renamed ones moved, all under one roll-forward journal
+    // (write/folder_txn.h).
+    how = "zarr arrays staged and moved in by one journal";
+    shown = src.path();
+    const std::string prefix = t->zarr_dir.empty() ? "" : t->zarr_dir + "/";
+    st = [&]() -> Status {
+      UniqueFd root(::open(src.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+      if (!root.valid()) return Err(errno, "{}: {}", src.path(), std::strerror(errno));
+      NEMOFS_ASSIGN_OR_RETURN(auto txn, write::FolderTransaction::Begin(root.get(), src.path()));
+      std::set<std::pair<bool, std::string>> replaced;
+      for (const auto& a : adds) replaced.emplace(a.optimizer, a.key);
+      for (const auto& g : gone) {
+        if (replaced.count({g.optimizer, g.key}) && g.new_key.empty()) continue;
+        if (g.new_key.empty()) {
+          NEMOFS_RETURN_IF_ERROR(txn->Remove(prefix + g.key));
+          note("deleted " + g.key);
+        } else {
+          NEMOFS_RETURN_IF_ERROR(txn->Move(prefix + g.key, prefix + g.new_key));
+          note("renamed " + g.key + " to " + g.new_key);
+        }
+      }
+      for (const auto& a : adds) {
+        NEMOFS_ASSIGN_OR_RETURN(UniqueFd dir, txn->NewFolder(prefix + a.key));
+        NEMOFS_RETURN_IF_ERROR(checkpoint::WriteZarrArray(dir.get(), shown + "/" + prefix + a.key,
+                                                          a.dtype, a.shape, a.bytes.bytes));
+        written += a.bytes.bytes.size();
+        const auto& list = a.optimizer ? t->catalog.optimizer : t->catalog.tensors;
+        const bool had = std::any_of(list.begin(), list.end(),
+                                     [&](const checkpoint::Tensor& x) { return x.key == a.key; });
+        note((had ? "replaced " : "added ") + a.key);
+      }
+      NEMOFS_RETURN_IF_ERROR(txn->Commit());
+      return Ok();
+    }();
   } else {
     // The weight files, parsed again (metadata only), and their edits: the
     // one weight file, or the rank files a per-rank change splits back to.

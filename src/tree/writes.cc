@@ -1345,7 +1345,7 @@ Status Filesystem::Impl::RenameTensor(uint64_t dir, std::string_view name,
   if (to == from) return Ok();
   if (to && (flags & RENAME_NOREPLACE)) return Err(EEXIST, "'{}' exists", new_name);
   if (const tree::Node* n = t->nodes.Get(from); n && n->tensor) {
-    if (Status st = CheckRankSplit(*t, checkpoint::UnescapeKey(new_name), n->tensor->shape,
+    if (Status st = CheckStoredKey(*t, checkpoint::UnescapeKey(new_name), n->tensor->shape,
                                    n->tensor->key);
         !st.ok()) {
       spdlog::error("rename of tensor file '{}' refused: {}", name, st.error().message());
@@ -1413,7 +1413,7 @@ Status Filesystem::Impl::FinishNewTensorLocked(const std::shared_ptr<ScratchFile
                                             f->name, h->nbytes(), torch::Info(h->dtype).name,
                                             h->numel(), f->data.size() - std::min(f->data.size(), h->data_offset))));
     }
-    if (Status st = CheckRankSplit(*Current(), checkpoint::UnescapeKey(f->name.substr(0, f->name.size() - 4)),
+    if (Status st = CheckStoredKey(*Current(), checkpoint::UnescapeKey(f->name.substr(0, f->name.size() - 4)),
                                    h->shape);
         !st.ok()) {
       return fail(Error(EINVAL, st.error().message()));
@@ -1463,7 +1463,7 @@ Status Filesystem::Impl::FinishNewTensorLocked(const std::shared_ptr<ScratchFile
                                           checkpoint::ShapeString(*f->shape), want,
                                           f->data.size())));
   }
-  if (Status st = CheckRankSplit(*Current(), checkpoint::UnescapeKey(f->name), *f->shape); !st.ok()) {
+  if (Status st = CheckStoredKey(*Current(), checkpoint::UnescapeKey(f->name), *f->shape); !st.ok()) {
     return fail(Error(EINVAL, st.error().message()));
   }
   return Ok();
@@ -1517,7 +1517,7 @@ Status Filesystem::Impl::SetTensorXattr(uint64_t ino, std::string_view name,
         if (fresh) tensor_writes.retyped.erase(r);
         return shape.error();
       }
-      if (Status st = CheckRankSplit(*t, n->tensor->key, *shape); !st.ok()) {
+      if (Status st = CheckStoredKey(*t, n->tensor->key, *shape); !st.ok()) {
         if (fresh) tensor_writes.retyped.erase(r);
         spdlog::error("tensor {}: shape {} refused: {}", n->tensor->key, value, st.error().message());
         return st;

@@ -18,6 +18,7 @@
 #include "util/fd.h"
 #include "util/io.h"
 #include "write/fault.h"
+#include "write/folder_txn.h"
 #include "write/journal.h"
 #include "nemofs/source_lock.h"
 #include "write/rewrite.h"
@@ -485,9 +486,19 @@ Result<std::string> RollBackInterruptedPatch(const std::string& source_path, boo
   }
   root.dir_fd = dir.get();
   NEMOFS_ASSIGN_OR_RETURN(bool hot, HasHotJournal(root));
-  if (!hot) return std::string();
-  const std::string journal = root.shown_dir + "/" + root.journal_name;
+  // A folder's multi-path commit past its commit point (write/folder_txn.h).
+  const bool unfinished = S_ISDIR(st.st_mode) && HasFolderCommitJournal(root.dir_fd);
+  if (!hot && !unfinished) return std::string();
+  const std::string journal =
+      root.shown_dir + "/" + (hot ? root.journal_name : std::string(kFolderCommitJournal));
   std::string why = may_write ? WhyReadOnly(path, true) : "it was opened read-only";
+  if (!why.empty() && !hot) {
+    return Err(EROFS,
+               "{}: a commit into it was interrupted past its commit point ({}) and must be "
+               "finished before it can be read, but {}. Run `nemofs verify {}` as a user who can "
+               "write it (or mount it without -o ro) to finish it.",
+               source_path, journal, why, source_path);
+  }
   if (!why.empty()) {
     return Err(EROFS,
                "{}: a write into it was interrupted (hot journal {}) and must be rolled back "
@@ -507,10 +518,19 @@ Result<std::string> RollBackInterruptedPatch(const std::string& source_path, boo
       return std::string();
     }  // a lock that cannot be taken here at all (NFS): nobody else can hold it either
   }
-  NEMOFS_ASSIGN_OR_RETURN(std::string done, RollBackHotJournal(root));
-  std::string msg = fmt::format("{}: an interrupted write was rolled back ({}): {}", source_path,
-                                journal, done);
-  spdlog::warn("{}", msg);
+  std::string msg;
+  if (hot) {
+    NEMOFS_ASSIGN_OR_RETURN(std::string done, RollBackHotJournal(root));
+    msg = fmt::format("{}: an interrupted write was rolled back ({}): {}", source_path, journal,
+                      done);
+    spdlog::warn("{}", msg);
+  }
+  if (unfinished) {
+    // Finished, the checkpoint is the new one and whole: logged, not a
+    // problem of the source (verify passes).
+    NEMOFS_ASSIGN_OR_RETURN(std::string done, FinishFolderCommit(root.dir_fd, path));
+    spdlog::warn("{}", done);
+  }
   return msg;
 }
 

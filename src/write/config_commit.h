@@ -162,7 +162,9 @@ class ConfigCommitter {
 // The hook every open of a source runs first (mount, ls, cat, info,
 // verify, repack): a hot journal beside/inside `source_path` (a crash
 // interrupted an in-place patch) is rolled back and "" or a message saying
-// what was done is returned (also logged). Without `may_write` (-o ro), or
+// what was done is returned (also logged); a folder commit interrupted past
+// its commit point (write/folder_txn.h) is finished (logged only: the
+// source is then the new checkpoint, whole). Without `may_write` (-o ro), or
 // when the source cannot be written, a hot journal is EROFS with a message
 // saying what to run.
 // The rollback takes the source lock (nemofs/source_lock.h) unless

@@ -43,9 +43,20 @@ void Consider(const std::filesystem::directory_entry& e, std::string_view must_s
                     name.find(kRepackMarker) != std::string::npos;
   if (!temp || (!must_start.empty() && name.find(must_start) == std::string::npos)) return;
   std::error_code ec;
-  if (!e.is_regular_file(ec) || e.is_symlink(ec)) return;
+  if (e.is_symlink(ec)) return;
+  const bool folder = e.is_directory(ec);  // a folder commit's stage (write/folder_txn.h)
+  if (!folder && !e.is_regular_file(ec)) return;
   if (Alive(PidOf(name))) return;
-  out->push_back({e.path().string(), static_cast<uint64_t>(e.file_size(ec))});
+  uint64_t bytes = 0;
+  if (folder) {
+    for (std::filesystem::recursive_directory_iterator it(e.path(), ec), end; !ec && it != end;
+         it.increment(ec)) {
+      if (it->is_regular_file(ec) && !it->is_symlink(ec)) bytes += it->file_size(ec);
+    }
+  } else {
+    bytes = static_cast<uint64_t>(e.file_size(ec));
+  }
+  out->push_back({e.path().string(), bytes});
 }
 
 }  // namespace
@@ -83,6 +94,9 @@ std::vector<Orphan> FindOrphans(const std::string& path) {
         continue;
       }
       Consider(*it, "", &out);
+      if (!out.empty() && out.back().path == it->path().string() && it->is_directory(ec)) {
+        it.disable_recursion_pending();  // a stage folder: counted whole
+      }
     }
     // DCP folders: .distcp files a commit wrote that .metadata does not use.
     for (const std::string& folder : DcpFolders(path)) {
@@ -113,8 +127,10 @@ std::vector<Orphan> FindOrphans(const std::string& path) {
 Status RemoveOrphans(const std::vector<Orphan>& orphans) {
   Status first = Ok();
   for (const auto& o : orphans) {
-    if (::unlink(o.path.c_str()) != 0 && errno != ENOENT && first.ok()) {
-      first = Err(errno, "{}: cannot remove: {}", o.path, std::strerror(errno));
+    std::error_code ec;
+    std::filesystem::remove_all(o.path, ec);  // a file, or a stage folder (never follows links)
+    if (ec && ec.value() != ENOENT && first.ok()) {
+      first = Err(ec.value(), "{}: cannot remove: {}", o.path, ec.message());
     }
   }
   return first;

@@ -14,11 +14,18 @@ nemofs mount (issue 11).
       tensor and byte item with the original plus the plan. Every .distcp
       file of the original is still there, byte for byte (a commit writes
       only the new items and .metadata).
+  dcp_structure_check.py check-zarr ORIGINAL_DIR SOURCE_DIR PLAN.json
+      The same for a Megatron-Core zarr folder, read with the zarr library
+      (every array folder with a .zarray): every tensor as the plan says,
+      the chunk files of the arrays it left alone byte for byte as they
+      were, and nothing nemofs uses for its commit left behind.
 """
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 
 import numpy as np
@@ -99,9 +106,51 @@ def read(folder):
     return json.loads(r.stdout)
 
 
-def check(original, source, plan_path):
+def read_zarr(folder):
+    import zarr
+    out = {"tensors": {}, "bytes": {}, "errors": []}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(os.path.join(path, ".zarray")):
+            continue
+        meta = json.load(open(os.path.join(path, ".zarray")))
+        label = None
+        try:
+            if meta["dtype"] == "bfloat16":
+                # Megatron's literal: zarr has no such dtype; read the raw
+                # 2-byte words from a copy that says "<u2".
+                tmp = tempfile.mkdtemp()
+                shutil.copytree(path, os.path.join(tmp, name))
+                meta["dtype"] = "<u2"
+                json.dump(meta, open(os.path.join(tmp, name, ".zarray"), "w"))
+                a = zarr.open_array(os.path.join(tmp, name), mode="r")
+                b = np.ascontiguousarray(a[...])
+                shutil.rmtree(tmp)
+                label = "bfloat16"
+            else:
+                a = zarr.open_array(path, mode="r")
+                b = np.ascontiguousarray(a[...])
+        except Exception as e:  # noqa: BLE001 - reported as a failure
+            out["errors"].append("%s: %s" % (name, e))
+            continue
+        out["tensors"][name] = {"dtype": label or str(b.dtype), "shape": list(b.shape),
+                                "sha256": sha(b.astype(b.dtype.newbyteorder("<")).tobytes())}
+    return out
+
+
+def tree_bytes(folder):
+    files = {}
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            files[os.path.relpath(p, folder)] = open(p, "rb").read()
+    return files
+
+
+def check(original, source, plan_path, zarr_folder=False):
     plan = json.load(open(plan_path))
-    before, after = read(original), read(source)
+    before = read_zarr(original) if zarr_folder else read(original)
+    after = read_zarr(source) if zarr_folder else read(source)
     if after["errors"]:
         fail("reading the result: %s" % after["errors"])
     want = {k: {"dtype": v["dtype"], "shape": v["shape"], "sha256": v["sha256"]}
@@ -125,7 +174,23 @@ def check(original, source, plan_path):
             problems.append("%s: %s, expected %s" % (k, got[k], want[k]))
     if before["bytes"] != after["bytes"]:
         problems.append("byte items changed")
-    for name in os.listdir(original):
+    if zarr_folder:
+        touched = set(plan["deleted"]) | set(plan["renamed"]) | set(plan["added"]) | set(plan["grown"])
+        old, new = tree_bytes(original), tree_bytes(source)
+        for rel, b in old.items():
+            key = rel.split(os.sep)[0]
+            if key in touched:
+                continue
+            if new.get(rel) != b:
+                problems.append(rel + " was rewritten or removed")
+        for name in os.listdir(source):
+            if name.startswith(".nemofs") or ".nemofs-tmp." in name:
+                problems.append(name + " left behind")
+        for k, n in plan["renamed"].items():
+            for rel, b in old.items():
+                if rel.split(os.sep)[0] == k and new.get(os.path.join(n, *rel.split(os.sep)[1:])) != b:
+                    problems.append("%s: the renamed array's chunks are not the old ones" % rel)
+    for name in os.listdir(original) if not zarr_folder else []:
         if name.endswith(".distcp"):
             if open(os.path.join(original, name), "rb").read() != \
                     open(os.path.join(source, name), "rb").read():
@@ -140,5 +205,7 @@ if __name__ == "__main__":
         edit(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "check":
         check(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "check-zarr":
+        check(sys.argv[2], sys.argv[3], sys.argv[4], zarr_folder=True)
     else:
-        fail("usage: edit MOUNT PLAN | check ORIGINAL_DIR SOURCE_DIR PLAN")
+        fail("usage: edit MOUNT PLAN | check[-zarr] ORIGINAL_DIR SOURCE_DIR PLAN")

@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 
 #include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "mount_harness.h"
@@ -181,6 +182,150 @@ INSTANTIATE_TEST_SUITE_P(Sources, DcpStructure,
                                            "dist/nemo2:weights"),
                          [](const auto& info) { return TestName(info.param); });
 
+// A torch_dist checkpoint inside a NeMo 1 .nemo (model_weights/): the new
+// .distcp and the new .metadata are two members stored in one commit of
+// the archive (one append to a plain tar, the old members untouched; one
+// rewrite of a gzip one). GNU tar extracts the result; PyTorch's read
+// path reads the extracted folder as the original plus the changes.
+class DcpInNemoStructure : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(DcpInNemoStructure, ChangesAreANewDistcpAndMetadataMember) {
+  TempDir dir;
+  std::string src = Source("dist/model_weights_dist.nemo", dir);
+  const bool gz = GetParam() == "gzip";
+  if (gz) {
+    ASSERT_EQ(Sh("gzip -c " + Q(src) + " > " + Q(dir.Join("gz.nemo"))).exit_code, 0);
+    src = dir.Join("gz.nemo");
+  }
+  const std::string orig = dir.Join("orig"), after = dir.Join("after");
+  ASSERT_EQ(Sh("mkdir " + Q(orig) + " " + Q(after) + " && tar -xf " + Q(src) + " -C " + Q(orig))
+                .exit_code,
+            0);
+  const std::string orig_copy = dir.Join("orig.nemo");
+  ASSERT_EQ(Sh("cp " + Q(src) + " " + Q(orig_copy)).exit_code, 0);
+  const std::string plan = dir.Join("plan.json");
+  const std::string check = std::string(NEMOFS_SOURCE_DIR) + "/tests/mount/dcp_structure_check.py";
+  {
+    auto m = Mount::StartWritable(src);
+    ASSERT_TRUE(m);
+    auto r = Sh("/usr/bin/python3 " + Q(check) + " edit " + Q(m->path()) + " " + Q(plan), 120);
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+    m->Unmount();
+    EXPECT_NE(m->Log().find("of a new .distcp and .metadata"), std::string::npos) << m->Log();
+  }
+  auto r = Sh("tar -xf " + Q(src) + " -C " + Q(after));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Sh("/usr/bin/python3 " + Q(check) + " check " + Q(orig + "/model_weights") + " " +
+             Q(after + "/model_weights") + " " + Q(plan),
+         120);
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  // NeMo's restore contract: the config and the tokenizer files are as they were.
+  EXPECT_EQ(Sh("cmp " + Q(orig + "/model_config.yaml") + " " + Q(after + "/model_config.yaml"))
+                .exit_code,
+            0);
+  if (!gz) {
+    // An append: every byte before the old end-of-archive marker is as it was.
+    const std::string n =
+        Sh("/usr/bin/python3 -c \"import tarfile, sys; m = tarfile.open(sys.argv[1]).getmembers()"
+           "[-1]; print((m.offset_data + m.size + 511) // 512 * 512)\" " + Q(orig_copy)).out;
+    ASSERT_GT(n.size(), 1u);
+    EXPECT_EQ(Sh("cmp -n " + n.substr(0, n.size() - 1) + " " + Q(orig_copy) + " " + Q(src))
+                  .exit_code,
+              0);
+  }
+  auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+  if (!gz) {
+    // repack drops the superseded .metadata member.
+    EXPECT_EQ(Sh("tar -tf " + Q(src) + " | grep -c 'model_weights/.metadata$'").out, "2\n");
+    auto rp = Sh(Q(NemofsBinary()) + " repack " + Q(src));
+    EXPECT_EQ(rp.exit_code, 0) << rp.out << rp.err;
+    EXPECT_EQ(Sh("tar -tf " + Q(src) + " | grep -c 'model_weights/.metadata$'").out, "1\n");
+  }
+  auto again = Mount::Start(src);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(Sh("getfattr --only-values -n user.nemofs.shape " +
+               Q(again->path() + "/tensors/model.nemofs_head.weight")).out,
+            "[10,4]");
+  again->Unmount();
+}
+
+INSTANTIATE_TEST_SUITE_P(Archives, DcpInNemoStructure, ::testing::Values("plain", "gzip"),
+                         [](const auto& info) { return info.param; });
+
+// Megatron-Core zarr folders: each new or reshaped tensor a new array
+// folder, deleted ones removed, renamed ones moved, all under one
+// roll-forward journal (write/folder_txn.h). The oracle is the zarr
+// library; the arrays left alone keep their chunk files byte for byte.
+class ZarrStructure : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ZarrStructure, ChangesAreArrayFoldersMovedInByOneJournal) {
+  TempDir dir;
+  const std::string src = Source(GetParam(), dir);
+  const std::string orig = dir.Join("orig");
+  ASSERT_EQ(Sh("cp -a " + Q(src) + " " + Q(orig)).exit_code, 0);
+  const std::string plan = dir.Join("plan.json");
+  const std::string check = std::string(NEMOFS_SOURCE_DIR) + "/tests/mount/dcp_structure_check.py";
+  {
+    auto m = Mount::StartWritable(src);
+    ASSERT_TRUE(m);
+    auto r = Sh("/usr/bin/python3 " + Q(check) + " edit " + Q(m->path()) + " " + Q(plan), 120);
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+    EXPECT_EQ(Sh("diff -r " + Q(src) + " " + Q(orig)).exit_code, 0) << "stored before the commit";
+    // A key that cannot name an array folder: refused at its close.
+    r = Sh("/usr/bin/python3 -c \"import numpy as np; np.save('" + m->path() +
+           "/tensors/a%2Fb.npy', np.ones(2, np.float32))\"");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("Invalid argument"), std::string::npos) << r.err;
+    m->Unmount();
+    EXPECT_NE(m->Log().find("zarr arrays staged and moved in by one journal"), std::string::npos)
+        << m->Log();
+  }
+  auto r = Sh("/usr/bin/python3 " + Q(check) + " check-zarr " + Q(orig) + " " + Q(src) + " " +
+                  Q(plan),
+              120);
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+  EXPECT_EQ(v.out.find("orphan:"), std::string::npos) << v.out;
+  auto again = Mount::Start(src);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(Sh("getfattr --only-values -n user.nemofs.shape " +
+               Q(again->path() + "/tensors/model.nemofs_head.weight")).out,
+            "[10,4]");
+  again->Unmount();
+}
+
+INSTANTIATE_TEST_SUITE_P(Sources, ZarrStructure, ::testing::Values("dist/zarr"),
+                         [](const auto& info) { return TestName(info.param); });
+
+// A zstd-compressed array renamed: its folder moves whole (the compressed
+// chunks as they were), and the zarr library reads it under the new key.
+TEST(ZarrStructureZstd, ARenamedCompressedArrayKeepsItsChunks) {
+  TempDir dir;
+  const std::string src = Source("dist/zarr_zstd", dir);
+  const std::string orig = dir.Join("orig");
+  ASSERT_EQ(Sh("cp -a " + Q(src) + " " + Q(orig)).exit_code, 0);
+  const std::string key = "model.embedding.word_embeddings.weight";
+  {
+    auto m = Mount::StartWritable(src);
+    ASSERT_TRUE(m);
+    ASSERT_EQ(Sh("mv " + Q(m->path() + "/tensors/" + key) + " " +
+                 Q(m->path() + "/tensors/" + key + ".renamed")).exit_code, 0) << m->Log();
+    m->Unmount();
+  }
+  const std::string plan = dir.Join("plan.json");
+  std::ofstream(plan) << "{\"deleted\": [], \"renamed\": {\"" << key << "\": \"" << key
+                      << ".renamed\"}, \"added\": {}, \"grown\": {}, \"optimizer_deleted\": []}";
+  auto r = Sh("/usr/bin/python3 " +
+                  Q(std::string(NEMOFS_SOURCE_DIR) + "/tests/mount/dcp_structure_check.py") +
+                  " check-zarr " + Q(orig) + " " + Q(src) + " " + Q(plan),
+              120);
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(Sh("diff -r " + Q(orig + "/" + key) + " " + Q(src + "/" + key + ".renamed")).exit_code,
+            0);
+}
+
 // model.safetensors written back whole (copied out, changed: a key
 // dropped, values changed, a shape changed, a key added, and copied in):
 // its close stores the changes it implies; torch.load of the result is
@@ -330,7 +475,7 @@ TEST_P(StructureCrash, LeavesTheOldWeightsOrTheNew) {
   // checkpoint is fine: exit 0), repack removes it.
   const bool temp_left = c.step == "rewrite:written" || c.step == "folder:written" ||
                          c.step == "file:written" || c.step == "dcp:distcp-written" ||
-                         c.step == "dcp:metadata-written";
+                         c.step == "dcp:metadata-written" || c.step == "folder-commit:staged";
   EXPECT_EQ(v.out.find("orphan: ") != std::string::npos, temp_left) << v.out;
   auto rp = Sh(Q(NemofsBinary()) + " repack " + Q(src));
   EXPECT_EQ(rp.exit_code, 0) << rp.out << rp.err;
@@ -353,7 +498,13 @@ INSTANTIATE_TEST_SUITE_P(
                       CrashCase{"torch/lightning.ckpt", "file:renamed", true},
                       CrashCase{"dist/torch_dist_v23", "dcp:distcp-written", false},
                       CrashCase{"dist/torch_dist_v23", "dcp:metadata-written", false},
-                      CrashCase{"dist/torch_dist_v23", "dcp:metadata-renamed", true}),
+                      CrashCase{"dist/torch_dist_v23", "dcp:metadata-renamed", true},
+                      CrashCase{"dist/model_weights_dist.nemo", "tar-append:data-written", false},
+                      CrashCase{"dist/model_weights_dist.nemo", "tar-append:committed", true},
+                      CrashCase{"dist/zarr", "folder-commit:staged", false},
+                      CrashCase{"dist/zarr", "folder-commit:journal", true},
+                      CrashCase{"dist/zarr", "folder-commit:half", true},
+                      CrashCase{"dist/zarr", "folder-commit:applied", true}),
     [](const auto& info) { return TestName(info.param.source + "_" + info.param.step); });
 
 }  // namespace
@@ -447,7 +598,7 @@ TEST_P(StructureFullDisk, TheCommitFailsWithEnospcAndChangesNothing) {
 INSTANTIATE_TEST_SUITE_P(Sources, StructureFullDisk,
                          ::testing::Values("kind:plain_tar", "kind:gzip_tar",
                                            "kind:extracted_nemo_folder", "torch/lightning.ckpt",
-                                           "dist/torch_dist_v23"),
+                                           "dist/torch_dist_v23", "dist/zarr"),
                          [](const auto& info) { return TestName(info.param); });
 
 // kill -9 of the daemon at random instants while a 32 MiB tensor is being
