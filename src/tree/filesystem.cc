@@ -451,12 +451,13 @@ Result<std::unique_ptr<Tree>> Filesystem::Impl::BuildTree(const FilesystemOption
     impl->structural_file = layout.weight_files[0].path;
   }
   // Per-rank structural writes need one commit point over all the rank
-  // files: a tar's (one append, or one rewrite). A folder would replace
-  // them one by one, so its tensors keep only same-size writes for now.
+  // files: a tar's (one append, or one rewrite), a folder's roll-forward
+  // journal (write/folder_txn.h).
   if (layout.per_rank && layout.dist_backend.empty() && impl->catalog.merge &&
       impl->catalog.errors.empty() &&
       (src.storage() == source::Storage::kPlainTar ||
-       src.storage() == source::Storage::kCompressedTar)) {
+       src.storage() == source::Storage::kCompressedTar ||
+       src.storage() == source::Storage::kFolder)) {
     impl->rank_files = layout.weight_files;
     for (const auto& r : impl->catalog.ranks) {
       for (const auto& x : r.tensors) impl->rank_keys.emplace(r.name, x.key);

@@ -659,6 +659,21 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
     auto progress = ProgressLogger(jobs.size() == 1 ? jobs[0]->path : src.path());
     if (src.storage() == source::Storage::kFile) {
       st = o.committer->ReplaceSingleFile(jobs[0]->bytes, progress);
+    } else if (src.storage() == source::Storage::kFolder && !t->rank_files.empty()) {
+      // An extracted per-rank folder: every changed rank file is replaced
+      // under one roll-forward journal (write/folder_txn.h), its one commit
+      // point, not renamed over one by one.
+      how = "rank files replaced under one journal";
+      st = [&]() -> Status {
+        UniqueFd root(::open(src.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+        if (!root.valid()) return Err(errno, "{}: {}", src.path(), std::strerror(errno));
+        NEMOFS_ASSIGN_OR_RETURN(auto txn, write::FolderTransaction::Begin(root.get(), src.path()));
+        for (const auto& j : jobs) {
+          NEMOFS_RETURN_IF_ERROR(txn->NewFile(j->path, j->bytes, j->entry->mode & 07777,
+                                              std::make_pair(j->entry->uid, j->entry->gid)));
+        }
+        return txn->Commit();
+      }();
     } else {
       struct timespec now {};
       ::clock_gettime(CLOCK_REALTIME, &now);

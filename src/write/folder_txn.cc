@@ -280,7 +280,8 @@ Result<UniqueFd> FolderTransaction::NewFolder(const std::string& rel, mode_t mod
   return OpenFolderBeneath(new_fd_.get(), shown_ + "/" + stage_, slot);
 }
 
-Status FolderTransaction::NewFile(const std::string& rel, std::string_view data, mode_t mode) {
+Status FolderTransaction::NewFile(const std::string& rel, std::string_view data, mode_t mode,
+                                  std::optional<std::pair<uid_t, gid_t>> owner) {
   NEMOFS_RETURN_IF_ERROR(CheckRel(rel));
   NEMOFS_ASSIGN_OR_RETURN(std::string slot, Slot());
   const std::string shown = shown_ + "/" + stage_ + "/new/" + slot;
@@ -288,6 +289,8 @@ Status FolderTransaction::NewFile(const std::string& rel, std::string_view data,
                        O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode));
   if (!fd.valid()) return Err(errno, "{}: {}", shown, std::strerror(errno));
   NEMOFS_RETURN_IF_ERROR(WriteFull(fd.get(), data.data(), data.size(), shown));
+  if (owner) (void)!::fchown(fd.get(), owner->first, owner->second);
+  if (::fchmod(fd.get(), mode) != 0) return Err(errno, "{}: {}", shown, std::strerror(errno));
   NEMOFS_RETURN_IF_ERROR(FsyncFd(fd.get(), shown));
   bytes_ += data.size();
   news_.emplace_back("new/" + slot, rel);

@@ -29,6 +29,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <utility>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -52,8 +54,10 @@ class FolderTransaction {
   // A new folder to be put at `rel` (relative to the root; what is there is
   // replaced): returns it open, for the caller to fill (and fsync its files).
   Result<UniqueFd> NewFolder(const std::string& rel, mode_t mode = 0755);
-  // A new file at `rel` with `data` (written and fsynced here).
-  Status NewFile(const std::string& rel, std::string_view data, mode_t mode = 0644);
+  // A new file at `rel` with `data` (written and fsynced here), given `owner`
+  // when set (best effort: only root can give a file away).
+  Status NewFile(const std::string& rel, std::string_view data, mode_t mode = 0644,
+                 std::optional<std::pair<uid_t, gid_t>> owner = std::nullopt);
   // `rel` is removed (file or folder).
   Status Remove(const std::string& rel);
   // `from` is renamed to `to` (what is at `to` is replaced).

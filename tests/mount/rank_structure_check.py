@@ -9,7 +9,7 @@
       checks the refusals (EINVAL): a name without a TP rule, a shape TP
       cannot split, a rename to another pipeline stage. Writes PLAN.json.
   rank_structure_check.py check ORIGINAL SOURCE PLAN.json
-      Loads every rank file of ORIGINAL and SOURCE (.nemo tars) with
+      Loads every rank file of ORIGINAL and SOURCE (.nemo tars or extracted folders) with
       torch.load, merges each into global tensors by Megatron's rules
       (written here again, independently of nemofs: TP concatenation along
       the split dim, SwiGLU halves, PP layer renumbering), applies PLAN to
@@ -49,19 +49,31 @@ def split_dim(key):
 # ---- reading a per-rank .nemo
 
 
+def members(path):
+    """(name, bytes) of every file of a .nemo tar (in order) or an extracted folder."""
+    if os.path.isdir(path):
+        for dirpath, _, names in os.walk(path):
+            for n in sorted(names):
+                p = os.path.join(dirpath, n)
+                yield os.path.relpath(p, path), open(p, "rb").read()
+        return
+    t = tarfile.open(path)
+    for m in t.getmembers():
+        if m.isfile():
+            yield m.name.lstrip("./"), t.extractfile(m).read()
+
+
 def ranks_of(path):
     """{(tp, pp): state dict}, config."""
-    t = tarfile.open(path)
     files, cfg = {}, None
-    for m in t.getmembers():
-        name = m.name.lstrip("./")
+    for name, data in members(path):
         if name == "model_config.yaml":
-            cfg = yaml.safe_load(t.extractfile(m).read())
+            cfg = yaml.safe_load(data)
         got = re.match(r"(?:tp_rank_(\d+)_pp_rank_(\d+)|mp_rank_(\d+))/model_weights.ckpt$", name)
         if got:
             tp = int(got.group(1) or got.group(3))
             pp = int(got.group(2) or 0)
-            files[(tp, pp)] = t.extractfile(m).read()  # the last of a name wins, as in NeMo
+            files[(tp, pp)] = data  # the last of a name wins, as in NeMo
     out = {}
     for k, data in files.items():
         out[k] = torch.load(io.BytesIO(data), map_location="cpu")

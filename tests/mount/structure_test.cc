@@ -83,13 +83,21 @@ class RankStructure : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(RankStructure, ChangesAreSplitBackToEveryRankFile) {
   TempDir dir;
-  // "gz:F": F gzip-compressed (a compressed .nemo is rewritten whole).
+  // "gz:F": F gzip-compressed (a compressed .nemo is rewritten whole);
+  // "folder:F": F extracted by GNU tar (the rank files replaced under one
+  // roll-forward journal, write/folder_txn.h).
   const bool gz = GetParam().rfind("gz:", 0) == 0;
-  const std::string src = Source(gz ? GetParam().substr(3) : GetParam(), dir);
+  const bool folder = GetParam().rfind("folder:", 0) == 0;
+  std::string src = Source(gz ? GetParam().substr(3) : folder ? GetParam().substr(7) : GetParam(), dir);
   if (gz) {
     ASSERT_EQ(Sh("gzip -n < " + Q(src) + " > " + Q(src) + ".gz && mv " + Q(src) + ".gz " + Q(src))
                   .exit_code,
               0);
+  }
+  if (folder) {
+    ASSERT_EQ(Sh("mkdir " + Q(dir.Join("extracted")) + " && tar -xf " + Q(src) + " -C " +
+                 Q(dir.Join("extracted"))).exit_code, 0);
+    src = dir.Join("extracted");
   }
   const std::string orig = dir.Join("orig");
   ASSERT_EQ(Sh("cp -a " + Q(src) + " " + Q(orig)).exit_code, 0);
@@ -100,24 +108,33 @@ TEST_P(RankStructure, ChangesAreSplitBackToEveryRankFile) {
     ASSERT_TRUE(m);
     auto r = Sh("/usr/bin/python3 " + Q(check) + " edit " + Q(m->path()) + " " + Q(plan), 120);
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
-    EXPECT_EQ(Sh("cmp -s " + Q(src) + " " + Q(orig)).exit_code, 0);
+    EXPECT_EQ(Sh((folder ? "diff -r " : "cmp -s ") + Q(src) + " " + Q(orig)).exit_code, 0);
     m->Unmount();
     EXPECT_NE(m->Log().find("stored tensor changes in"), std::string::npos) << m->Log();
     EXPECT_NE(m->Log().find("rank files)"), std::string::npos) << m->Log();
+    if (folder) {
+      EXPECT_NE(m->Log().find("rank files replaced under one journal"), std::string::npos)
+          << m->Log();
+    }
   }
   auto r = Sh("/usr/bin/python3 " + Q(check) + " check " + Q(orig) + " " + Q(src) + " " + Q(plan),
               120);
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
   auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src));
   EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
-  auto tar = Sh("tar -tf " + Q(src) + " > /dev/null");
-  EXPECT_EQ(tar.exit_code, 0) << tar.err;
+  if (folder) {
+    EXPECT_EQ(Sh("ls -A " + Q(src) + " | grep nemofs").out, "") << "a commit file left behind";
+  } else {
+    auto tar = Sh("tar -tf " + Q(src) + " > /dev/null");
+    EXPECT_EQ(tar.exit_code, 0) << tar.err;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Sources, RankStructure,
                          ::testing::Values("torch/tiny_gpt_tp2pp2.nemo",
                                            "torch/tiny_gpt_swiglu_tp2.nemo",
-                                           "gz:torch/tiny_gpt_tp2pp2.nemo"),
+                                           "gz:torch/tiny_gpt_tp2pp2.nemo",
+                                           "folder:torch/tiny_gpt_tp2pp2.nemo"),
                          [](const auto& info) { return TestName(info.param); });
 
 // PyTorch DCP / Megatron torch_dist folders (a bare one, NeMo 2's
