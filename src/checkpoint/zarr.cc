@@ -49,8 +49,9 @@ std::optional<std::string> ZarrDTypeName(torch::DType dt) {
   return std::nullopt;
 }
 
-Status WriteZarrArray(int dir_fd, const std::string& shown, torch::DType dtype,
-                      const std::vector<int64_t>& shape, std::string_view bytes) {
+Result<std::vector<std::pair<std::string, std::string_view>>> ZarrArrayFiles(
+    const std::string& shown, torch::DType dtype, const std::vector<int64_t>& shape,
+    std::string_view bytes, std::string* zarray) {
   const auto name = ZarrDTypeName(dtype);
   if (!name) {
     return Err(EINVAL, "{}: zarr has no dtype for {} (a zarr checkpoint takes float, int, "
@@ -78,12 +79,24 @@ Status WriteZarrArray(int dir_fd, const std::string& shown, torch::DType dtype,
   z["order"] = "C";
   z["shape"] = shape;
   z["zarr_format"] = 2;
+  *zarray = z.dump(4) + "\n";
+  std::vector<std::pair<std::string, std::string_view>> out;
   if (numel > 0) {
     std::string chunk = shape.empty() ? "0" : "";
     for (size_t d = 0; d < shape.size(); ++d) chunk += d ? ".0" : "0";
-    NEMOFS_RETURN_IF_ERROR(WriteFileAt(dir_fd, chunk, bytes, shown + "/" + chunk));
+    out.emplace_back(chunk, bytes);
   }
-  NEMOFS_RETURN_IF_ERROR(WriteFileAt(dir_fd, ".zarray", z.dump(4) + "\n", shown + "/.zarray"));
+  out.emplace_back(".zarray", *zarray);
+  return out;
+}
+
+Status WriteZarrArray(int dir_fd, const std::string& shown, torch::DType dtype,
+                      const std::vector<int64_t>& shape, std::string_view bytes) {
+  std::string zarray;
+  NEMOFS_ASSIGN_OR_RETURN(auto files, ZarrArrayFiles(shown, dtype, shape, bytes, &zarray));
+  for (const auto& [name, data] : files) {
+    NEMOFS_RETURN_IF_ERROR(WriteFileAt(dir_fd, name, data, shown + "/" + name));
+  }
   if (::fsync(dir_fd) != 0) return Err(errno, "{}: fsync: {}", shown, std::strerror(errno));
   return Ok();
 }

@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "nemofs/result.h"
@@ -28,5 +29,11 @@ std::optional<std::string> ZarrDTypeName(torch::DType dt);
 // dtype zarr cannot name or a byte count that is not numel * itemsize.
 Status WriteZarrArray(int dir_fd, const std::string& shown, torch::DType dtype,
                       const std::vector<int64_t>& shape, std::string_view bytes);
+
+// The same array as files (for an archive): (name in the array folder,
+// bytes); the '.zarray' text is kept in `*zarray`, `bytes` referenced.
+Result<std::vector<std::pair<std::string, std::string_view>>> ZarrArrayFiles(
+    const std::string& shown, torch::DType dtype, const std::vector<int64_t>& shape,
+    std::string_view bytes, std::string* zarray);
 
 }  // namespace nemofs::checkpoint

@@ -466,8 +466,7 @@ Result<std::unique_ptr<Tree>> Filesystem::Impl::BuildTree(const FilesystemOption
   // DCP / torch_dist folders take new items in a new .distcp and a new
   // .metadata (dist/dcp_writer.h; inside a .nemo archive, two members of
   // one commit); zarr folders new array folders moved in by one journal
-  // (write/folder_txn.h); a zarr inside an archive is read-only for
-  // structure (not yet).
+  // (write/folder_txn.h); a zarr inside an archive a rewrite of it.
   if ((layout.dist_backend == "torch_dist" || layout.dist_backend == "dcp") &&
       (src.storage() == source::Storage::kFolder || src.storage() == source::Storage::kPlainTar ||
        src.storage() == source::Storage::kCompressedTar) &&
@@ -475,7 +474,9 @@ Result<std::unique_ptr<Tree>> Filesystem::Impl::BuildTree(const FilesystemOption
     impl->dcp = true;
     impl->dcp_dir = layout.dist_dir;
   }
-  if (layout.dist_backend == "zarr" && src.storage() == source::Storage::kFolder &&
+  if (layout.dist_backend == "zarr" &&
+      (src.storage() == source::Storage::kFolder || src.storage() == source::Storage::kPlainTar ||
+       src.storage() == source::Storage::kCompressedTar) &&
       impl->catalog.errors.empty()) {
     impl->zarr = true;
     impl->zarr_dir = layout.dist_dir;

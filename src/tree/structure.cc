@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <set>
 
@@ -66,6 +67,31 @@ class RepackOutput {
   UniqueFd fd_;
   void* map_ = nullptr;
   uint64_t size_ = 0;
+};
+
+// Stored bytes mapped read-only (a member of a plain tar, a decompressed
+// member in the cache).
+class MappedRange {
+ public:
+  ~MappedRange() {
+    if (map_ && map_ != MAP_FAILED) ::munmap(map_, span_);
+  }
+  Status Map(const source::FileRange& r, const std::string& what) {
+    if (r.length == 0) return Ok();
+    const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    const uint64_t start = r.offset / page * page;
+    span_ = r.offset - start + r.length;
+    map_ = ::mmap(nullptr, span_, PROT_READ, MAP_SHARED, r.fd, static_cast<off_t>(start));
+    if (map_ == MAP_FAILED) return Err(errno, "{}: cannot map it: {}", what, std::strerror(errno));
+    bytes_ = std::string_view(static_cast<const char*>(map_) + (r.offset - start), r.length);
+    return Ok();
+  }
+  std::string_view bytes() const { return bytes_; }
+
+ private:
+  void* map_ = nullptr;
+  uint64_t span_ = 0;
+  std::string_view bytes_;
 };
 
 struct NewOne {
@@ -521,6 +547,64 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
       shown = src.path() + ":" + (t->dcp_dir.empty() ? "." : t->dcp_dir);
       st = StoreDcpInArchive(*t, edits, shown, &written);
     }
+  } else if (t->zarr && src.storage() != source::Storage::kFolder) {
+    // A zarr inside a .nemo: members cannot be deleted by appending, so
+    // the archive is rewritten (atomic replace, progress) without the
+    // deleted and renamed arrays' members and with the new ones.
+    how = fmt::format("rewrite of the {} (zarr arrays: a tar cannot delete members by appending)",
+                      src.storage() == source::Storage::kPlainTar ? "plain tar" : "archive");
+    shown = src.path();
+    const std::string prefix = t->zarr_dir.empty() ? "" : t->zarr_dir + "/";
+    st = [&]() -> Status {
+      struct timespec now {};
+      ::clock_gettime(CLOCK_REALTIME, &now);
+      std::vector<write::ConfigCommitter::NewFile> files;
+      std::vector<std::string> drop;
+      std::deque<std::string> texts;  // the new .zarray texts
+      std::vector<std::unique_ptr<MappedRange>> maps;  // renamed arrays' member bytes
+      auto add_file = [&](const std::string& path, std::string_view data, uint32_t mode) {
+        write::ConfigCommitter::NewFile f;
+        f.path = path;
+        f.data = data;
+        f.mode = mode;
+        f.mtime_sec = now.tv_sec;
+        f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+        files.push_back(std::move(f));
+      };
+      std::set<std::pair<bool, std::string>> replaced;
+      for (const auto& a : adds) replaced.emplace(a.optimizer, a.key);
+      for (const auto& g : gone) {
+        if (replaced.count({g.optimizer, g.key}) && g.new_key.empty()) continue;
+        drop.push_back(prefix + g.key);
+        if (g.new_key.empty()) {
+          note("deleted " + g.key);
+          continue;
+        }
+        // The array's members again under the new key, their bytes read
+        // where they are stored (mapped, not copied).
+        const std::string from = prefix + g.key + "/";
+        for (const auto& e : src.entries()) {
+          if (e.type != source::EntryType::kFile || e.path.rfind(from, 0) != 0) continue;
+          NEMOFS_ASSIGN_OR_RETURN(source::FileRange r, src.Locate(e.blob));
+          auto m = std::make_unique<MappedRange>();
+          NEMOFS_RETURN_IF_ERROR(m->Map(r, src.path() + ":" + e.path));
+          add_file(prefix + g.new_key + "/" + e.path.substr(from.size()), m->bytes(), e.mode & 07777);
+          maps.push_back(std::move(m));
+        }
+        note("renamed " + g.key + " to " + g.new_key);
+      }
+      for (const auto& a : adds) {
+        drop.push_back(prefix + a.key);  // an array there now is replaced whole
+        texts.emplace_back();
+        NEMOFS_ASSIGN_OR_RETURN(auto array,
+                                checkpoint::ZarrArrayFiles(shown + ":" + prefix + a.key, a.dtype,
+                                                           a.shape, a.bytes.bytes, &texts.back()));
+        for (const auto& [name, data] : array) add_file(prefix + a.key + "/" + name, data, 0644);
+        note("set " + a.key);
+      }
+      for (const auto& f : files) written += f.data.size();  // and every other member again
+      return o.committer->RewriteArchive(files, drop, ProgressLogger(src.path()));
+    }();
   } else if (t->zarr) {
     // A zarr folder: each new tensor a new array folder, deleted ones
     // moved out, renamed ones moved, all under one roll-forward journal

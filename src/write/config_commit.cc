@@ -309,6 +309,41 @@ Status ConfigCommitter::ReplaceFolderFile(int dirfd, const std::string& shown_di
   });
 }
 
+Status ConfigCommitter::RewriteArchive(const std::vector<NewFile>& files,
+                                       const std::vector<std::string>& drop,
+                                       const std::function<void(uint64_t, uint64_t)>& progress) {
+  if (kind_ != Kind::kPlainTar && kind_ != Kind::kCompressedTar) {
+    return Err(EINVAL, "{}: not an archive", target_);
+  }
+  NEMOFS_ASSIGN_OR_RETURN(FileIdentity now, IdentityOf(target_));
+  NEMOFS_RETURN_IF_ERROR(CheckIdentity(now));
+  RemoveStaleTemps(DirOf(target_), target_.substr(target_.rfind('/') + 1) + ".nemofs-rewrite.");
+  const bool dot = kind_ == Kind::kPlainTar && member_name_.rfind("./", 0) == 0;
+  std::vector<NewMember> members;
+  for (const auto& f : files) {
+    members.push_back(NewMember{(dot ? "./" : "") + f.path, f.data, f.mtime_sec, f.mode & 07777, ""});
+  }
+  NEMOFS_RETURN_IF_ERROR(RewriteCompressedTar(target_, "", "", 0, progress, members, {}, drop));
+  NEMOFS_ASSIGN_OR_RETURN(identity_, IdentityOf(target_));
+  if (kind_ == Kind::kPlainTar) {
+    // Where the next append goes, and the config's header, in the new file.
+    NEMOFS_ASSIGN_OR_RETURN(UniqueFd fd, OpenReadOnly(target_));
+    NEMOFS_ASSIGN_OR_RETURN(struct stat st, FStat(fd.get(), target_));
+    NEMOFS_ASSIGN_OR_RETURN(source::TarIndex index,
+                            source::IndexTar(fd.get(), 0, static_cast<uint64_t>(st.st_size), target_));
+    for (const auto& m : index.members) {
+      std::string norm;
+      if ((m.type == '0' || m.type == '\0' || m.type == '7') &&
+          source::NormalizePath(m.name, &norm) && !config_.empty() && norm == config_) {
+        member_name_ = m.name;
+        member_header_ = m.data_offset - kBlock;
+      }
+    }
+    end_ = index.end_offset;
+  }
+  return Ok();
+}
+
 Status ConfigCommitter::StoreFiles(const std::vector<NewFile>& files,
                                    const std::function<void(uint64_t, uint64_t)>& progress) {
   if (files.empty()) return Ok();

@@ -84,6 +84,16 @@ class ConfigCommitter {
   Status StoreFiles(const std::vector<NewFile>& files,
                     const std::function<void(uint64_t, uint64_t)>& progress);
 
+  // A tar (plain or compressed) rewritten whole (write/rewrite.h) with the
+  // members at or beneath the paths of `drop` left out and `files` added
+  // or replacing their members: what an append cannot express (a deletion).
+  // The atomic-replace rule (temp beside, fsync, rename over) and
+  // `progress`; ESTALE when the archive changed behind the mount; on failure
+  // it is as it was. A plain tar stays uncompressed, and later appends go
+  // after the rewritten archive's end.
+  Status RewriteArchive(const std::vector<NewFile>& files, const std::vector<std::string>& drop,
+                        const std::function<void(uint64_t, uint64_t)>& progress);
+
   // A single-file source (kFile: a Lightning .ckpt, a .pt) given new
   // content whole (a structural tensor write repacks it): a temp file
   // beside it, fsync, rename over, fsync the folder; mode and owner kept.

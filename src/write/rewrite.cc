@@ -92,7 +92,17 @@ Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const
                                   const std::string& data, int64_t mtime,
                                   const std::function<void(uint64_t, uint64_t)>& progress,
                                   const std::vector<NewMember>& add,
-                                  const std::vector<MemberPatch>& patches) {
+                                  const std::vector<MemberPatch>& patches,
+                                  const std::vector<std::string>& drop) {
+  auto dropped = [&](const std::string& norm) {
+    for (const auto& d : drop) {
+      if (norm == d || (norm.size() > d.size() && norm.compare(0, d.size(), d) == 0 &&
+                        norm[d.size()] == '/')) {
+        return true;
+      }
+    }
+    return false;
+  };
   // member index -> its patches, sorted by offset
   std::map<uint64_t, std::vector<const MemberPatch*>> patches_of;
   for (const auto& p : patches) patches_of[p.index].push_back(&p);
@@ -155,7 +165,7 @@ Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const
     }
     ++filters;
   }
-  if (filters == 0) {
+  if (filters == 0 && drop.empty()) {
     return Err(EINVAL, "{}: not a compressed tar (a plain tar is patched in place)", path);
   }
   // Full pax rather than pax_restricted: restricted drops sub-second mtimes
@@ -180,6 +190,16 @@ Result<RewriteResult> CopyArchive(int in_fd, uint64_t in_size, int out_fd, const
     const char* raw = archive_entry_pathname(entry);
     std::string name = raw ? raw : "";
     std::string normalised;
+    if (!drop.empty() && source::NormalizePath(name, &normalised) && dropped(normalised) &&
+        !patches_of.count(result.members)) {
+      if (archive_read_data_skip(in.get()) != ARCHIVE_OK) {
+        return ReadError(in.get(), path, fmt::format("member '{}'", name));
+      }
+      ++result.members;  // counted: member indices stay those of the input
+      ++result.dropped;
+      report();
+      continue;
+    }
     bool regular = archive_entry_filetype(entry) == AE_IFREG &&
                    archive_entry_hardlink(entry) == nullptr &&
                    source::NormalizePath(name, &normalised);
@@ -424,9 +444,10 @@ Result<RewriteResult> RewriteCompressedTar(const std::string& path, const std::s
                                            const std::string& data, int64_t mtime,
                                            const std::function<void(uint64_t, uint64_t)>& progress,
                                            const std::vector<NewMember>& add,
-                                           const std::vector<MemberPatch>& patches) {
+                                           const std::vector<MemberPatch>& patches,
+                                           const std::vector<std::string>& drop) {
   std::string want;
-  if (member.empty() && (!add.empty() || !patches.empty())) {
+  if (member.empty() && (!add.empty() || !patches.empty() || !drop.empty())) {
     // only additions
   } else if (!source::NormalizePath(member, &want) || want.empty()) {
     return Err(EINVAL, "{}: '{}' is not a member path", path, member);
@@ -449,7 +470,7 @@ Result<RewriteResult> RewriteCompressedTar(const std::string& path, const std::s
     NEMOFS_ASSIGN_OR_RETURN(result,
                             CopyArchive(in.get(), static_cast<uint64_t>(in_st.st_size), out, path,
                                         options.temp_path, want, data, mtime, progress, add,
-                                        patches));
+                                        patches, drop));
     NEMOFS_ASSIGN_OR_RETURN(struct stat out_st, FStat(out, options.temp_path));
     result.bytes_out = static_cast<uint64_t>(out_st.st_size);
     return Ok();

@@ -25,6 +25,7 @@ struct RewriteResult {
   uint64_t members = 0;    // members written
   uint64_t replaced = 0;   // members whose content was replaced
   uint64_t bytes_out = 0;  // size of the new archive
+  uint64_t dropped = 0;    // members left out (`drop`)
 };
 
 // Streams the compressed tar at `path` through libarchive into
@@ -63,7 +64,8 @@ Result<RewriteResult> RewriteCompressedTar(const std::string& path, const std::s
                                            const std::string& data, int64_t mtime,
                                            const std::function<void(uint64_t, uint64_t)>& progress,
                                            const std::vector<NewMember>& add = {},
-                                           const std::vector<MemberPatch>& patches = {});
+                                           const std::vector<MemberPatch>& patches = {},
+                                           const std::vector<std::string>& drop = {});
 // With `add`: every member of `add` (NewMember::name normalised as above)
 // that names an existing regular member replaces its content (and mtime,
 // mode); the others are added at the end of the archive, in order, owned
@@ -72,5 +74,9 @@ Result<RewriteResult> RewriteCompressedTar(const std::string& path, const std::s
 // changed (header, size and mtime kept); EINVAL naming the member when it
 // is not a regular member (not a hard link) of the archive or a patch goes
 // past its end. Patches of one member must not overlap.
+// With `drop`: every member whose normalised path is one of `drop` or lies
+// beneath one ("a/b" drops "a/b" and "a/b/..."; every copy of it) is left
+// out. Members cannot express a deletion by appending, so with `drop` a
+// plain (uncompressed) tar is rewritten too, uncompressed.
 
 }  // namespace nemofs::write

@@ -316,6 +316,102 @@ TEST_P(ZarrStructure, ChangesAreArrayFoldersMovedInByOneJournal) {
 INSTANTIATE_TEST_SUITE_P(Sources, ZarrStructure, ::testing::Values("dist/zarr"),
                          [](const auto& info) { return TestName(info.param); });
 
+// A NeMo 1 .nemo whose model_weights/ is the zarr fixture (GNU tar;
+// gzip-compressed with `gz`), in `dir`; its extracted copy in dir/orig.
+std::string MakeZarrNemo(const TempDir& dir, bool gz) {
+  const std::string stage = dir.Join("stage"), out = dir.Join(gz ? "zarr_gz.nemo" : "zarr.nemo");
+  auto r = Sh("mkdir -p " + Q(stage) + " " + Q(dir.Join("orig")) + " && tar -xf " +
+              Q(TestData("dist/model_weights_dist.nemo")) + " -C " + Q(stage) + " && rm -r " +
+              Q(stage + "/model_weights") + " && cp -r " + Q(TestData("dist/zarr")) + " " +
+              Q(stage + "/model_weights") + " && tar -cf " + Q(out) + " -C " + Q(stage) + " . " +
+              (gz ? "&& gzip " + Q(out) + " && mv " + Q(out) + ".gz " + Q(out) : "") +
+              " && tar -xf " + Q(out) + " -C " + Q(dir.Join("orig")));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  return out;
+}
+
+// A zarr inside a .nemo (plain or gzip): members cannot be deleted by
+// appending, so a commit rewrites the archive (atomic replace) without the
+// deleted and renamed arrays' members and with the new arrays; GNU tar
+// extracts it, the zarr library reads it as the original plus the changes,
+// and a later config edit in the same mount appends after the new end.
+class ZarrInNemoStructure : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ZarrInNemoStructure, ACommitRewritesTheArchive) {
+  TempDir dir;
+  const bool gz = GetParam() == "gzip";
+  const std::string src = MakeZarrNemo(dir, gz);
+  const std::string plan = dir.Join("plan.json"), after = dir.Join("after");
+  const std::string check = std::string(NEMOFS_SOURCE_DIR) + "/tests/mount/dcp_structure_check.py";
+  {
+    auto m = Mount::StartWritable(src);
+    ASSERT_TRUE(m);
+    auto r = Sh("/usr/bin/python3 " + Q(check) + " edit " + Q(m->path()) + " " + Q(plan), 120);
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err << m->Log();
+    r = Sh("cd " + Q(m->path() + "/tensors") + " && /usr/bin/python3 -c \"import os; "
+           "f = open('model.nemofs_head.weight', 'rb+'); os.fsync(f.fileno())\"");
+    ASSERT_EQ(r.exit_code, 0) << r.err << m->Log();
+    EXPECT_NE(m->Log().find("a tar cannot delete members by appending"), std::string::npos)
+        << m->Log();
+    // The config after the rewrite: appended (plain) or rewritten again.
+    r = Sh("sed -i 's/^precision: bf16/precision: 32/' " + Q(m->path() + "/config.yaml"));
+    ASSERT_EQ(r.exit_code, 0) << r.err << m->Log();
+    m->Unmount();
+  }
+  auto r = Sh("mkdir " + Q(after) + " && tar -xf " + Q(src) + " -C " + Q(after));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Sh("/usr/bin/python3 " + Q(check) + " check-zarr " + Q(dir.Join("orig/model_weights")) +
+             " " + Q(after + "/model_weights") + " " + Q(plan),
+         120);
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(Sh("cmp " + Q(dir.Join("orig/model_config.yaml")) + " " +
+               Q(after + "/model_config.yaml")).exit_code,
+            1)
+      << "the config edit after the rewrite was not stored";
+  auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+  EXPECT_EQ(v.out.find("orphan:"), std::string::npos) << v.out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Archives, ZarrInNemoStructure, ::testing::Values("plain", "gzip"),
+                         [](const auto& info) { return info.param; });
+
+// A crash in that rewrite: before its rename the archive is the old one
+// (and the temp an orphan repack removes), after it the new one.
+class ZarrInNemoCrash : public ::testing::TestWithParam<std::pair<std::string, bool>> {};
+
+TEST_P(ZarrInNemoCrash, LeavesTheOldArchiveOrTheNew) {
+  const auto& [step, committed] = GetParam();
+  TempDir dir;
+  const std::string src = MakeZarrNemo(dir, false);
+  const std::string before = SourceDigest(src);
+  {
+    auto m = Mount::StartWritable(src, {"NEMOFS_FAULT=" + step});
+    ASSERT_TRUE(m);
+    Sh("rm " + Q(m->path() + "/tensors/model.output_layer.weight") + " && cd " +
+       Q(m->path() + "/tensors") + " && /usr/bin/python3 -c \"import os; "
+       "f = open('model.embedding.position_ids', 'rb+'); os.fsync(f.fileno())\"", 60);
+    int status = m->ExpectDeath();
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 77) << status << "\n" << m->Log();
+  }
+  EXPECT_EQ(Sh("tar -tf " + Q(src) + " > /dev/null").exit_code, 0);
+  const std::string ls = Sh(Q(NemofsBinary()) + " ls " + Q(src)).out;
+  EXPECT_EQ(ls.find("model.output_layer.weight") == std::string::npos, committed) << ls;
+  if (!committed) {
+    EXPECT_EQ(SourceDigest(src), before);
+  }
+  auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src));
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+  EXPECT_EQ(v.out.find("orphan: ") != std::string::npos, !committed) << v.out;
+  EXPECT_EQ(Sh(Q(NemofsBinary()) + " repack " + Q(src)).exit_code, 0);
+  EXPECT_EQ(Sh(Q(NemofsBinary()) + " verify " + Q(src)).out.find("orphan: "), std::string::npos);
+}
+
+INSTANTIATE_TEST_SUITE_P(Steps, ZarrInNemoCrash,
+                         ::testing::Values(std::make_pair(std::string("rewrite:written"), false),
+                                           std::make_pair(std::string("rewrite:renamed"), true)),
+                         [](const auto& info) { return TestName(info.param.first); });
+
 // A zstd-compressed array renamed: its folder moves whole (the compressed
 // chunks as they were), and the zarr library reads it under the new key.
 TEST(ZarrStructureZstd, ARenamedCompressedArrayKeepsItsChunks) {
