@@ -82,8 +82,10 @@ KEY=$("$PY" -c 'import json, sys; print(json.loads(sys.argv[1])["keys"][0])' "$i
 echo "   $DIR_BYTES bytes (reused: $REUSED); .metadata: $META_BYTES bytes"
 "$PY" -c "import numpy as np; np.save('$NPY', np.full(($TENSOR_BYTES // 4096, 1024), 3.5, np.float32))"
 NPY_HDR=$(($(stat -c %s "$NPY") - TENSOR_BYTES))
-# everything in the page cache: the measures are of nemofs, not of the disk
+# everything in the page cache: the measures are of nemofs, not of the disk; and no dirty
+# pages left from writing it (the first measures would pay for their writeback)
 cat "$SRC"/* "$SRC"/.metadata >/dev/null
+sync
 
 # fresh_copy: the working folder: the .distcp files hard-linked, the rest copied; then a
 # snapshot of every file's (inode, size, mtime, ctime) for after_commit (not timed)
@@ -119,13 +121,15 @@ print(written, grew, "untouched" if not touched else "TOUCHED:" + ",".join(touch
       "new:" + (",".join("%s=%d" % (n, after[n][1]) for n in new) or "-"),
       "changed:" + (",".join("%s=%d" % (n, after[n][1]) for n in changed) or "-"))'
 # after_commit WHAT: what the commit did to the working folder, against fresh_copy's snapshot:
-# appends to WRITTEN[WHAT] (bytes of new and changed files) and GREW[WHAT] (the folder's
-# growth); dies if an old .distcp was written, renamed or removed
+# appends to WRITTEN[WHAT] (bytes of new and changed files), GREW[WHAT] (the folder's
+# growth) and HWM[WHAT] (the VmHWM of the mount just unmounted); dies if an old .distcp
+# was written, renamed or removed
 after_commit() {
   local what=$1 written grew touched newf changedf
   read -r written grew touched newf changedf < <(printf '%s' "$SNAP_PY" | "$PY" - diff "$WORK" "$SNAP")
   [[ $touched == untouched ]] || die "$what: an old .distcp changed: ${touched#TOUCHED:} (see $DAEMON_LOG)"
   WRITTEN[$what]+=" $written"
+  if ((${#RSS_ALL[@]})); then HWM[$what]+=" ${RSS_ALL[-1]}"; fi
   GREW[$what]+=" $grew"
   FILES_MSG[$what]="$newf; $changedf"
 }
@@ -181,10 +185,14 @@ else:
     os.fsync(fd)
     os.close(fd)
 print("%.1f" % ((time.perf_counter() - t0) * 1000))'
-check_has() {  # KEY EXPECTED(0|1): nemofs ls of the working folder lists KEY or not
-  local n
+# check_has KEY EXPECTED(0|1): nemofs ls of the working folder lists KEY or not, and
+# nemofs verify passes with no orphan (an unreferenced __nemofs_*.distcp or .metadata temp)
+check_has() {
+  local n out
   n=$("$BIN" ls "$WORK" "$1" 2>/dev/null | grep -c "^$1 " || true)
   [[ $n == "$2" ]] || die "after the commit, $1 is listed $n times in $WORK (expected $2)"
+  out=$(timeout "$T" "$BIN" verify "$WORK" 2>&1) || die "nemofs verify $WORK failed: $out"
+  [[ $out != *orphan:* ]] || die "nemofs verify $WORK: $out"
 }
 # check_add: untimed, on the first repetition: a fresh mount's tensors/bench.added has the
 # .npy's bytes, and PyTorch's read path (tests/tools/dcp_read.py) reads every tensor of
@@ -207,7 +215,7 @@ print(d["tensors"]["bench.added"]["sha256"])' "$NTENSORS") || die "add: PyTorch'
 }
 
 # per measure (add, del, st): space-separated samples, and the last repetition's messages
-declare -A WRITTEN GREW LOGMS LOGMIB FILES_MSG LINE_MSG
+declare -A WRITTEN GREW LOGMS LOGMIB HWM FILES_MSG LINE_MSG
 ADD_MS=() DEL_MS=() ST_MS=() BASE_ADD_MS=() BASE_META_MS=() CP_ST_MS=()
 for ((rep = 1; rep <= REPS; ++rep)); do
   echo "== repetition $rep of $REPS"
@@ -270,6 +278,7 @@ with open(src, "rb") as f:
 EOF
   rm -f "$ST_OUT"
   cat "$ST_NEW" >/dev/null
+  sync  # its dirty pages written out: both copies below start with none
   # context: the same bytes copied to a plain file (no FUSE, no fsync)
   rm -f "$ST_CP"
   CP_ST_MS+=("$("$PY" -c "$OP_PY" copy "$ST_NEW" "$ST_CP")")
@@ -304,18 +313,21 @@ line_row "$(median "${CP_ST_MS[@]}")" "... context: the same file copied to a pl
 echo
 echo "write-back / that plain copy: $(rel "$(median "${ST_MS[@]}")" "$(median "${CP_ST_MS[@]}")")"
 echo
-echo "| measure | commit (daemon log) | written (log) | new + changed files | folder grew by |"
-echo "|---|---|---|---|---|"
+echo "| measure | commit (daemon log) | written (log) | new + changed files | folder grew by | daemon VmHWM |"
+echo "|---|---|---|---|---|---|"
 med() { local a; read -ra a <<<"$1"; median "${a[@]}"; }  # median of a space-separated list
 for w in add del st; do
   case $w in add) name="add" ;; del) name="delete" ;; st) name="write-back" ;; esac
-  printf '| %s | %s | %s MiB | %s | %s |\n' "$name" "$(dur "$(med "${LOGMS[$w]}")")" "$(fmt "$(med "${LOGMIB[$w]}")" %.1f)" \
-    "$(size "$(med "${WRITTEN[$w]}")")" "$(size "$(med "${GREW[$w]}")")"
+  hwm=-
+  if [[ -n ${HWM[$w]:-} ]]; then hwm="$(kib_to_mib "$(med "${HWM[$w]}")") MiB"; fi
+  printf '| %s | %s | %s MiB | %s | %s | %s |\n' "$name" "$(dur "$(med "${LOGMS[$w]}")")" "$(fmt "$(med "${LOGMIB[$w]}")" %.1f)" \
+    "$(size "$(med "${WRITTEN[$w]}")")" "$(size "$(med "${GREW[$w]}")")" "$hwm"
 done
 echo
+echo "daemon VmHWM: the peak resident set of each measure's mount, file-backed pages included: the"
+echo "write-back's counts the pages of the mapped spill file the staged model.safetensors is in"
 echo "old .distcp files: inode, size, mtime and ctime unchanged after every commit"
 echo "files of the last repetition (name=bytes):"
 for w in add del st; do echo "  $w: ${FILES_MSG[$w]}"; done
 echo "commit lines of the last repetition:"
 for w in add del st; do echo "  $w: ${LINE_MSG[$w]}"; done
-if ((${#RSS_ALL[@]})); then echo "daemon VmHWM, max over all mounts: $(kib_to_mib "$(maxof "${RSS_ALL[@]}")") MiB"; fi
