@@ -70,7 +70,6 @@ BASE_T="$RUN_DIR/baseline.distcp"
 BASE_M="$RUN_DIR/baseline.metadata"
 ST_OUT="$RUN_DIR/out.safetensors"
 ST_NEW="$RUN_DIR/new.safetensors"
-ST_CP="$RUN_DIR/copy.safetensors"
 SNAP="$RUN_DIR/snapshot.json"
 
 ms_between() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) * 1000 }'; }
@@ -216,7 +215,7 @@ print(d["tensors"]["bench.added"]["sha256"])' "$NTENSORS") || die "add: PyTorch'
 
 # per measure (add, del, st): space-separated samples, and the last repetition's messages
 declare -A WRITTEN GREW LOGMS LOGMIB HWM FILES_MSG LINE_MSG
-ADD_MS=() DEL_MS=() ST_MS=() BASE_ADD_MS=() BASE_META_MS=() CP_ST_MS=()
+ADD_MS=() DEL_MS=() ST_MS=() BASE_ADD_MS=() BASE_META_MS=()
 for ((rep = 1; rep <= REPS; ++rep)); do
   echo "== repetition $rep of $REPS"
   # 1. add a tensor: the .npy copied in, fsync commits
@@ -278,11 +277,7 @@ with open(src, "rb") as f:
 EOF
   rm -f "$ST_OUT"
   cat "$ST_NEW" >/dev/null
-  sync  # its dirty pages written out: both copies below start with none
-  # context: the same bytes copied to a plain file (no FUSE, no fsync)
-  rm -f "$ST_CP"
-  CP_ST_MS+=("$("$PY" -c "$OP_PY" copy "$ST_NEW" "$ST_CP")")
-  rm -f "$ST_CP"
+  sync  # its dirty pages written out before the timed copy
   n0=$(commit_count)
   ms=$(timeout "$T" "$PY" -c "$OP_PY" copy "$ST_NEW" "$MNT/model.safetensors") || die "safetensors write-back failed (see $DAEMON_LOG)"
   ST_MS+=("$ms")
@@ -309,9 +304,6 @@ line_row "$base_meta" "baseline (delete, write-back): \`dd conv=fsync\` of a .me
 line_row "$base_add" "add a $TENSOR_MIB MiB tensor (copy .npy in + fsync)" "${ADD_MS[@]}"
 line_row "$base_meta" "delete a tensor (rm + fsync)" "${DEL_MS[@]}"
 line_row "$base_meta" "write model.safetensors back (one tensor fewer)" "${ST_MS[@]}"
-line_row "$(median "${CP_ST_MS[@]}")" "... context: the same file copied to a plain file (no FUSE, no fsync)" "${CP_ST_MS[@]}"
-echo
-echo "write-back / that plain copy: $(rel "$(median "${ST_MS[@]}")" "$(median "${CP_ST_MS[@]}")")"
 echo
 echo "| measure | commit (daemon log) | written (log) | new + changed files | folder grew by | daemon VmHWM |"
 echo "|---|---|---|---|---|---|"
