@@ -3,6 +3,7 @@
 compute reference bytes of their global tensor.
 
     make_dist_bench.py build KIND DIR              # KIND: dim1 | dim0; prints one JSON line
+    make_dist_bench.py structure DIR SIZE_GIB      # for bench_structure_dcp.sh; one JSON line
     make_dist_bench.py expect DIR OUTPREFIX OFF:LEN ...
         # writes OUTPREFIX.<i> = bytes [OFF, OFF+LEN) of the global tensor, for the i-th range
 
@@ -33,6 +34,15 @@ zipfile for the items) and one JSON line is printed:
 where data_offset is the absolute offset in the .distcp file of the chunk's first tensor
 byte: item offset + the local header offset of `archive/data/0` in the item's zip
 + 30 + name length + extra length.
+
+`structure DIR SIZE_GIB` (scripts/bench/bench_structure_dcp.sh) writes a torch_dist folder
+of N = round(4 x SIZE_GIB) float32 tensors `model.decoder.layers.<i>.mlp.linear_fc1.weight`
+of [65536, 1024] (256 MiB each), every one cut on dim 0 into 8 chunks of [8192, 1024]
+(32 MiB), chunk k of every tensor in `__<k // 2>_<k % 2>.distcp` (the way a 4-rank,
+2-thread DCP save spreads a sharded model), filled with torch.full (tensor i, chunk k:
+the value 8 i + k + 1). Same stubs, `metadata.json` and marker (kind structure-N). It
+prints {"dir", "reused", "keys", "tensor_bytes", "metadata_bytes", "dir_bytes",
+"files": [the .distcp names]}.
 
 `expect` reads `.metadata` the same way, `torch.load`s each chunk item that overlaps a
 requested range (so the layout is checked by torch, not by our own offsets), assembles
@@ -180,40 +190,98 @@ def make_chunk(offsets, sizes):
     return bits.view(torch.float32)
 
 
-def write_dir(kind, out):
+def write_folder(out, tensors, marker):
+    """Writes the torch_dist folder OUT: TENSORS is [(key, shape, [(file, offsets, sizes,
+    make)])], make() giving the chunk's tensor; each chunk is appended to its file as the
+    bytes of torch.save(chunk, BytesIO), in the order given."""
     import torch
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        chunks, storage = [], {}
-        for k, (offs, sizes) in enumerate(chunk_layout(kind)):
-            buf = io.BytesIO()
-            torch.save(make_chunk(offs, sizes), buf)
-            name = file_name(k)
-            path = os.path.join(tmp, name)
-            item_off = os.path.getsize(path) if os.path.exists(path) else 0
-            with open(path, "ab") as f:
-                f.write(buf.getbuffer())
-            length = buf.getbuffer().nbytes
-            del buf
-            chunks.append(ChunkStorageMetadata(offsets=torch.Size(offs), sizes=torch.Size(sizes)))
-            storage[MetadataIndex(KEY, offs, k)] = _StorageInfo(relative_path=name, offset=item_off, length=length)
-        md = Metadata(
-            state_dict_metadata={KEY: TensorStorageMetadata(
-                properties=TensorProperties(torch.float32), size=torch.Size(SHAPE), chunks=chunks)},
-            planner_data=None,
-            storage_data=storage)
+        state, storage = {}, {}
+        for key, shape, pieces in tensors:
+            chunks = []
+            for k, (name, offs, sizes, make) in enumerate(pieces):
+                buf = io.BytesIO()
+                torch.save(make(), buf)
+                path = os.path.join(tmp, name)
+                item_off = os.path.getsize(path) if os.path.exists(path) else 0
+                with open(path, "ab") as f:
+                    f.write(buf.getbuffer())
+                length = buf.getbuffer().nbytes
+                del buf
+                chunks.append(ChunkStorageMetadata(offsets=torch.Size(offs), sizes=torch.Size(sizes)))
+                storage[MetadataIndex(key, offs, k)] = _StorageInfo(relative_path=name, offset=item_off,
+                                                                    length=length)
+            state[key] = TensorStorageMetadata(properties=TensorProperties(torch.float32),
+                                               size=torch.Size(shape), chunks=chunks)
+        md = Metadata(state_dict_metadata=state, planner_data=None, storage_data=storage)
         with stub_modules(), open(os.path.join(tmp, ".metadata"), "wb") as f:
             pickle.dump(md, f, protocol=4)
         with open(os.path.join(tmp, "metadata.json"), "w") as f:
             json.dump(DIST_METADATA, f)
         with open(os.path.join(tmp, MARKER), "w") as f:
-            f.write(marker_text(kind))
+            f.write(marker)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_dir(kind, out):
+    pieces = [(file_name(k), offs, sizes, lambda o=offs, z=sizes: make_chunk(o, z))
+              for k, (offs, sizes) in enumerate(chunk_layout(kind))]
+    write_folder(out, [(KEY, SHAPE, pieces)], marker_text(kind))
+
+
+# ---- the structural-write folder (bench_structure_dcp.sh) ------------------------------
+S_SHAPE = (65536, 1024)  # 256 MiB of float32 per tensor
+S_ROWS = S_SHAPE[0] // NCHUNK
+
+
+def s_key(i):
+    return f"model.decoder.layers.{i}.mlp.linear_fc1.weight"
+
+
+def s_tensors(n):
+    import torch
+
+    def fill(i, k):
+        return lambda: torch.full((S_ROWS, S_SHAPE[1]), float(8 * i + k + 1), dtype=torch.float32)
+    return [(s_key(i), S_SHAPE, [(file_name(k), (S_ROWS * k, 0), (S_ROWS, S_SHAPE[1]), fill(i, k))
+                                 for k in range(NCHUNK)])
+            for i in range(n)]
+
+
+def structure(out, size_gib):
+    n = max(1, int(float(size_gib) * 4 + 0.5))
+    marker = marker_text(f"structure-{n}")
+    reused = False
+    try:
+        with open(os.path.join(out, MARKER)) as f:
+            reused = f.read() == marker
+    except OSError:
+        pass
+    if not reused:
+        t0 = time.monotonic()
+        write_folder(out, s_tensors(n), marker)
+        print(f"make_dist_bench: wrote {out} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    with open(os.path.join(out, ".metadata"), "rb") as f:
+        md = _MetaUnpickler(f).load()
+    keys = sorted(md.state_dict_metadata)
+    if keys != sorted(s_key(i) for i in range(n)):
+        sys.exit(f"make_dist_bench: {out}: unexpected keys {keys[:3]}...")
+    for k in keys:
+        if tuple(md.state_dict_metadata[k].size) != S_SHAPE:
+            sys.exit(f"make_dist_bench: {out}: {k} has shape {md.state_dict_metadata[k].size}")
+    files = sorted(x for x in os.listdir(out) if x.endswith(".distcp"))
+    info = {"dir": out, "reused": reused, "keys": keys,
+            "tensor_bytes": n * S_SHAPE[0] * S_SHAPE[1] * ELEM,
+            "metadata_bytes": os.path.getsize(os.path.join(out, ".metadata")),
+            "dir_bytes": sum(os.path.getsize(os.path.join(out, x)) for x in os.listdir(out)),
+            "files": files}
+    print(json.dumps(info))
 
 
 # ---- reading (no stubs) ----------------------------------------------------------------
@@ -329,6 +397,9 @@ def expect(d, prefix, specs):
 def main():
     if len(sys.argv) >= 4 and sys.argv[1] == "expect":
         expect(os.path.abspath(sys.argv[2]), sys.argv[3], sys.argv[4:])
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "structure":
+        structure(os.path.abspath(sys.argv[2]), sys.argv[3])
         return
     if len(sys.argv) != 4 or sys.argv[1] != "build" or sys.argv[2] not in ("dim1", "dim0"):
         sys.exit(__doc__)
