@@ -825,8 +825,9 @@ Result<uint64_t> RepackDcp(int dir_fd, const std::string& name, uint64_t min_dea
   if (live_bytes > 0) {
     NEMOFS_ASSIGN_OR_RETURN(auto made, CreateDistcp(dir_fd, name, ReferencedFiles(loaded)));
     auto& [fd, file] = made;
+    const std::string created = file;  // (clang before 16 cannot capture a structured binding)
     auto fail = [&](Error err) -> Error {
-      ::unlinkat(dir_fd, file.c_str(), 0);
+      ::unlinkat(dir_fd, created.c_str(), 0);
       return err;
     };
     std::deque<Value> arena;

@@ -96,7 +96,8 @@ Status Filesystem::Impl::Reload(std::string_view why,
       if (overlay.tensor_dirs.count(key.first)) continue;
       tree::Node* dir = t->nodes.Get(key.first);
       if (!dir) continue;
-      std::erase_if(dir->children, [&](const auto& c) { return c.first == key.second; });
+      const std::string& name = key.second;  // (clang before 16 cannot capture a binding)
+      std::erase_if(dir->children, [&](const auto& c) { return c.first == name; });
     }
   }
   ApplyWritePerms(*t);
