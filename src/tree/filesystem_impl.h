@@ -428,9 +428,13 @@ struct Filesystem::Impl {
   // (structure.cc); EINVAL with the reason when not:
   // * per-rank: it cannot be split back to the rank files, or a rename
   //   would move it to other rank files or split it by another rule;
-  // * zarr: the key cannot name an array folder (empty, '/', a leading '.').
+  // * zarr: the key cannot name an array folder (empty, '/', a leading '.');
+  // * a distributed checkpoint (DCP, zarr), with the tensor directory `dir`
+  //   it is created or renamed in: its keys are optimizer state by their
+  //   "optimizer." prefix, so a key in optimizer/ without it (or one in
+  //   tensors/ with it) would show in the other directory after the commit.
   Status CheckStoredKey(const Tree& t, const std::string& key, const std::vector<int64_t>& shape,
-                        const std::string& old_key = "") const;
+                        const std::string& old_key = "", uint64_t dir = 0) const;
   // user.nemofs.dtype / user.nemofs.shape of a new tensor file.
   Status SetTensorXattr(uint64_t ino, std::string_view name, std::string_view value);
   std::optional<std::string> NewTensorXattr(uint64_t ino, std::string_view name) const;

@@ -225,7 +225,19 @@ Result<std::string_view> SliceBytes(std::string_view global, const std::vector<i
 
 Status Filesystem::Impl::CheckStoredKey(const Tree& t, const std::string& key,
                                         const std::vector<int64_t>& shape,
-                                        const std::string& old_key) const {
+                                        const std::string& old_key, uint64_t dir) const {
+  if (dir != 0 && (t.dcp || t.zarr)) {
+    bool in_optimizer = false;
+    for (const auto& [name, ino] : t.nodes.Get(t.root)->children) {
+      if (ino == dir) in_optimizer = name == "optimizer";
+    }
+    if (in_optimizer != (key.rfind("optimizer.", 0) == 0)) {
+      return Err(EINVAL, "'{}' in {}/: a distributed checkpoint's keys are optimizer state by "
+                 "their 'optimizer.' prefix, so it would show in {}/ once stored; name it {}",
+                 key, in_optimizer ? "optimizer" : "tensors", in_optimizer ? "tensors" : "optimizer",
+                 in_optimizer ? "optimizer." + key : "without that prefix in tensors/");
+    }
+  }
   if (t.zarr && (key.empty() || key.front() == '.' || key.find('/') != std::string::npos)) {
     return Err(EINVAL, "'{}' cannot be the key of a zarr checkpoint's tensor: each key is the "
                "name of its array's folder (no '/', no leading '.')",

@@ -1346,7 +1346,7 @@ Status Filesystem::Impl::RenameTensor(uint64_t dir, std::string_view name,
   if (to && (flags & RENAME_NOREPLACE)) return Err(EEXIST, "'{}' exists", new_name);
   if (const tree::Node* n = t->nodes.Get(from); n && n->tensor) {
     if (Status st = CheckStoredKey(*t, checkpoint::UnescapeKey(new_name), n->tensor->shape,
-                                   n->tensor->key);
+                                   n->tensor->key, dir);
         !st.ok()) {
       spdlog::error("rename of tensor file '{}' refused: {}", name, st.error().message());
       return st;
@@ -1414,7 +1414,7 @@ Status Filesystem::Impl::FinishNewTensorLocked(const std::shared_ptr<ScratchFile
                                             h->numel(), f->data.size() - std::min(f->data.size(), h->data_offset))));
     }
     if (Status st = CheckStoredKey(*Current(), checkpoint::UnescapeKey(f->name.substr(0, f->name.size() - 4)),
-                                   h->shape);
+                                   h->shape, "", f->parent);
         !st.ok()) {
       return fail(Error(EINVAL, st.error().message()));
     }
@@ -1463,7 +1463,9 @@ Status Filesystem::Impl::FinishNewTensorLocked(const std::shared_ptr<ScratchFile
                                           checkpoint::ShapeString(*f->shape), want,
                                           f->data.size())));
   }
-  if (Status st = CheckStoredKey(*Current(), checkpoint::UnescapeKey(f->name), *f->shape); !st.ok()) {
+  if (Status st = CheckStoredKey(*Current(), checkpoint::UnescapeKey(f->name), *f->shape, "",
+                                 f->parent);
+      !st.ok()) {
     return fail(Error(EINVAL, st.error().message()));
   }
   return Ok();

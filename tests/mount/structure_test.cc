@@ -294,6 +294,12 @@ TEST_P(ZarrStructure, ChangesAreArrayFoldersMovedInByOneJournal) {
            "/tensors/a%2Fb.npy', np.ones(2, np.float32))\"");
     EXPECT_NE(r.exit_code, 0);
     EXPECT_NE(r.err.find("Invalid argument"), std::string::npos) << r.err;
+    // An optimizer key in tensors/ would show in optimizer/ once stored: refused.
+    r = Sh("/usr/bin/python3 -c \"import numpy as np; np.save('" + m->path() +
+           "/tensors/optimizer.x.npy', np.ones(2, np.float32))\"");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(m->Log().find("are optimizer state by their 'optimizer.' prefix"), std::string::npos)
+        << m->Log();
     m->Unmount();
     EXPECT_NE(m->Log().find("zarr arrays staged and moved in by one journal"), std::string::npos)
         << m->Log();
