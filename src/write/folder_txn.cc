@@ -268,11 +268,9 @@ Status FolderTransaction::CheckRel(const std::string& rel) const {
   return Ok();
 }
 
-Result<std::string> FolderTransaction::Slot() { return std::to_string(next_++); }
-
 Result<UniqueFd> FolderTransaction::NewFolder(const std::string& rel, mode_t mode) {
   NEMOFS_RETURN_IF_ERROR(CheckRel(rel));
-  NEMOFS_ASSIGN_OR_RETURN(std::string slot, Slot());
+  const std::string slot = Slot();
   if (::mkdirat(new_fd_.get(), slot.c_str(), mode) != 0) {
     return Err(errno == ENOSPC ? ENOSPC : errno, "{}/{}: {}", shown_, stage_, std::strerror(errno));
   }
@@ -283,7 +281,7 @@ Result<UniqueFd> FolderTransaction::NewFolder(const std::string& rel, mode_t mod
 Status FolderTransaction::NewFile(const std::string& rel, std::string_view data, mode_t mode,
                                   std::optional<std::pair<uid_t, gid_t>> owner) {
   NEMOFS_RETURN_IF_ERROR(CheckRel(rel));
-  NEMOFS_ASSIGN_OR_RETURN(std::string slot, Slot());
+  const std::string slot = Slot();
   const std::string shown = shown_ + "/" + stage_ + "/new/" + slot;
   UniqueFd fd(::openat(new_fd_.get(), slot.c_str(),
                        O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode));
@@ -292,7 +290,6 @@ Status FolderTransaction::NewFile(const std::string& rel, std::string_view data,
   if (owner) (void)!::fchown(fd.get(), owner->first, owner->second);
   if (::fchmod(fd.get(), mode) != 0) return Err(errno, "{}: {}", shown, std::strerror(errno));
   NEMOFS_RETURN_IF_ERROR(FsyncFd(fd.get(), shown));
-  bytes_ += data.size();
   news_.emplace_back("new/" + slot, rel);
   return Ok();
 }
@@ -330,13 +327,13 @@ Status FolderTransaction::Commit() {
     j.in.emplace_back(slot, to);
   }
   for (const auto& to : targets) out(to);  // what is there now is replaced
-  if (auto parsed = ParseJournal(JournalText(j), shown_); !parsed) {
+  const std::string text = JournalText(j);
+  if (auto parsed = ParseJournal(text, shown_); !parsed) {
     return Err(EINVAL, "{}", parsed.error().message());  // never: the form every open accepts
   }
   // The new content is durable before the journal names it.
   NEMOFS_RETURN_IF_ERROR(FsyncFd(new_fd_.get(), shown_ + "/" + stage_ + "/new"));
   NEMOFS_RETURN_IF_ERROR(FsyncFd(stage_fd_.get(), shown_ + "/" + stage_));
-  const std::string text = JournalText(j);
   ReplaceOptions options;
   options.temp_path = std::string(kFolderCommitJournal) + source::kCommitTempMarker.data() +
                       std::to_string(::getpid());
@@ -347,7 +344,6 @@ Status FolderTransaction::Commit() {
     return WriteFull(fd, text.data(), text.size(), shown_ + "/" + kFolderCommitJournal);
   }));
   committed_ = true;  // from here on the stage belongs to the journal
-  bytes_ += text.size();
   MaybeCrash("folder-commit:journal");
   stage_fd_.Reset();
   new_fd_.Reset();

@@ -64,15 +64,14 @@ class FolderTransaction {
   Status Move(const std::string& from, const std::string& to);
 
   // Commits: the journal, its rename (the commit point), then applies it.
-  // `progress` may be null. On an error before the commit point the
-  // source is unchanged; after it, the error says the next open finishes it.
+  // On an error before the commit point the source is unchanged; after it,
+  // the error says the next open finishes it.
   Status Commit();
-  // Bytes written into the stage (new content and the journal).
-  uint64_t bytes_written() const { return bytes_; }
 
  private:
   FolderTransaction() = default;
-  Result<std::string> Slot();
+  // The next free name in <stage>/new.
+  std::string Slot() { return std::to_string(next_++); }
   Status CheckRel(const std::string& rel) const;
 
   int root_fd_ = -1;
@@ -81,7 +80,6 @@ class FolderTransaction {
   UniqueFd stage_fd_;
   UniqueFd new_fd_;
   int next_ = 0;
-  uint64_t bytes_ = 0;
   bool committed_ = false;
   std::vector<std::string> out_;                            // paths moved out (removed/replaced/renamed)
   std::vector<std::pair<std::string, std::string>> moves_;  // (from, to) renames
