@@ -33,7 +33,6 @@ using torch::Value;
 using torch::ValueArena;
 using torch::InvalidEdit;
 
-constexpr uint64_t kMaxMetadataBytes = 1ull << 30;
 constexpr uint8_t kNewObj = 0x81;
 constexpr uint8_t kReduce = 'R';
 constexpr std::string_view kDistcpSuffix = ".distcp";
@@ -617,9 +616,9 @@ Result<LoadedDcp> LoadDcpMetadata(int dir_fd, const std::string& name) {
   }
   NEMOFS_ASSIGN_OR_RETURN(struct stat st, FStat(fd.get(), what));
   if (!S_ISREG(st.st_mode)) return Err(EINVAL, "{}: not a regular file", what);
-  if (static_cast<uint64_t>(st.st_size) > kMaxMetadataBytes) {
+  if (static_cast<uint64_t>(st.st_size) > kMaxDcpMetadataBytes) {
     return Err(EFBIG, "{}: {} bytes is more than nemofs reads ({})", what, st.st_size,
-               kMaxMetadataBytes);
+               kMaxDcpMetadataBytes);
   }
   LoadedDcp out;
   out.bytes.resize(static_cast<size_t>(st.st_size));
@@ -636,9 +635,9 @@ Result<LoadedDcp> LoadDcpMetadata(int dir_fd, const std::string& name) {
 }
 
 Result<LoadedDcp> ParseDcpMetadataBytes(std::string bytes, const std::string& what) {
-  if (bytes.size() > kMaxMetadataBytes) {
+  if (bytes.size() > kMaxDcpMetadataBytes) {
     return Err(EFBIG, "{}: {} bytes is more than nemofs reads ({})", what, bytes.size(),
-               kMaxMetadataBytes);
+               kMaxDcpMetadataBytes);
   }
   LoadedDcp out;
   out.bytes = std::move(bytes);

@@ -58,6 +58,9 @@
 namespace nemofs::dist {
 
 inline constexpr char kDcpMetadataName[] = ".metadata";
+// The largest .metadata read (EFBIG past it): 1 GiB, far above a million
+// chunks' worth.
+inline constexpr uint64_t kMaxDcpMetadataBytes = 1ull << 30;
 // The commit's temp of .metadata: kDcpMetadataTempPrefix + pid (a folder
 // source hides it, write/orphans.h and ListDcpOrphans find it).
 inline constexpr char kDcpMetadataTempPrefix[] = "..metadata.nemofs-tmp.";

@@ -94,6 +94,21 @@ class MappedRange {
   std::string_view bytes_;
 };
 
+// A file for ConfigCommitter::StoreFiles / RewriteArchive, stamped now.
+write::ConfigCommitter::NewFile StoredFile(std::string path, std::string_view data, uint32_t mode,
+                                           bool stored_before) {
+  struct timespec now {};
+  ::clock_gettime(CLOCK_REALTIME, &now);
+  write::ConfigCommitter::NewFile f;
+  f.path = std::move(path);
+  f.data = data;
+  f.mode = mode & 07777;
+  f.mtime_sec = now.tv_sec;
+  f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
+  f.stored_before = stored_before;
+  return f;
+}
+
 struct NewOne {
   std::shared_ptr<ScratchFile> file;
   uint64_t version = 0;
@@ -275,7 +290,7 @@ Status Filesystem::Impl::StoreDcpInArchive(const Tree& t, const std::vector<dist
   const std::string md_path = prefix + dist::kDcpMetadataName;
   const source::Entry* md = src.Find(md_path);
   if (!md) return Err(EIO, "{}: its {} vanished", shown, dist::kDcpMetadataName);
-  NEMOFS_ASSIGN_OR_RETURN(std::string bytes, src.ReadAll(*md, 1ull << 30));
+  NEMOFS_ASSIGN_OR_RETURN(std::string bytes, src.ReadAll(*md, dist::kMaxDcpMetadataBytes));
   NEMOFS_ASSIGN_OR_RETURN(dist::LoadedDcp loaded,
                           dist::ParseDcpMetadataBytes(std::move(bytes), shown + "/" + md_path));
   NEMOFS_ASSIGN_OR_RETURN(auto plan, dist::PlanDcpEdits(loaded, shown, edits));
@@ -285,17 +300,6 @@ Status Filesystem::Impl::StoreDcpInArchive(const Tree& t, const std::vector<dist
       files.insert(e.path.substr(prefix.size()));
     }
   }
-  struct timespec now {};
-  ::clock_gettime(CLOCK_REALTIME, &now);
-  auto file_of = [&](const std::string& path, bool stored_before) {
-    write::ConfigCommitter::NewFile f;
-    f.path = path;
-    f.mode = md->mode & 07777;
-    f.mtime_sec = now.tv_sec;
-    f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
-    f.stored_before = stored_before;
-    return f;
-  };
   const bool in_place = o.committer->StreamsNewFiles();
   std::vector<write::ConfigCommitter::NewFile> out;
   RepackOutput items;  // not in place: the new .distcp, written first
@@ -305,7 +309,7 @@ Status Filesystem::Impl::StoreDcpInArchive(const Tree& t, const std::vector<dist
   if (plan->has_items()) {
     distcp = dist::FreeDistcpName(loaded, files);
     plan->SetNewFile(distcp);
-    write::ConfigCommitter::NewFile f = file_of(prefix + distcp, false);
+    write::ConfigCommitter::NewFile f = StoredFile(prefix + distcp, {}, md->mode, false);
     const std::string what = shown + "/" + distcp;
     if (in_place) {
       f.writer = [&plan, &item_bytes, what](int fd, uint64_t offset) -> Result<uint64_t> {
@@ -319,7 +323,7 @@ Status Filesystem::Impl::StoreDcpInArchive(const Tree& t, const std::vector<dist
     }
     out.push_back(std::move(f));
   }
-  write::ConfigCommitter::NewFile m = file_of(md_path, true);
+  write::ConfigCommitter::NewFile m = StoredFile(md_path, {}, md->mode, true);
   if (in_place) {
     // After the items' writer: their offsets are in the new .metadata.
     m.writer = [&plan, &metadata, shown, md_path](int fd, uint64_t offset) -> Result<uint64_t> {
@@ -568,20 +572,12 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
     shown = src.path();
     const std::string prefix = t->zarr_dir.empty() ? "" : t->zarr_dir + "/";
     st = [&]() -> Status {
-      struct timespec now {};
-      ::clock_gettime(CLOCK_REALTIME, &now);
       std::vector<write::ConfigCommitter::NewFile> files;
       std::vector<std::string> drop;
       std::deque<std::string> texts;  // the new .zarray texts
       std::vector<std::unique_ptr<MappedRange>> maps;  // renamed arrays' member bytes
       auto add_file = [&](const std::string& path, std::string_view data, uint32_t mode) {
-        write::ConfigCommitter::NewFile f;
-        f.path = path;
-        f.data = data;
-        f.mode = mode;
-        f.mtime_sec = now.tv_sec;
-        f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
-        files.push_back(std::move(f));
+        files.push_back(StoredFile(path, data, mode, false));
       };
       std::set<std::pair<bool, std::string>> replaced;
       for (const auto& a : adds) replaced.emplace(a.optimizer, a.key);
@@ -771,18 +767,11 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
         return txn->Commit();
       }();
     } else {
-      struct timespec now {};
-      ::clock_gettime(CLOCK_REALTIME, &now);
       std::vector<write::ConfigCommitter::NewFile> files;
       for (auto& jp : jobs) {
         RepackJob* j = jp.get();
-        write::ConfigCommitter::NewFile f;
-        f.path = j->path;
-        f.data = j->bytes;
-        f.mode = j->entry->mode & 07777;
-        f.mtime_sec = now.tv_sec;
-        f.mtime_nsec = static_cast<uint32_t>(now.tv_nsec);
-        f.stored_before = true;  // it replaces the weight file
+        // It replaces the weight file.
+        write::ConfigCommitter::NewFile f = StoredFile(j->path, j->bytes, j->entry->mode, true);
         if (in_place) {
           f.writer = [j](int fd, uint64_t offset) -> Result<uint64_t> {
             torch::TorchSource from{*j->reader, j->range.fd, j->range.offset};
