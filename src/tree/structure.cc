@@ -539,9 +539,9 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
       note("set " + a.key);
     }
     if (src.storage() == source::Storage::kFolder) {
-      UniqueFd root(::open(src.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-      if (!root.valid()) return Err(errno, "{}: {}", src.path(), std::strerror(errno));
-      NEMOFS_ASSIGN_OR_RETURN(UniqueFd dir, OpenFolderBeneath(root.get(), src.path(), t->dcp_dir));
+      // Beneath the folder the source was opened as (not its path again).
+      NEMOFS_ASSIGN_OR_RETURN(UniqueFd dir,
+                              OpenFolderBeneath(src.folder_fd(), src.path(), t->dcp_dir));
       shown = t->dcp_dir.empty() ? src.path() : src.path() + "/" + t->dcp_dir;
       auto loaded = dist::LoadDcpMetadata(dir.get(), shown);
       if (!loaded.ok()) {
@@ -621,8 +621,8 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
     shown = src.path();
     const std::string prefix = t->zarr_dir.empty() ? "" : t->zarr_dir + "/";
     st = [&]() -> Status {
-      UniqueFd root(::open(src.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-      if (!root.valid()) return Err(errno, "{}: {}", src.path(), std::strerror(errno));
+      // The folder the source was opened as (O_PATH: reopened readable, to fsync).
+      NEMOFS_ASSIGN_OR_RETURN(UniqueFd root, OpenFolderBeneath(src.folder_fd(), src.path(), ""));
       NEMOFS_ASSIGN_OR_RETURN(auto txn, write::FolderTransaction::Begin(root.get(), src.path()));
       std::set<std::pair<bool, std::string>> replaced;
       for (const auto& a : adds) replaced.emplace(a.optimizer, a.key);
@@ -757,8 +757,8 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
       // point, not renamed over one by one.
       how = "rank files replaced under one journal";
       st = [&]() -> Status {
-        UniqueFd root(::open(src.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-        if (!root.valid()) return Err(errno, "{}: {}", src.path(), std::strerror(errno));
+        // The folder the source was opened as (O_PATH: reopened readable, to fsync).
+        NEMOFS_ASSIGN_OR_RETURN(UniqueFd root, OpenFolderBeneath(src.folder_fd(), src.path(), ""));
         NEMOFS_ASSIGN_OR_RETURN(auto txn, write::FolderTransaction::Begin(root.get(), src.path()));
         for (const auto& j : jobs) {
           NEMOFS_RETURN_IF_ERROR(txn->NewFile(j->path, j->bytes, j->entry->mode & 07777,
