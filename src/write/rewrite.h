@@ -22,7 +22,7 @@
 namespace nemofs::write {
 
 struct RewriteResult {
-  uint64_t members = 0;    // members written
+  uint64_t members = 0;    // members of the input (the dropped ones included)
   uint64_t replaced = 0;   // members whose content was replaced
   uint64_t bytes_out = 0;  // size of the new archive
   uint64_t dropped = 0;    // members left out (`drop`)

@@ -8,10 +8,10 @@
 
 #include <gtest/gtest.h>
 
-#include <deque>
 #include <sstream>
 
 #include "test_util.h"
+#include "torch/value_arena.h"
 
 namespace nemofs::torch {
 namespace {
@@ -205,21 +205,12 @@ TEST(PickleWriter, PythonCorpusByteIdentical) {
 
 // Values built by hand (as torch_repack builds new tensors): checked by
 // Python's unpickler and by Unpickle -> ToDebugString.
-class Graph {
+class Graph : public ValueArena {
  public:
-  Value* New(Kind k) {
-    values_.emplace_back();
-    values_.back().kind = k;
-    return &values_.back();
-  }
-  Value* Str(std::string s, Kind k = Kind::kString) {
+  using ValueArena::Str;
+  Value* Str(std::string s, Kind k) {
     Value* v = New(k);
     v->str = std::move(s);
-    return v;
-  }
-  Value* Int(int64_t i) {
-    Value* v = New(Kind::kInt);
-    v->integer = i;
     return v;
   }
   Value* Global(std::string m, std::string n) {
@@ -228,9 +219,6 @@ class Graph {
     v->name = std::move(n);
     return v;
   }
-
- private:
-  std::deque<Value> values_;
 };
 
 std::string PythonLoads(const std::string& pickle, const std::string& expr) {
