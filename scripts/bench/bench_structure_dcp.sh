@@ -251,30 +251,7 @@ for ((rep = 1; rep <= REPS; ++rep)); do
   BASE_META_MS+=("$(baseline_meta)")
   mount_fresh "$WORK"
   timeout "$T" cp "$MNT/model.safetensors" "$ST_OUT"
-  "$PY" - "$ST_OUT" "$ST_NEW" "$KEY" <<'EOF' || die "cannot write new.safetensors"
-import json, sys
-src, dst, drop = sys.argv[1:4]
-with open(src, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    h = json.loads(f.read(n))
-    base = 8 + n
-    meta = h.pop("__metadata__", None)
-    out, at = {}, 0
-    for k, v in h.items():
-        if k == drop: continue
-        b, e = v["data_offsets"]
-        out[k] = dict(v, data_offsets=[at, at + e - b]); at += e - b
-    if meta: out["__metadata__"] = meta
-    hj = json.dumps(out).encode(); hj += b" " * ((8 - len(hj) % 8) % 8)
-    with open(dst, "wb") as o:
-        o.write(len(hj).to_bytes(8, "little") + hj)
-        for k, v in h.items():
-            if k == drop: continue
-            b, e = v["data_offsets"]; f.seek(base + b)
-            left = e - b
-            while left:
-                chunk = f.read(min(left, 4 << 20)); o.write(chunk); left -= len(chunk)
-EOF
+  safetensors_without "$ST_OUT" "$ST_NEW" "$KEY" || die "cannot write new.safetensors"
   rm -f "$ST_OUT"
   cat "$ST_NEW" >/dev/null
   sync  # its dirty pages written out before the timed copy

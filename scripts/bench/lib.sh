@@ -298,3 +298,31 @@ summary_table_start() {
   row "figure" "nemofs" "baseline" "ratio"
   row "------" "------" "--------" "-----"
 }
+
+# Writes DST: the safetensors file SRC without tensor KEY (the offsets of the others redone).
+safetensors_without() {  # SRC DST KEY
+  "$PY" - "$@" <<'EOF'
+import json, sys
+src, dst, drop = sys.argv[1:4]
+with open(src, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    h = json.loads(f.read(n))
+    base = 8 + n
+    meta = h.pop("__metadata__", None)
+    out, at = {}, 0
+    for k, v in h.items():
+        if k == drop: continue
+        b, e = v["data_offsets"]
+        out[k] = dict(v, data_offsets=[at, at + e - b]); at += e - b
+    if meta: out["__metadata__"] = meta
+    hj = json.dumps(out).encode(); hj += b" " * ((8 - len(hj) % 8) % 8)
+    with open(dst, "wb") as o:
+        o.write(len(hj).to_bytes(8, "little") + hj)
+        for k, v in h.items():
+            if k == drop: continue
+            b, e = v["data_offsets"]; f.seek(base + b)
+            left = e - b
+            while left:
+                chunk = f.read(min(left, 4 << 20)); o.write(chunk); left -= len(chunk)
+EOF
+}
