@@ -24,11 +24,12 @@ constexpr std::pair<const char*, torch::DType> kZarrDTypes[] = {
     {"<u8", torch::DType::kUInt64}};
 
 Status WriteFileAt(int dir_fd, const std::string& name, std::string_view data,
-                   const std::string& shown) {
+                   const std::string& shown, std::optional<std::pair<uid_t, gid_t>> owner) {
   UniqueFd fd(::openat(dir_fd, name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
                        0644));
   if (!fd.valid()) return Err(errno, "{}: {}", shown, std::strerror(errno));
   NEMOFS_RETURN_IF_ERROR(WriteFull(fd.get(), data.data(), data.size(), shown));
+  if (owner) (void)!::fchown(fd.get(), owner->first, owner->second);
   if (::fsync(fd.get()) != 0) return Err(errno, "{}: fsync: {}", shown, std::strerror(errno));
   return Ok();
 }
@@ -91,12 +92,14 @@ Result<std::vector<std::pair<std::string, std::string_view>>> ZarrArrayFiles(
 }
 
 Status WriteZarrArray(int dir_fd, const std::string& shown, torch::DType dtype,
-                      const std::vector<int64_t>& shape, std::string_view bytes) {
+                      const std::vector<int64_t>& shape, std::string_view bytes,
+                      std::optional<std::pair<uid_t, gid_t>> owner) {
   std::string zarray;
   NEMOFS_ASSIGN_OR_RETURN(auto files, ZarrArrayFiles(shown, dtype, shape, bytes, &zarray));
   for (const auto& [name, data] : files) {
-    NEMOFS_RETURN_IF_ERROR(WriteFileAt(dir_fd, name, data, shown + "/" + name));
+    NEMOFS_RETURN_IF_ERROR(WriteFileAt(dir_fd, name, data, shown + "/" + name, owner));
   }
+  if (owner) (void)!::fchown(dir_fd, owner->first, owner->second);
   if (::fsync(dir_fd) != 0) return Err(errno, "{}: fsync: {}", shown, std::strerror(errno));
   return Ok();
 }

@@ -2,6 +2,8 @@
 // dtype names both ways, and writing one tensor as a new array.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -25,10 +27,12 @@ std::optional<std::string> ZarrDTypeName(torch::DType dt);
 // the open, empty folder `dir_fd` (`shown` in messages): its '.zarray'
 // (one chunk of the whole shape, no compressor, no filters, order C,
 // fill_value null, dimension_separator ".") and that chunk file ("0.0..",
-// "0" for a scalar, none for an empty tensor), each fsynced. EINVAL for a
-// dtype zarr cannot name or a byte count that is not numel * itemsize.
+// "0" for a scalar, none for an empty tensor), each fsynced; the folder
+// and its files given `owner` when set (best effort: only root can). EINVAL
+// for a dtype zarr cannot name or a byte count that is not numel * itemsize.
 Status WriteZarrArray(int dir_fd, const std::string& shown, torch::DType dtype,
-                      const std::vector<int64_t>& shape, std::string_view bytes);
+                      const std::vector<int64_t>& shape, std::string_view bytes,
+                      std::optional<std::pair<uid_t, gid_t>> owner = std::nullopt);
 
 // The same array as files (for an archive): (name in the array folder,
 // bytes); the '.zarray' text is kept in `*zarray`, `bytes` referenced.

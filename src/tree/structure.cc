@@ -624,6 +624,10 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
       // The folder the source was opened as (O_PATH: reopened readable, to fsync).
       NEMOFS_ASSIGN_OR_RETURN(UniqueFd root, OpenFolderBeneath(src.folder_fd(), src.path(), ""));
       NEMOFS_ASSIGN_OR_RETURN(auto txn, write::FolderTransaction::Begin(root.get(), src.path()));
+      // New arrays belong to whoever owns the checkpoint folder (a root
+      // mount writing into a user's folder), as new .distcp files do.
+      NEMOFS_ASSIGN_OR_RETURN(struct stat root_st, FStat(root.get(), src.path()));
+      const auto owner = std::make_optional(std::make_pair(root_st.st_uid, root_st.st_gid));
       std::set<std::pair<bool, std::string>> replaced;
       for (const auto& a : adds) replaced.emplace(a.optimizer, a.key);
       for (const auto& g : gone) {
@@ -639,7 +643,7 @@ Status Filesystem::Impl::StoreStructure(std::string_view why) {
       for (const auto& a : adds) {
         NEMOFS_ASSIGN_OR_RETURN(UniqueFd dir, txn->NewFolder(prefix + a.key));
         NEMOFS_RETURN_IF_ERROR(checkpoint::WriteZarrArray(dir.get(), shown + "/" + prefix + a.key,
-                                                          a.dtype, a.shape, a.bytes.bytes));
+                                                          a.dtype, a.shape, a.bytes.bytes, owner));
         written += a.bytes.bytes.size();
         const auto& list = a.optimizer ? t->catalog.optimizer : t->catalog.tensors;
         const bool had = std::any_of(list.begin(), list.end(),

@@ -279,6 +279,8 @@ class ZarrStructure : public ::testing::TestWithParam<std::string> {};
 TEST_P(ZarrStructure, ChangesAreArrayFoldersMovedInByOneJournal) {
   TempDir dir;
   const std::string src = Source(GetParam(), dir);
+  // A user's checkpoint, mounted by root: new arrays are the user's too.
+  ASSERT_EQ(Sh("chown -R 1234:1234 " + Q(src)).exit_code, 0);
   const std::string orig = dir.Join("orig");
   ASSERT_EQ(Sh("cp -a " + Q(src) + " " + Q(orig)).exit_code, 0);
   const std::string plan = dir.Join("plan.json");
@@ -308,6 +310,9 @@ TEST_P(ZarrStructure, ChangesAreArrayFoldersMovedInByOneJournal) {
                   Q(plan),
               120);
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(Sh("stat -c %u:%g " + Q(src + "/model.nemofs_head.weight") + " " +
+               Q(src + "/model.nemofs_head.weight/.zarray")).out,
+            "1234:1234\n1234:1234\n");
   auto v = Sh(Q(NemofsBinary()) + " verify " + Q(src));
   EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
   EXPECT_EQ(v.out.find("orphan:"), std::string::npos) << v.out;
